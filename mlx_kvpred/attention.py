@@ -1,0 +1,129 @@
+"""Per-architecture access to mlx-lm attention layers: where K/V are projected, their shapes, k-norm and RoPE.
+
+KV Prediction works on *pre-norm, pre-RoPE* keys (the projection outputs), which mlx-lm never caches.
+`tap_kv` swaps a layer's K/V projection for a thin wrapper that records those outputs, or replaces them
+with given (predicted) ones, so the stock mlx-lm model code runs unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import KVPredError
+
+
+def attention_of(layer: nn.Module) -> nn.Module:
+    """The attention module of a transformer block (llama/qwen: self_attn, openelm: attn)."""
+    for name in ("self_attn", "attn", "attention"):
+        if name in layer:
+            return layer[name]
+    raise KVPredError(f"unsupported layer type {type(layer).__module__}: no self_attn/attn module")
+
+
+def _fused(attn: nn.Module) -> bool:
+    if "k_proj" in attn and "v_proj" in attn:
+        return False
+    if "qkv_proj" in attn:
+        return True
+    raise KVPredError(f"unsupported attention {type(attn).__module__}: no k_proj/v_proj or qkv_proj")
+
+
+def _out_dim(proj: nn.Module) -> int:
+    return proj.weight.shape[0]  # also right for QuantizedLinear (packed along the input dim)
+
+
+def kv_heads(layer: nn.Module) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of a transformer block's attention."""
+    attn = attention_of(layer)
+    n_kv = attn.n_kv_heads
+    if _fused(attn):
+        return n_kv, attn.head_dim
+    return n_kv, _out_dim(attn.k_proj) // n_kv
+
+
+def kv_dims(layers: Sequence[nn.Module]) -> list[int]:
+    """Merged-heads K (= V) width of every layer: n_kv_heads * head_dim."""
+    return [h * d for h, d in map(kv_heads, layers)]
+
+
+def finish_keys(layer: nn.Module, keys: mx.array, offset: int) -> mx.array:
+    """Pre-norm pre-RoPE keys (B, n_kv, L, hd) -> what mlx-lm caches: the layer's k-norm, then RoPE at offset."""
+    attn = attention_of(layer)
+    if "k_norm" in attn:
+        keys = attn.k_norm(keys)
+    return attn.rope(keys, offset=offset)
+
+
+def split_heads(x: mx.array, n_heads: int) -> mx.array:
+    """(B, L, n*hd) -> (B, n, L, hd), the cache layout."""
+    B, L, _ = x.shape
+    return x.reshape(B, L, n_heads, -1).transpose(0, 2, 1, 3)
+
+
+@dataclass
+class KVRecord:
+    """Pre-norm pre-RoPE K and V (B, L, n_kv*hd) per tapped layer, in call order (one entry per call)."""
+
+    keys: list[list[mx.array]] = field(default_factory=list)
+    values: list[list[mx.array]] = field(default_factory=list)
+
+
+class _KVTap(nn.Module):
+    """Wraps a K, V or fused QKV projection: records its K/V slices, optionally replaces them."""
+
+    def __init__(self, proj: nn.Module, *, index: int, record: KVRecord, split: tuple[int, int] | None,
+                 kind: str, override=None):
+        super().__init__()
+        self.proj = proj
+        self._index, self._record, self._split, self._kind, self._override = index, record, split, kind, override
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.proj(x)
+        i, rec = self._index, self._record
+        if self._split is None:  # separate k_proj / v_proj
+            if self._override is not None:
+                y = self._override(self._kind, i, y)
+            (rec.keys if self._kind == "k" else rec.values)[i].append(y)
+            return y
+        q_end, k_end = self._split
+        q, k, v = y[..., :q_end], y[..., q_end:k_end], y[..., k_end:]
+        if self._override is not None:
+            k, v = self._override("k", i, k), self._override("v", i, v)
+            y = mx.concatenate([q, k, v], axis=-1)
+        rec.keys[i].append(k)
+        rec.values[i].append(v)
+        return y
+
+
+@contextmanager
+def tap_kv(layers: Sequence[nn.Module], *, override=None) -> Iterator[KVRecord]:
+    """Record pre-norm pre-RoPE K/V of `layers` while the block runs.
+
+    `override(kind, layer_index, projected) -> array`, if given, replaces K ("k") or V ("v") before the
+    model uses it (training: the base attends to predicted K/V). The original projections are restored on exit.
+    """
+    record = KVRecord([[] for _ in layers], [[] for _ in layers])
+    restore = []
+    try:
+        for i, layer in enumerate(layers):
+            attn = attention_of(layer)
+            if _fused(attn):
+                n_q, n_kv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+                split = (n_q * hd, (n_q + n_kv) * hd)
+                restore.append((attn, "qkv_proj", attn.qkv_proj))
+                attn.qkv_proj = _KVTap(attn.qkv_proj, index=i, record=record, split=split, kind="qkv",
+                                       override=override)
+            else:
+                for kind, name in (("k", "k_proj"), ("v", "v_proj")):
+                    restore.append((attn, name, attn[name]))
+                    setattr(attn, name, _KVTap(attn[name], index=i, record=record, split=None, kind=kind,
+                                               override=override))
+        yield record
+    finally:
+        for attn, name, proj in reversed(restore):
+            setattr(attn, name, proj)

@@ -1,0 +1,226 @@
+"""The KVP bundle: a directory with kvp_config.json (what it is, for which base) and model.safetensors
+(predictor weights under `predictor.`, aux weights that differ from the base under `aux.`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .attention import kv_dims
+from .errors import KVPredError
+from .loading import LoadedModel, config_fingerprint, make_layer_pruned_aux, model_class
+from .predictor import KVPredictor, PredictorConfig
+
+FORMAT = "kvpred-mlx-bundle"
+FORMAT_VERSION = 1
+CONFIG_FILE = "kvp_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class BundleConfig:
+    aux_kind: str  # "layer_pruned" (KVP-LP) or "separate" (KVP-C)
+    layer_map: list[int]
+    aux_kv_dims: list[int]
+    base_kv_dims: list[int]
+    base: dict  # reference, config_hash, num_layers, vocab_size, fingerprint
+    aux_layers: list[int] | None = None  # KVP-LP: the base layers the aux keeps
+    aux_config: dict | None = None  # KVP-C: the aux model's mlx-lm config
+    trained: bool = False
+    training: dict = field(default_factory=dict)  # steps, data split, losses, command ...
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class Bundle:
+    config: BundleConfig
+    aux: nn.Module  # a full mlx-lm model (its LM head is only used by mode "aux")
+    predictor: KVPredictor
+    path: Path | None = None
+
+
+def embedding_fingerprint(model: nn.Module, rows: int = 32) -> list[float]:
+    """Norms of the first embedding rows: tells apart bases with equal shapes but different weights."""
+    emb = next((m for _, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding))), None)
+    if emb is None:
+        return []
+    vectors = emb(mx.arange(rows)).astype(mx.float32)
+    return [round(x, 4) for x in mx.linalg.norm(vectors, axis=-1).tolist()]
+
+
+def describe_base(base: LoadedModel) -> dict:
+    return {
+        "reference": Path(base.source).name if base.source.endswith(".gguf") else base.source,
+        "config_hash": config_fingerprint(base.config),
+        "num_layers": len(base.model.layers),
+        "vocab_size": base.config.get("vocab_size"),
+        "fingerprint": embedding_fingerprint(base.model),
+    }
+
+
+def check_against_base(cfg: BundleConfig, base: LoadedModel, where: str) -> None:
+    """Refuse a bundle made for another base: layer count, K/V widths, vocabulary, weights fingerprint."""
+    n = len(base.model.layers)
+    if cfg.base["num_layers"] != n:
+        raise KVPredError(f"{where}: bundle is for a {cfg.base['num_layers']}-layer base, {base.source} has {n} layers")
+    dims = kv_dims(base.model.layers)
+    if list(cfg.base_kv_dims) != dims:
+        raise KVPredError(f"{where}: bundle K/V widths {cfg.base_kv_dims[:3]}... do not match {base.source} {dims[:3]}...")
+    vocab = base.config.get("vocab_size")
+    if cfg.base.get("vocab_size") and vocab and cfg.base["vocab_size"] != vocab:
+        raise KVPredError(f"{where}: bundle vocab {cfg.base['vocab_size']} does not match {base.source} vocab {vocab}")
+    want, have = cfg.base.get("fingerprint") or [], embedding_fingerprint(base.model)
+    if want and have and any(abs(a - b) > 0.05 * max(abs(a), 1e-3) for a, b in zip(want, have)):
+        raise KVPredError(f"{where}: bundle was made for different weights ({cfg.base.get('reference')}) "
+                          f"than {base.source} (embedding fingerprint differs)")
+
+
+def _atomic_dir_write(path: Path, write) -> None:
+    """Write a directory via a temp sibling + rename, so a crash never leaves a half-written bundle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = None,
+                dtype: mx.Dtype = mx.float16) -> None:
+    """Save predictor + aux weights (KVP-LP: only those differing from `base`'s arrays) in `dtype`."""
+    weights = {f"predictor.{k}": v for k, v in tree_flatten(bundle.predictor.parameters())}
+    aux_params = tree_flatten(bundle.aux.parameters())
+    if bundle.config.aux_kind == "layer_pruned":
+        if base is None:
+            raise ValueError("saving a layer-pruned bundle needs the base model to diff against")
+        reference = dict(tree_flatten(build_aux(bundle.config, base).parameters()))
+        aux_params = [(k, v) for k, v in aux_params if k not in reference or not mx.array_equal(reference[k], v).item()]
+    weights.update({f"aux.{k}": v for k, v in aux_params})
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+    def write(tmp: Path):
+        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(bundle.config), indent=1))
+
+    _atomic_dir_write(Path(path), write)
+
+
+def _read_config(path: Path) -> BundleConfig:
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise KVPredError(f"not a KVP bundle: {cfg_file} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("format") != FORMAT:
+            raise KVPredError(f"{cfg_file}: not a kvpred-mlx bundle config (format {raw.get('format')!r})")
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise KVPredError(f"{cfg_file}: bundle format {raw['format_version']} is newer than this kvpred-mlx "
+                              f"({FORMAT_VERSION}); upgrade kvpred-mlx")
+        return BundleConfig(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise KVPredError(f"{cfg_file}: corrupt bundle config ({e})") from e
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    wfile = path / WEIGHTS_FILE
+    if not wfile.is_file():
+        raise KVPredError(f"bundle weights missing: {wfile}")
+    try:
+        return mx.load(str(wfile))
+    except Exception as e:
+        raise KVPredError(f"{wfile}: corrupt or truncated weights ({str(e).splitlines()[0] if str(e) else e})") from e
+
+
+def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
+    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random)."""
+    if cfg.aux_kind == "layer_pruned":
+        aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
+        return aux
+    if cfg.aux_kind == "separate":
+        Model, Args = model_class(cfg.aux_config)
+        return Model(Args.from_dict(cfg.aux_config))
+    raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
+
+
+def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],
+               aux_layers: list[int] | None = None, aux_config: dict | None = None) -> Bundle:
+    """A bundle with a freshly initialised (untrained) predictor for `aux` -> `base`."""
+    pcfg = PredictorConfig(tuple(kv_dims(aux.layers)), tuple(kv_dims(base.model.layers)), tuple(layer_map))
+    predictor = KVPredictor(pcfg)
+    cfg = BundleConfig(aux_kind=aux_kind, layer_map=list(layer_map), aux_kv_dims=list(pcfg.aux_kv_dims),
+                       base_kv_dims=list(pcfg.base_kv_dims), base=describe_base(base), aux_layers=aux_layers,
+                       aux_config=aux_config)
+    return Bundle(cfg, aux, predictor)
+
+
+def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = False) -> Bundle:
+    """Load a bundle for `base`; refuses a mismatched base, and an untrained predictor unless allowed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KVPredError(f"KVP bundle not found: {path} (a directory with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg = _read_config(path)
+    check_against_base(cfg, base, str(path))
+    if not cfg.trained and not allow_untrained:
+        raise KVPredError(f"{path}: this predictor is untrained (closed-form/identity init only); "
+                          "train it with `kvpred-mlx train` or pass --allow-untrained to use it anyway")
+    weights = _read_weights(path)
+    aux = build_aux(cfg, base)
+    try:
+        pcfg = PredictorConfig(tuple(cfg.aux_kv_dims), tuple(cfg.base_kv_dims), tuple(cfg.layer_map))
+    except KVPredError as e:
+        raise KVPredError(f"{path / CONFIG_FILE}: {e}") from e
+    if list(pcfg.aux_kv_dims) != kv_dims(aux.layers):
+        raise KVPredError(f"{path}: aux K/V widths in the config do not match the aux model")
+    predictor = KVPredictor(pcfg)
+    dtype = _float_dtype(base.model)
+    pred_w = [(k[len("predictor."):], v.astype(dtype)) for k, v in weights.items() if k.startswith("predictor.")]
+    aux_w = [(k[len("aux."):], v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v)
+             for k, v in weights.items() if k.startswith("aux.")]
+    _load_named(predictor, pred_w, strict=True, where=f"{path / WEIGHTS_FILE} (predictor)")
+    _load_named(aux, aux_w, strict=cfg.aux_kind == "separate", where=f"{path / WEIGHTS_FILE} (aux)")
+    mx.eval(predictor.parameters(), aux.parameters())
+    aux.eval()
+    return Bundle(cfg, aux, predictor, path)
+
+
+def _float_dtype(model: nn.Module) -> mx.Dtype:
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating) and v.ndim == 2:
+            return v.dtype
+    return mx.float32
+
+
+def _load_named(module: nn.Module, weights: list[tuple[str, Any]], *, strict: bool, where: str) -> None:
+    """load_weights with one-line errors that name the tensors: missing, unexpected, wrong shape."""
+    have = dict(tree_flatten(module.parameters()))
+    got = dict(weights)
+    unexpected = sorted(set(got) - set(have))
+    missing = sorted(set(have) - set(got)) if strict else []
+    if unexpected or missing:
+        parts = ([f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}"] if missing else []) + (
+            [f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"] if unexpected else [])
+        raise KVPredError(f"{where}: " + ", ".join(parts))
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(have[k].shape):
+            raise KVPredError(f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(have[k].shape)}")
+    module.load_weights(weights, strict=False)

@@ -1,0 +1,183 @@
+"""Generation with KV prediction: aux prefill of prompt[:-1] -> predicted base cache -> the base runs the last
+prompt token for the first output token -> mlx-lm's generate_step decodes with the base alone.
+
+Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterator, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
+from mlx_lm.models.cache import make_prompt_cache
+
+from .attention import tap_kv
+from .bundle import Bundle, load_bundle
+from .cache import write_predicted_kv
+from .errors import KVPredError
+from .loading import LoadedModel, load_model, set_device
+
+MODES = ("kvp", "base", "aux")
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp8"
+
+
+@dataclass
+class Pipeline:
+    """A base model, and the aux model + predictor of a KVP bundle (None: only mode "base" works)."""
+
+    base: LoadedModel
+    bundle: Bundle | None = None
+    device: str = "cpu"
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.base.config
+        return cfg.get("max_position_embeddings") or cfg.get("max_context_length") or cfg.get("context_length")
+
+
+@dataclass
+class KVPResponse(GenerationResponse):
+    """mlx-lm's GenerationResponse plus the time to first token (s) and the mode that produced it."""
+
+    ttft: float = 0.0
+    mode: str = "kvp"
+
+
+def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | None = None, device: str = "cpu",
+                  allow_untrained: bool = False) -> Pipeline:
+    """Load once, generate many times. `model`: .gguf, mlx-lm dir or HF repo id (None: SmolLM2-135M-Instruct);
+    `kvp`: a bundle dir (None: none; mode "base" only)."""
+    set_device(device)
+    base = load_model(model, device=device)
+    bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not None else None
+    return Pipeline(base, bundle, device)
+
+
+def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
+                  max_kv_size: int | None = None) -> list[Any]:
+    """Run the aux over `tokens` (the prompt minus its last token) and return the predicted base cache:
+    one ordinary mlx-lm cache object per base layer. Only cache state is evaluated, never the aux LM head."""
+    bundle = _need_bundle(pipe)
+    base_model = pipe.base.model
+    caches = make_prompt_cache(base_model, max_kv_size=max_kv_size)
+    aux_caches = make_prompt_cache(bundle.aux)
+    with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
+        for start in range(0, tokens.size, prefill_step_size):
+            bundle.aux(tokens[None, start:start + prefill_step_size], cache=aux_caches)  # logits stay unevaluated
+            keys = [calls.pop() for calls in record.keys]
+            values = [calls.pop() for calls in record.values]
+            pred_k, pred_v = bundle.predictor(keys, values)
+            write_predicted_kv(base_model.layers, caches, pred_k, pred_v)
+            mx.eval([c.state for c in caches], [c.state for c in aux_caches])
+    return caches
+
+
+def _need_bundle(pipe: Pipeline) -> Bundle:
+    if pipe.bundle is None:
+        raise KVPredError("modes kvp and aux need a KVP bundle (--kvp DIR)")
+    return pipe.bundle
+
+
+def _with_prefix(processors: Sequence[Callable] | None, prefix: mx.array) -> list[Callable] | None:
+    """Logits processors see the whole prompt, although generate_step is only given its last token."""
+    if not processors:
+        return None
+    return [lambda toks, logits, p=p: p(mx.concatenate([prefix, toks]), logits) for p in processors]
+
+
+def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "kvp", max_tokens: int = 256,
+                    sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
+                    max_kv_size: int | None = None, prefill_step_size: int = 2048,
+                    **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. Extra kwargs go to generate_step."""
+    if mode not in MODES:
+        raise KVPredError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
+    if mode == "base":
+        return generate_step(prompt, pipe.base.model, logits_processors=logits_processors,
+                             max_kv_size=max_kv_size, **common)
+    bundle = _need_bundle(pipe)
+    if mode == "aux":
+        return generate_step(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
+                             **common)
+    if prompt.size < 2:  # nothing for the aux to prefill
+        cache = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    else:
+        cache = predict_cache(pipe, prompt[:-1], prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
+    return generate_step(prompt[-1:], pipe.base.model, prompt_cache=cache,
+                         logits_processors=_with_prefix(logits_processors, prompt[:-1]), **common)
+
+
+def encode_prompt(pipe: Pipeline, text: str, *, chat: bool = True, system: str | None = None) -> mx.array:
+    """Tokenize `text`, as one user turn of the chat template when `chat` (and the tokenizer has one)."""
+    tok = pipe.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+    else:
+        ids = tok.encode(text, add_special_tokens=tok.bos_token is None or not text.startswith(tok.bos_token))
+    return mx.array(ids)
+
+
+def check_prompt(pipe: Pipeline, prompt: mx.array, max_tokens: int) -> None:
+    if prompt.size == 0:
+        raise KVPredError("the prompt is empty")
+    limit = pipe.context_length
+    if limit and prompt.size >= limit:
+        raise KVPredError(f"the prompt has {prompt.size} tokens, the model's context is {limit}")
+
+
+def stream_generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, *, mode: str = "kvp",
+                    max_tokens: int = 256, chat: bool = False, **kwargs) -> Iterator[KVPResponse]:
+    """Stream text segments (KVPResponse, mlx-lm's GenerationResponse + ttft) as they are produced.
+    A str prompt is tokenized here (with the chat template when `chat`); kwargs go to generate_tokens."""
+    if isinstance(prompt, str):
+        prompt = encode_prompt(pipe, prompt, chat=chat)
+    elif not isinstance(prompt, mx.array):
+        prompt = mx.array(list(prompt))
+    check_prompt(pipe, prompt, max_tokens)
+    tokenizer = pipe.tokenizer
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    model = pipe.bundle.aux if mode == "aux" and pipe.bundle else pipe.base.model
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        ttft, token, logprobs, n = 0.0, 0, None, 0
+        for n, (token, logprobs) in enumerate(generate_tokens(pipe, prompt, mode=mode, max_tokens=max_tokens,
+                                                              **kwargs)):
+            if n == 0:
+                ttft = time.perf_counter() - tic
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                yield _response(detokenizer, token, logprobs, prompt, ttft, n, tic, mode, "stop", final=True)
+                return
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            yield _response(detokenizer, token, logprobs, prompt, ttft, n + 1, tic, mode, None)
+        yield _response(detokenizer, token, logprobs, prompt, ttft, n + 1, tic, mode, "length", final=True)
+
+
+def _response(detokenizer, token, logprobs, prompt, ttft, n_gen, tic, mode, finish, final=False) -> KVPResponse:
+    if final:
+        detokenizer.finalize()
+    elapsed = time.perf_counter() - tic
+    return KVPResponse(text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
+                       prompt_tokens=prompt.size, prompt_tps=prompt.size / ttft if ttft else 0.0,
+                       generation_tokens=n_gen, generation_tps=(n_gen - 1) / elapsed if n_gen > 1 and elapsed else 0.0,
+                       peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, ttft=ttft, mode=mode)
+
+
+def generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, **kwargs) -> str:
+    """The whole completion as one string (see stream_generate for the options)."""
+    return "".join(r.text for r in stream_generate(pipe, prompt, **kwargs))

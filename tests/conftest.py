@@ -1,0 +1,38 @@
+"""Tiny random-weight mlx-lm models (as mlx-lm's own tests build them) and the real model, if installed."""
+
+import mlx_kvpred  # noqa: F401  (fast BLAS before mlx)
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_kvpred.loading import LoadedModel, model_class
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=97,
+                  rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97, head_dim=16,
+                  rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=True),
+    "openelm": dict(model_type="openelm", head_dim=16, num_transformer_layers=4, model_dim=64, vocab_size=97,
+                    ffn_dim_divisor=8, num_query_heads=[4, 4, 6, 6], num_kv_heads=[1, 2, 2, 3],
+                    ffn_multipliers=[0.5, 1.0, 1.5, 2.0], normalize_qk_projections=True, rms_norm_eps=1e-6,
+                    rope_freq_constant=10000, max_context_length=512),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides) -> LoadedModel:
+    """A random-weight fp32 model of `arch`; weights scaled up so attention is far from uniform."""
+    config = {**TINY_CONFIGS[arch], **overrides}
+    mx.random.seed(seed)
+    Model, Args = model_class(config)
+    model = Model(Args.from_dict(config))
+    model.update(tree_map(lambda p: p * 2.0 if p.ndim == 2 else p, model.parameters()))
+    mx.eval(model.parameters())
+    return LoadedModel(model, None, config, f"tiny-{arch}")
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny(request) -> LoadedModel:
+    return tiny_model(request.param)

@@ -1,0 +1,152 @@
+"""Runtime exactness on tiny random models: predictor, cache placement of k-norm/RoPE, pipeline modes, bundle."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx.utils import tree_flatten
+
+from conftest import tiny_model
+from mlx_kvpred.attention import kv_dims, tap_kv
+from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
+from mlx_kvpred.cache import write_predicted_kv
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.loading import make_layer_pruned_aux
+from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache
+from mlx_kvpred.predictor import PredictorConfig, layer_pruned_map, smaller_model_map, spread_layers
+
+
+def full_copy_pipeline(base, identity=True):
+    n = len(base.model.layers)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, list(range(n)))
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=list(range(n)), aux_layers=list(range(n)))
+    if identity:
+        bundle.predictor.set_identity()
+    return Pipeline(base, bundle)
+
+
+def run(pipe, prompt, mode, n=32):
+    return list(generate_tokens(pipe, prompt, mode=mode, max_tokens=n))
+
+
+def test_identity_predictor_reproduces_base_exactly(tiny):
+    """aux = all base layers + identity predictor: kvp == base, token for token and logprob for logprob."""
+    pipe = full_copy_pipeline(tiny)
+    prompt = mx.random.randint(0, tiny.config["vocab_size"], (40,), key=mx.random.key(1))
+    base, kvp = run(pipe, prompt, "base"), run(pipe, prompt, "kvp")
+    assert [t for t, _ in kvp] == [t for t, _ in base]
+    for (_, a), (_, b) in zip(base, kvp):
+        assert mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_wrong_predictor_changes_logits(tiny):
+    """Guard against a vacuous exactness test: a perturbed predictor must change the first-token logits.
+    (Values, not keys: a k-norm, as in qwen3/openelm, undoes a scaling of the keys.)"""
+    pipe = full_copy_pipeline(tiny)
+    for lin in pipe.bundle.predictor.value_transforms:
+        lin.weight = lin.weight * 0.5
+    prompt = mx.random.randint(0, tiny.config["vocab_size"], (40,), key=mx.random.key(1))
+    (_, a), = run(pipe, prompt, "base", 1)
+    (_, b), = run(pipe, prompt, "kvp", 1)
+    assert mx.abs(a - b).max().item() > 1e-3
+
+
+def test_true_prerope_keys_give_true_cache(tiny):
+    """RoPE/norm placement: writing the base's own pre-norm pre-RoPE K/V yields the base's post-RoPE cache."""
+    model = tiny.model
+    tokens = mx.random.randint(0, tiny.config["vocab_size"], (1, 23), key=mx.random.key(2))
+    true_cache = make_prompt_cache(model)
+    with tap_kv(model.layers) as rec:
+        model(tokens, cache=true_cache)
+    cache = make_prompt_cache(model)
+    write_predicted_kv(model.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])
+    for c, t in zip(cache, true_cache):
+        assert c.offset == t.offset == 23
+        assert mx.allclose(c.state[0], t.state[0], atol=1e-5).item()
+        assert mx.allclose(c.state[1], t.state[1], atol=1e-6).item()
+
+
+def test_chunked_aux_prefill_matches_one_shot(tiny):
+    pipe = full_copy_pipeline(tiny)
+    tokens = mx.random.randint(0, tiny.config["vocab_size"], (37,), key=mx.random.key(3))
+    a = predict_cache(pipe, tokens, prefill_step_size=8)
+    b = predict_cache(pipe, tokens, prefill_step_size=512)
+    for x, y in zip(a, b):
+        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
+
+
+def test_base_mode_matches_mlx_lm_generate_step(tiny):
+    pipe = Pipeline(tiny, None)
+    prompt = mx.random.randint(0, tiny.config["vocab_size"], (30,), key=mx.random.key(4))
+    ours = [t for t, _ in run(pipe, prompt, "base", 24)]
+    theirs = [t for t, _ in generate_step(prompt, tiny.model, max_tokens=24)]
+    assert ours == theirs
+
+
+def test_kvp_with_pruned_aux_runs_and_differs_from_base():
+    base = tiny_model("llama", num_hidden_layers=6)
+    kept = spread_layers(6, 2)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+    assert len(aux.layers) == 2
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 6), aux_layers=kept)
+    pipe = Pipeline(base, bundle)
+    prompt = mx.random.randint(0, 97, (20,), key=mx.random.key(5))
+    cache = predict_cache(pipe, prompt[:-1])
+    assert len(cache) == 6 and all(c.offset == 19 for c in cache)
+    assert len(run(pipe, prompt, "kvp", 8)) == 8
+    assert len(run(pipe, prompt, "aux", 8)) == 8
+
+
+def test_layer_maps():
+    assert spread_layers(28, 7) == [0, 4, 8, 12, 16, 20, 24]
+    assert layer_pruned_map([0, 4, 8, 12, 16, 20, 24], 28) == [i // 4 for i in range(28)]
+    assert smaller_model_map(4, 8) == [0, 0, 1, 1, 2, 2, 3, 3]  # max(i // 2, i - 4)
+    assert smaller_model_map(3, 8) == [0, 0, 1, 1, 2, 2, 2, 2]  # max(i // 2, i - 5), clipped at 2
+    with pytest.raises(KVPredError, match="layer map has 3 entries"):
+        PredictorConfig((8, 8), (8, 8, 8, 8), (0, 1, 1))
+    with pytest.raises(KVPredError, match="aux layers"):
+        PredictorConfig((8, 8), (8, 8), (0, 2))
+    with pytest.raises(KVPredError, match="aux layers must be increasing"):
+        make_layer_pruned_aux(tiny_model("llama").model, tiny_model("llama").config, [0, 9])
+
+
+def test_per_layer_kv_dims_openelm():
+    base = tiny_model("openelm")
+    assert kv_dims(base.model.layers) == [16, 32, 32, 48]
+
+
+def test_bundle_roundtrip_and_validation(tmp_path):
+    base = tiny_model("qwen3")
+    kept = [0, 2]
+    aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 4), aux_layers=kept)
+    bundle.aux.layers[1].mlp.down_proj.weight = bundle.aux.layers[1].mlp.down_proj.weight * 1.5  # "fine-tuned"
+    bundle.config.trained = True
+    save_bundle(tmp_path / "b", bundle, base=base, dtype=mx.float32)
+    stored = mx.load(str(tmp_path / "b" / "model.safetensors"))
+    aux_keys = [k for k in stored if k.startswith("aux.")]
+    assert aux_keys == ["aux.model.layers.1.mlp.down_proj.weight"]  # only what differs from the base
+    loaded = load_bundle(tmp_path / "b", base)
+    for (k, a), (_, b) in zip(tree_flatten(bundle.predictor.parameters()), tree_flatten(loaded.predictor.parameters())):
+        assert mx.array_equal(a, b).item(), k
+    assert mx.array_equal(loaded.aux.layers[1].mlp.down_proj.weight, bundle.aux.layers[1].mlp.down_proj.weight).item()
+
+    other = tiny_model("qwen3", seed=7)  # same shapes, other weights
+    with pytest.raises(KVPredError, match="different weights"):
+        load_bundle(tmp_path / "b", other)
+    with pytest.raises(KVPredError, match="6 layers"):
+        load_bundle(tmp_path / "b", tiny_model("qwen3", num_hidden_layers=6))
+
+    cfg = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
+    cfg["trained"] = False
+    (tmp_path / "b" / "kvp_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KVPredError, match="untrained"):
+        load_bundle(tmp_path / "b", base)
+    assert load_bundle(tmp_path / "b", base, allow_untrained=True) is not None
+
+    data = (tmp_path / "b" / "model.safetensors").read_bytes()
+    (tmp_path / "b" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(KVPredError, match="model.safetensors"):
+        load_bundle(tmp_path / "b", base, allow_untrained=True)
