@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,23 +84,17 @@ def check_against_base(cfg: BundleConfig, base: LoadedModel, where: str) -> None
                           f"than {base.source} (embedding fingerprint differs)")
 
 
-def _atomic_dir_write(path: Path, write) -> None:
-    """Write a directory via a temp sibling + rename, so a crash never leaves a half-written bundle."""
+def atomic_write(path: Path, write) -> None:
+    """Write a file via a temp sibling + os.replace, so a crash never leaves it half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
         write(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -118,11 +111,9 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
     weights.update({f"aux.{k}": v for k, v in aux_params})
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
-    def write(tmp: Path):
-        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(bundle.config), indent=1))
-
-    _atomic_dir_write(Path(path), write)
+    path = Path(path)  # weights first: a config never points at weights that are not there
+    atomic_write(path / WEIGHTS_FILE, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(bundle.config), indent=1)))
 
 
 def _read_config(path: Path) -> BundleConfig:

@@ -154,6 +154,202 @@ def doctor():
     print("all good" if not problems else f"{problems} problem(s) found")
 
 
+def parse_int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise KVPredError(f"{flag} must be comma-separated integers, got {value!r}") from None
+
+
+def heldout_sequences(tokenizer, sources: list[str], *, seq_len: int, count: int, seed: int = 0):
+    """Held-out token sequences: files of the held-out side of the by-file split of `sources`."""
+    from .data import collect_files, split_files, tokenize_files
+
+    split = split_files(collect_files(sources))
+    if not split.heldout_files:
+        raise KVPredError("--data: too few files for a held-out split (need ~10+)")
+    return tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, seed=seed), split
+
+
+def print_heldout(metrics, label: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"held-out text, {metrics.sequences} x ({metrics.prompt_len} prompt + {metrics.cont_len} tokens)"
+              f" - {label}")
+    for col in ("mode", "top-1 agreement with base", "first-token agreement", "NLL", "NLL / base"):
+        t.add_column(col, justify="right")
+    t.add_row("base", "1.000", "1.000", f"{metrics.nll_base:.3f}", "1.00")
+    t.add_row("kvp", f"{metrics.agreement:.3f}", f"{metrics.first_token_agreement:.3f}", f"{metrics.nll_kvp:.3f}",
+              f"{metrics.nll_kvp / metrics.nll_base:.2f}")
+    if metrics.nll_aux is not None:
+        t.add_row("aux only", f"{metrics.aux_agreement:.3f}", "", f"{metrics.nll_aux:.3f}",
+                  f"{metrics.nll_aux / metrics.nll_base:.2f}")
+    Console(stderr=False).print(t)
+
+
+@app.command()
+def train(
+    out: str = typer.Option(..., help="Bundle directory to write (checkpoints go under OUT/checkpoint)."),
+    model: Optional[str] = typer.Option(None, help="Base model [default: installed SmolLM2-135M-Instruct GGUF]."),
+    aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12."),
+    aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
+    aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
+    layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer [default: CoreNet's]."),
+    data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
+                                                         "repeatable [default: Python stdlib + /usr/share/doc]."),
+    seq_len: int = typer.Option(256, help="Training sequence length."),
+    batch_size: int = typer.Option(1, help="Sequences per step."),
+    steps: int = typer.Option(600, help="Optimizer steps after the closed-form init."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),
+    kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
+    ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
+    l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss [default: 1/n_base_layers]."),
+    ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
+    max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
+    eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
+    eval_sequences: int = typer.Option(8, help="Held-out sequences per eval (256+64 tokens each)."),
+    checkpoint_every: int = typer.Option(25, help="Checkpoint (and bundle) every N steps."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options."),
+    seed: int = typer.Option(0),
+):
+    """Train a KV predictor (closed-form init + distillation) and write a KVP bundle."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .bundle import new_bundle
+    from .data import collect_files, default_sources, split_files, tokenize_files
+    from .evaluate import evaluate_heldout
+    from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
+    from .pipeline import Pipeline
+    from .predictor import layer_pruned_map, smaller_model_map, spread_layers
+    from .train import CHECKPOINT_DIR, TrainConfig, train as run_training
+
+    specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None]
+    if sum(specs) != 1:
+        raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N or --aux-model PATH")
+    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
+        if value < 1:
+            raise KVPredError(f"{flag} must be >= 1, got {value}")
+    if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
+        raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
+    set_device("cpu")
+    base = load_model(model, device="cpu")
+    n_base = len(base.model.layers)
+    if aux_model is not None:
+        aux_loaded = load_model(aux_model, device="cpu")
+        check_same_tokenizer(base, aux_loaded)
+        aux, kept, aux_kind, aux_config = aux_loaded.model, None, "separate", aux_loaded.config
+        default_map = smaller_model_map(len(aux.layers), n_base)
+    else:
+        if aux_layers_keep is not None and not 1 <= aux_layers_keep <= n_base:
+            raise KVPredError(f"--aux-layers-keep must be in 1..{n_base}, got {aux_layers_keep}")
+        kept = parse_int_list(aux_layers, "--aux-layers") or spread_layers(n_base, aux_layers_keep)
+        if not all(0 <= i < n_base for i in kept):
+            raise KVPredError(f"--aux-layers: layers must be in 0..{n_base - 1}, got {kept}")
+        aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+        aux_kind, aux_config = "layer_pruned", None
+        default_map = layer_pruned_map(kept, n_base)
+    lmap = parse_int_list(layer_map, "--layer-map") or default_map
+    if len(lmap) != n_base:
+        raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
+    bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
+
+    sources = list(data) if data else default_sources()
+    split = split_files(collect_files(sources))
+    train_seqs = tokenize_files(split.train_files, base.tokenizer, seq_len=seq_len,
+                                max_sequences=max_train_sequences, seed=seed)
+    heldout = tokenize_files(split.heldout_files, base.tokenizer, seq_len=320, max_sequences=eval_sequences,
+                             seed=seed) if split.heldout_files and eval_sequences else None
+    print(f"data: {len(split.train_files)} train files -> {len(train_seqs)} x {seq_len} tokens; "
+          f"{len(split.heldout_files)} held-out files", file=sys.stderr)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
+                      ce_weight=ce_weight, l1_weight=l1_weight, ridge_sequences=ridge_sequences,
+                      eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
+
+    def evaluate(b):
+        if heldout is None:
+            return {}
+        m = evaluate_heldout(Pipeline(base, b), heldout, with_aux=False)
+        return {"agreement": m.agreement, "first_token_agreement": m.first_token_agreement,
+                "nll_base": m.nll_base, "nll_kvp": m.nll_kvp}
+
+    metadata = {"command": " ".join(["kvpred-mlx"] + sys.argv[1:]), "data": {
+        "sources": sources, "rule": split.rule, "train_files": len(split.train_files),
+        "heldout_files": split.heldout_files[:500], "train_sequences": int(len(train_seqs)), "seq_len": seq_len}}
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as progress:
+        ridge_task = progress.add_task("ridge init", total=0 if resume else min(ridge_sequences, len(train_seqs)),
+                                       info="")
+        task = progress.add_task("train", total=steps, info="")
+
+        def on_step(state, row):
+            if row.get("phase") == "ridge":
+                progress.advance(ridge_task)
+                return
+            last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else None
+            info = f"loss {row['loss']:.4f}  {row['tok_s']:.0f} tok/s"
+            if last and "agreement" in last:
+                info += f"  held-out agree {last['agreement']:.3f}"
+            progress.update(task, completed=state.step, info=info)
+
+        state = run_training(base, bundle, train_seqs, cfg, out, resume=resume, evaluate=evaluate,
+                             metadata=metadata, on_step=on_step)
+    toks = state.step * cfg.batch_size * seq_len
+    print(f"trained {state.step} steps, {state.elapsed:.0f} s, {toks / max(state.elapsed, 1e-9):.0f} tokens/s; "
+          f"bundle: {out}", file=sys.stderr)
+    if state.evals and "agreement" in state.evals[-1]:
+        e = state.evals[-1]
+        print(f"held-out: agreement {e['agreement']:.3f}, first-token {e['first_token_agreement']:.3f}, "
+              f"NLL kvp {e['nll_kvp']:.3f} vs base {e['nll_base']:.3f}", file=sys.stderr)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, help="Base model [default: installed SmolLM2-135M-Instruct GGUF]."),
+    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir [default: the shipped bundle]."),
+    data: Optional[list[str]] = typer.Option(None, help="Text sources; their held-out split is used "
+                                                         "[default: the sources the bundle was trained on]."),
+    prompt_len: int = typer.Option(256, help="Prompt tokens (predicted cache)."),
+    cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt."),
+    sequences: int = typer.Option(32, help="Held-out sequences."),
+    quick: bool = typer.Option(False, help="8 sequences: a fast look."),
+    allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics to this JSON file."),
+):
+    """Held-out text accuracy of a bundle: top-1 agreement with the base, first-token agreement, NLL."""
+    import json
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from .data import default_sources
+    from .evaluate import evaluate_heldout
+    from .pipeline import load_pipeline
+
+    bundle_dir = resolve_bundle(kvp, model)
+    if bundle_dir is None:
+        raise KVPredError("eval needs a KVP bundle: pass --kvp DIR")
+    if prompt_len < 2 or cont_len < 1:
+        raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
+    pipe = load_pipeline(model, kvp=bundle_dir, device="cpu", allow_untrained=allow_untrained)
+    sources = list(data) if data else pipe.bundle.config.training.get("data", {}).get("sources") or default_sources()
+    n = 8 if quick else sequences
+    seqs, _ = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("eval", total=len(seqs))
+        metrics = evaluate_heldout(pipe, seqs, prompt_len=prompt_len, cont_len=cont_len,
+                                   progress=lambda: progress.advance(task))
+    print_heldout(metrics, str(bundle_dir))
+    if json_out:
+        from .bundle import atomic_write
+
+        atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(json.dumps(
+            {"bundle": str(bundle_dir), "sources": sources, **asdict(metrics)}, indent=1)))
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,76 @@
+"""Teacher-forced accuracy of KV prediction on held-out text: agreement with the base's true-cache
+predictions and NLL, for modes base / kvp / aux."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from .pipeline import Pipeline, predict_cache
+
+
+@dataclass
+class HeldoutMetrics:
+    sequences: int
+    prompt_len: int
+    cont_len: int
+    agreement: float  # kvp top-1 == base top-1, over continuation positions
+    first_token_agreement: float  # at the first generated position only
+    nll_base: float  # mean NLL of the real continuation tokens
+    nll_kvp: float
+    nll_aux: float | None  # None when there is no aux LM head to run
+    aux_agreement: float | None
+
+
+def _nll(logits: mx.array, targets: mx.array) -> mx.array:
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -mx.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+
+
+def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_aux: bool = True) -> dict:
+    """Logit comparisons on one sequence of prompt_len + cont_len tokens; positions are those predicting
+    tokens[prompt_len:], i.e. the first output token and the teacher-forced continuation."""
+    prompt, cont = tokens[:prompt_len], tokens[prompt_len:]
+    base = pipe.base.model
+    # base with its true cache: one pass over everything, keep the positions that predict cont
+    base_logits = base(tokens[None, :-1])[0, prompt_len - 1:]
+    # kvp: predicted cache for prompt[:-1], then the base runs prompt[-1] and the continuation
+    cache = predict_cache(pipe, prompt[:-1])
+    kvp_logits = base(tokens[None, prompt_len - 1:-1], cache=cache)[0]
+    out = {
+        "base_top1": mx.argmax(base_logits, axis=-1),
+        "kvp_top1": mx.argmax(kvp_logits, axis=-1),
+        "nll_base": _nll(base_logits, cont),
+        "nll_kvp": _nll(kvp_logits, cont),
+    }
+    if with_aux and pipe.bundle is not None:
+        aux_logits = pipe.bundle.aux(tokens[None, :-1])[0, prompt_len - 1:]
+        out["aux_top1"] = mx.argmax(aux_logits, axis=-1)
+        out["nll_aux"] = _nll(aux_logits, cont)
+    mx.eval(out)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def evaluate_heldout(pipe: Pipeline, sequences: np.ndarray, *, prompt_len: int = 256, cont_len: int = 64,
+                     with_aux: bool = True, progress=None) -> HeldoutMetrics:
+    """Mean metrics over `sequences` (n, >= prompt_len + cont_len) of held-out token ids."""
+    if sequences.shape[1] < prompt_len + cont_len:
+        raise ValueError(f"sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
+    rows = []
+    for seq in sequences:
+        rows.append(score_sequence(pipe, mx.array(seq[:prompt_len + cont_len]), prompt_len, with_aux=with_aux))
+        if progress:
+            progress()
+    agree = np.stack([r["kvp_top1"] == r["base_top1"] for r in rows])
+    has_aux = "aux_top1" in rows[0]
+    return HeldoutMetrics(
+        sequences=len(rows), prompt_len=prompt_len, cont_len=cont_len,
+        agreement=float(agree.mean()), first_token_agreement=float(agree[:, 0].mean()),
+        nll_base=float(np.mean([r["nll_base"].mean() for r in rows])),
+        nll_kvp=float(np.mean([r["nll_kvp"].mean() for r in rows])),
+        nll_aux=float(np.mean([r["nll_aux"].mean() for r in rows])) if has_aux else None,
+        aux_agreement=float(np.mean([r["aux_top1"] == r["base_top1"] for r in rows])) if has_aux else None,
+    )

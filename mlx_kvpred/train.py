@@ -1,0 +1,241 @@
+"""Train a KV predictor on-device: closed-form (ridge) init, then distillation with the base attending to
+predicted K/V at every position (KL to the base's true-cache logits) + L1 K/V consistency (+ optional CE).
+
+The base is frozen. The aux is frozen too (its layers are the base's own): only the predictor trains, which
+keeps the shipped bundle small. Checkpoints are atomic; `resume` continues after a kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .attention import tap_kv
+from .bundle import Bundle, atomic_write, save_bundle
+from .errors import KVPredError
+from .loading import LoadedModel
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3  # peak; linear warmup then cosine to lr * min_lr_ratio
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0  # decays towards zero, away from the ridge solution: off by default
+    kl_weight: float = 1.0  # distillation: KL(base true-cache logits || base predicted-cache logits)
+    ce_weight: float = 0.0  # base CE on the data's next tokens (the paper's loss)
+    l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (paper's best)
+    ridge_sequences: int = 64  # sequences for the closed-form init; 0 starts from zero weights
+    ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
+    eval_every: int = 100
+    checkpoint_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "kl", "l1", "ce", "tok_s"}
+    evals: list[dict] = field(default_factory=list)
+    ridge_done: bool = False
+    elapsed: float = 0.0
+
+
+def aux_kv(aux: nn.Module, tokens: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+    """Pre-norm pre-RoPE K/V of every aux layer for `tokens` (B, T); the aux LM head is never evaluated."""
+    with tap_kv(aux.layers) as rec:
+        aux(tokens)
+    return [k[0] for k in rec.keys], [v[0] for v in rec.values]
+
+
+def base_targets(base: nn.Module, tokens: mx.array) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The base's true-cache logits and pre-norm pre-RoPE K/V per layer."""
+    with tap_kv(base.layers) as rec:
+        logits = base(tokens)
+    return logits, [k[0] for k in rec.keys], [v[0] for v in rec.values]
+
+
+def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: float = 1e-3,
+               progress: Callable[[], None] | None = None) -> None:
+    """Least-squares K/V maps from aux to base activations (with bias), one solve per base layer."""
+    pred = bundle.predictor
+    n_aux = len(bundle.aux.layers)
+    xtx = [None] * n_aux
+    xty_k = [None] * len(base.layers)
+    xty_v = [None] * len(base.layers)
+    for seq in sequences:
+        x = mx.array(seq)[None]
+        ak, av = aux_kv(bundle.aux, x)
+        _, bk, bv = base_targets(base, x)
+        mx.eval(ak, av, bk, bv)
+        feats = [np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1) for a in ak]
+        vfeats = [np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1) for a in av]
+        for j in range(n_aux):
+            # keys and values have separate inputs; keep both Gram matrices in one slot
+            g = (feats[j].T @ feats[j], vfeats[j].T @ vfeats[j])
+            xtx[j] = g if xtx[j] is None else (xtx[j][0] + g[0], xtx[j][1] + g[1])
+        for i, j in enumerate(pred.config.layer_map):
+            k = feats[j].T @ np.array(bk[i][0], dtype=np.float64)
+            v = vfeats[j].T @ np.array(bv[i][0], dtype=np.float64)
+            xty_k[i] = k if xty_k[i] is None else xty_k[i] + k
+            xty_v[i] = v if xty_v[i] is None else xty_v[i] + v
+        if progress:
+            progress()
+    for i, j in enumerate(pred.config.layer_map):
+        for lin, gram, rhs in ((pred.key_transforms[i], xtx[j][0], xty_k[i]), (pred.value_transforms[i], xtx[j][1], xty_v[i])):
+            reg = lam * np.mean(np.diag(gram)) * np.eye(gram.shape[0])
+            reg[-1, -1] = 0.0  # do not shrink the bias
+            w = np.linalg.solve(gram + reg, rhs)  # (d_in + 1, d_out)
+            lin.weight = mx.array(w[:-1].T.astype(np.float32)).astype(lin.weight.dtype)
+            lin.bias = mx.array(w[-1].astype(np.float32)).astype(lin.bias.dtype)
+    mx.eval(pred.parameters())
+
+
+def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, teacher_logits,
+                 true_k, true_v, cfg: TrainConfig, l1_weight: float) -> tuple[mx.array, dict]:
+    """The base runs `tokens` attending to predicted K/V at every position; compare with the true cache."""
+    pk, pv = predictor(aux_k, aux_v)
+
+    def override(kind: str, i: int, projected: mx.array) -> mx.array:
+        return pk[i] if kind == "k" else pv[i]
+
+    with tap_kv(base.layers, override=override):
+        logits = base(tokens)
+    parts = {}
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    t_logp = teacher_logits - mx.logsumexp(teacher_logits, axis=-1, keepdims=True)
+    parts["kl"] = (mx.exp(t_logp) * (t_logp - logp)).sum(-1).mean()
+    parts["l1"] = sum(mx.abs(a - b).mean() for a, b in zip(pk, true_k)) + sum(
+        mx.abs(a - b).mean() for a, b in zip(pv, true_v))
+    loss = cfg.kl_weight * parts["kl"] + l1_weight * parts["l1"]
+    if cfg.ce_weight:
+        parts["ce"] = nn.losses.cross_entropy(logits[:, :-1], tokens[:, 1:]).mean()
+        loss = loss + cfg.ce_weight * parts["ce"]
+    return loss, parts
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """The sequences of a step: a fresh seeded permutation per epoch, so a resumed run sees the same data."""
+    idx = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        idx.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+    return np.array(idx)
+
+
+def _save_checkpoint(out: Path, predictor: nn.Module, opt: optim.Optimizer, state: TrainState) -> None:
+    ckpt = out / CHECKPOINT_DIR
+    name = f"step-{state.step:07d}.safetensors"
+    arrays = {f"predictor.{k}": v for k, v in tree_flatten(predictor.parameters())}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)})
+    atomic_write(ckpt / name, lambda tmp: mx.save_safetensors(tmp, arrays))
+    atomic_write(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps({**asdict(state), "weights": name})))
+    for old in ckpt.glob("step-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(out: Path, predictor: nn.Module, opt: optim.Optimizer) -> TrainState:
+    ckpt = out / CHECKPOINT_DIR
+    try:
+        raw = json.loads((ckpt / "state.json").read_text())
+        arrays = mx.load(str(ckpt / raw.pop("weights")))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise KVPredError(f"--resume: no usable checkpoint in {ckpt} ({e})") from e
+    predictor.load_weights([(k[len("predictor."):], v) for k, v in arrays.items() if k.startswith("predictor.")])
+    opt_state = [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    opt.init(predictor.trainable_parameters())
+    if opt_state:
+        opt.state.update(tree_unflatten(opt_state))
+    return TrainState(**raw)
+
+
+def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainConfig, out: str | Path, *,
+          resume: bool = False, evaluate: Callable[[Bundle], dict] | None = None,
+          metadata: dict | None = None, on_step: Callable[[TrainState, dict], None] | None = None) -> TrainState:
+    """Train `bundle.predictor` on token sequences (n, seq_len); the bundle is written to `out` at every
+    checkpoint (usable at any time), the resumable state under `out/checkpoint/`."""
+    out = Path(out)
+    if train_seqs.ndim != 2 or len(train_seqs) == 0:
+        raise KVPredError("no training sequences")
+    model = base.model
+    model.freeze()
+    bundle.aux.freeze()
+    predictor = bundle.predictor
+    l1_weight = cfg.l1_weight if cfg.l1_weight is not None else 1.0 / len(model.layers)
+    opt = optim.AdamW(learning_rate=cfg.lr, betas=[0.9, 0.95], weight_decay=cfg.weight_decay)
+    state = TrainState()
+    if resume:
+        state = _load_checkpoint(out, predictor, opt)
+    elif cfg.ridge_sequences:
+        rng = np.random.default_rng(cfg.seed)
+        pick = train_seqs[rng.permutation(len(train_seqs))[:cfg.ridge_sequences]]
+        ridge_init(bundle, model, pick, lam=cfg.ridge_lambda, progress=(lambda: on_step(state, {"phase": "ridge"}))
+                   if on_step else None)
+        state.ridge_done = True
+
+    loss_and_grad = nn.value_and_grad(
+        predictor, lambda *a: distill_loss(predictor, model, *a, cfg=cfg, l1_weight=l1_weight)[0])
+    last_good = state.step
+    while state.step < cfg.steps:
+        tic = time.perf_counter()
+        tokens = mx.array(train_seqs[batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)])
+        ak, av = aux_kv(bundle.aux, tokens)
+        tl, tk, tv = base_targets(model, tokens)
+        mx.eval(ak, av, tl, tk, tv)
+        opt.learning_rate = lr_at(state.step, cfg)
+        loss, grads = loss_and_grad(tokens, ak, av, tl, tk, tv)
+        opt.update(predictor, grads)
+        mx.eval(loss, predictor.parameters(), opt.state)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise KVPredError(f"non-finite loss at step {state.step}; stopped, the last good checkpoint "
+                              f"(step {last_good}) is kept in {out / CHECKPOINT_DIR}")
+        dt = time.perf_counter() - tic
+        state.elapsed += dt
+        state.step += 1
+        row = {"step": state.step, "loss": loss_value, "lr": opt.learning_rate.item() if isinstance(
+            opt.learning_rate, mx.array) else opt.learning_rate, "tok_s": tokens.size / dt}
+        state.history.append(row)
+        if evaluate and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            state.evals.append({"step": state.step, **evaluate(bundle)})
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            finish_bundle(bundle, base, cfg, state, metadata)
+            save_bundle(out, bundle, base=base)
+            _save_checkpoint(out, predictor, opt, state)
+            last_good = state.step
+        if on_step:
+            on_step(state, row)
+    return state
+
+
+def finish_bundle(bundle: Bundle, base: LoadedModel, cfg: TrainConfig, state: TrainState, metadata: dict | None) -> None:
+    """Record how the predictor was made in the bundle config (it is trained once a step has run)."""
+    bundle.config.trained = state.step > 0
+    bundle.config.training = {
+        **(metadata or {}), "config": asdict(cfg), "steps_done": state.step, "seconds": round(state.elapsed, 1),
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        "evals": state.evals,
+    }
