@@ -211,7 +211,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         mx.eval(loss, predictor.parameters(), opt.state)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise KVPredError(f"non-finite loss at step {state.step}; stopped, the last good checkpoint "
+            raise KVPredError(f"non-finite loss at step {state.step + 1}; stopped, the last good checkpoint "
                               f"(step {last_good}) is kept in {out / CHECKPOINT_DIR}")
         dt = time.perf_counter() - tic
         state.elapsed += dt
