@@ -150,3 +150,76 @@ def test_bundle_roundtrip_and_validation(tmp_path):
     (tmp_path / "b" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(KVPredError, match="model.safetensors"):
         load_bundle(tmp_path / "b", base, allow_untrained=True)
+
+
+def test_sliding_window_layers_get_rotating_caches():
+    """Sliding-window layers use RotatingKVCache; predicted K/V go through the same trimming as the base's."""
+    base = tiny_model("llama", layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=16)
+    pipe = full_copy_pipeline(base)
+    prompt = mx.random.randint(0, 97, (40,), key=mx.random.key(6))
+    cache = predict_cache(pipe, prompt[:-1])
+    assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "KVCache"] * 2
+    kvp = [t for t, _ in generate_tokens(pipe, prompt, mode="kvp", max_tokens=12)]
+    assert kvp == [t for t, _ in generate_tokens(pipe, prompt, mode="base", max_tokens=12)]
+
+
+def test_separate_aux_model_kvp_c(tmp_path):
+    """KVP-C: a smaller model of the same family, its own dims; bundle stores its config and all its weights."""
+    base = tiny_model("llama", num_hidden_layers=6)
+    small = tiny_model("llama", seed=3, hidden_size=32, num_hidden_layers=2, intermediate_size=48,
+                       num_attention_heads=2, num_key_value_heads=1)
+    lmap = smaller_model_map(2, 6)
+    bundle = new_bundle(base, small.model, aux_kind="separate", layer_map=lmap, aux_config=small.config)
+    assert bundle.predictor.key_transforms[0].weight.shape == (32, 16)  # base 2x16 <- aux 1x16
+    bundle.config.trained = True
+    save_bundle(tmp_path / "c", bundle, base=base, dtype=mx.float32)
+    loaded = load_bundle(tmp_path / "c", base)
+    prompt = mx.random.randint(0, 97, (20,), key=mx.random.key(7))
+    a = [t for t, _ in generate_tokens(Pipeline(base, bundle), prompt, mode="kvp", max_tokens=8)]
+    b = [t for t, _ in generate_tokens(Pipeline(base, loaded), prompt, mode="kvp", max_tokens=8)]
+    assert a == b
+
+
+class _Vocab:
+    def __init__(self, vocab):
+        self.vocab_size, self._vocab = len(vocab), vocab
+
+    def get_vocab(self):
+        return self._vocab
+
+
+def test_separate_aux_with_other_tokenizer_is_refused():
+    from mlx_kvpred.loading import LoadedModel, check_same_tokenizer
+
+    a = LoadedModel(None, _Vocab({"a": 0, "b": 1}), {}, "base-dir")
+    b = LoadedModel(None, _Vocab({"a": 0, "c": 1}), {}, "aux-dir")
+    with pytest.raises(KVPredError, match="aux-dir has a different tokenizer"):
+        check_same_tokenizer(a, b)
+    check_same_tokenizer(a, LoadedModel(None, _Vocab({"a": 0, "b": 1}), {}, "same"))
+
+
+def test_load_quantized_mlx_lm_dir_as_fp32_on_cpu(tmp_path):
+    """An mlx-lm model dir (here 4-bit quantized) loads through mlx-lm and is dequantized to fp32 on CPU."""
+    import mlx.nn as nn
+    from mlx_lm.utils import save_config, save_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlx_kvpred.loading import load_model
+
+    tiny = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    reference = tiny.model(mx.array([[1, 2, 3, 4]]))
+    nn.quantize(tiny.model, group_size=32, bits=8)
+    quantized_out = tiny.model(mx.array([[1, 2, 3, 4]]))
+    save_model(tmp_path, tiny.model)
+    save_config({**tiny.config, "quantization": {"group_size": 32, "bits": 8}}, tmp_path / "config.json")
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(97)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w1").save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    params = dict(tree_flatten(loaded.model.parameters()))
+    assert not any(k.endswith(".scales") for k in params)
+    assert all(v.dtype == mx.float32 for v in params.values())
+    out = loaded.model(mx.array([[1, 2, 3, 4]]))
+    assert mx.allclose(out, quantized_out, atol=1e-4).item()
+    assert mx.abs(out - reference).max().item() < 0.5  # 8-bit quantization error only
