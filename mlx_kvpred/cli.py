@@ -53,8 +53,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt file, or - to read stdin."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt text given inline."),
     model: Optional[str] = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo id "
-                                                   "[default: installed SmolLM2-135M-Instruct GGUF]."),
-    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir [default: the shipped bundle for the default model]."),
+                                                   "(default: installed SmolLM2-135M-Instruct GGUF)."),
+    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model)."),
     mode: str = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone), "
                                           "auto (kvp if a bundle is available, else base)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens."),
@@ -63,7 +63,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Apply the tokenizer's chat template (or feed raw text)."),
     system: Optional[str] = typer.Option(None, help="System message (with --chat)."),
-    device: Optional[str] = typer.Option(None, help="cpu or gpu [default: gpu if MLX has one, else cpu]."),
+    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
     allow_untrained: bool = typer.Option(False, help="Accept a bundle whose predictor was never trained."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt tokens, TTFT, TPOT, tokens/s, memory."),
 ):
@@ -194,20 +194,20 @@ def print_heldout(metrics, label: str) -> None:
 @app.command()
 def train(
     out: str = typer.Option(..., help="Bundle directory to write (checkpoints go under OUT/checkpoint)."),
-    model: Optional[str] = typer.Option(None, help="Base model [default: installed SmolLM2-135M-Instruct GGUF]."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
     aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12."),
     aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
-    layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer [default: CoreNet's]."),
+    layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer (default: CoreNet's)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
-                                                         "repeatable [default: Python stdlib + /usr/share/doc]."),
+                                                         "repeatable (default: Python stdlib + /usr/share/doc)."),
     seq_len: int = typer.Option(256, help="Training sequence length."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
     steps: int = typer.Option(600, help="Optimizer steps after the closed-form init."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
-    l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss [default: 1/n_base_layers]."),
+    l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
     max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
     eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
@@ -309,10 +309,10 @@ def train(
 
 @app.command("eval")
 def eval_cmd(
-    model: Optional[str] = typer.Option(None, help="Base model [default: installed SmolLM2-135M-Instruct GGUF]."),
-    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir [default: the shipped bundle]."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
+    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir (default: the shipped bundle)."),
     data: Optional[list[str]] = typer.Option(None, help="Text sources; their held-out split is used "
-                                                         "[default: the sources the bundle was trained on]."),
+                                                         "(default: the sources the bundle was trained on)."),
     prompt_len: int = typer.Option(256, help="Prompt tokens (predicted cache)."),
     cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt."),
     sequences: int = typer.Option(32, help="Held-out sequences."),
