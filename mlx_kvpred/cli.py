@@ -326,7 +326,7 @@ def eval_cmd(
 
     from rich.progress import Progress
 
-    from .data import default_sources
+    from .data import default_sources, tokenize_files
     from .evaluate import evaluate_heldout
     from .pipeline import load_pipeline
 
@@ -336,9 +336,14 @@ def eval_cmd(
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
     pipe = load_pipeline(model, kvp=bundle_dir, device="cpu", allow_untrained=allow_untrained)
-    sources = list(data) if data else pipe.bundle.config.training.get("data", {}).get("sources") or default_sources()
     n = 8 if quick else sequences
-    seqs, _ = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n)
+    recorded = [f for f in pipe.bundle.config.training.get("data", {}).get("heldout_files", []) if Path(f).is_file()]
+    if data is None and recorded:  # the exact held-out files of the bundle's training run
+        sources = recorded
+        seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n)
+    else:
+        sources = list(data) if data else default_sources()
+        seqs, _ = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n)
     with Progress(transient=True) as progress:
         task = progress.add_task("eval", total=len(seqs))
         metrics = evaluate_heldout(pipe, seqs, prompt_len=prompt_len, cont_len=cont_len,
@@ -348,7 +353,7 @@ def eval_cmd(
         from .bundle import atomic_write
 
         atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(json.dumps(
-            {"bundle": str(bundle_dir), "sources": sources, **asdict(metrics)}, indent=1)))
+            {"bundle": str(bundle_dir), "heldout_files": len(sources), **asdict(metrics)}, indent=1)))
 
 
 def main() -> None:

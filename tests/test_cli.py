@@ -83,3 +83,22 @@ def test_generate_streams_real_model():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "TTFT" in r.stderr and "TPOT" in r.stderr
+
+
+@needs_model
+@pytest.mark.parametrize("args, fragment", [
+    (["--aux-layers", "0,4,40"], "0..29"),
+    (["--aux-layers-keep", "0"], "--aux-layers-keep"),
+    (["--aux-layers-keep", "8", "--layer-map", "0,1,2"], "--layer-map has 3 entries"),
+    (["--aux-layers-keep", "8", "--data", "{tmp}/empty"], "no .txt"),
+    (["--aux-layers-keep", "8", "--data", "{tmp}/short"], "data too short"),
+    (["--aux-layers-keep", "8", "--data", "{tmp}/missing"], "missing"),
+    (["--aux-layers-keep", "8", "--resume"], "--resume"),
+])
+def test_train_bad_input(tmp_path, args, fragment):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short").mkdir()
+    for i in range(12):
+        (tmp_path / "short" / f"f{i}.txt").write_text("tiny file\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert_one_line_error(cli("train", "--out", str(tmp_path / "out"), "--steps", "1", *args), fragment)
