@@ -200,7 +200,7 @@ def train(
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
     layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer (default: CoreNet's)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
-                                                         "repeatable (default: Python stdlib + /usr/share/doc)."),
+                                                         "repeatable (default: Python lib dir + /usr/share/doc)."),
     seq_len: int = typer.Option(256, help="Training sequence length."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
     steps: int = typer.Option(600, help="Optimizer steps after the closed-form init."),

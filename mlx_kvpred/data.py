@@ -28,7 +28,8 @@ class TextSplit:
 
 
 def default_sources() -> list[str]:
-    """Text every fresh Debian/Python machine has: the Python stdlib sources and /usr/share/doc."""
+    """Text every Debian/Python machine has: Python's lib dir (the stdlib sources, and with them whatever
+    site-packages holds, so the data depends on what is installed) and /usr/share/doc."""
     return [sysconfig.get_paths()["stdlib"], "/usr/share/doc"]
 
 
