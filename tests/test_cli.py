@@ -102,3 +102,16 @@ def test_train_bad_input(tmp_path, args, fragment):
         (tmp_path / "short" / f"f{i}.txt").write_text("tiny file\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert_one_line_error(cli("train", "--out", str(tmp_path / "out"), "--steps", "1", *args), fragment)
+
+
+@needs_model
+def test_default_bundle_is_used_and_evaluates():
+    """The shipped trained bundle matches the default model, is picked by default, and `eval` scores it."""
+    r = cli("generate", "--text", "Name a color.", "--max-tokens", "8", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "mode: kvp" in r.stderr and "smollm2-135m-instruct-lp8" in r.stderr
+    r = cli("eval", "--quick", "--prompt-len", "64", "--cont-len", "16")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "kvp" in line and "│" in line)
+    agreement = float(row.split("│")[2])
+    assert 0.2 < agreement <= 1.0  # trained: far above the untrained aux-alone level (~0.03)
