@@ -76,8 +76,6 @@ def load_model(source: str | Path | None, *, device: str = "cpu") -> LoadedModel
     if source.endswith(".gguf"):
         from .gguf import load_gguf
 
-        if not Path(source).is_file():
-            raise KVPredError(f"model file not found: {source}")
         model, tokenizer, config = load_gguf(source, dtype=mx.float32 if device == "cpu" else None)
         return LoadedModel(model, tokenizer, config, source)
     path = Path(source)
@@ -130,13 +128,27 @@ def make_layer_pruned_aux(base: nn.Module, base_config: dict, kept_layers: list[
     Model, Args = model_class(cfg)
     aux = Model(Args.from_dict(cfg))
     # Quantized bases (GPU policy): give the aux the same module types before loading arrays.
-    base_params = dict(tree_flatten(base.parameters()))
-    if any(k.endswith(".scales") for k in base_params):
-        _match_quantization(aux, base)
     layer_prefix = _layers_prefix(base)
     new_index = {old: new for new, old in enumerate(kept_layers)}
+    old_index = dict(enumerate(kept_layers))
+
+    def base_name(aux_name: str) -> str:
+        """The base parameter/module name an aux one copies: layer indices mapped back."""
+        if not aux_name.startswith(layer_prefix):
+            return aux_name
+        idx, _, rest = aux_name[len(layer_prefix):].partition(".")
+        return f"{layer_prefix}{old_index[int(idx)]}" + (f".{rest}" if rest else "")
+
+    # Quantized bases (GPU policy): give each aux module its base twin's quantization before loading arrays.
+    quantized = {n: m for n, m in base.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    if quantized:
+        def predicate(path, _module):
+            twin = quantized.get(base_name(path))
+            return {"group_size": twin.group_size, "bits": twin.bits} if twin is not None else False
+
+        nn.quantize(aux, class_predicate=predicate)
     weights = []
-    for key, value in base_params.items():
+    for key, value in tree_flatten(base.parameters()):
         if key.startswith(layer_prefix):
             idx, rest = key[len(layer_prefix):].split(".", 1)
             if int(idx) in new_index:
@@ -155,14 +167,6 @@ def _layers_prefix(model: nn.Module) -> str:
         if module is first:
             return name.rsplit(".", 1)[0] + "."
     raise KVPredError("cannot locate the transformer layers in the model")
-
-
-def _match_quantization(aux: nn.Module, base: nn.Module) -> None:
-    q = [(name, m) for name, m in base.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-    if q:
-        _, m0 = q[0]
-        nn.quantize(aux, group_size=m0.group_size, bits=m0.bits,
-                    class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding)))
 
 
 def check_same_tokenizer(base: LoadedModel, aux: LoadedModel) -> None:

@@ -223,3 +223,15 @@ def test_load_quantized_mlx_lm_dir_as_fp32_on_cpu(tmp_path):
     out = loaded.model(mx.array([[1, 2, 3, 4]]))
     assert mx.allclose(out, quantized_out, atol=1e-4).item()
     assert mx.abs(out - reference).max().item() < 0.5  # 8-bit quantization error only
+
+
+def test_layer_pruned_aux_of_a_mixed_quantized_base():
+    """GPU policy keeps quantization: the aux copies each kept layer with its own bits (here 4 and 8)."""
+    import mlx.nn as nn
+
+    base = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    nn.quantize(base.model, class_predicate=lambda p, m: isinstance(m, (nn.Linear, nn.Embedding)) and
+                {"group_size": 32, "bits": 8 if ("embed" in p or "layers.2" in p) else 4})
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 2])
+    assert aux.layers[1].mlp.up_proj.bits == 8 and aux.layers[0].mlp.up_proj.bits == 4
+    assert mx.array_equal(aux.layers[1].mlp.up_proj.weight, base.model.layers[2].mlp.up_proj.weight).item()
