@@ -356,6 +356,84 @@ def eval_cmd(
             {"bundle": str(bundle_dir), "heldout_files": len(sources), **asdict(metrics)}, indent=1)))
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
+    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model)."),
+    aux_layers_keep: Optional[int] = typer.Option(None, help="Time an untrained in-memory KVP-LP aux of the first N "
+                                                             "base layers instead of a bundle (timing only)."),
+    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
+    prompt_lengths: str = typer.Option("128,256,512,1024,2048", help="Comma-separated prompt lengths."),
+    gen_tokens: int = typer.Option(16, help="Generated tokens per run (TPOT from tokens 2..N)."),
+    repeats: int = typer.Option(3, help="Timed runs per mode and length (medians reported)."),
+    warmup: int = typer.Option(1, help="Untimed runs first."),
+    batch_size: int = typer.Option(1, help="Batch size (only 1 is supported)."),
+    modes: str = typer.Option("base,kvp,aux,mlx-lm", help="Modes, interleaved per repeat."),
+    prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
+    plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
+    allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
+):
+    """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .bench.run import plot, run_bench
+    from .bundle import atomic_write, new_bundle
+    from .loading import default_device, make_layer_pruned_aux, set_device
+    from .pipeline import load_pipeline
+    from .predictor import layer_pruned_map
+
+    lengths = parse_int_list(prompt_lengths, "--prompt-lengths")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if batch_size != 1:
+        raise KVPredError("--batch-size: only 1 is supported (KV prediction of a batch is not implemented yet)")
+    if repeats < 1 or warmup < 0 or gen_tokens < 2:
+        raise KVPredError("--repeats must be >= 1, --warmup >= 0, --gen-tokens >= 2")
+    device = set_device(device or default_device())
+    bundle_dir = None if aux_layers_keep else resolve_bundle(kvp, model)
+    pipe = load_pipeline(model, kvp=bundle_dir, device=device, allow_untrained=allow_untrained or bool(aux_layers_keep))
+    label = str(bundle_dir) if bundle_dir else "-"
+    if aux_layers_keep:
+        n = len(pipe.base.model.layers)
+        if not 1 <= aux_layers_keep <= n:
+            raise KVPredError(f"--aux-layers-keep must be in 1..{n}")
+        kept = list(range(aux_layers_keep))
+        aux, _ = make_layer_pruned_aux(pipe.base.model, pipe.base.config, kept)
+        pipe.bundle = new_bundle(pipe.base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, n),
+                                 aux_layers=kept)
+        label = f"untrained LP aux of {aux_layers_keep} layers (timing only)"
+    tokens = None
+    if prompt_file:
+        import numpy as np
+
+        tokens = np.array(pipe.tokenizer.encode(read_prompt(prompt_file, None)), dtype=np.int32)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("bench", total=len(lengths) * len(mode_list) * (repeats + warmup))
+        result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
+                           gen_tokens=gen_tokens, prompt_tokens=tokens, progress=lambda: progress.advance(task))
+    result["environment"]["bundle_label"] = label
+    t = Table(title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
+    for col in ("mode", "prompt", "TTFT ms (min-max)", "TPOT ms", "prompt tok/s", "peak GB", "TTFT GFLOP",
+                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        ratio = r["speedup_measured"] / r["speedup_analytical"] if r["speedup_analytical"] else None
+        t.add_row(r["mode"], str(r["prompt_tokens"]),
+                  f"{r['ttft_median'] * 1e3:.0f} ({r['ttft_min'] * 1e3:.0f}-{r['ttft_max'] * 1e3:.0f})",
+                  f"{r['tpot_median'] * 1e3:.1f}", f"{r['prompt_tps']:.0f}", f"{r['peak_memory_gb']:.2f}",
+                  f"{r['ttft_flops'] / 1e9:.1f}", f"{r['speedup_measured']:.2f}x", f"{r['speedup_analytical']:.2f}x",
+                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}")
+    Console(width=max(Console().width, 150)).print(t)
+    if json_out:
+        atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    if plot_out:
+        plot(result, plot_out)
+
+
 def main() -> None:
     try:
         app()

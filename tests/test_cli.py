@@ -115,3 +115,15 @@ def test_default_bundle_is_used_and_evaluates():
     row = next(line for line in r.stdout.splitlines() if "kvp" in line and "│" in line)
     agreement = float(row.split("│")[2])
     assert 0.2 < agreement <= 1.0  # trained: far above the untrained aux-alone level (~0.03)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--modes", "base,turbo"], "--modes"),
+    (["--prompt-lengths", "12,x"], "--prompt-lengths"),
+    (["--batch-size", "4"], "--batch-size"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bench_bad_flags(args, fragment):
+    if GGUF is None and fragment == "--modes":
+        pytest.skip("needs the default model")
+    assert_one_line_error(cli("bench", *args), fragment)

@@ -1,0 +1,51 @@
+"""Analytical FLOPs to the first token, attention term included (DESIGN.md conventions).
+
+Per token and layer: 2 * (matmul weights of the layer) + 2 * context * d_attn (Kaplan et al.'s attention
+term, with d_attn = n_heads * head_dim). The LM head (2 * d_model * vocab) is counted once: only the last
+prompt position's logits are computed.
+"""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+
+from mlx_kvpred.attention import attention_of
+
+
+def linear_params(module: nn.Module) -> int:
+    """Weights of every (quantized) Linear inside `module`: what a token multiplies by."""
+    total = 0
+    for _, m in module.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            out_dim, packed = m.weight.shape
+            total += out_dim * packed * 32 // m.bits
+        elif isinstance(m, nn.Linear):
+            total += m.weight.size
+    return total
+
+
+def d_attn(layer: nn.Module) -> int:
+    attn = attention_of(layer)
+    head_dim = getattr(attn, "head_dim", None) or attn.q_proj.weight.shape[0] // attn.n_heads
+    return attn.n_heads * head_dim
+
+
+def layers_flops(layers, tokens: int, context: int) -> int:
+    """FLOPs for `tokens` tokens through `layers`, attending to `context` positions."""
+    return sum(tokens * (2 * linear_params(layer) + 2 * context * d_attn(layer)) for layer in layers)
+
+
+def lm_head_flops(config: dict) -> int:
+    d_model = config.get("hidden_size") or config.get("model_dim")
+    return 2 * d_model * config["vocab_size"]
+
+
+def base_ttft_flops(base: nn.Module, config: dict, n: int) -> int:
+    """Plain prefill of n prompt tokens, logits for the last one."""
+    return layers_flops(base.layers, n, n) + lm_head_flops(config)
+
+
+def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.Module, n: int) -> int:
+    """Aux over n-1 tokens (no LM head), predictor over n-1 tokens, base over the last token attending to n."""
+    return (layers_flops(aux.layers, n - 1, n - 1) + (n - 1) * 2 * linear_params(predictor)
+            + layers_flops(base.layers, 1, n) + lm_head_flops(config))

@@ -1,0 +1,142 @@
+"""TTFT / TPOT / memory benchmark of modes base, kvp, aux and mlx-lm's own generate_step, interleaved."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.pipeline import Pipeline, generate_tokens
+
+from .flops import base_ttft_flops, kvp_ttft_flops
+
+MODES = ("base", "kvp", "aux", "mlx-lm")
+
+
+def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int):
+    if mode == "mlx-lm":
+        return generate_step(prompt, pipe.base.model, max_tokens=gen_tokens)
+    return generate_tokens(pipe, prompt, mode=mode, max_tokens=gen_tokens)
+
+
+def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int) -> dict:
+    """TTFT: call to first token (evaluated); TPOT: mean time of the following tokens."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    ttft, stamps = None, []
+    for token, _ in token_stream(pipe, mode, prompt, gen_tokens):
+        now = time.perf_counter()
+        if ttft is None:
+            ttft = now - tic
+        stamps.append(now)
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    return {"ttft": ttft, "tpot": tpot, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+def environment(pipe: Pipeline) -> dict:
+    import mlx_lm
+
+    import mlx_kvpred
+    from mlx_kvpred import blas
+
+    st = blas.load_fast_blas()
+    dtypes = sorted({str(v.dtype) for _, v in tree_flatten(pipe.base.model.parameters())})
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "kvpred_mlx": mlx_kvpred.__version__,
+            "blas": st.path or st.source, "device": pipe.device, "dtypes": dtypes, "threads": os.cpu_count(),
+            "cpu": cpu, "platform": platform.platform(), "model": pipe.base.source,
+            "bundle": str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None,
+            "bundle_trained": bool(pipe.bundle and pipe.bundle.config.trained)}
+
+
+def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: int = 3, warmup: int = 1,
+              gen_tokens: int = 16, prompt_tokens: np.ndarray | None = None, seed: int = 0,
+              progress: Callable[[], None] | None = None) -> dict:
+    """Per prompt length, every mode run `warmup + repeats` times, interleaved (base, kvp, ..., base, ...)."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    if any(m in ("kvp", "aux") for m in modes) and pipe.bundle is None:
+        raise KVPredError("--modes kvp/aux need a KVP bundle (--kvp DIR or --aux-layers-keep N)")
+    limit = pipe.context_length
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        if n < 2 or (limit and n + gen_tokens > limit):
+            raise KVPredError(f"--prompt-lengths: {n} does not fit (2 .. {limit} - gen tokens)")
+        if prompt_tokens is not None:
+            if len(prompt_tokens) < n:
+                raise KVPredError(f"--prompt-file has {len(prompt_tokens)} tokens, {n} asked for")
+            prompt = mx.array(prompt_tokens[:n])
+        else:
+            prompt = mx.array(rng.integers(0, pipe.base.config["vocab_size"], n).astype(np.int32))
+        runs = {m: [] for m in modes}
+        for r in range(warmup + repeats):
+            for m in modes:
+                result = time_one(pipe, m, prompt, gen_tokens)
+                if r >= warmup:
+                    runs[m].append(result)
+                if progress:
+                    progress()
+        flops = {"base": base_ttft_flops(pipe.base.model, pipe.base.config, n)}
+        if pipe.bundle is not None:
+            flops["kvp"] = kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux,
+                                          pipe.bundle.predictor, n)
+            flops["aux"] = base_ttft_flops(pipe.bundle.aux, pipe.base.config, n)
+        flops["mlx-lm"] = flops["base"]
+        for m in modes:
+            ttfts = [x["ttft"] for x in runs[m]]
+            tpot = statistics.median(x["tpot"] for x in runs[m])
+            rows.append({"mode": m, "prompt_tokens": n, "ttft_median": statistics.median(ttfts),
+                         "ttft_min": min(ttfts), "ttft_max": max(ttfts), "tpot_median": tpot,
+                         "prompt_tps": n / statistics.median(ttfts), "decode_tps": 1 / tpot if tpot else None,
+                         "peak_memory_gb": max(x["peak_memory_gb"] for x in runs[m]),
+                         "ttft_flops": flops[m], "ttft_all": ttfts})
+    add_speedups(rows)
+    return {"environment": environment(pipe), "settings": {"repeats": repeats, "warmup": warmup,
+            "gen_tokens": gen_tokens, "prompt": "file" if prompt_tokens is not None else "random tokens"},
+            "rows": rows}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Next to each row: measured and analytical TTFT speedup over base at the same length."""
+    base = {r["prompt_tokens"]: r for r in rows if r["mode"] == "base"}
+    for r in rows:
+        b = base.get(r["prompt_tokens"])
+        r["speedup_measured"] = b["ttft_median"] / r["ttft_median"] if b else None
+        r["speedup_analytical"] = b["ttft_flops"] / r["ttft_flops"] if b else None
+        r["tpot_vs_base"] = r["tpot_median"] / b["tpot_median"] if b else None
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in dict.fromkeys(r["mode"] for r in rows):
+        pts = [(r["prompt_tokens"], r["ttft_median"]) for r in rows if r["mode"] == m]
+        a.plot(*zip(*pts), marker="o", label=m)
+    a.set(xlabel="prompt tokens", ylabel="TTFT (s, median)", title="time to first token", xscale="log", yscale="log")
+    a.legend()
+    kvp = [r for r in rows if r["mode"] == "kvp"]
+    if kvp:
+        x = [r["prompt_tokens"] for r in kvp]
+        b.plot(x, [r["speedup_measured"] for r in kvp], marker="o", label="measured")
+        b.plot(x, [r["speedup_analytical"] for r in kvp], marker="s", ls="--", label="analytical (FLOPs)")
+        b.set(xlabel="prompt tokens", ylabel="kvp TTFT speedup over base", xscale="log", title="kvp speedup")
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,61 @@
+"""Bench: FLOPs formulas against hand-computed values, JSON schema, a smoke run on a tiny model, bad flags."""
+
+import json
+
+import pytest
+
+from conftest import tiny_model
+from mlx_kvpred.bench.flops import base_ttft_flops, kvp_ttft_flops, linear_params
+from mlx_kvpred.bench.run import run_bench
+from mlx_kvpred.bundle import new_bundle
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.loading import make_layer_pruned_aux
+from mlx_kvpred.pipeline import Pipeline
+
+# tiny llama: d=64, 4 heads x 16, 2 kv heads x 16, ffn 96, vocab 97, 4 layers
+PER_LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 96  # q, k, v, o, gate/up/down = 30720
+HEAD = 2 * 64 * 97
+
+
+def tiny_pipeline():
+    base = tiny_model("llama")
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0])
+    return Pipeline(base, new_bundle(base, aux, aux_kind="layer_pruned", layer_map=[0] * 4, aux_layers=[0]))
+
+
+def test_flops_by_hand():
+    pipe = tiny_pipeline()
+    assert linear_params(pipe.base.model.layers[0]) == PER_LAYER
+    n = 10
+    assert base_ttft_flops(pipe.base.model, pipe.base.config, n) == 4 * n * (2 * PER_LAYER + 2 * n * 64) + HEAD
+    predictor = 4 * 2 * 32 * 32  # K and V maps 32 -> 32 per base layer (bias not counted)
+    expected = ((n - 1) * (2 * PER_LAYER + 2 * (n - 1) * 64) + (n - 1) * 2 * predictor
+                + 4 * (2 * PER_LAYER + 2 * n * 64) + HEAD)
+    assert kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux, pipe.bundle.predictor, n) == expected
+
+
+def test_smoke_run_and_json_schema():
+    result = run_bench(tiny_pipeline(), lengths=[16, 32], modes=["base", "kvp", "aux", "mlx-lm"], repeats=1,
+                       warmup=0, gen_tokens=3)
+    json.dumps(result)  # serializable
+    assert {"mlx", "mlx_lm", "kvpred_mlx", "blas", "device", "dtypes", "threads"} <= result["environment"].keys()
+    rows = result["rows"]
+    assert len(rows) == 8
+    for r in rows:
+        for key in ("ttft_median", "ttft_min", "ttft_max", "tpot_median", "prompt_tps", "peak_memory_gb",
+                    "ttft_flops", "speedup_measured", "speedup_analytical"):
+            assert isinstance(r[key], (int, float)) and r[key] > 0, key
+    base16 = next(r for r in rows if r["mode"] == "base" and r["prompt_tokens"] == 16)
+    assert base16["speedup_analytical"] == 1.0
+    kvp32 = next(r for r in rows if r["mode"] == "kvp" and r["prompt_tokens"] == 32)
+    assert kvp32["speedup_analytical"] > 1.5  # 1 of 4 layers prefills
+
+
+def test_bad_modes_and_lengths():
+    pipe = tiny_pipeline()
+    with pytest.raises(KVPredError, match="unknown"):
+        run_bench(pipe, lengths=[16], modes=["fast"], repeats=1, warmup=0)
+    with pytest.raises(KVPredError, match="does not fit"):
+        run_bench(pipe, lengths=[100000], modes=["base"], repeats=1, warmup=0)
+    with pytest.raises(KVPredError, match="need a KVP bundle"):
+        run_bench(Pipeline(pipe.base, None), lengths=[16], modes=["kvp"], repeats=1, warmup=0)
