@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,6 +13,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import KVPredError
+
+if TYPE_CHECKING:  # importing mlx_lm.tokenizer_utils pulls in transformers (seconds): only when used
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_NAMES = {
@@ -21,15 +25,18 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-
-# GGUF value types (id -> struct format; 8 = string, 9 = array) and tensor types we read (id -> (block, bytes)).
+# GGUF value types (id -> struct format; 8 = string, 9 = array) and tensor types we read
+# (id -> (name, weights per block, bytes per block)). MLX unpacks the Q types to groups of 32.
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _TENSOR_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}
+_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+_GROUP_SIZE = 32
 
 
-def check_gguf_file(path: Path) -> None:
-    """Parse the GGUF header in Python and check every tensor lies inside the file, so a truncated or
-    foreign file gets a clear error (MLX's reader can crash the process on such input)."""
+def check_gguf_file(path: Path) -> dict[str, str]:
+    """Parse the GGUF header in Python, check every tensor lies inside the file and has a type we read, so a
+    truncated or foreign file gets a clear error (MLX's reader can crash the process on such input).
+    Returns {tensor name without ".weight": GGUF type name}."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         def read(fmt: str):
@@ -76,7 +83,7 @@ def check_gguf_file(path: Path) -> None:
             value = skip_value(vtype)
             if key == "general.alignment" and isinstance(value, int) and value > 0:
                 alignment = value
-        end = 0
+        end, types = 0, {}
         for _ in range(n_tensors):
             name, n_dims = read_str(), read("I")
             if n_dims > 8:
@@ -86,11 +93,15 @@ def check_gguf_file(path: Path) -> None:
             if ttype not in _TENSOR_TYPES:
                 raise KVPredError(f"{path}: tensor {name} has GGUF type {ttype}; supported: "
                                   + ", ".join(t[0] for t in _TENSOR_TYPES.values()))
-            _, block, nbytes = _TENSOR_TYPES[ttype]
+            tname, block, nbytes = _TENSOR_TYPES[ttype]
+            if count % block:
+                raise KVPredError(f"{path}: tensor {name} ({tname}) has {count} values, not whole blocks of {block}")
             end = max(end, offset + count // block * nbytes)
+            types[name.removesuffix(".weight")] = tname
         data_start = -(-fh.tell() // alignment) * alignment
     if data_start + end > size:
         raise KVPredError(f"{path}: truncated GGUF file ({size} bytes, tensors need {data_start + end})")
+    return types
 
 
 def default_gguf_path() -> Path | None:
@@ -103,21 +114,30 @@ def default_gguf_path() -> Path | None:
 
 
 def _meta(meta: dict, key: str, path, default=None):
+    """A metadata value as a Python scalar/str/list (float32 values unrounded: 1e-5 reads 9.9999997e-06; the
+    shipped bundle's config_hash was made that way)."""
     if key not in meta:
         if default is not None:
             return default
         raise KVPredError(f"{path}: GGUF metadata has no {key}")
     value = meta[key]
-    return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
+    if isinstance(value, mx.array) and value.ndim == 0:
+        return value.item()
+    return value
 
 
 def gguf_config(meta: dict, path) -> dict:
+    """The mlx-lm llama config from `llama.*` metadata (vocab_size and tie_word_embeddings come from tensors)."""
     arch = _meta(meta, "general.architecture", path)
     if arch != "llama":
         raise KVPredError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
     g = lambda k, d=None: _meta(meta, f"llama.{k}", path, d)  # noqa: E731
-    n_heads = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
+    n_heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    head_dim = int(g("attention.key_length", hidden // n_heads))
+    if int(g("rope.dimension_count", head_dim)) != head_dim:
+        raise KVPredError(f"{path}: partial rotary embeddings (rope.dimension_count != head dim) are not supported")
+    if str(g("rope.scaling.type", "none")) != "none":
+        raise KVPredError(f"{path}: RoPE scaling {g('rope.scaling.type')!r} is not supported")
     return {
         "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": int(g("block_count")),
         "intermediate_size": int(g("feed_forward_length")), "num_attention_heads": n_heads,
@@ -127,89 +147,134 @@ def gguf_config(meta: dict, path) -> dict:
         "rope_theta": float(g("rope.freq_base", 10000.0)),
         "rope_traditional": True,  # llama.cpp permutes q/k rows; traditional RoPE matches that layout
         "max_position_embeddings": int(g("context_length", 2048)),
-        "head_dim": int(g("rope.dimension_count", hidden // n_heads)),
+        "head_dim": head_dim,
     }
 
 
-def _dequantize(weights: dict, name: str) -> mx.array:
-    """A GGUF tensor as a float array: mx.load gives Q4_0/Q4_1/Q8_0 as packed uint32 + scales + biases."""
-    w = weights[f"{name}.weight"]
-    if f"{name}.scales" not in weights:
-        return w
-    scales, biases = weights[f"{name}.scales"], weights[f"{name}.biases"]
-    group_size = 32  # the block size of every GGUF Q4/Q8 type MLX reads
-    return mx.dequantize(w, scales, biases, group_size=group_size, bits=_bits(weights, name))
-
-
-def _bits(weights: dict, name: str) -> int:
-    """Bits per weight of a packed tensor: uint32 words per row * 32 / (groups per row * 32 weights)."""
-    return weights[f"{name}.weight"].shape[-1] * 32 // (weights[f"{name}.scales"].shape[-1] * 32)
-
-
-def _mlx_name(name: str) -> str:
+def _mlx_name(name: str, path) -> str:
+    """llama.cpp tensor name (no ".weight") -> mlx-lm llama module path."""
     parts = name.split(".")
-    if parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    if parts[0] in _TOP_NAMES and len(parts) == 1:
+    if len(parts) == 1 and parts[0] in _TOP_NAMES:
         return _TOP_NAMES[parts[0]]
-    raise KVPredError(f"unexpected GGUF tensor {name}")
+    raise KVPredError(f"{path}: GGUF tensor {name} is not part of a plain llama model (not supported)")
 
 
-def build_tokenizer(meta: dict, path):
+def _gguf_name(mlx_name: str) -> str:
+    """mlx-lm parameter path -> the llama.cpp tensor name it is loaded from (for error messages)."""
+    module, param = mlx_name.rsplit(".", 1)
+    for short, long in _TOP_NAMES.items():
+        if module == long:
+            return f"{short}.{param}"
+    parts = module.split(".", 3)  # model, layers, N, rest
+    short = {v: k for k, v in _LAYER_NAMES.items()}.get(parts[-1], parts[-1])
+    return f"blk.{parts[2]}.{short}.{param}" if len(parts) == 4 else mlx_name
+
+
+def _bits(weights: dict, name: str, kind: str | None, path) -> int:
+    """Bits of a packed tensor, from its GGUF type (else the shapes), checked against the shapes mx.load gave:
+    a row of n weights is n * bits / 32 uint32 words and n / 32 scales."""
+    words, groups = weights[f"{name}.weight"].shape[-1], weights[f"{name}.scales"].shape[-1]
+    bits = _QUANT_BITS.get(kind) or words // max(groups, 1)
+    if words * 32 != groups * _GROUP_SIZE * bits or f"{name}.biases" not in weights:
+        raise KVPredError(f"{path}: tensor {name} ({kind}) is packed unexpectedly "
+                          f"({words} words, {groups} groups per row)")
+    return bits
+
+
+def build_tokenizer(meta: dict, path) -> TokenizerWrapper:
     """An mlx-lm TokenizerWrapper around a HF fast tokenizer made from the GGUF vocab/merges/special tokens."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = _meta(meta, "tokenizer.ggml.model", path)
     if kind != "gpt2":
         raise KVPredError(f"{path}: GGUF tokenizer {kind!r} is not supported (gpt2-style BPE only)")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tokens = list(_meta(meta, "tokenizer.ggml.tokens", path))
+    merges = [tuple(m.split(" ", 1)) for m in _meta(meta, "tokenizer.ggml.merges", path)]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are special: matched whole, never split by BPE.
     types = np.array(meta["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in meta else np.zeros(0)
-    special = [tokens[i] for i in np.where(types == 3)[0]]
-    ids = {k: _meta(meta, f"tokenizer.ggml.{k}_token_id", path, -1) for k in ("bos", "eos", "unk", "padding")}
+    special = [tokens[i] for i in np.flatnonzero(types == 3)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+
+    ids = {k: int(_meta(meta, f"tokenizer.ggml.{k}_token_id", path, -1)) for k in ("bos", "eos", "unk", "padding")}
     name = lambda k: tokens[ids[k]] if 0 <= ids[k] < len(tokens) else None  # noqa: E731
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=name("bos"), eos_token=name("eos"),
-                                 unk_token=name("unk"), pad_token=name("padding"),
-                                 additional_special_tokens=special)
+    # add_bos/add_eos: what `encode(text)` (add_special_tokens=True) puts around the text.
+    add_bos = bool(_meta(meta, "tokenizer.ggml.add_bos_token", path, False)) and name("bos") is not None
+    add_eos = bool(_meta(meta, "tokenizer.ggml.add_eos_token", path, False)) and name("eos") is not None
+    if add_bos or add_eos:
+        def seq(x: str, type_id: int) -> list[str]:
+            return ([f"{name('bos')}:{type_id}"] if add_bos else []) + [f"${x}:{type_id}"] \
+                + ([f"{name('eos')}:{type_id}"] if add_eos else [])
+        tok.post_processor = processors.TemplateProcessing(
+            single=seq("A", 0), pair=seq("A", 0) + seq("B", 1),
+            special_tokens=[(name(k), ids[k]) for k, on in (("bos", add_bos), ("eos", add_eos)) if on])
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=name("bos"), eos_token=name("eos"), unk_token=name("unk"),
+        pad_token=name("padding"), clean_up_tokenization_spaces=False)  # context length: checked by check_prompt
     if "tokenizer.chat_template" in meta:
-        hf.chat_template = meta["tokenizer.chat_template"]
-    return TokenizerWrapper(hf)
+        hf.chat_template = _meta(meta, "tokenizer.chat_template", path)
+    # Generation stops at eos and at end-of-turn/message tokens (<|im_end|> is SmolLM2's eos).
+    stop = {int(_meta(meta, f"tokenizer.ggml.{k}_token_id", path, -1)) for k in ("eos", "eot", "eom")}
+    return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=sorted(i for i in stop if i >= 0))
 
 
-def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple[nn.Module, object, dict]:
+def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple[nn.Module, TokenizerWrapper, dict]:
     """(model, tokenizer, config) from a llama GGUF. `dtype` given: dequantize everything to it (the CPU
-    policy); None: keep quantized tensors as QuantizedLinear/QuantizedEmbedding (the GPU policy)."""
+    policy); None: keep Q4_0/Q4_1/Q8_0 tensors as QuantizedLinear/QuantizedEmbedding (the GPU policy)."""
     from mlx_lm.models import llama
 
     path = Path(path)
     if not path.is_file():
         raise KVPredError(f"model file not found: {path}")
-    check_gguf_file(path)
+    types = check_gguf_file(path)
     try:
         weights, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError for truncated or foreign files
         raise KVPredError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else e})") from e
     config = gguf_config(meta, path)
     names = sorted({k.rsplit(".", 1)[0] for k in weights})
+    mlx_names = {n: _mlx_name(n, path) for n in names}
+    if "token_embd" in names:  # the embedding's rows are the model's vocab (the token list may differ)
+        config["vocab_size"] = weights["token_embd.weight"].shape[0]
     config["tie_word_embeddings"] = "output" not in names
     model = llama.Model(llama.ModelArgs.from_dict(config))
+
+    quantized = {n for n in names if f"{n}.scales" in weights}
     if dtype is None:
-        bits = {_mlx_name(n): _bits(weights, n) for n in names if f"{n}.scales" in weights}
-        nn.quantize(model, class_predicate=lambda p, m: {"group_size": 32, "bits": bits[p]} if p in bits else False)
-        loaded = [(f"{_mlx_name(k.rsplit('.', 1)[0])}.{k.rsplit('.', 1)[1]}", v) for k, v in weights.items()]
+        bits = {mlx_names[n]: _bits(weights, n, types.get(n), path) for n in quantized}
+        # Only the modules stored quantized become QuantizedLinear/QuantizedEmbedding, each with its own bits.
+        nn.quantize(model, class_predicate=lambda p, _: p in bits and {"group_size": _GROUP_SIZE, "bits": bits[p]})
+        loaded = [(f"{mlx_names[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}", v) for k, v in weights.items()]
     else:
-        loaded = [(f"{_mlx_name(n)}.weight", _dequantize(weights, n).astype(dtype)) for n in names]
+        def value(n: str) -> mx.array:
+            if n not in quantized:
+                return weights[f"{n}.weight"].astype(dtype)
+            w, s, b = (weights[f"{n}.{p}"] for p in ("weight", "scales", "biases"))
+            bits = _bits(weights, n, types.get(n), path)
+            # fp32 scales: mx.dequantize computes in the scales' dtype (even with dtype=fp32), and fp16
+            # arithmetic rounds every weight; llama.cpp dequantizes in fp32. Also ~2x faster on CPU.
+            f32 = mx.float32
+            return mx.dequantize(w, s.astype(f32), b.astype(f32), group_size=_GROUP_SIZE, bits=bits).astype(dtype)
+        loaded = [(f"{mlx_names[n]}.weight", value(n)) for n in names]
+
     expected = {k for k, _ in tree_flatten(model.parameters())}
     missing = sorted(expected - {k for k, _ in loaded})
     if missing:
-        raise KVPredError(f"{path}: GGUF is missing tensors {missing[:4]}{'...' if len(missing) > 4 else ''}")
-    model.load_weights(loaded, strict=False)
+        missing = [_gguf_name(k) for k in missing]
+        raise KVPredError(f"{path}: GGUF is missing tensors {', '.join(missing[:4])}"
+                          f"{f' (and {len(missing) - 4} more)' if len(missing) > 4 else ''}")
+    try:
+        model.load_weights(loaded, strict=True)
+    except ValueError as e:  # a shape that does not fit the config
+        raise KVPredError(f"{path}: tensors do not match the llama config ({str(e).splitlines()[0]})") from e
     mx.eval(model.parameters())
     model.eval()
     return model, build_tokenizer(meta, path), config
