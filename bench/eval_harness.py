@@ -1,0 +1,304 @@
+"""Accuracy vs time to first token: the harness behind `kvpred-mlx eval`.
+
+Modes: base, kvp (one per bundle), aux alone (one per bundle). Tasks:
+- heldout:   mlx_kvpred.evaluate.evaluate_heldout (top-1 agreement with the base's true-cache predictions,
+             first-token agreement, NLL), teacher-forced on held-out text.
+- genagree:  greedy continuation of N tokens from held-out prompts; length of the exact-match prefix with
+             base mode's continuation (the base's EOS ends the reference: matching through it is a full match).
+- humaneval: greedy pass@1 on HumanEval (bench/eval_humaneval.py).
+Cost per mode: analytical TTFT FLOPs at the eval prompt length (bench/flops.py, attention term included) and
+measured TTFT (median over runs of generate_tokens to the first token, modes interleaved per run).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_kvpred.bundle import Bundle, atomic_write
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.evaluate import evaluate_heldout
+from mlx_kvpred.loading import LoadedModel
+from mlx_kvpred.pipeline import Pipeline, generate_tokens
+
+from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
+from .flops import base_ttft_flops, kvp_ttft_flops
+
+TASKS = ("heldout", "genagree", "humaneval")
+SCHEMA = "kvpred-mlx-eval/1"
+# The accuracy each task puts on the Pareto plot: (key in the task's dict, axis label).
+ACCURACY = {"heldout": ("agreement", "held-out top-1 agreement with base"),
+            "genagree": ("mean_prefix", "greedy exact-match prefix with base (mean tokens)"),
+            "humaneval": ("pass_at_1", "HumanEval pass@1 (greedy)")}
+
+Progress = Callable[[str, int], Callable[[], None]]  # (description, total) -> advance()
+
+
+def parse_tasks(value: str) -> list[str]:
+    tasks = [t.strip().lower() for t in value.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        what = f"unknown {', '.join(map(repr, bad))}" if bad else "no task given"
+        raise KVPredError(f"--tasks: {what}; choose from {', '.join(TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+@dataclass
+class ModeSpec:
+    name: str  # table/plot label: "base", "kvp", "aux", or "kvp (label)" with several bundles
+    mode: str  # base | kvp | aux
+    bundle: str | None  # bundle label
+    pipe: Pipeline
+
+
+def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
+    """Directory names, or full paths where names collide."""
+    names = [Path(p).name or str(p) for p in paths]
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
+
+
+def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with_aux: bool = True) -> list[ModeSpec]:
+    specs = [ModeSpec("base", "base", None, Pipeline(base, bundles[0][1] if bundles else None))]
+    several = len(bundles) > 1
+    for label, bundle in bundles:
+        pipe = Pipeline(base, bundle)
+        for mode in ("kvp", "aux") if with_aux else ("kvp",):
+            specs.append(ModeSpec(f"{mode} ({label})" if several else mode, mode, label, pipe))
+    return specs
+
+
+# ---- genagree ---------------------------------------------------------------------------------------------
+
+def prefix_match(reference: Sequence[int], other: Sequence[int]) -> int:
+    """Number of leading tokens of `other` equal to `reference`."""
+    n = 0
+    for a, b in zip(reference, other):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def agreement_prefix(reference: Sequence[int], other: Sequence[int], n: int, eos: set[int] | frozenset = frozenset()) -> int:
+    """Exact-match prefix length of a greedy continuation with the base's, out of `n`. The reference ends at its
+    first EOS (generation would stop there): matching it through that EOS counts as a full match, n."""
+    ref = list(reference[:n])
+    cut = next((i for i, t in enumerate(ref) if t in eos), None)
+    if cut is not None:
+        ref = ref[:cut + 1]
+    m = prefix_match(ref, other)
+    return n if m == len(ref) else m
+
+
+def greedy(pipe: Pipeline, prompt: mx.array, mode: str, n: int) -> list[int]:
+    return [t for t, _ in generate_tokens(pipe, prompt, mode=mode, max_tokens=n)]
+
+
+def summarize_prefixes(prefixes: list[int], n: int) -> dict:
+    return {"tokens": n, "mean_prefix": float(np.mean(prefixes)), "median_prefix": float(np.median(prefixes)),
+            "full_match_rate": float(np.mean([p == n for p in prefixes])), "prefixes": [int(p) for p in prefixes]}
+
+
+# ---- cost ---------------------------------------------------------------------------------------------------
+
+def ttft_flops(spec: ModeSpec, n: int) -> int:
+    base = spec.pipe.base
+    if spec.mode == "base":
+        return base_ttft_flops(base.model, base.config, n)
+    b = spec.pipe.bundle
+    if spec.mode == "kvp":
+        return kvp_ttft_flops(base.model, base.config, b.aux, b.predictor, n)
+    return base_ttft_flops(b.aux, b.config.aux_config or base.config, n)  # aux alone, with its own LM head
+
+
+def time_first_token(pipe: Pipeline, mode: str, prompt: mx.array) -> float:
+    """Seconds from the call to the first token (evaluated), as `kvpred-mlx bench` measures TTFT."""
+    mx.clear_cache()
+    tic = time.perf_counter()
+    gen = generate_tokens(pipe, prompt, mode=mode, max_tokens=1)
+    next(gen)
+    elapsed = time.perf_counter() - tic
+    gen.close()
+    return elapsed
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+def _noop(_desc: str, _total: int) -> Callable[[], None]:
+    return lambda: None
+
+
+def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks: Sequence[str],
+             sequences: np.ndarray | None = None, prompt_len: int = 256, cont_len: int = 64, gen_tokens: int = 64,
+             problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
+             with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
+             seed: int = 0) -> dict:
+    """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA)."""
+    progress = progress or _noop
+    if not bundles:
+        raise KVPredError("eval needs at least one KVP bundle (--kvp DIR)")
+    tasks = parse_tasks(",".join(tasks))
+    if ("heldout" in tasks or "genagree" in tasks) and sequences is None:
+        raise KVPredError("tasks heldout/genagree need held-out sequences")
+    if "humaneval" in tasks and not problems:
+        raise KVPredError("task humaneval needs HumanEval problems")
+    limit = Pipeline(base).context_length
+    if limit and prompt_len + max(cont_len, gen_tokens) > limit:
+        raise KVPredError(f"--prompt-len {prompt_len} + continuation does not fit the model's context ({limit})")
+    if sequences is not None and sequences.shape[1] < prompt_len + cont_len:
+        raise KVPredError(f"held-out sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
+    specs = mode_specs(base, bundles, with_aux=with_aux)
+    rows = {s.name: {"name": s.name, "mode": s.mode, "bundle": s.bundle} for s in specs}
+    eos = set(getattr(base.tokenizer, "eos_token_ids", None) or []) if base.tokenizer is not None else set()
+
+    # cost: analytical FLOPs and measured TTFT at the eval prompt length, modes interleaved per run
+    if sequences is not None:
+        ttft_prompt = mx.array(sequences[0][:prompt_len])
+    else:
+        ttft_prompt = mx.array(np.random.default_rng(seed).integers(0, base.config["vocab_size"], prompt_len)
+                               .astype(np.int32))
+    times = {s.name: [] for s in specs}
+    advance = progress("TTFT", len(specs) * (ttft_repeats + ttft_warmup))
+    for r in range(ttft_warmup + ttft_repeats):
+        for s in specs:
+            t = time_first_token(s.pipe, s.mode, ttft_prompt)
+            if r >= ttft_warmup:
+                times[s.name].append(t)
+            advance()
+    for s in specs:
+        row = rows[s.name]
+        row["ttft_flops"] = ttft_flops(s, prompt_len)
+        row["ttft_s"] = statistics.median(times[s.name])
+        row["ttft_all"] = times[s.name]
+
+    if "heldout" in tasks:
+        advance = progress("held-out", len(bundles) * len(sequences))
+        for i, (label, bundle) in enumerate(bundles):
+            m = evaluate_heldout(Pipeline(base, bundle), sequences, prompt_len=prompt_len, cont_len=cont_len,
+                                 with_aux=with_aux, progress=advance)
+            if i == 0:
+                rows["base"]["heldout"] = {"agreement": 1.0, "first_token_agreement": 1.0, "nll": m.nll_base}
+            for s in specs:
+                if s.bundle != label:
+                    continue
+                if s.mode == "kvp":
+                    rows[s.name]["heldout"] = {"agreement": m.agreement, "first_token_agreement":
+                                               m.first_token_agreement, "nll": m.nll_kvp}
+                elif s.mode == "aux":
+                    rows[s.name]["heldout"] = {"agreement": m.aux_agreement, "first_token_agreement": None,
+                                               "nll": m.nll_aux}
+
+    if "genagree" in tasks:
+        prompts = [mx.array(seq[:prompt_len]) for seq in sequences]
+        advance = progress("genagree", len(specs) * len(prompts))
+        base_spec = specs[0]
+        reference = []
+        for p in prompts:
+            reference.append(greedy(base_spec.pipe, p, "base", gen_tokens))
+            advance()
+        rows["base"]["genagree"] = summarize_prefixes([gen_tokens] * len(prompts), gen_tokens)
+        for s in specs[1:]:
+            prefixes = []
+            for p, ref in zip(prompts, reference):
+                prefixes.append(agreement_prefix(ref, greedy(s.pipe, p, s.mode, gen_tokens), gen_tokens, eos))
+                advance()
+            rows[s.name]["genagree"] = summarize_prefixes(prefixes, gen_tokens)
+
+    if "humaneval" in tasks:
+        advance = progress("HumanEval", len(specs) * len(problems))
+        for s in specs:
+            rows[s.name]["humaneval"] = run_humaneval(s.pipe, problems, mode=s.mode, max_tokens=max_tokens,
+                                                      timeout=humaneval_timeout, progress=advance)
+
+    base_row = rows["base"]
+    for row in rows.values():
+        row["speedup_analytical"] = base_row["ttft_flops"] / row["ttft_flops"]
+        row["speedup_measured"] = base_row["ttft_s"] / row["ttft_s"]
+    from .run import environment
+
+    env = environment(specs[0].pipe)
+    env.pop("bundle", None)
+    env.pop("bundle_trained", None)
+    return {
+        "schema": SCHEMA,
+        "environment": env,
+        "settings": {"tasks": list(tasks), "prompt_len": prompt_len, "cont_len": cont_len,
+                     "heldout_sequences": 0 if sequences is None else int(len(sequences)),
+                     "gen_tokens": gen_tokens, "humaneval_problems": len(problems or []),
+                     "humaneval_max_tokens": max_tokens, "humaneval_timeout_s": humaneval_timeout,
+                     "ttft_repeats": ttft_repeats, "ttft_warmup": ttft_warmup, "ttft_prompt_tokens": prompt_len,
+                     "ttft_prompt": "held-out text" if sequences is not None else "random tokens"},
+        "bundles": [{"label": label, "path": str(b.path) if b.path else None, "trained": b.config.trained,
+                     "aux_kind": b.config.aux_kind, "aux_layers": b.config.aux_layers,
+                     "steps": b.config.training.get("steps_done")} for label, b in bundles],
+        "modes": list(rows.values()),
+    }
+
+
+# ---- output ---------------------------------------------------------------------------------------------------
+
+def write_json(result: dict, path: str | Path) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def print_table(result: dict, console=None) -> None:
+    """One row per mode. The first two columns stay mode | held-out top-1 agreement when heldout is run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tasks = result["settings"]["tasks"]
+    s = result["settings"]
+    parts = []
+    if "heldout" in tasks:
+        parts.append(f"held-out {s['heldout_sequences']} x ({s['prompt_len']}+{s['cont_len']})")
+    if "genagree" in tasks:
+        parts.append(f"greedy agreement {s['heldout_sequences']} x {s['gen_tokens']} tokens")
+    if "humaneval" in tasks:
+        parts.append(f"HumanEval {s['humaneval_problems']} problems")
+    labels = ", ".join(b["path"] or b["label"] for b in result["bundles"])
+    t = Table(title=f"eval: {'; '.join(parts)}; TTFT at {s['prompt_len']} tokens, median of {s['ttft_repeats']} "
+                    f"- {labels}")
+    cols = ["mode"]
+    if "heldout" in tasks:
+        cols += ["top-1 agree", "first-token agree", "NLL"]
+    if "genagree" in tasks:
+        cols += ["prefix mean", "prefix median", "full match"]
+    if "humaneval" in tasks:
+        cols += ["HumanEval pass@1"]
+    cols += ["TTFT GFLOP", "TTFT ms", "speedup FLOPs", "speedup meas."]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for row in result["modes"]:
+        cells = [row["name"]]
+        if "heldout" in tasks:
+            h = row.get("heldout", {})
+            cells += [_f(h.get("agreement"), ".3f"), _f(h.get("first_token_agreement"), ".3f"), _f(h.get("nll"), ".3f")]
+        if "genagree" in tasks:
+            g = row.get("genagree", {})
+            cells += [_f(g.get("mean_prefix"), ".1f"), _f(g.get("median_prefix"), ".1f"),
+                      _f(g.get("full_match_rate"), ".2f")]
+        if "humaneval" in tasks:
+            h = row.get("humaneval")
+            cells += [f"{h['pass_at_1']:.3f} ({h['passed']}/{h['problems']})" if h else ""]
+        cells += [f"{row['ttft_flops'] / 1e9:.3g}", f"{row['ttft_s'] * 1e3:.0f}",
+                  f"{row['speedup_analytical']:.2f}x", f"{row['speedup_measured']:.2f}x"]
+        t.add_row(*cells)
+    (console or Console(width=max(Console().width, 160))).print(t)
+
+
+def summary(result: dict) -> dict:
+    """{mode name: {task: accuracy}} - the numbers on the Pareto plot."""
+    return {row["name"]: {task: row[task][key] for task, (key, _) in ACCURACY.items() if task in row}
+            for row in result["modes"]}
+
