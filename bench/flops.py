@@ -21,12 +21,15 @@ def linear_params(module: nn.Module) -> int:
             total += out_dim * packed * 32 // m.bits
         elif isinstance(m, nn.Linear):
             total += m.weight.size
+        elif "lora_a" in m:  # mlx-lm's LoRALinear: its wrapped Linear is counted above, plus the two factors
+            total += m.lora_a.size + m.lora_b.size
     return total
 
 
 def d_attn(layer: nn.Module) -> int:
     attn = attention_of(layer)
-    head_dim = getattr(attn, "head_dim", None) or attn.q_proj.weight.shape[0] // attn.n_heads
+    q_proj = attn.q_proj.linear if "linear" in attn.q_proj else attn.q_proj  # plain or LoRA-wrapped
+    head_dim = getattr(attn, "head_dim", None) or q_proj.weight.shape[0] // attn.n_heads
     return attn.n_heads * head_dim
 
 

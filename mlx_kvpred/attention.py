@@ -34,6 +34,8 @@ def _fused(attn: nn.Module) -> bool:
 
 
 def _out_dim(proj: nn.Module) -> int:
+    if "linear" in proj:  # mlx-lm's LoRALinear (an aux with LoRA factors)
+        proj = proj.linear
     return proj.weight.shape[0]  # also right for QuantizedLinear (packed along the input dim)
 
 

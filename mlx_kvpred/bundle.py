@@ -17,10 +17,11 @@ from mlx.utils import tree_flatten
 from .attention import kv_dims
 from .errors import KVPredError
 from .loading import LoadedModel, config_fingerprint, make_layer_pruned_aux, model_class
+from .lora import add_aux_lora, is_lora_param
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: aux_lora (a bundle without it is still written as version 1)
 CONFIG_FILE = "kvp_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -34,10 +35,11 @@ class BundleConfig:
     base: dict  # reference, config_hash, num_layers, vocab_size, fingerprint
     aux_layers: list[int] | None = None  # KVP-LP: the base layers the aux keeps
     aux_config: dict | None = None  # KVP-C: the aux model's mlx-lm config
+    aux_lora: dict | None = None  # KVP-LP: {"rank", "scale"}: LoRA factors on every aux layer's linears
     trained: bool = False
     training: dict = field(default_factory=dict)  # steps, data split, losses, command ...
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
 
 
 @dataclass
@@ -110,10 +112,12 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
         if base is None:
             raise ValueError("saving a layer-pruned bundle needs the base model to diff against")
         reference = dict(tree_flatten(build_aux(bundle.config, base).parameters()))
-        aux_params = [(k, v) for k, v in aux_params if k not in reference or not mx.array_equal(reference[k], v).item()]
+        aux_params = [(k, v) for k, v in aux_params if k not in reference or is_lora_param(k)
+                      or not mx.array_equal(reference[k], v).item()]
     weights.update({f"aux.{k}": v for k, v in aux_params})
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
+    bundle.config.format_version = 2 if bundle.config.aux_lora else 1  # readable by older versions when it can be
     path = Path(path)  # weights first: a config never points at weights that are not there
     atomic_write(path / WEIGHTS_FILE, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(bundle.config), indent=1)))
@@ -149,8 +153,12 @@ def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
     """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random)."""
     if cfg.aux_kind == "layer_pruned":
         aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
+        if cfg.aux_lora:
+            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]))
         return aux
     if cfg.aux_kind == "separate":
+        if cfg.aux_lora:
+            raise KVPredError("aux_lora is only for layer-pruned aux models (a separate aux stores all its weights)")
         Model, Args = model_class(cfg.aux_config)
         return Model(Args.from_dict(cfg.aux_config))
     raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
@@ -192,6 +200,11 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
              for k, v in weights.items() if k.startswith("aux.")]
     _load_named(predictor, pred_w, strict=True, where=f"{path / WEIGHTS_FILE} (predictor)")
     _load_named(aux, aux_w, strict=cfg.aux_kind == "separate", where=f"{path / WEIGHTS_FILE} (aux)")
+    stored = {k for k, _ in aux_w}
+    no_lora = [k for k, _ in tree_flatten(aux.parameters()) if is_lora_param(k) and k not in stored]
+    if no_lora:
+        raise KVPredError(f"{path / WEIGHTS_FILE} (aux): missing LoRA factors {no_lora[:4]}"
+                          f"{'...' if len(no_lora) > 4 else ''}")
     mx.eval(predictor.parameters(), aux.parameters())
     aux.eval()
     return Bundle(cfg, aux, predictor, path)

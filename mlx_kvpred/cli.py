@@ -209,6 +209,9 @@ def train(
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
+    aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on every aux linear "
+                                              "(0: the aux stays the base's frozen layers)."),
+    aux_lora_scale: float = typer.Option(0.5, help="LoRA output scale (with Adam: the LoRA step size vs --lr)."),
     max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
     eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
     eval_sequences: int = typer.Option(8, help="Held-out sequences per eval (256+64 tokens each)."),
@@ -225,7 +228,7 @@ def train(
     from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
     from .pipeline import Pipeline
     from .predictor import layer_pruned_map, smaller_model_map, spread_layers
-    from .train import CHECKPOINT_DIR, TrainConfig, train as run_training
+    from .train import CHECKPOINT_DIR, TrainConfig, enable_aux_lora, train as run_training
 
     specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None]
     if sum(specs) != 1:
@@ -233,6 +236,8 @@ def train(
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
+    if aux_lora_rank < 0 or (aux_lora_rank and aux_model is not None):
+        raise KVPredError("--aux-lora-rank must be >= 0, and is for layer-pruned aux models only (not --aux-model)")
     if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
         raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
     set_device("cpu")
@@ -256,6 +261,8 @@ def train(
     if len(lmap) != n_base:
         raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
     bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
+    if aux_lora_rank:
+        enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 
     sources = list(data) if data else default_sources()
     split = split_files(collect_files(sources))
@@ -267,6 +274,7 @@ def train(
           f"{len(split.heldout_files)} held-out files", file=sys.stderr)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
                       ce_weight=ce_weight, l1_weight=l1_weight, ridge_sequences=ridge_sequences,
+                      aux_lora_rank=aux_lora_rank, aux_lora_scale=aux_lora_scale,
                       eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
 
     def evaluate(b):
@@ -305,6 +313,34 @@ def train(
         e = state.evals[-1]
         print(f"held-out: agreement {e['agreement']:.3f}, first-token {e['first_token_agreement']:.3f}, "
               f"NLL kvp {e['nll_kvp']:.3f} vs base {e['nll_base']:.3f}", file=sys.stderr)
+
+
+@app.command("chat-data")
+def chat_data(
+    out: str = typer.Option(..., help="Directory for the .jsonl shards (pass it to `train --data`)."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
+    count: int = typer.Option(256, help="Conversations to write (instruction x topic prompts, seeded)."),
+    max_tokens: int = typer.Option(256, help="Maximum answer tokens."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0),
+):
+    """Training text the base writes itself: its chat answers to varied prompts (resumes at the next shard)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .loading import load_model, set_device
+    from .selfdata import generate_chat_data
+
+    if count < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise KVPredError("--count and --max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    set_device("cpu")
+    base = load_model(model, device="cpu")
+    columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns) as progress:
+        task = progress.add_task("", total=count)
+        shards = generate_chat_data(base, out, count=count, max_tokens=max_tokens, temperature=temperature,
+                                    top_p=top_p, seed=seed, progress=lambda n: progress.advance(task, n))
+    print(f"wrote {count} conversations in {len(shards)} shards under {out}", file=sys.stderr)
 
 
 @app.command("eval")

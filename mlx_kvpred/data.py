@@ -9,7 +9,6 @@ import json
 import os
 import sysconfig
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
 
 from .pipeline import Pipeline, predict_cache
 

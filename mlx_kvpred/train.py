@@ -1,8 +1,9 @@
 """Train a KV predictor on-device: closed-form (ridge) init, then distillation with the base attending to
 predicted K/V at every position (KL to the base's true-cache logits) + L1 K/V consistency (+ optional CE).
 
-The base is frozen. The aux is frozen too (its layers are the base's own): only the predictor trains, which
-keeps the shipped bundle small. Checkpoints are atomic; `resume` continues after a kill -9.
+The base is frozen. The aux is frozen too (its layers are the base's own), unless it carries LoRA factors
+(`aux_lora_rank`): then those train with the predictor, and the bundle stores only the factors.
+Checkpoints are atomic; `resume` continues after a kill -9.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from .attention import tap_kv
 from .bundle import Bundle, atomic_write, save_bundle
 from .errors import KVPredError
 from .loading import LoadedModel
+from .lora import add_aux_lora
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -42,6 +44,8 @@ class TrainConfig:
     l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (paper's best)
     ridge_sequences: int = 64  # sequences for the closed-form init; 0 starts from zero weights
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
+    aux_lora_rank: int = 0  # > 0: train LoRA factors of this rank on every aux linear (KVP-LP only)
+    aux_lora_scale: float = 0.5  # LoRA output scale; under Adam it sets the LoRA step size relative to lr
     eval_every: int = 100
     checkpoint_every: int = 25
     seed: int = 0
@@ -145,30 +149,64 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     return np.array(idx)
 
 
-def _save_checkpoint(out: Path, predictor: nn.Module, opt: optim.Optimizer, state: TrainState) -> None:
+class Trainable(nn.Module):
+    """What the optimizer updates: the predictor, and the aux's LoRA factors when it has them."""
+
+    def __init__(self, predictor: nn.Module, aux: nn.Module | None = None):
+        super().__init__()
+        self.predictor = predictor
+        if aux is not None:
+            self.aux = aux
+
+
+# Options a resumed run must share with the run it continues (the rest, e.g. steps or eval_every, may change).
+RESUME_FIXED = ("batch_size", "seq_len", "aux_lora_rank", "aux_lora_scale", "seed")
+
+
+def _save_checkpoint(out: Path, trainable: Trainable, opt: optim.Optimizer, state: TrainState,
+                     cfg: TrainConfig) -> None:
     ckpt = out / CHECKPOINT_DIR
     name = f"step-{state.step:07d}.safetensors"
-    arrays = {f"predictor.{k}": v for k, v in tree_flatten(predictor.parameters())}
+    arrays = dict(tree_flatten(trainable.trainable_parameters()))
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)})
     atomic_write(ckpt / name, lambda tmp: mx.save_safetensors(tmp, arrays))
-    atomic_write(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps({**asdict(state), "weights": name})))
+    atomic_write(ckpt / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {**asdict(state), "weights": name, "config": asdict(cfg)})))
     for old in ckpt.glob("step-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def _load_checkpoint(out: Path, predictor: nn.Module, opt: optim.Optimizer) -> TrainState:
+def _load_checkpoint(out: Path, trainable: Trainable, opt: optim.Optimizer, cfg: TrainConfig) -> TrainState:
     ckpt = out / CHECKPOINT_DIR
     try:
         raw = json.loads((ckpt / "state.json").read_text())
         arrays = mx.load(str(ckpt / raw.pop("weights")))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise KVPredError(f"--resume: no usable checkpoint in {ckpt} ({e})") from e
-    predictor.load_weights([(k[len("predictor."):], v) for k, v in arrays.items() if k.startswith("predictor.")])
-    opt_state = [(k[len("optimizer."):], v) for k, v in arrays.items() if k.startswith("optimizer.")]
-    opt.init(predictor.trainable_parameters())
-    if opt_state:
-        opt.state.update(tree_unflatten(opt_state))
+    saved = raw.pop("config", None) or {}
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != asdict(cfg)[k]]
+    if changed:
+        raise KVPredError(f"--resume: {ckpt} was trained with different options: "
+                          + ", ".join(f"{k}={saved[k]} (now {asdict(cfg)[k]})" for k in changed))
+    have = dict(tree_flatten(trainable.trainable_parameters()))
+    weights = [(k, v) for k, v in arrays.items() if not k.startswith("optimizer.")]
+    if {k for k, _ in weights} != set(have):
+        raise KVPredError(f"--resume: {ckpt} holds other trainable weights than this run "
+                          "(a different aux, layer map or --aux-lora-rank?)")
+    trainable.load_weights(weights, strict=False)  # the frozen rest is the base's
+
+    def state_name(k: str) -> str:  # checkpoints before aux LoRA kept predictor optimizer state at the top level
+        return f"predictor.{k}" if k.startswith(("key_transforms.", "value_transforms.")) else k
+
+    opt_state = [(state_name(k[len("optimizer."):]), v) for k, v in arrays.items() if k.startswith("optimizer.")]
+    opt.init(trainable.trainable_parameters())
+    for name, value in opt_state:  # set leaf by leaf: the state tree also holds empty containers
+        *path, leaf = name.split(".")
+        node = opt.state
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
     return TrainState(**raw)
 
 
@@ -182,13 +220,19 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         raise KVPredError("no training sequences")
     model = base.model
     model.freeze()
-    bundle.aux.freeze()
     predictor = bundle.predictor
+    lora = cfg.aux_lora_rank > 0
+    if lora != bool(bundle.config.aux_lora):
+        raise ValueError("aux_lora_rank needs a bundle made with enable_aux_lora (and only then)")
+    bundle.aux.freeze()
+    if lora:
+        bundle.aux.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    trainable = Trainable(predictor, bundle.aux if lora else None)
     l1_weight = cfg.l1_weight if cfg.l1_weight is not None else 1.0 / len(model.layers)
     opt = optim.AdamW(learning_rate=cfg.lr, betas=[0.9, 0.95], weight_decay=cfg.weight_decay)
     state = TrainState()
     if resume:
-        state = _load_checkpoint(out, predictor, opt)
+        state = _load_checkpoint(out, trainable, opt, cfg)
     elif cfg.ridge_sequences:
         rng = np.random.default_rng(cfg.seed)
         pick = train_seqs[rng.permutation(len(train_seqs))[:cfg.ridge_sequences]]
@@ -196,19 +240,23 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
                    if on_step else None)
         state.ridge_done = True
 
-    loss_and_grad = nn.value_and_grad(
-        predictor, lambda *a: distill_loss(predictor, model, *a, cfg=cfg, l1_weight=l1_weight)[0])
+    def loss_fn(tokens, ak, av, tl, tk, tv):
+        if lora:  # the aux's K/V depend on the trained factors: computed under the gradient
+            ak, av = aux_kv(bundle.aux, tokens)
+        return distill_loss(predictor, model, tokens, ak, av, tl, tk, tv, cfg=cfg, l1_weight=l1_weight)[0]
+
+    loss_and_grad = nn.value_and_grad(trainable, loss_fn)
     last_good = state.step
     while state.step < cfg.steps:
         tic = time.perf_counter()
         tokens = mx.array(train_seqs[batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)])
-        ak, av = aux_kv(bundle.aux, tokens)
+        ak, av = ([], []) if lora else aux_kv(bundle.aux, tokens)
         tl, tk, tv = base_targets(model, tokens)
         mx.eval(ak, av, tl, tk, tv)
         opt.learning_rate = lr_at(state.step, cfg)
         loss, grads = loss_and_grad(tokens, ak, av, tl, tk, tv)
-        opt.update(predictor, grads)
-        mx.eval(loss, predictor.parameters(), opt.state)
+        opt.update(trainable, grads)
+        mx.eval(loss, trainable.trainable_parameters(), opt.state)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise KVPredError(f"non-finite loss at step {state.step + 1}; stopped, the last good checkpoint "
@@ -224,11 +272,19 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             finish_bundle(bundle, base, cfg, state, metadata)
             save_bundle(out, bundle, base=base)
-            _save_checkpoint(out, predictor, opt, state)
+            _save_checkpoint(out, trainable, opt, state, cfg)
             last_good = state.step
         if on_step:
             on_step(state, row)
     return state
+
+
+def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float) -> None:
+    """Give a KVP-LP bundle's aux trainable LoRA factors (B = 0: the aux is unchanged until trained)."""
+    if bundle.config.aux_kind != "layer_pruned":
+        raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
+    add_aux_lora(bundle.aux, rank=rank, scale=scale)
+    bundle.config.aux_lora = {"rank": rank, "scale": scale}
 
 
 def finish_bundle(bundle: Bundle, base: LoadedModel, cfg: TrainConfig, state: TrainState, metadata: dict | None) -> None:

@@ -2,9 +2,12 @@
 
 import mlx_kvpred  # noqa: F401  (fast BLAS before mlx)
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from mlx_kvpred.loading import LoadedModel, model_class
 
@@ -36,3 +39,19 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> LoadedModel:
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny(request) -> LoadedModel:
     return tiny_model(request.param)
+
+
+def cli(*args, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`kvpred-mlx ARGS` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, input=stdin, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input: exit code 2 and one `error: ...` line on stderr, no traceback, naming each fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

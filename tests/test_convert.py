@@ -430,7 +430,11 @@ CORENET_MAP = [0, 0, 1, 1, 2]  # KVP-C rule max(i // 2, i - (5 - 3))
 @pytest.fixture(scope="module")
 def corenet_setup(tmp_path_factory):
     """A CoreNet KVPredictionLLM checkpoint of tiny OpenELMs (per-layer heads, q/k norms), its YAML, a tokenizer."""
-    d = tmp_path_factory.mktemp("corenet")
+    return write_corenet_checkpoint(tmp_path_factory.mktemp("corenet"))
+
+
+def write_corenet_checkpoint(d: Path) -> dict:
+    """kvp.pt (aux, base, predictor in CoreNet names), kvp.yaml and a tokenizer dir under `d`, with the models."""
     aux = make_openelm(1, q_heads=AUX_Q, kv_heads=AUX_KV, inter=AUX_FFN)
     base = make_openelm(2, q_heads=BASE_Q, kv_heads=BASE_KV, inter=BASE_FFN)
     pred = make_predictor(3, aux, base, CORENET_MAP)
@@ -438,8 +442,8 @@ def corenet_setup(tmp_path_factory):
     sd.update({f"base.{k}": v for k, v in corenet_state_dict(base).items()})
     sd.update(predictor_state_dict(pred))
     torch.save(sd, d / "kvp.pt")
-    return dict(dir=d, ckpt=d / "kvp.pt", yaml=corenet_yaml(d / "kvp.yaml", CORENET_MAP), aux=aux, base=base,
-                pred=pred, tok=write_tokenizer(d / "tok"))
+    return dict(dir=d, sd=sd, ckpt=d / "kvp.pt", yaml=corenet_yaml(d / "kvp.yaml", CORENET_MAP), aux=aux,
+                base=base, pred=pred, tok=write_tokenizer(d / "tok"))
 
 
 def test_corenet_checkpoint_with_base_out(corenet_setup, tmp_path):

@@ -11,23 +11,15 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="converter tests need PyTorch: pip install torch==2.13.0")
 
-from test_convert import (CORENET_MAP, AUX_FFN, AUX_KV, AUX_Q, BASE_FFN, BASE_KV, BASE_Q,  # noqa: E402
-                          corenet_state_dict, corenet_yaml, hf_llama_config, hf_llama_state_dict, make_llama,
-                          make_openelm, make_predictor, openelm_hf_config, predictor_state_dict, write_mlx_lm_dir,
-                          write_tokenizer)
+from test_convert import (BASE_FFN, BASE_KV, BASE_Q, corenet_state_dict, hf_llama_config,  # noqa: E402
+                          hf_llama_state_dict, make_llama, make_openelm, make_predictor, openelm_hf_config,
+                          predictor_state_dict, write_corenet_checkpoint, write_mlx_lm_dir)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("convert-errors")
-    aux = make_openelm(1, q_heads=AUX_Q, kv_heads=AUX_KV, inter=AUX_FFN)
-    base = make_openelm(2, q_heads=BASE_Q, kv_heads=BASE_KV, inter=BASE_FFN)
-    pred = make_predictor(3, aux, base, CORENET_MAP)
-    sd = {f"auxiliary.{k}": v for k, v in corenet_state_dict(aux).items()}
-    sd.update({f"base.{k}": v for k, v in corenet_state_dict(base).items()})
-    sd.update(predictor_state_dict(pred))
-    torch.save(sd, d / "kvp.pt")
-    tok = write_tokenizer(d / "tok")
+    made = write_corenet_checkpoint(tmp_path_factory.mktemp("convert-errors"))
+    d, sd, base, tok = made["dir"], made["sd"], made["base"], made["tok"]
     base_dir = write_mlx_lm_dir(d / "base", openelm_hf_config(base),
                                 {f"transformer.{k}": v for k, v in corenet_state_dict(base).items()}, tok)
     other = make_openelm(9, q_heads=BASE_Q, kv_heads=BASE_KV, inter=BASE_FFN)  # same shapes, other weights
@@ -40,7 +32,7 @@ def files(tmp_path_factory):
     (d / "laux" / "config.json").write_text(json.dumps(hf_llama_config(laux)))
     lpred = make_predictor(5, laux, base, [0, 0, 0, 1, 1])
     torch.save(predictor_state_dict(lpred, ""), d / "lpred.pt")
-    return dict(dir=d, sd=sd, ckpt=d / "kvp.pt", yaml=corenet_yaml(d / "kvp.yaml", CORENET_MAP), base=base_dir,
+    return dict(dir=d, sd=sd, ckpt=d / "kvp.pt", yaml=made["yaml"], base=base_dir,
                 other=other_dir, tok=tok, laux=d / "laux", lpred=d / "lpred.pt",
                 lpred_sd=predictor_state_dict(lpred, ""))
 

@@ -2,13 +2,11 @@
 prefix metric, JSON schema + Pareto plot on a tiny random model, bad flags; a real-model CLI smoke run."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import assert_one_line_error, cli, tiny_model
 from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks, prefix_match, run_eval,
                                            summary, write_json)
 from mlx_kvpred.bench.eval_humaneval import (check_completions, continue_prompt, humaneval_available,
@@ -175,20 +173,6 @@ def test_run_eval_needs_inputs():
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
 
 @pytest.mark.parametrize("args, fragment", [
     (["--tasks", "heldout,bogus"], "--tasks: unknown 'bogus'"),

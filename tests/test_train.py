@@ -1,7 +1,6 @@
 """Training on tiny random models: it learns, checkpoints atomically, resumes after kill -9, fails cleanly."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,41 +28,46 @@ import numpy as np
 from conftest import tiny_model
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.loading import make_layer_pruned_aux
-from mlx_kvpred.train import TrainConfig, train
+from mlx_kvpred.train import TrainConfig, enable_aux_lora, train
 base = tiny_model("llama", num_hidden_layers=4)
 aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 2])
 bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=[0, 0, 1, 1], aux_layers=[0, 2])
+rank = int(sys.argv[4])
+if rank:
+    enable_aux_lora(bundle, rank=rank, scale=1.0)
 seqs = np.random.default_rng(0).integers(0, 97, (10, 32)).astype(np.int32)
 kill_at = int(sys.argv[2])
 def on_step(state, row):
     if state.step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-cfg = TrainConfig(steps=12, seq_len=32, ridge_sequences=4, checkpoint_every=3, eval_every=100, lr=3e-3)
+cfg = TrainConfig(steps=12, seq_len=32, ridge_sequences=4, checkpoint_every=3, eval_every=100, lr=3e-3,
+                  aux_lora_rank=rank, aux_lora_scale=1.0)
 train(base, bundle, seqs, cfg, sys.argv[1], resume=sys.argv[3] == "resume", on_step=on_step)
 """
 
 
-def run_script(out, kill_at, mode):
-    return subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(TESTS)), str(out), str(kill_at), mode],
-                          capture_output=True, text=True, timeout=300)
+def run_script(out, kill_at, mode, rank=0):
+    return subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(TESTS)), str(out), str(kill_at), mode,
+                           str(rank)], capture_output=True, text=True, timeout=300)
 
 
 def predictor_weights(out):
     return mx.load(str(Path(out) / "model.safetensors"))
 
 
-def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
-    straight = run_script(tmp_path / "a", -1, "fresh")
+@pytest.mark.parametrize("rank", [0, 2], ids=["predictor", "predictor+aux-lora"])
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, rank):
+    straight = run_script(tmp_path / "a", -1, "fresh", rank)
     assert straight.returncode == 0, straight.stderr
-    killed = run_script(tmp_path / "b", 8, "fresh")  # checkpoints at 3 and 6, killed at 8
+    killed = run_script(tmp_path / "b", 8, "fresh", rank)  # checkpoints at 3 and 6, killed at 8
     assert killed.returncode == -signal.SIGKILL
     state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 6
     assert not list((tmp_path / "b").glob(".*"))  # no temp files left behind by atomic writes
-    resumed = run_script(tmp_path / "b", -1, "resume")
+    resumed = run_script(tmp_path / "b", -1, "resume", rank)
     assert resumed.returncode == 0, resumed.stderr
     a, b = predictor_weights(tmp_path / "a"), predictor_weights(tmp_path / "b")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and any("lora_b" in k for k in a) == bool(rank)
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-3).item(), k  # fp16 on disk
     final = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
@@ -113,3 +117,75 @@ def test_schedule_and_data_order_are_deterministic():
     seen = np.concatenate([batch_indices(s, 10, 2, seed=3) for s in range(5)])
     assert sorted(seen) == list(range(10))  # one epoch = a permutation
     assert (batch_indices(7, 10, 2, seed=3) == batch_indices(7, 10, 2, seed=3)).all()
+
+
+def lora_bundle(base, kept, rank=2):
+    from mlx_kvpred.train import enable_aux_lora
+
+    aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, len(base.model.layers)),
+                        aux_layers=kept)
+    enable_aux_lora(bundle, rank=rank, scale=1.0)
+    return bundle
+
+
+def test_aux_lora_trains_factors_only_and_round_trips(tmp_path):
+    """With --aux-lora-rank the aux's LoRA factors train with the predictor; the base's arrays (shared by the
+    aux) stay untouched, the bundle stores only factors + predictor, and loading it gives the trained aux."""
+    base = tiny_model("llama", num_hidden_layers=4)
+    before = {k: mx.array(v) for k, v in tree_flatten(base.model.parameters())}
+    bundle = lora_bundle(base, [0, 2])
+    seqs = np.random.default_rng(0).integers(0, 97, (8, 32)).astype(np.int32)
+    cfg = TrainConfig(steps=20, seq_len=32, ridge_sequences=4, checkpoint_every=10, lr=3e-3, batch_size=4,
+                      aux_lora_rank=2, aux_lora_scale=1.0)
+    tokens = mx.array(seqs)
+    tl, tk, tv = base_targets(base.model, tokens)
+
+    def kl():
+        ak, av = aux_kv(bundle.aux, tokens)
+        return distill_loss(bundle.predictor, base.model, tokens, ak, av, tl, tk, tv, cfg=cfg,
+                            l1_weight=0.0)[1]["kl"].item()
+
+    ridge_init(bundle, base.model, seqs[:4])
+    after_ridge = kl()
+    train(base, bundle, seqs, cfg, tmp_path / "b")
+    assert kl() < 0.7 * after_ridge
+    for k, v in tree_flatten(base.model.parameters()):
+        assert mx.array_equal(v, before[k]).item(), k
+    lora_b = [v for k, v in tree_flatten(bundle.aux.parameters()) if k.endswith("lora_b")]
+    assert len(lora_b) == 2 * 7 and any(mx.abs(b).max().item() > 0 for b in lora_b)  # 7 linears per llama layer
+
+    stored = mx.load(str(tmp_path / "b" / "model.safetensors"))
+    aux_keys = [k for k in stored if k.startswith("aux.")]
+    assert aux_keys and all(k.endswith((".lora_a", ".lora_b")) for k in aux_keys), aux_keys
+    saved_cfg = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
+    assert saved_cfg["aux_lora"] == {"rank": 2, "scale": 1.0} and saved_cfg["format_version"] == 2
+    loaded = load_bundle(tmp_path / "b", base)
+    (k1, v1), (k2, v2) = aux_kv(bundle.aux, tokens), aux_kv(loaded.aux, tokens)
+    for a, b in zip(k1 + v1, k2 + v2):
+        assert mx.allclose(a, b, atol=2e-2, rtol=2e-2).item()  # fp16 factors on disk
+    broken = tmp_path / "broken"  # a bundle without its factors is refused
+    broken.mkdir()
+    (broken / "kvp_config.json").write_text(json.dumps(saved_cfg))
+    mx.save_safetensors(str(broken / "model.safetensors"), {k: v for k, v in stored.items() if "lora_a" not in k})
+    with pytest.raises(KVPredError, match="missing LoRA factors"):
+        load_bundle(broken, base)
+
+
+def test_resume_refuses_other_options(tmp_path):
+    base = tiny_model("llama")
+    seqs = np.random.default_rng(0).integers(0, 97, (6, 16)).astype(np.int32)
+    bundle = lora_bundle(base, [0, 2])
+    cfg = TrainConfig(steps=2, seq_len=16, ridge_sequences=0, checkpoint_every=2, aux_lora_rank=2, aux_lora_scale=1.0)
+    train(base, bundle, seqs, cfg, tmp_path / "b")
+    other = TrainConfig(steps=4, seq_len=16, ridge_sequences=0, checkpoint_every=2, aux_lora_rank=2, aux_lora_scale=0.5)
+    with pytest.raises(KVPredError, match="aux_lora_scale=1.0 \\(now 0.5\\)"):
+        train(base, lora_bundle(base, [0, 2]), seqs, other, tmp_path / "b", resume=True)
+    plain = TrainConfig(steps=4, seq_len=16, ridge_sequences=0, checkpoint_every=2)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 2])
+    no_lora = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=[0, 0, 1, 1], aux_layers=[0, 2])
+    with pytest.raises(KVPredError, match="aux_lora_rank=2 \\(now 0\\)"):
+        train(base, no_lora, seqs, plain, tmp_path / "b", resume=True)
+    resumed = train(base, lora_bundle(base, [0, 2]), seqs, TrainConfig(**{**cfg.__dict__, "steps": 4}), tmp_path / "b",
+                    resume=True)
+    assert resumed.step == 4

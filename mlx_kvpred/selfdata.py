@@ -1,0 +1,102 @@
+"""Training text the base model writes itself: chat answers to varied prompts, sampled in batches.
+
+Its own chat-formatted answers are the text the runtime sees in `generate` (chat template on), and they match
+the base's own distribution, which file text on a fresh machine (code, docs) does not. Shards of
+`SHARD_SIZE` conversations are written atomically as .jsonl (`{"text": ...}` per line), so an interrupted
+run resumes at the next missing shard and the train/held-out split by file gets shards on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .bundle import atomic_write
+from .errors import KVPredError
+from .loading import LoadedModel
+
+SHARD_SIZE = 16  # conversations per .jsonl file
+INSTRUCTIONS = (
+    "Explain {t} to a beginner.", "Write a short story about {t}.", "What are the pros and cons of {t}?",
+    "Give me three facts about {t}.", "Write a Python function related to {t}, with a docstring.",
+    "Summarize the history of {t} in a paragraph.", "Write a haiku about {t}.", "How does {t} work?",
+    "Compare {t} with something similar.", "Write an email to a friend about {t}.",
+    "List five questions a student might ask about {t}, and answer one.", "What is a common mistake with {t}?",
+    "Describe {t} in simple words.", "Write a dialogue between two people discussing {t}.",
+    "Give step-by-step instructions involving {t}.", "Why is {t} important?",
+    "Write a product description for something inspired by {t}.", "Tell me a joke about {t}.",
+    "Write a short poem about {t}.", "What would a scientist say about {t}?",
+    "Write Python code that uses {t} and explain it.", "What is the difference between {t} and a list?",
+    "Give a real-world example of {t}.", "Write a tweet about {t}.",
+)
+TOPICS = (
+    "the water cycle", "photosynthesis", "black holes", "the French Revolution", "volcanoes", "honey bees",
+    "recursion", "sorting algorithms", "binary search", "hash tables", "the Python dictionary", "regular expressions",
+    "unit testing", "version control with git", "the internet", "electric cars", "solar power", "climate change",
+    "the Roman Empire", "chess", "football", "cooking pasta", "bread baking", "coffee", "tea ceremonies",
+    "the human heart", "sleep", "exercise", "meditation", "learning a language", "the moon landing",
+    "Mars", "dinosaurs", "the ocean", "rainforests", "deserts", "mountains", "cats", "dogs", "friendship",
+    "money", "inflation", "the stock market", "democracy", "libraries", "music", "the piano", "painting",
+    "photography", "movies", "video games", "robots", "machine learning", "neural networks", "prime numbers",
+    "fractions", "geometry", "probability", "the speed of light", "gravity", "magnets", "electricity",
+    "the periodic table", "DNA", "vaccines", "the immune system", "bicycles", "trains", "airplanes",
+    "city planning", "gardening", "recycling", "time management", "job interviews", "writing a resume",
+    "public speaking", "birthdays", "winter", "the Olympic games", "pirates", "castles", "ancient Egypt",
+    "JSON files", "web servers", "databases", "linked lists", "string formatting", "file handling in Python",
+)
+
+
+def chat_prompts(count: int, *, seed: int = 0) -> list[str]:
+    """`count` distinct instruction x topic prompts in a seeded order."""
+    pairs = [(i, t) for i in range(len(INSTRUCTIONS)) for t in range(len(TOPICS))]
+    if count > len(pairs):
+        raise KVPredError(f"--count {count}: at most {len(pairs)} distinct prompts")
+    order = np.random.default_rng(seed).permutation(len(pairs))[:count]
+    return [INSTRUCTIONS[pairs[k][0]].format(t=TOPICS[pairs[k][1]]) for k in order]
+
+
+def chat_text(tokenizer, prompt: str, response: str) -> str:
+    """The conversation as the chat template writes it (what `generate` feeds the model, plus the answer)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+
+
+def generate_chat_data(base: LoadedModel, out: str | Path, *, count: int = 512, max_tokens: int = 256,
+                       temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                       progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write `count` sampled chat conversations of the base as .jsonl shards under `out`; existing shards are
+    kept (resume). Returns every shard path. `progress(n)` is called with conversations done per shard."""
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    tok = base.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
+    if count < 1 or max_tokens < 1:
+        raise KVPredError("--count and --max-tokens must be >= 1")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KVPredError(f"--out {out} exists and is not a directory")
+    prompts = chat_prompts(count, seed=seed)
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    shards = []
+    for s in range(0, count, SHARD_SIZE):
+        path = out / f"chat-{s // SHARD_SIZE:05d}.jsonl"
+        shards.append(path)
+        batch = prompts[s:s + SHARD_SIZE]
+        if path.is_file():
+            if progress:
+                progress(len(batch))
+            continue
+        mx.random.seed(seed * 100003 + s)  # each shard reproducible on its own (resume gives the same text)
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in batch]
+        result = batch_generate(base.model, tok, ids, max_tokens=max_tokens, sampler=sampler)
+        lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "prompt": p}) for p, r in zip(batch, result.texts)]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        if progress:
+            progress(len(batch))
+    return shards
