@@ -189,3 +189,29 @@ def test_resume_refuses_other_options(tmp_path):
     resumed = train(base, lora_bundle(base, [0, 2]), seqs, TrainConfig(**{**cfg.__dict__, "steps": 4}), tmp_path / "b",
                     resume=True)
     assert resumed.step == 4
+
+
+def test_lora_aux_in_the_pipeline_and_flops():
+    """An aux with LoRA factors runs in the pipeline: B = 0 keeps KVP exact (aux = all layers, identity
+    predictor); a non-zero B changes the predicted cache; TTFT FLOPs count the factors."""
+    from mlx_kvpred.bench.flops import kvp_ttft_flops
+    from mlx_kvpred.pipeline import Pipeline, generate_tokens
+
+    base = tiny_model("llama")
+    plain_aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1, 2, 3])
+    bundle = lora_bundle(base, [0, 1, 2, 3], rank=2)
+    bundle.predictor.set_identity()
+    prompt = mx.array(np.random.default_rng(1).integers(0, 97, 24).astype(np.int32))
+
+    def first_logits(mode):
+        return next(generate_tokens(Pipeline(base, bundle), prompt, mode=mode, max_tokens=1))[1]
+
+    assert mx.allclose(first_logits("kvp"), first_logits("base"), atol=1e-4).item()
+    k_proj = bundle.aux.layers[1].self_attn.k_proj
+    k_proj.lora_b = mx.random.normal(k_proj.lora_b.shape)
+    assert not mx.allclose(first_logits("kvp"), first_logits("base"), atol=1e-2).item()
+    n = 24
+    extra = kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n) - kvp_ttft_flops(
+        base.model, base.config, plain_aux, bundle.predictor, n)
+    factors = sum(v.size for k, v in tree_flatten(bundle.aux.parameters()) if "lora_" in k)
+    assert extra == 2 * factors * (n - 1)  # the aux reads prompt[:-1]
