@@ -198,6 +198,8 @@ def train(
     aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12."),
     aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
+    init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
+                                                        "rank) instead of a closed-form init, e.g. on your own text."),
     layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer (default: CoreNet's)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
                                                          "repeatable (default: Python lib dir + /usr/share/doc)."),
@@ -222,7 +224,7 @@ def train(
     """Train a KV predictor (closed-form init + distillation) and write a KVP bundle."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .bundle import new_bundle
+    from .bundle import load_bundle, new_bundle
     from .data import collect_files, default_sources, split_files, tokenize_files
     from .evaluate import evaluate_heldout
     from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
@@ -230,9 +232,12 @@ def train(
     from .predictor import layer_pruned_map, smaller_model_map, spread_layers
     from .train import CHECKPOINT_DIR, TrainConfig, enable_aux_lora, train as run_training
 
-    specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None]
+    specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None, init_from is not None]
     if sum(specs) != 1:
-        raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N or --aux-model PATH")
+        raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
+                          "or --init-from BUNDLE")
+    if init_from is not None and (layer_map is not None or aux_lora_rank):
+        raise KVPredError("--init-from: the bundle fixes the layer map and LoRA rank; drop --layer-map/--aux-lora-rank")
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
@@ -243,7 +248,12 @@ def train(
     set_device("cpu")
     base = load_model(model, device="cpu")
     n_base = len(base.model.layers)
-    if aux_model is not None:
+    if init_from is not None:
+        bundle = load_bundle(init_from, base)
+        lora = bundle.config.aux_lora or {}
+        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", aux_lora_scale)
+        ridge_sequences = 0  # the bundle's predictor is the starting point
+    elif aux_model is not None:
         aux_loaded = load_model(aux_model, device="cpu")
         check_same_tokenizer(base, aux_loaded)
         aux, kept, aux_kind, aux_config = aux_loaded.model, None, "separate", aux_loaded.config
@@ -257,12 +267,13 @@ def train(
         aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
         aux_kind, aux_config = "layer_pruned", None
         default_map = layer_pruned_map(kept, n_base)
-    lmap = parse_int_list(layer_map, "--layer-map") or default_map
-    if len(lmap) != n_base:
-        raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
-    bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
-    if aux_lora_rank:
-        enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
+    if init_from is None:
+        lmap = parse_int_list(layer_map, "--layer-map") or default_map
+        if len(lmap) != n_base:
+            raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
+        bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
+        if aux_lora_rank:
+            enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 
     sources = list(data) if data else default_sources()
     split = split_files(collect_files(sources))
@@ -287,6 +298,9 @@ def train(
     metadata = {"command": " ".join(["kvpred-mlx"] + sys.argv[1:]), "data": {
         "sources": sources, "rule": split.rule, "train_files": len(split.train_files),
         "heldout_files": split.heldout_files[:500], "train_sequences": int(len(train_seqs)), "seq_len": seq_len}}
+    if init_from is not None:
+        metadata["init_from"] = {"bundle": str(init_from), "command": bundle.config.training.get("command"),
+                                 "data": bundle.config.training.get("data")}
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, transient=False) as progress:

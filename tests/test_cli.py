@@ -78,6 +78,9 @@ def test_generate_streams_real_model():
     (["--aux-layers-keep", "8", "--data", "{tmp}/short"], "data too short"),
     (["--aux-layers-keep", "8", "--data", "{tmp}/missing"], "missing"),
     (["--aux-layers-keep", "8", "--resume"], "--resume"),
+    (["--aux-layers-keep", "8", "--init-from", "{tmp}/b"], "exactly one aux"),
+    (["--init-from", "{tmp}/missing"], "not found"),
+    (["--init-from", "{tmp}/b", "--layer-map", "0"], "--init-from"),
 ])
 def test_train_bad_input(tmp_path, args, fragment):
     (tmp_path / "empty").mkdir()
@@ -86,6 +89,28 @@ def test_train_bad_input(tmp_path, args, fragment):
         (tmp_path / "short" / f"f{i}.txt").write_text("tiny file\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert_one_line_error(cli("train", "--out", str(tmp_path / "out"), "--steps", "1", *args), fragment)
+
+
+@needs_model
+def test_train_init_from_fine_tunes_a_bundle(tmp_path):
+    """--init-from starts from the bundle's predictor (no closed-form init) and records where it came from."""
+    import json
+    import sysconfig
+
+    from mlx_kvpred.bundle import WEIGHTS_FILE
+    from mlx_kvpred.pipeline import DEFAULT_BUNDLE_DIR
+
+    data = f"{sysconfig.get_paths()['stdlib']}/json/*.py"
+    r = cli("train", "--init-from", DEFAULT_BUNDLE_DIR, "--data", data, "--steps", "1", "--lr", "1e-9",
+            "--eval-sequences", "0", "--out", tmp_path / "ft")
+    assert r.returncode == 0, r.stderr
+    start, tuned = mx.load(str(DEFAULT_BUNDLE_DIR / WEIGHTS_FILE)), mx.load(str(tmp_path / "ft" / WEIGHTS_FILE))
+    assert start.keys() == tuned.keys()
+    for k in start:  # a ridge init would have moved every weight; lr 1e-9 moves none beyond fp16 rounding
+        assert mx.allclose(start[k].astype(mx.float32), tuned[k].astype(mx.float32), atol=1e-3).item(), k
+    cfg = json.loads((tmp_path / "ft" / "kvp_config.json").read_text())
+    assert cfg["training"]["init_from"]["bundle"] == str(DEFAULT_BUNDLE_DIR) and cfg["training"]["steps_done"] == 1
+    assert cfg["aux_layers"] == list(range(8))
 
 
 @needs_model
