@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import KVPredError
 
+FAST_CPU_OPS_ENV = "KVPRED_FAST_CPU_OPS"  # "0": keep MLX's own exp-based kernels on the CPU (for A/B timing)
 # Per-layer lists in configs that must be sliced when layers are dropped (openelm, llama layer_types, ...).
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "num_transformer_layers", "n_layers", "num_layers")
 
@@ -66,7 +68,16 @@ def apply_dtype_policy(model: nn.Module, device: str) -> nn.Module:
 
 def load_model(source: str | Path | None, *, device: str = "cpu") -> LoadedModel:
     """Base or KVP-C aux model from a .gguf file, an mlx-lm/HF model dir, or a Hugging Face repo id.
-    None means the default SmolLM2-135M-Instruct GGUF."""
+    None means the default SmolLM2-135M-Instruct GGUF. On the CPU its attention and SwiGLU use `cpu_ops`."""
+    loaded = _load_model(source, device=device)
+    if device == "cpu" and os.environ.get(FAST_CPU_OPS_ENV, "1") != "0":
+        from .cpu_ops import use_fast_cpu_ops
+
+        use_fast_cpu_ops(loaded.model)
+    return loaded
+
+
+def _load_model(source: str | Path | None, *, device: str) -> LoadedModel:
     if source is None:
         source = default_model_path()
         if source is None:

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten
 
 from .attention import tap_kv
 from .bundle import Bundle, atomic_write, save_bundle
+from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
 from .lora import add_aux_lora
@@ -121,9 +122,10 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
     with tap_kv(base.layers, override=override):
         logits = base(tokens)
     parts = {}
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    t_logp = teacher_logits - mx.logsumexp(teacher_logits, axis=-1, keepdims=True)
-    parts["kl"] = (mx.exp(t_logp) * (t_logp - logp)).sum(-1).mean()
+    exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
+    logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+    t_logp = teacher_logits - logsumexp(teacher_logits, axis=-1, keepdims=True)
+    parts["kl"] = (exp(t_logp) * (t_logp - logp)).sum(-1).mean()
     parts["l1"] = sum(mx.abs(a - b).mean() for a, b in zip(pk, true_k)) + sum(
         mx.abs(a - b).mean() for a, b in zip(pv, true_v))
     loss = cfg.kl_weight * parts["kl"] + l1_weight * parts["l1"]

@@ -1,0 +1,92 @@
+"""The fast CPU ops agree with MLX's own (values and gradients), and a patched model gives the same logits."""
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
+
+from conftest import tiny_model
+from mlx_kvpred import cpu_ops
+from mlx_kvpred.blas import keep_freed_memory
+from mlx_kvpred.cpu_ops import (fast_exp, fast_logsumexp, fast_scaled_dot_product_attention, fast_softmax,
+                                fast_swiglu, stock_mlx_ops, use_fast_cpu_ops)
+
+
+def close(a: mx.array, b: mx.array, tol: float) -> bool:
+    return mx.allclose(a, b, rtol=tol, atol=tol).item()
+
+
+def test_exp_matches_mlx_over_the_float32_range():
+    x = mx.concatenate([mx.linspace(-87, 88, 10001), mx.random.normal((5000,)) * 4])
+    rel = mx.abs(fast_exp(x) - mx.exp(x)) / mx.exp(x)
+    assert rel.max().item() < 1e-6
+    assert fast_exp(mx.array([-1e4, 1e4])).tolist() == pytest.approx([mx.exp(mx.array(-87.0)).item(),
+                                                                     mx.exp(mx.array(88.0)).item()])
+    g = mx.grad(lambda v: fast_exp(v).sum())(x[:100])
+    assert close(g, mx.exp(x[:100]), 1e-6)
+
+
+def test_softmax_logsumexp_swiglu_match_with_gradients():
+    x = mx.random.normal((3, 7, 301)) * 10
+    assert close(fast_softmax(x), mx.softmax(x, axis=-1), 1e-6)
+    assert close(fast_logsumexp(x, keepdims=True), mx.logsumexp(x, axis=-1, keepdims=True), 1e-5)
+    g1 = mx.grad(lambda v: (fast_logsumexp(v) ** 2).sum())(x)
+    g2 = mx.grad(lambda v: (mx.logsumexp(v, axis=-1) ** 2).sum())(x)
+    assert close(g1, g2, 1e-4)
+    up = mx.random.normal(x.shape)
+    assert close(fast_swiglu(x, up), nn.silu(x) * up, 1e-5)
+    g1 = mx.grad(lambda v: fast_swiglu(v, up).sum())(x)
+    g2 = mx.grad(lambda v: (nn.silu(v) * up).sum())(x)
+    assert close(g1, g2, 1e-5)
+
+
+MASKS = {
+    "causal": lambda L, S: "causal",
+    "none": lambda L, S: None,
+    "bool (B,1,L,S)": lambda L, S: mx.random.normal((2, 1, L, S)) > -0.5,
+    "bool per head": lambda L, S: mx.random.normal((2, 6, L, S)) > -0.5,
+    "additive (L,S)": lambda L, S: mx.random.normal((L, S)),
+}
+
+
+@pytest.mark.parametrize("mask", sorted(MASKS))
+@pytest.mark.parametrize("L,S", [(96, 96), (80, 112)])  # (80, 112): a prompt continued after a 32-token cache
+@pytest.mark.parametrize("block", [None, 6 * 2 * 112 * 7])  # one block; blocks of 7 query rows (a ragged last)
+def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
+    if block:
+        monkeypatch.setattr(cpu_ops, "_SDPA_BLOCK_SCORES", block)
+    q, k, v = mx.random.normal((2, 6, L, 16)), mx.random.normal((2, 2, S, 16)), mx.random.normal((2, 2, S, 16))
+    m = MASKS[mask](L, S)
+    out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, m)
+    ref = mlx_lm_sdpa(q, k, v, None, scale=0.25, mask=m)
+    assert out.shape == ref.shape and close(out, ref, 1e-5)
+    g1 = mx.grad(lambda a: fast_scaled_dot_product_attention(a, k, v, None, 0.25, m).sum())(q)
+    g2 = mx.grad(lambda a: mlx_lm_sdpa(a, k, v, None, scale=0.25, mask=m).sum())(q)
+    assert close(g1, g2, 1e-4)
+
+
+def test_patched_model_gives_mlx_lm_logits_and_restores():
+    model = tiny_model("llama").model
+    module = sys.modules[type(model).__module__]
+    tokens = mx.array([[5, 9, 3, 77, 12, 40, 2, 8] * 12])
+    try:
+        use_fast_cpu_ops(model, enabled=False)
+        original = module.scaled_dot_product_attention
+        ref = model(tokens)
+        assert use_fast_cpu_ops(model) == ["swiglu", "scaled_dot_product_attention"]
+        assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
+        assert close(model(tokens), ref, 1e-4)
+        with stock_mlx_ops(model):  # bench's mlx-lm mode
+            assert module.scaled_dot_product_attention is original
+        assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
+        use_fast_cpu_ops(model, enabled=False)
+        assert module.scaled_dot_product_attention is original
+    finally:
+        use_fast_cpu_ops(model)  # what load_model leaves on the CPU
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_memory_applies_on_glibc():
+    assert keep_freed_memory() is True
