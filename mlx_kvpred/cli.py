@@ -213,7 +213,8 @@ def train(
     ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
     aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on every aux linear "
                                               "(0: the aux stays the base's frozen layers)."),
-    aux_lora_scale: float = typer.Option(0.5, help="LoRA output scale (with Adam: the LoRA step size vs --lr)."),
+    aux_lora_scale: Optional[float] = typer.Option(None, help="LoRA output scale (default 0.5; with Adam: the LoRA "
+                                                               "step size vs --lr)."),
     max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
     eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
     eval_sequences: int = typer.Option(8, help="Held-out sequences per eval (256+64 tokens each)."),
@@ -236,8 +237,9 @@ def train(
     if sum(specs) != 1:
         raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
                           "or --init-from BUNDLE")
-    if init_from is not None and (layer_map is not None or aux_lora_rank):
-        raise KVPredError("--init-from: the bundle fixes the layer map and LoRA rank; drop --layer-map/--aux-lora-rank")
+    if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None):
+        raise KVPredError("--init-from: the bundle fixes the layer map and LoRA rank and scale; "
+                          "drop --layer-map/--aux-lora-rank/--aux-lora-scale")
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
@@ -251,7 +253,7 @@ def train(
     if init_from is not None:
         bundle = load_bundle(init_from, base)
         lora = bundle.config.aux_lora or {}
-        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", aux_lora_scale)
+        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", TrainConfig.aux_lora_scale)
         ridge_sequences = 0  # the bundle's predictor is the starting point
     elif aux_model is not None:
         aux_loaded = load_model(aux_model, device="cpu")
@@ -272,6 +274,8 @@ def train(
         if len(lmap) != n_base:
             raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
         bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
+        if aux_lora_scale is None:
+            aux_lora_scale = TrainConfig.aux_lora_scale
         if aux_lora_rank:
             enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 

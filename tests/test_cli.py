@@ -81,6 +81,7 @@ def test_generate_streams_real_model():
     (["--aux-layers-keep", "8", "--init-from", "{tmp}/b"], "exactly one aux"),
     (["--init-from", "{tmp}/missing"], "not found"),
     (["--init-from", "{tmp}/b", "--layer-map", "0"], "--init-from"),
+    (["--init-from", "{tmp}/b", "--aux-lora-scale", "2"], "--aux-lora-scale"),
 ])
 def test_train_bad_input(tmp_path, args, fragment):
     (tmp_path / "empty").mkdir()
