@@ -240,6 +240,8 @@ def train(
     if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None):
         raise KVPredError("--init-from: the bundle fixes the layer map and LoRA rank and scale; "
                           "drop --layer-map/--aux-lora-rank/--aux-lora-scale")
+    if aux_lora_scale is None:
+        aux_lora_scale = TrainConfig.aux_lora_scale
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
@@ -253,7 +255,7 @@ def train(
     if init_from is not None:
         bundle = load_bundle(init_from, base)
         lora = bundle.config.aux_lora or {}
-        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", TrainConfig.aux_lora_scale)
+        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", aux_lora_scale)
         ridge_sequences = 0  # the bundle's predictor is the starting point
     elif aux_model is not None:
         aux_loaded = load_model(aux_model, device="cpu")
@@ -274,8 +276,6 @@ def train(
         if len(lmap) != n_base:
             raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
         bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
-        if aux_lora_scale is None:
-            aux_lora_scale = TrainConfig.aux_lora_scale
         if aux_lora_rank:
             enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 

@@ -1,6 +1,7 @@
 """Fast exp-based ops for MLX on x86 CPUs: exp, softmax, logsumexp, SwiGLU and attention.
 
-MLX's x86 CPU build evaluates `mx.exp` at ~24 ns per element (its polynomial calls a software `fma`), so
+MLX's x86 CPU build evaluates `mx.exp` at ~24 ns per element (scalar code; its polynomial uses `fma`, which
+without FMA codegen is likely a libm call), so
 SiLU, softmax and attention cost as much as all of a layer's matmuls. `fast_exp` is the same polynomial
 (the same results to 1 ulp) written in plain mul/add in one compiled kernel: ~7x faster.
 `use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these.
