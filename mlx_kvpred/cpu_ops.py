@@ -1,8 +1,7 @@
 """Fast exp-based ops for MLX on x86 CPUs: exp, softmax, logsumexp, SwiGLU and attention.
 
 MLX's x86 CPU build evaluates `mx.exp` at ~24 ns per element (scalar code; its polynomial uses `fma`, which
-without FMA codegen is likely a libm call), so
-SiLU, softmax and attention cost as much as all of a layer's matmuls. `fast_exp` is the same polynomial
+without FMA codegen is likely a libm call), so SiLU, softmax and attention cost as much as all of a layer's matmuls. `fast_exp` is the same polynomial
 (the same results to 1 ulp) written in plain mul/add in one compiled kernel: ~7x faster.
 `use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these.
 """
@@ -128,8 +127,7 @@ def stock_mlx_ops(model: nn.Module) -> Iterator[None]:
     """Run `model`'s architecture with mlx-lm's own functions inside the block (e.g. to time stock mlx-lm)."""
     module = sys.modules[type(model).__module__]
     current = {name: module.__dict__[name] for name in _PATCHES if name in module.__dict__}
-    for name, original in module.__dict__.get("_kvpred_originals", {}).items():
-        setattr(module, name, original)
+    use_fast_cpu_ops(model, enabled=False)
     try:
         yield
     finally:
