@@ -25,6 +25,25 @@ def attention_of(layer: nn.Module) -> nn.Module:
     raise KVPredError(f"unsupported layer type {type(layer).__module__}: no self_attn/attn module")
 
 
+def backbone(model: nn.Module) -> nn.Module:
+    """The model without its LM head (llama/qwen: .model, openelm: .transformer): returns the final normed
+    hidden state, the input of predictor input "hidden"."""
+    for name in ("model", "transformer"):
+        if name in model and isinstance(model[name], nn.Module):
+            return model[name]
+    raise KVPredError(f"unsupported model type {type(model).__module__}: no .model/.transformer backbone")
+
+
+def hidden_dim(model: nn.Module) -> int:
+    """Width of the model's hidden state (its token embedding width)."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedEmbedding):
+            return m.dims
+        if isinstance(m, nn.Embedding):
+            return m.weight.shape[1]
+    raise KVPredError(f"{type(model).__module__}: no token embedding to read the hidden width from")
+
+
 def _fused(attn: nn.Module) -> bool:
     if "k_proj" in attn and "v_proj" in attn:
         return False

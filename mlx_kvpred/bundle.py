@@ -14,14 +14,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .attention import kv_dims
+from .attention import hidden_dim, kv_dims
 from .errors import KVPredError
 from .loading import LoadedModel, config_fingerprint, make_layer_pruned_aux, model_class
 from .lora import add_aux_lora, is_lora_param
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
-FORMAT_VERSION = 2  # 2: aux_lora (a bundle without it is still written as version 1)
+FORMAT_VERSION = 3  # 2: aux_lora; 3: predictor_input "hidden", exact_layers (bundles use the lowest that fits)
 CONFIG_FILE = "kvp_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -36,6 +36,9 @@ class BundleConfig:
     aux_layers: list[int] | None = None  # KVP-LP: the base layers the aux keeps
     aux_config: dict | None = None  # KVP-C: the aux model's mlx-lm config
     aux_lora: dict | None = None  # KVP-LP: {"rank", "scale"}: LoRA factors on every aux layer's linears
+    predictor_input: str = "kv"  # "kv" (CoreNet) or "hidden" (the aux's final normed hidden state)
+    aux_hidden_dim: int | None = None  # input "hidden": its width
+    exact_layers: list[int] = field(default_factory=list)  # base layers copying their aux layer's K/V
     trained: bool = False
     training: dict = field(default_factory=dict)  # steps, data split, losses, command ...
     format: str = FORMAT
@@ -117,7 +120,8 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
     weights.update({f"aux.{k}": v for k, v in aux_params})
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
-    bundle.config.format_version = 2 if bundle.config.aux_lora else 1  # readable by older versions when it can be
+    cfg = bundle.config  # readable by older versions when it can be
+    cfg.format_version = 3 if cfg.predictor_input != "kv" or cfg.exact_layers else 2 if cfg.aux_lora else 1
     path = Path(path)  # weights first: a config never points at weights that are not there
     atomic_write(path / WEIGHTS_FILE, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(bundle.config), indent=1)))
@@ -164,15 +168,27 @@ def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
     raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
 
 
+def predictor_config(cfg: BundleConfig) -> PredictorConfig:
+    return PredictorConfig(tuple(cfg.aux_kv_dims), tuple(cfg.base_kv_dims), tuple(cfg.layer_map),
+                           input=cfg.predictor_input, aux_hidden_dim=cfg.aux_hidden_dim,
+                           exact_layers=tuple(cfg.exact_layers))
+
+
+def exact_aux_layers(aux_layers: list[int], layer_map: list[int]) -> list[int]:
+    """KVP-LP with a frozen aux: the base layers the aux runs itself (their K/V are the base's true ones)."""
+    return [i for j, i in enumerate(aux_layers) if layer_map[i] == j]
+
+
 def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],
-               aux_layers: list[int] | None = None, aux_config: dict | None = None) -> Bundle:
+               aux_layers: list[int] | None = None, aux_config: dict | None = None,
+               predictor_input: str = "kv", exact_layers: list[int] | None = None) -> Bundle:
     """A bundle with a freshly initialised (untrained) predictor for `aux` -> `base`."""
-    pcfg = PredictorConfig(tuple(kv_dims(aux.layers)), tuple(kv_dims(base.model.layers)), tuple(layer_map))
-    predictor = KVPredictor(pcfg)
-    cfg = BundleConfig(aux_kind=aux_kind, layer_map=list(layer_map), aux_kv_dims=list(pcfg.aux_kv_dims),
-                       base_kv_dims=list(pcfg.base_kv_dims), base=describe_base(base), aux_layers=aux_layers,
-                       aux_config=aux_config)
-    return Bundle(cfg, aux, predictor)
+    cfg = BundleConfig(aux_kind=aux_kind, layer_map=list(layer_map), aux_kv_dims=kv_dims(aux.layers),
+                       base_kv_dims=kv_dims(base.model.layers), base=describe_base(base), aux_layers=aux_layers,
+                       aux_config=aux_config, predictor_input=predictor_input,
+                       aux_hidden_dim=hidden_dim(aux) if predictor_input == "hidden" else None,
+                       exact_layers=list(exact_layers or []))
+    return Bundle(cfg, aux, KVPredictor(predictor_config(cfg)))
 
 
 def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = False) -> Bundle:
@@ -188,11 +204,15 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
     weights = _read_weights(path)
     aux = build_aux(cfg, base)
     try:
-        pcfg = PredictorConfig(tuple(cfg.aux_kv_dims), tuple(cfg.base_kv_dims), tuple(cfg.layer_map))
+        pcfg = predictor_config(cfg)
     except KVPredError as e:
         raise KVPredError(f"{path / CONFIG_FILE}: {e}") from e
     if list(pcfg.aux_kv_dims) != kv_dims(aux.layers):
         raise KVPredError(f"{path}: aux K/V widths in the config do not match the aux model")
+    if cfg.predictor_input == "hidden" and cfg.aux_hidden_dim != hidden_dim(aux):
+        raise KVPredError(f"{path}: aux_hidden_dim {cfg.aux_hidden_dim} does not match the aux model ({hidden_dim(aux)})")
+    if cfg.exact_layers and (cfg.aux_lora or cfg.aux_kind != "layer_pruned"):
+        raise KVPredError(f"{path}: exact_layers need a frozen layer-pruned aux (no LoRA factors)")
     predictor = KVPredictor(pcfg)
     dtype = _float_dtype(base.model)
     pred_w = [(k[len("predictor."):], v.astype(dtype)) for k, v in weights.items() if k.startswith("predictor.")]

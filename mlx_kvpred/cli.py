@@ -201,12 +201,16 @@ def train(
     init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
                                                         "rank) instead of a closed-form init, e.g. on your own text."),
     layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer (default: CoreNet's)."),
+    predictor_input: Optional[str] = typer.Option(None, help="What the predictor reads: kv (default; CoreNet: the "
+                                                             "mapped aux layer's K for keys, V for values) or hidden "
+                                                             "(the aux's final normed hidden state)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
                                                          "repeatable (default: Python lib dir + /usr/share/doc)."),
     seq_len: int = typer.Option(256, help="Training sequence length."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
     steps: int = typer.Option(600, help="Optimizer steps after the closed-form init."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (warmup, then cosine)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine; default 1e-3, "
+                                                  "3e-4 for predictor input hidden)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
@@ -225,23 +229,27 @@ def train(
     """Train a KV predictor (closed-form init + distillation) and write a KVP bundle."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .bundle import load_bundle, new_bundle
+    from .bundle import exact_aux_layers, load_bundle, new_bundle
     from .data import collect_files, default_sources, split_files, tokenize_files
     from .evaluate import evaluate_heldout
     from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
     from .pipeline import Pipeline
-    from .predictor import layer_pruned_map, smaller_model_map, spread_layers
-    from .train import CHECKPOINT_DIR, TrainConfig, enable_aux_lora, train as run_training
+    from .predictor import PREDICTOR_INPUTS, layer_pruned_map, smaller_model_map, spread_layers
+    from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, enable_aux_lora, train as run_training
 
     specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None, init_from is not None]
     if sum(specs) != 1:
         raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
                           "or --init-from BUNDLE")
-    if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None):
-        raise KVPredError("--init-from: the bundle fixes the layer map and LoRA rank and scale; "
-                          "drop --layer-map/--aux-lora-rank/--aux-lora-scale")
+    if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None
+                                  or predictor_input is not None):
+        raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA rank and scale; "
+                          "drop --layer-map/--predictor-input/--aux-lora-rank/--aux-lora-scale")
     if aux_lora_scale is None:
         aux_lora_scale = TrainConfig.aux_lora_scale
+    predictor_input = predictor_input or "kv"
+    if predictor_input not in PREDICTOR_INPUTS:
+        raise KVPredError(f"--predictor-input must be one of {', '.join(PREDICTOR_INPUTS)}, got {predictor_input!r}")
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
@@ -275,10 +283,15 @@ def train(
         lmap = parse_int_list(layer_map, "--layer-map") or default_map
         if len(lmap) != n_base:
             raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
-        bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config)
+        # a frozen KVP-LP aux computes its kept layers' K/V exactly: copied, not predicted
+        exact = exact_aux_layers(kept, lmap) if kept and not aux_lora_rank else []
+        bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config,
+                            predictor_input=predictor_input, exact_layers=exact)
         if aux_lora_rank:
             enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 
+    if lr is None:
+        lr = DEFAULT_LR[bundle.config.predictor_input]
     sources = list(data) if data else default_sources()
     split = split_files(collect_files(sources))
     train_seqs = tokenize_files(split.train_files, base.tokenizer, seq_len=seq_len,

@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 
-from .attention import tap_kv
+from .attention import backbone, tap_kv
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
 from .errors import KVPredError
@@ -64,17 +64,18 @@ def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | None = N
 def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
                   max_kv_size: int | None = None) -> list[Any]:
     """Run the aux over `tokens` (the prompt minus its last token) and return the predicted base cache:
-    one ordinary mlx-lm cache object per base layer. Only cache state is evaluated, never the aux LM head."""
+    one ordinary mlx-lm cache object per base layer. The aux LM head never runs."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
     caches = make_prompt_cache(base_model, max_kv_size=max_kv_size)
     aux_caches = make_prompt_cache(bundle.aux)
+    aux_backbone = backbone(bundle.aux)
     with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
         for start in range(0, tokens.size, prefill_step_size):
-            bundle.aux(tokens[None, start:start + prefill_step_size], cache=aux_caches)  # logits stay unevaluated
+            hidden = aux_backbone(tokens[None, start:start + prefill_step_size], cache=aux_caches)
             keys = [calls.pop() for calls in record.keys]
             values = [calls.pop() for calls in record.values]
-            pred_k, pred_v = bundle.predictor(keys, values)
+            pred_k, pred_v = bundle.predictor(keys, values, hidden)  # input "kv" leaves hidden unevaluated
             write_predicted_kv(base_model.layers, caches, pred_k, pred_v)
             mx.eval([c.state for c in caches], [c.state for c in aux_caches])
     return caches

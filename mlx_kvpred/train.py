@@ -8,9 +8,11 @@ Checkpoints are atomic; `resume` continues after a kill -9.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,14 +23,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention import tap_kv
+from .attention import backbone, tap_kv
 from .bundle import Bundle, atomic_write, save_bundle
 from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
 from .lora import add_aux_lora
+from .predictor import PredictorConfig
 
 CHECKPOINT_DIR = "checkpoint"
+# Peak lr per predictor input: Adam moves each output by ~lr x the input's L1 norm, 2-5x larger for "hidden"
+DEFAULT_LR = {"kv": 1e-3, "hidden": 3e-4}
 
 
 @dataclass
@@ -61,66 +66,130 @@ class TrainState:
     elapsed: float = 0.0
 
 
-def aux_kv(aux: nn.Module, tokens: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-    """Pre-norm pre-RoPE K/V of every aux layer for `tokens` (B, T); the aux LM head is never evaluated."""
-    with tap_kv(aux.layers) as rec:
-        aux(tokens)
-    return [k[0] for k in rec.keys], [v[0] for v in rec.values]
+class _InputRecorder(nn.Module):
+    """Wraps a module and keeps the input of its last call."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module, self.last_input = module, None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.last_input = x
+        return self.module(x)
 
 
-def base_targets(base: nn.Module, tokens: mx.array) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-    """The base's true-cache logits and pre-norm pre-RoPE K/V per layer."""
-    with tap_kv(base.layers) as rec:
-        logits = base(tokens)
+def aux_kv(aux: nn.Module, tokens: mx.array, *, with_residual: bool = False
+           ) -> tuple[list[mx.array], list[mx.array], mx.array, mx.array | None]:
+    """Pre-norm pre-RoPE K/V of every aux layer for `tokens` (B, T), the aux's final normed hidden state
+    (lazy: only evaluated where a predictor reads it) and, if `with_residual`, the residual stream entering
+    the aux's final norm (else None). The aux LM head never runs."""
+    aux_backbone = backbone(aux)
+    norm = aux_backbone.norm if with_residual else None
+    if with_residual:
+        aux_backbone.norm = _InputRecorder(norm)
+    try:
+        with tap_kv(aux.layers) as rec:
+            hidden = aux_backbone(tokens)
+        residual = aux_backbone.norm.last_input if with_residual else None
+    finally:
+        if with_residual:
+            aux_backbone.norm = norm
+    return [k[0] for k in rec.keys], [v[0] for v in rec.values], hidden, residual
+
+
+def skippable_layers(bundle: Bundle, base: nn.Module) -> int:
+    """How many leading base layers training may skip: all of a frozen KVP-LP aux's, when it is exactly base
+    layers 0..n-1 and copies their K/V (teacher and student then agree up to there), and the mlx-lm model
+    takes input_embeddings; else 0."""
+    cfg = bundle.config
+    n = len(bundle.aux.layers)
+    prefix = cfg.aux_layers == list(range(n)) and all(i in cfg.exact_layers and cfg.layer_map[i] == i
+                                                     for i in range(n))
+    takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
+    return n if cfg.aux_kind == "layer_pruned" and not cfg.aux_lora and prefix and takes_embeddings else 0
+
+
+@contextmanager
+def from_layer(model: nn.Module, first: int):
+    """Within: `model` runs only blocks first.. (call it with input_embeddings = the residual entering `first`),
+    and `model.layers` lists just those."""
+    model_backbone = backbone(model)
+    layers = model_backbone.layers
+    model_backbone.layers = layers[first:]
+    try:
+        yield
+    finally:
+        model_backbone.layers = layers
+
+
+def base_targets(base: nn.Module, tokens: mx.array, *, first: int = 0, residual: mx.array | None = None
+                 ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The base's true-cache logits and pre-norm pre-RoPE K/V per layer (from layer `first`, given the
+    residual stream entering it)."""
+    with from_layer(base, first), tap_kv(base.layers) as rec:
+        logits = base(tokens, input_embeddings=residual) if first else base(tokens)
     return logits, [k[0] for k in rec.keys], [v[0] for v in rec.values]
+
+
+def _ridge_inputs(config: PredictorConfig, i: int) -> tuple[str, str]:
+    """Names of base layer i's key and value transform inputs: "h" (aux hidden), "k<j>"/"v<j>" (aux layer j)."""
+    j = config.layer_map[i]
+    return ("h", "h") if config.input == "hidden" else (f"k{j}", f"v{j}")
+
+
+def _with_bias(a: mx.array) -> np.ndarray:
+    """(1, L, d) activations -> (L, d + 1) float64 with a ones column."""
+    return np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1)
 
 
 def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: float = 1e-3,
                progress: Callable[[], None] | None = None) -> None:
-    """Least-squares K/V maps from aux to base activations (with bias), one solve per base layer."""
+    """Least-squares K/V maps from aux to base activations (with bias), one solve per learned transform."""
     pred = bundle.predictor
-    n_aux = len(bundle.aux.layers)
-    xtx = [None] * n_aux
-    xty_k = [None] * len(base.layers)
-    xty_v = [None] * len(base.layers)
+    layers = pred.linear_layers
+    gram: dict[str, np.ndarray] = {}  # X^T X per input
+    rhs: dict[tuple[str, int], np.ndarray] = {}  # X^T Y per ("k" | "v", base layer)
     for seq in sequences:
         x = mx.array(seq)[None]
-        ak, av = aux_kv(bundle.aux, x)
+        ak, av, ah, _ = aux_kv(bundle.aux, x)
         _, bk, bv = base_targets(base, x)
-        mx.eval(ak, av, bk, bv)
-        feats = [np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1) for a in ak]
-        vfeats = [np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1) for a in av]
-        for j in range(n_aux):
-            # keys and values have separate inputs; keep both Gram matrices in one slot
-            g = (feats[j].T @ feats[j], vfeats[j].T @ vfeats[j])
-            xtx[j] = g if xtx[j] is None else (xtx[j][0] + g[0], xtx[j][1] + g[1])
-        for i, j in enumerate(pred.config.layer_map):
-            k = feats[j].T @ np.array(bk[i][0], dtype=np.float64)
-            v = vfeats[j].T @ np.array(bv[i][0], dtype=np.float64)
-            xty_k[i] = k if xty_k[i] is None else xty_k[i] + k
-            xty_v[i] = v if xty_v[i] is None else xty_v[i] + v
+        ah = ah if pred.config.input == "hidden" else None
+        mx.eval(ak, av, ah, bk, bv)
+        names = {name for i in layers for name in _ridge_inputs(pred.config, i)}
+        feats = {n: _with_bias(ah if n == "h" else (ak if n[0] == "k" else av)[int(n[1:])]) for n in names}
+        for name, f in feats.items():
+            gram[name] = gram.get(name, 0) + f.T @ f
+        for i in layers:
+            k_in, v_in = _ridge_inputs(pred.config, i)
+            rhs["k", i] = rhs.get(("k", i), 0) + feats[k_in].T @ np.array(bk[i][0], dtype=np.float64)
+            rhs["v", i] = rhs.get(("v", i), 0) + feats[v_in].T @ np.array(bv[i][0], dtype=np.float64)
         if progress:
             progress()
-    for i, j in enumerate(pred.config.layer_map):
-        for lin, gram, rhs in ((pred.key_transforms[i], xtx[j][0], xty_k[i]), (pred.value_transforms[i], xtx[j][1], xty_v[i])):
-            reg = lam * np.mean(np.diag(gram)) * np.eye(gram.shape[0])
+    for i in layers:
+        k_in, v_in = _ridge_inputs(pred.config, i)
+        for lin, g, r in ((pred.key_transforms[i], gram[k_in], rhs["k", i]),
+                          (pred.value_transforms[i], gram[v_in], rhs["v", i])):
+            reg = lam * np.mean(np.diag(g)) * np.eye(g.shape[0])
             reg[-1, -1] = 0.0  # do not shrink the bias
-            w = np.linalg.solve(gram + reg, rhs)  # (d_in + 1, d_out)
+            w = np.linalg.solve(g + reg, r)  # (d_in + 1, d_out)
             lin.weight = mx.array(w[:-1].T.astype(np.float32)).astype(lin.weight.dtype)
             lin.bias = mx.array(w[-1].astype(np.float32)).astype(lin.bias.dtype)
     mx.eval(pred.parameters())
 
 
-def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, teacher_logits,
-                 true_k, true_v, cfg: TrainConfig, l1_weight: float) -> tuple[mx.array, dict]:
-    """The base runs `tokens` attending to predicted K/V at every position; compare with the true cache."""
-    pk, pv = predictor(aux_k, aux_v)
+def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, aux_h, teacher_logits,
+                 true_k, true_v, cfg: TrainConfig, l1_weight: float, first: int = 0,
+                 residual: mx.array | None = None) -> tuple[mx.array, dict]:
+    """The base runs `tokens` attending to predicted K/V at every position; compare with the true cache.
+    With `first` > 0 it starts at that layer from `residual`, and true_k/true_v hold layers first.. only."""
+    pk, pv = predictor(aux_k, aux_v, aux_h)
+    pk, pv = pk[first:], pv[first:]
 
     def override(kind: str, i: int, projected: mx.array) -> mx.array:
         return pk[i] if kind == "k" else pv[i]
 
-    with tap_kv(base.layers, override=override):
-        logits = base(tokens)
+    with from_layer(base, first), tap_kv(base.layers, override=override):
+        logits = base(tokens, input_embeddings=residual) if first else base(tokens)
     parts = {}
     exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)
@@ -242,21 +311,25 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
                    if on_step else None)
         state.ridge_done = True
 
-    def loss_fn(tokens, ak, av, tl, tk, tv):
+    skip = skippable_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
+
+    def loss_fn(tokens, ak, av, ah, res, tl, tk, tv):
         if lora:  # the aux's K/V depend on the trained factors: computed under the gradient
-            ak, av = aux_kv(bundle.aux, tokens)
-        return distill_loss(predictor, model, tokens, ak, av, tl, tk, tv, cfg=cfg, l1_weight=l1_weight)[0]
+            ak, av, ah, _ = aux_kv(bundle.aux, tokens)
+        return distill_loss(predictor, model, tokens, ak, av, ah, tl, tk, tv, cfg=cfg, l1_weight=l1_weight,
+                            first=skip, residual=res)[0]
 
     loss_and_grad = nn.value_and_grad(trainable, loss_fn)
     last_good = state.step
     while state.step < cfg.steps:
         tic = time.perf_counter()
         tokens = mx.array(train_seqs[batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)])
-        ak, av = ([], []) if lora else aux_kv(bundle.aux, tokens)
-        tl, tk, tv = base_targets(model, tokens)
-        mx.eval(ak, av, tl, tk, tv)
+        ak, av, ah, res = ([], [], None, None) if lora else aux_kv(bundle.aux, tokens, with_residual=bool(skip))
+        ah = ah if predictor.config.input == "hidden" else None
+        tl, tk, tv = base_targets(model, tokens, first=skip, residual=res)
+        mx.eval(ak, av, ah, res, tl, tk, tv)
         opt.learning_rate = lr_at(state.step, cfg)
-        loss, grads = loss_and_grad(tokens, ak, av, tl, tk, tv)
+        loss, grads = loss_and_grad(tokens, ak, av, ah, res, tl, tk, tv)
         opt.update(trainable, grads)
         mx.eval(loss, trainable.trainable_parameters(), opt.state)
         loss_value = loss.item()
@@ -285,6 +358,8 @@ def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float) -> None:
     """Give a KVP-LP bundle's aux trainable LoRA factors (B = 0: the aux is unchanged until trained)."""
     if bundle.config.aux_kind != "layer_pruned":
         raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
+    if bundle.config.exact_layers:
+        raise ValueError("a bundle with exact layers copies the aux's K/V: its aux must stay frozen")
     add_aux_lora(bundle.aux, rank=rank, scale=scale)
     bundle.config.aux_lora = {"rank": rank, "scale": scale}
 

@@ -82,6 +82,8 @@ def test_generate_streams_real_model():
     (["--init-from", "{tmp}/missing"], "not found"),
     (["--init-from", "{tmp}/b", "--layer-map", "0"], "--init-from"),
     (["--init-from", "{tmp}/b", "--aux-lora-scale", "2"], "--aux-lora-scale"),
+    (["--init-from", "{tmp}/b", "--predictor-input", "hidden"], "--predictor-input"),
+    (["--aux-layers-keep", "8", "--predictor-input", "keys"], "--predictor-input must be one of kv, hidden"),
 ])
 def test_train_bad_input(tmp_path, args, fragment):
     (tmp_path / "empty").mkdir()

@@ -9,7 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.attention import kv_dims, tap_kv
+from mlx_kvpred.attention import hidden_dim, kv_dims, tap_kv
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
@@ -39,6 +39,47 @@ def test_identity_predictor_reproduces_base_exactly(tiny):
     assert [t for t, _ in kvp] == [t for t, _ in base]
     for (_, a), (_, b) in zip(base, kvp):
         assert mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_exact_layers_reproduce_base_exactly(tiny):
+    """aux = all base layers, every layer exact (K/V copied, no weights): kvp == base."""
+    n = len(tiny.model.layers)
+    aux, _ = make_layer_pruned_aux(tiny.model, tiny.config, list(range(n)))
+    bundle = new_bundle(tiny, aux, aux_kind="layer_pruned", layer_map=list(range(n)), aux_layers=list(range(n)),
+                        exact_layers=list(range(n)))
+    assert not tree_flatten(bundle.predictor.parameters())
+    prompt = mx.random.randint(0, tiny.config["vocab_size"], (40,), key=mx.random.key(1))
+    pipe = Pipeline(tiny, bundle)
+    base, kvp = run(pipe, prompt, "base"), run(pipe, prompt, "kvp")
+    assert [t for t, _ in kvp] == [t for t, _ in base]
+    for (_, a), (_, b) in zip(base, kvp):
+        assert mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_hidden_input_bundle(tiny, tmp_path):
+    """Predictor input "hidden": the aux's final normed hidden state feeds every predicted layer; the bundle
+    round-trips (format 3), chunked aux prefill equals one shot, and the hidden state does matter."""
+    n = len(tiny.model.layers)
+    aux, _ = make_layer_pruned_aux(tiny.model, tiny.config, [0])
+    bundle = new_bundle(tiny, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map([0], n), aux_layers=[0],
+                        predictor_input="hidden", exact_layers=[0])
+    bundle.config.trained = True
+    assert bundle.predictor.key_transforms[1].weight.shape[1] == hidden_dim(tiny.model) == 64
+    save_bundle(tmp_path / "b", bundle, base=tiny, dtype=mx.float32)
+    saved = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
+    assert saved["format_version"] == 3 and saved["predictor_input"] == "hidden" and saved["exact_layers"] == [0]
+    loaded = Pipeline(tiny, load_bundle(tmp_path / "b", tiny))
+    tokens = mx.random.randint(0, tiny.config["vocab_size"], (37,), key=mx.random.key(3))
+    a = predict_cache(Pipeline(tiny, bundle), tokens, prefill_step_size=512)
+    b = predict_cache(loaded, tokens, prefill_step_size=8)
+    for x, y in zip(a, b):
+        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
+        assert mx.allclose(x.state[1], y.state[1], atol=1e-4).item()
+    for lin in loaded.bundle.predictor.value_transforms[1:]:
+        lin.weight = lin.weight * 0.5
+    c = predict_cache(loaded, tokens)
+    assert mx.allclose(c[0].state[1], a[0].state[1], atol=1e-6).item()  # the exact layer is a copy
+    assert mx.abs(c[1].state[1] - a[1].state[1]).max().item() > 1e-3
 
 
 def test_wrong_predictor_changes_logits(tiny):

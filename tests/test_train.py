@@ -7,16 +7,18 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.bundle import load_bundle, new_bundle
+from mlx_kvpred.bundle import exact_aux_layers, load_bundle, new_bundle
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.loading import make_layer_pruned_aux
 from mlx_kvpred.predictor import layer_pruned_map
-from mlx_kvpred.train import TrainConfig, aux_kv, base_targets, batch_indices, distill_loss, lr_at, ridge_init, train
+from mlx_kvpred.train import (TrainConfig, aux_kv, base_targets, batch_indices, distill_loss, lr_at, ridge_init,
+                              skippable_layers, train)
 
 TESTS = Path(__file__).parent
 
@@ -74,28 +76,34 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, rank):
     assert final["trained"] and final["training"]["steps_done"] == 12
 
 
-def test_training_lowers_the_distillation_loss(tmp_path):
+@pytest.mark.parametrize("predictor_input,kept,exact", [("kv", [0, 3], False), ("hidden", [0, 1], True)])
+def test_training_lowers_the_distillation_loss(tmp_path, predictor_input, kept, exact):
     """Ridge init, then distillation: the KL to the base's true-cache logits falls on the data trained on.
-    (Agreement on random-weight models is noise; accuracy on real text comes from `kvpred-mlx eval`.)"""
+    (Agreement on random-weight models is noise; accuracy on real text comes from `kvpred-mlx eval`.)
+    The hidden case copies the aux's layers, so training skips them (skippable_layers)."""
     base = tiny_model("qwen3", num_hidden_layers=6)
-    kept = [0, 3]
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
-    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 6), aux_layers=kept)
+    lmap = layer_pruned_map(kept, 6)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept,
+                        predictor_input=predictor_input, exact_layers=exact_aux_layers(kept, lmap) if exact else None)
     seqs = np.random.default_rng(0).integers(0, 97, (8, 48)).astype(np.int32)
     cfg = TrainConfig(steps=40, seq_len=48, ridge_sequences=8, checkpoint_every=20, lr=3e-3, batch_size=8)
 
     def kl():
         tokens = mx.array(seqs)
-        ak, av = aux_kv(bundle.aux, tokens)
+        ak, av, ah, _ = aux_kv(bundle.aux, tokens)
         tl, tk, tv = base_targets(base.model, tokens)
-        return distill_loss(bundle.predictor, base.model, tokens, ak, av, tl, tk, tv, cfg=cfg, l1_weight=0.0)[1]["kl"].item()
+        return distill_loss(bundle.predictor, base.model, tokens, ak, av, ah, tl, tk, tv, cfg=cfg,
+                            l1_weight=0.0)[1]["kl"].item()
 
     ridge_init(bundle, base.model, seqs)
     after_ridge = kl()
     train(base, bundle, seqs, cfg, tmp_path / "b", resume=False)
     after_training = kl()
     assert after_training < 0.7 * after_ridge, (after_ridge, after_training)
-    assert load_bundle(tmp_path / "b", base).config.trained
+    loaded = load_bundle(tmp_path / "b", base)
+    assert loaded.config.trained and loaded.config.predictor_input == predictor_input
+    assert loaded.config.exact_layers == (kept if exact else [])
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
@@ -142,8 +150,8 @@ def test_aux_lora_trains_factors_only_and_round_trips(tmp_path):
     tl, tk, tv = base_targets(base.model, tokens)
 
     def kl():
-        ak, av = aux_kv(bundle.aux, tokens)
-        return distill_loss(bundle.predictor, base.model, tokens, ak, av, tl, tk, tv, cfg=cfg,
+        ak, av, ah, _ = aux_kv(bundle.aux, tokens)
+        return distill_loss(bundle.predictor, base.model, tokens, ak, av, ah, tl, tk, tv, cfg=cfg,
                             l1_weight=0.0)[1]["kl"].item()
 
     ridge_init(bundle, base.model, seqs[:4])
@@ -161,7 +169,7 @@ def test_aux_lora_trains_factors_only_and_round_trips(tmp_path):
     saved_cfg = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
     assert saved_cfg["aux_lora"] == {"rank": 2, "scale": 1.0} and saved_cfg["format_version"] == 2
     loaded = load_bundle(tmp_path / "b", base)
-    (k1, v1), (k2, v2) = aux_kv(bundle.aux, tokens), aux_kv(loaded.aux, tokens)
+    (k1, v1, *_), (k2, v2, *_) = aux_kv(bundle.aux, tokens), aux_kv(loaded.aux, tokens)
     for a, b in zip(k1 + v1, k2 + v2):
         assert mx.allclose(a, b, atol=2e-2, rtol=2e-2).item()  # fp16 factors on disk
     broken = tmp_path / "broken"  # a bundle without its factors is refused
@@ -215,3 +223,39 @@ def test_lora_aux_in_the_pipeline_and_flops():
         base.model, base.config, plain_aux, bundle.predictor, n)
     factors = sum(v.size for k, v in tree_flatten(bundle.aux.parameters()) if "lora_" in k)
     assert extra == 2 * factors * (n - 1)  # the aux reads prompt[:-1]
+
+
+def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
+    """lp training starts teacher and student at the first non-aux layer from the aux's residual stream:
+    the loss and its gradients must equal the full forward's."""
+    base = tiny_model("llama", num_hidden_layers=5)
+    kept = [0, 1]
+    lmap = layer_pruned_map(kept, 5)
+    bundle = new_bundle(base, make_layer_pruned_aux(base.model, base.config, kept)[0], aux_kind="layer_pruned",
+                        layer_map=lmap, aux_layers=kept, predictor_input="hidden",
+                        exact_layers=exact_aux_layers(kept, lmap))
+    tokens = mx.array(np.random.default_rng(1).integers(0, 97, (2, 24)).astype(np.int32))
+    ridge_init(bundle, base.model, np.array(tokens))
+    skip = skippable_layers(bundle, base.model)
+    assert skip == 2
+    cfg = TrainConfig()
+    ak, av, ah, res = aux_kv(bundle.aux, tokens, with_residual=True)
+
+    def loss_and_grads(first):
+        targets = base_targets(base.model, tokens, first=first, residual=res if first else None)
+
+        def loss(predictor):
+            return distill_loss(predictor, base.model, tokens, ak, av, ah, *targets, cfg=cfg, l1_weight=0.1,
+                                first=first, residual=res if first else None)[0]
+        return nn.value_and_grad(bundle.predictor, lambda: loss(bundle.predictor))()
+
+    (full, g_full), (skipped, g_skip) = loss_and_grads(0), loss_and_grads(skip)
+    assert abs(full.item() - skipped.item()) < 1e-5 * max(1.0, abs(full.item()))
+    for (k, a), (_, b) in zip(tree_flatten(g_full), tree_flatten(g_skip)):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-4).item(), k
+    assert len(base.model.layers) == 5  # restored
+    # nothing to skip: an aux of spread layers, or one that predicts (not copies) its own layers
+    spread = new_bundle(base, make_layer_pruned_aux(base.model, base.config, [0, 2])[0], aux_kind="layer_pruned",
+                        layer_map=layer_pruned_map([0, 2], 5), aux_layers=[0, 2], exact_layers=[0, 2])
+    plain = new_bundle(base, bundle.aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept)
+    assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
