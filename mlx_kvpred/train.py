@@ -84,16 +84,16 @@ def aux_kv(aux: nn.Module, tokens: mx.array, *, with_residual: bool = False
     (lazy: only evaluated where a predictor reads it) and, if `with_residual`, the residual stream entering
     the aux's final norm (else None). The aux LM head never runs."""
     aux_backbone = backbone(aux)
-    norm = aux_backbone.norm if with_residual else None
-    if with_residual:
-        aux_backbone.norm = _InputRecorder(norm)
+    recorder = _InputRecorder(aux_backbone.norm) if with_residual else None
+    if recorder:
+        aux_backbone.norm = recorder
     try:
         with tap_kv(aux.layers) as rec:
             hidden = aux_backbone(tokens)
-        residual = aux_backbone.norm.last_input if with_residual else None
     finally:
-        if with_residual:
-            aux_backbone.norm = norm
+        if recorder:
+            aux_backbone.norm = recorder.module
+    residual = recorder.last_input if recorder else None
     return [k[0] for k in rec.keys], [v[0] for v in rec.values], hidden, residual
 
 
@@ -110,9 +110,8 @@ def skippable_layers(bundle: Bundle, base: nn.Module) -> int:
 
 
 @contextmanager
-def from_layer(model: nn.Module, first: int):
-    """Within: `model` runs only blocks first.. (call it with input_embeddings = the residual entering `first`),
-    and `model.layers` lists just those."""
+def _blocks_from(model: nn.Module, first: int):
+    """Within: `model` runs only its blocks first.. (its backbone's layer list is cut, then restored)."""
     model_backbone = backbone(model)
     layers = model_backbone.layers
     model_backbone.layers = layers[first:]
@@ -122,12 +121,20 @@ def from_layer(model: nn.Module, first: int):
         model_backbone.layers = layers
 
 
+def forward_from(model: nn.Module, tokens: mx.array, first: int = 0, residual: mx.array | None = None) -> mx.array:
+    """Logits of `model` for `tokens`, running blocks first.. on `residual`, the stream entering block `first`."""
+    if not first:
+        return model(tokens)
+    with _blocks_from(model, first):
+        return model(tokens, input_embeddings=residual)
+
+
 def base_targets(base: nn.Module, tokens: mx.array, *, first: int = 0, residual: mx.array | None = None
                  ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
     """The base's true-cache logits and pre-norm pre-RoPE K/V per layer (from layer `first`, given the
     residual stream entering it)."""
-    with from_layer(base, first), tap_kv(base.layers) as rec:
-        logits = base(tokens, input_embeddings=residual) if first else base(tokens)
+    with tap_kv(base.layers[first:]) as rec:
+        logits = forward_from(base, tokens, first, residual)
     return logits, [k[0] for k in rec.keys], [v[0] for v in rec.values]
 
 
@@ -188,8 +195,8 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
     def override(kind: str, i: int, projected: mx.array) -> mx.array:
         return pk[i] if kind == "k" else pv[i]
 
-    with from_layer(base, first), tap_kv(base.layers, override=override):
-        logits = base(tokens, input_embeddings=residual) if first else base(tokens)
+    with tap_kv(base.layers[first:], override=override):
+        logits = forward_from(base, tokens, first, residual)
     parts = {}
     exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)
