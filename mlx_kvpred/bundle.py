@@ -21,7 +21,10 @@ from .lora import add_aux_lora, is_lora_param
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
-FORMAT_VERSION = 3  # 2: aux_lora; 3: predictor_input "hidden", exact_layers (bundles use the lowest that fits)
+FORMAT_VERSION = 4  # 2: aux_lora; 3: predictor_input "hidden", exact_layers; 4: prev_token_dim (lowest that fits)
+# Fields added after format 1, left out of the JSON at these (default) values so older readers still load it
+NEWER_FIELDS = {"aux_lora": None, "predictor_input": "kv", "aux_hidden_dim": None, "exact_layers": [],
+                "prev_token_dim": 0}
 CONFIG_FILE = "kvp_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -39,6 +42,7 @@ class BundleConfig:
     predictor_input: str = "kv"  # "kv" (CoreNet) or "hidden" (the aux's final normed hidden state)
     aux_hidden_dim: int | None = None  # input "hidden": its width
     exact_layers: list[int] = field(default_factory=list)  # base layers copying their aux layer's K/V
+    prev_token_dim: int = 0  # input "hidden": width of the previous token's projected hidden state
     trained: bool = False
     training: dict = field(default_factory=dict)  # steps, data split, losses, command ...
     format: str = FORMAT
@@ -121,10 +125,12 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
     cfg = bundle.config  # readable by older versions when it can be
-    cfg.format_version = 3 if cfg.predictor_input != "kv" or cfg.exact_layers else 2 if cfg.aux_lora else 1
+    cfg.format_version = (4 if cfg.prev_token_dim else 3 if cfg.predictor_input != "kv" or cfg.exact_layers
+                          else 2 if cfg.aux_lora else 1)
     path = Path(path)  # weights first: a config never points at weights that are not there
     atomic_write(path / WEIGHTS_FILE, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
-    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(bundle.config), indent=1)))
+    raw = {k: v for k, v in asdict(cfg).items() if k not in NEWER_FIELDS or v != NEWER_FIELDS[k]}
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(raw, indent=1)))
 
 
 def _read_config(path: Path) -> BundleConfig:
@@ -171,7 +177,7 @@ def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
 def predictor_config(cfg: BundleConfig) -> PredictorConfig:
     return PredictorConfig(tuple(cfg.aux_kv_dims), tuple(cfg.base_kv_dims), tuple(cfg.layer_map),
                            input=cfg.predictor_input, aux_hidden_dim=cfg.aux_hidden_dim,
-                           exact_layers=tuple(cfg.exact_layers))
+                           exact_layers=tuple(cfg.exact_layers), prev_token_dim=cfg.prev_token_dim)
 
 
 def exact_aux_layers(aux_layers: list[int], layer_map: list[int]) -> list[int]:
@@ -181,13 +187,14 @@ def exact_aux_layers(aux_layers: list[int], layer_map: list[int]) -> list[int]:
 
 def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],
                aux_layers: list[int] | None = None, aux_config: dict | None = None,
-               predictor_input: str = "kv", exact_layers: list[int] | None = None) -> Bundle:
+               predictor_input: str = "kv", exact_layers: list[int] | None = None,
+               prev_token_dim: int = 0) -> Bundle:
     """A bundle with a freshly initialised (untrained) predictor for `aux` -> `base`."""
     cfg = BundleConfig(aux_kind=aux_kind, layer_map=list(layer_map), aux_kv_dims=kv_dims(aux.layers),
                        base_kv_dims=kv_dims(base.model.layers), base=describe_base(base), aux_layers=aux_layers,
                        aux_config=aux_config, predictor_input=predictor_input,
                        aux_hidden_dim=hidden_dim(aux) if predictor_input == "hidden" else None,
-                       exact_layers=list(exact_layers or []))
+                       exact_layers=list(exact_layers or []), prev_token_dim=prev_token_dim)
     return Bundle(cfg, aux, KVPredictor(predictor_config(cfg)))
 
 

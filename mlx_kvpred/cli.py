@@ -204,6 +204,9 @@ def train(
     predictor_input: Optional[str] = typer.Option(None, help="What the predictor reads: kv (default; CoreNet: the "
                                                              "mapped aux layer's K for keys, V for values) or hidden "
                                                              "(the aux's final normed hidden state)."),
+    prev_token_dim: Optional[int] = typer.Option(None, help="Predictor input hidden: also read the previous "
+                                                            "token's hidden state, projected to this width "
+                                                            "(0: off; the shipped bundle uses 64)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
                                                          "repeatable (default: Python lib dir + /usr/share/doc)."),
     seq_len: int = typer.Option(256, help="Training sequence length."),
@@ -242,14 +245,17 @@ def train(
         raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
                           "or --init-from BUNDLE")
     if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None
-                                  or predictor_input is not None):
+                                  or predictor_input is not None or prev_token_dim is not None):
         raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA rank and scale; "
-                          "drop --layer-map/--predictor-input/--aux-lora-rank/--aux-lora-scale")
+                          "drop --layer-map/--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale")
     if aux_lora_scale is None:
         aux_lora_scale = TrainConfig.aux_lora_scale
     predictor_input = predictor_input or "kv"
     if predictor_input not in PREDICTOR_INPUTS:
         raise KVPredError(f"--predictor-input must be one of {', '.join(PREDICTOR_INPUTS)}, got {predictor_input!r}")
+    prev_token_dim = prev_token_dim or 0
+    if prev_token_dim < 0 or (prev_token_dim and predictor_input != "hidden"):
+        raise KVPredError(f"--prev-token-dim must be >= 0 and needs --predictor-input hidden, got {prev_token_dim}")
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
@@ -286,7 +292,7 @@ def train(
         # a frozen KVP-LP aux computes its kept layers' K/V exactly: copied, not predicted
         exact = exact_aux_layers(kept, lmap) if kept and not aux_lora_rank else []
         bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config,
-                            predictor_input=predictor_input, exact_layers=exact)
+                            predictor_input=predictor_input, exact_layers=exact, prev_token_dim=prev_token_dim)
         if aux_lora_rank:
             enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
 

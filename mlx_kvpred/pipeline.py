@@ -70,12 +70,14 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
     caches = make_prompt_cache(base_model, max_kv_size=max_kv_size)
     aux_caches = make_prompt_cache(bundle.aux)
     aux_backbone = backbone(bundle.aux)
+    prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
         for start in range(0, tokens.size, prefill_step_size):
             hidden = aux_backbone(tokens[None, start:start + prefill_step_size], cache=aux_caches)
             keys = [calls.pop() for calls in record.keys]
             values = [calls.pop() for calls in record.values]
-            pred_k, pred_v = bundle.predictor(keys, values, hidden)  # input "kv" leaves hidden unevaluated
+            pred_k, pred_v = bundle.predictor(keys, values, hidden, prev_hidden)  # input "kv": hidden unevaluated
+            prev_hidden = hidden[:, -1:]
             write_predicted_kv(base_model.layers, caches, pred_k, pred_v)
             mx.eval([c.state for c in caches], [c.state for c in aux_caches])
     return caches

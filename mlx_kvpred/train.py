@@ -149,19 +149,53 @@ def _with_bias(a: mx.array) -> np.ndarray:
     return np.concatenate([np.array(a[0], dtype=np.float64), np.ones((a.shape[1], 1))], axis=1)
 
 
+def _hidden_features(aux_hidden: mx.array, prev_token_dim: int) -> mx.array:
+    """Ridge input "h": the hidden state, and with prev_token_dim the previous position's in full (zeros first)."""
+    if not prev_token_dim:
+        return aux_hidden
+    prev = mx.pad(aux_hidden[:, :-1], [(0, 0), (1, 0), (0, 0)])
+    return mx.concatenate([aux_hidden, prev], axis=-1)
+
+
+def _reduce_prev_token(pred: nn.Module, gram: dict, rhs: dict, n_tokens: int, lam: float) -> None:
+    """Fit the prev_token_proj (d -> r) as a reduced-rank regression: the top-r directions of the full
+    previous-token block of the ridge fit, in whitened input coordinates; then express the "h" Gram and
+    right-hand sides in the reduced features [h, proj(h_prev), 1]."""
+    d, r = pred.config.aux_hidden_dim, pred.config.prev_token_dim
+    g = gram["h"]
+    reg = lam * np.mean(np.diag(g)) * np.eye(g.shape[0])
+    reg[-1, -1] = 0.0
+    w_prev = np.concatenate([np.linalg.solve(g + reg, v) for v in rhs.values()], axis=1)[d:2 * d]
+    mean = g[-1, :d] / n_tokens
+    ev, evec = np.linalg.eigh(g[:d, :d] / n_tokens - np.outer(mean, mean))  # covariance of the hidden state
+    ev = np.maximum(ev, 1e-6 * ev.max())
+    u, _, _ = np.linalg.svd((evec * ev ** 0.5) @ evec.T @ w_prev, full_matrices=False)
+    proj = (evec * ev ** -0.5) @ evec.T @ u[:, :r]  # (d, r)
+    t = np.zeros((2 * d + 1, d + r + 1))  # [h, h_prev, 1] -> [h, proj(h_prev), 1]
+    t[:d, :d], t[d:2 * d, d:d + r], t[-1, -1] = np.eye(d), proj, 1.0
+    gram["h"] = t.T @ g @ t
+    for key in rhs:
+        rhs[key] = t.T @ rhs[key]
+    pred.prev_token_proj.weight = mx.array(proj.T.astype(np.float32)).astype(pred.prev_token_proj.weight.dtype)
+
+
 def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: float = 1e-3,
                progress: Callable[[], None] | None = None) -> None:
-    """Least-squares K/V maps from aux to base activations (with bias), one solve per learned transform."""
+    """Least-squares K/V maps from aux to base activations (with bias), one solve per learned transform
+    (with prev_token_dim: a reduced-rank fit of the previous token's hidden state first)."""
     pred = bundle.predictor
     layers = pred.linear_layers
+    prev_dim = pred.config.prev_token_dim
     gram: dict[str, np.ndarray] = {}  # X^T X per input
     rhs: dict[tuple[str, int], np.ndarray] = {}  # X^T Y per ("k" | "v", base layer)
+    n_tokens = 0
     for seq in sequences:
         x = mx.array(seq)[None]
         ak, av, ah, _ = aux_kv(bundle.aux, x)
         _, bk, bv = base_targets(base, x)
-        ah = ah if pred.config.input == "hidden" else None
+        ah = _hidden_features(ah, prev_dim) if pred.config.input == "hidden" else None
         mx.eval(ak, av, ah, bk, bv)
+        n_tokens += x.shape[1]
         names = {name for i in layers for name in _ridge_inputs(pred.config, i)}
         feats = {n: _with_bias(ah if n == "h" else (ak if n[0] == "k" else av)[int(n[1:])]) for n in names}
         for name, f in feats.items():
@@ -172,6 +206,8 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
             rhs["v", i] = rhs.get(("v", i), 0) + feats[v_in].T @ np.array(bv[i][0], dtype=np.float64)
         if progress:
             progress()
+    if prev_dim and layers:
+        _reduce_prev_token(pred, gram, rhs, n_tokens, lam)
     for i in layers:
         k_in, v_in = _ridge_inputs(pred.config, i)
         for lin, g, r in ((pred.key_transforms[i], gram[k_in], rhs["k", i]),

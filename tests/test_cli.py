@@ -84,6 +84,8 @@ def test_generate_streams_real_model():
     (["--init-from", "{tmp}/b", "--aux-lora-scale", "2"], "--aux-lora-scale"),
     (["--init-from", "{tmp}/b", "--predictor-input", "hidden"], "--predictor-input"),
     (["--aux-layers-keep", "8", "--predictor-input", "keys"], "--predictor-input must be one of kv, hidden"),
+    (["--aux-layers-keep", "8", "--prev-token-dim", "64"], "--prev-token-dim"),
+    (["--aux-layers-keep", "8", "--predictor-input", "hidden", "--prev-token-dim", "-1"], "--prev-token-dim"),
 ])
 def test_train_bad_input(tmp_path, args, fragment):
     (tmp_path / "empty").mkdir()

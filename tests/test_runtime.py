@@ -56,18 +56,25 @@ def test_exact_layers_reproduce_base_exactly(tiny):
         assert mx.allclose(a, b, atol=1e-5).item()
 
 
-def test_hidden_input_bundle(tiny, tmp_path):
-    """Predictor input "hidden": the aux's final normed hidden state feeds every predicted layer; the bundle
-    round-trips (format 3), chunked aux prefill equals one shot, and the hidden state does matter."""
+@pytest.mark.parametrize("prev_token_dim", [0, 8])
+def test_hidden_input_bundle(tiny, tmp_path, prev_token_dim):
+    """Predictor input "hidden": the aux's final normed hidden state (and with prev_token_dim the previous
+    token's, projected) feeds every predicted layer; the bundle round-trips (format 3 / 4), chunked aux
+    prefill equals one shot (the previous token crosses chunk borders), and the inputs do matter."""
     n = len(tiny.model.layers)
     aux, _ = make_layer_pruned_aux(tiny.model, tiny.config, [0])
     bundle = new_bundle(tiny, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map([0], n), aux_layers=[0],
-                        predictor_input="hidden", exact_layers=[0])
+                        predictor_input="hidden", exact_layers=[0], prev_token_dim=prev_token_dim)
     bundle.config.trained = True
-    assert bundle.predictor.key_transforms[1].weight.shape[1] == hidden_dim(tiny.model) == 64
+    assert bundle.predictor.key_transforms[1].weight.shape[1] == hidden_dim(tiny.model) + prev_token_dim == \
+        64 + prev_token_dim
     save_bundle(tmp_path / "b", bundle, base=tiny, dtype=mx.float32)
     saved = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
-    assert saved["format_version"] == 3 and saved["predictor_input"] == "hidden" and saved["exact_layers"] == [0]
+    assert saved["predictor_input"] == "hidden" and saved["exact_layers"] == [0]
+    if prev_token_dim:
+        assert saved["format_version"] == 4 and saved["prev_token_dim"] == prev_token_dim
+    else:  # fields newer than the bundle's format stay out of the JSON, so older readers load it
+        assert saved["format_version"] == 3 and "prev_token_dim" not in saved
     loaded = Pipeline(tiny, load_bundle(tmp_path / "b", tiny))
     tokens = mx.random.randint(0, tiny.config["vocab_size"], (37,), key=mx.random.key(3))
     a = predict_cache(Pipeline(tiny, bundle), tokens, prefill_step_size=512)
@@ -80,6 +87,11 @@ def test_hidden_input_bundle(tiny, tmp_path):
     c = predict_cache(loaded, tokens)
     assert mx.allclose(c[0].state[1], a[0].state[1], atol=1e-6).item()  # the exact layer is a copy
     assert mx.abs(c[1].state[1] - a[1].state[1]).max().item() > 1e-3
+    if prev_token_dim:
+        proj = loaded.bundle.predictor.prev_token_proj
+        proj.weight = proj.weight * 0.5
+        d = predict_cache(loaded, tokens)
+        assert mx.abs(d[1].state[0] - c[1].state[0]).max().item() > 1e-3
 
 
 def test_wrong_predictor_changes_logits(tiny):

@@ -76,8 +76,9 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, rank):
     assert final["trained"] and final["training"]["steps_done"] == 12
 
 
-@pytest.mark.parametrize("predictor_input,kept,exact", [("kv", [0, 3], False), ("hidden", [0, 1], True)])
-def test_training_lowers_the_distillation_loss(tmp_path, predictor_input, kept, exact):
+@pytest.mark.parametrize("predictor_input,kept,exact,prev", [("kv", [0, 3], False, 0), ("hidden", [0, 1], True, 0),
+                                                            ("hidden", [0, 1], True, 8)])
+def test_training_lowers_the_distillation_loss(tmp_path, predictor_input, kept, exact, prev):
     """Ridge init, then distillation: the KL to the base's true-cache logits falls on the data trained on.
     (Agreement on random-weight models is noise; accuracy on real text comes from `kvpred-mlx eval`.)
     The hidden case copies the aux's layers, so training skips them (skippable_layers)."""
@@ -85,7 +86,8 @@ def test_training_lowers_the_distillation_loss(tmp_path, predictor_input, kept, 
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
     lmap = layer_pruned_map(kept, 6)
     bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept,
-                        predictor_input=predictor_input, exact_layers=exact_aux_layers(kept, lmap) if exact else None)
+                        predictor_input=predictor_input, exact_layers=exact_aux_layers(kept, lmap) if exact else None,
+                        prev_token_dim=prev)
     seqs = np.random.default_rng(0).integers(0, 97, (8, 48)).astype(np.int32)
     cfg = TrainConfig(steps=40, seq_len=48, ridge_sequences=8, checkpoint_every=20, lr=3e-3, batch_size=8)
 
@@ -259,3 +261,26 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
                         layer_map=layer_pruned_map([0, 2], 5), aux_layers=[0, 2], exact_layers=[0, 2])
     plain = new_bundle(base, bundle.aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept)
     assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
+
+
+def test_ridge_fits_the_previous_token_projection():
+    """ridge_init with prev_token_dim: a reduced-rank fit of the previous token's hidden state on top of the
+    current one: its K/V error on the fitted text is below the current-token-only fit, and falls with the rank."""
+    base = tiny_model("llama", num_hidden_layers=5)
+    kept = [0, 1]
+    lmap = layer_pruned_map(kept, 5)
+    tokens = np.random.default_rng(2).integers(0, 97, (6, 40)).astype(np.int32)
+
+    def kv_error(prev_token_dim):
+        bundle = new_bundle(base, make_layer_pruned_aux(base.model, base.config, kept)[0], aux_kind="layer_pruned",
+                            layer_map=lmap, aux_layers=kept, predictor_input="hidden",
+                            exact_layers=exact_aux_layers(kept, lmap), prev_token_dim=prev_token_dim)
+        ridge_init(bundle, base.model, tokens, lam=1e-6)
+        x = mx.array(tokens)
+        ak, av, ah, _ = aux_kv(bundle.aux, x)
+        _, tk, tv = base_targets(base.model, x)
+        pk, pv = bundle.predictor(ak, av, ah)
+        return sum(mx.mean((a - b) ** 2).item() for a, b in zip(pk[2:] + pv[2:], tk[2:] + tv[2:]))
+
+    none, low, full = kv_error(0), kv_error(8), kv_error(64)
+    assert full < low < 0.95 * none, (none, low, full)
