@@ -3,7 +3,7 @@
 Inputs (`PredictorConfig.input`): "kv" (CoreNet) reads the mapped aux layer's K for keys and its V for values;
 "hidden" reads the aux's last hidden state (after its final norm) for both, a strictly richer input for KVP-LP;
 with `prev_token_dim` it also reads a shared low-rank projection of the previous token's hidden state (one
-token of context: measured +0.22 held-out agreement for a ridge fit at lp8, DESIGN.md).
+token of context: +0.22 held-out agreement for a ridge fit at lp8, README "Training a predictor").
 Exact layers (KVP-LP with a frozen aux: base layers the aux runs itself) copy that aux layer's K/V, no weights.
 Weight names mirror CoreNet's `auxkv_to_basekv.{key,value}_transforms.{i}` so checkpoints map one to one.
 """
@@ -100,10 +100,8 @@ class KVPredictor(nn.Module):
         (chunked prefill), zeros at the start of a sequence."""
         if not self.config.prev_token_dim:
             return aux_hidden
-        prev = aux_hidden[:, :-1] if prev_hidden is None else mx.concatenate([prev_hidden, aux_hidden[:, :-1]], 1)
-        projected = self.prev_token_proj(prev)
-        if prev_hidden is None:
-            projected = mx.pad(projected, [(0, 0), (1, 0), (0, 0)])
+        first = mx.zeros_like(aux_hidden[:, :1]) if prev_hidden is None else prev_hidden
+        projected = self.prev_token_proj(mx.concatenate([first, aux_hidden[:, :-1]], axis=1))
         return mx.concatenate([aux_hidden, projected], axis=-1)
 
     def __call__(self, aux_keys: list[mx.array], aux_values: list[mx.array], aux_hidden: mx.array | None = None,
