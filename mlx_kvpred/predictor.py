@@ -57,6 +57,12 @@ class PredictorConfig:
 PREDICTOR_INPUTS = ("kv", "hidden")
 
 
+def previous_positions(x: mx.array, before: mx.array | None = None) -> mx.array:
+    """x (B, L, d) shifted one position later: row t holds row t-1; row 0 holds `before` (B, 1, d) or zeros."""
+    first = mx.zeros_like(x[:, :1]) if before is None else before
+    return mx.concatenate([first, x[:, :-1]], axis=1)
+
+
 def spread_layers(n_base: int, n_keep: int) -> list[int]:
     """`n_keep` evenly spaced base layers starting at 0 (CoreNet KVP-LP: 0.25 of 28 -> 0,4,...,24)."""
     if not 1 <= n_keep <= n_base:
@@ -100,8 +106,7 @@ class KVPredictor(nn.Module):
         (chunked prefill), zeros at the start of a sequence."""
         if not self.config.prev_token_dim:
             return aux_hidden
-        first = mx.zeros_like(aux_hidden[:, :1]) if prev_hidden is None else prev_hidden
-        projected = self.prev_token_proj(mx.concatenate([first, aux_hidden[:, :-1]], axis=1))
+        projected = self.prev_token_proj(previous_positions(aux_hidden, prev_hidden))
         return mx.concatenate([aux_hidden, projected], axis=-1)
 
     def __call__(self, aux_keys: list[mx.array], aux_values: list[mx.array], aux_hidden: mx.array | None = None,

@@ -29,7 +29,7 @@ from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
 from .lora import add_aux_lora
-from .predictor import PredictorConfig
+from .predictor import PredictorConfig, previous_positions
 
 CHECKPOINT_DIR = "checkpoint"
 # Peak lr per predictor input: Adam moves each output by ~lr x the input's L1 norm, 2-5x larger for "hidden"
@@ -153,8 +153,14 @@ def _hidden_features(aux_hidden: mx.array, prev_token_dim: int) -> mx.array:
     """Ridge input "h": the hidden state, and with prev_token_dim the previous position's in full (zeros first)."""
     if not prev_token_dim:
         return aux_hidden
-    prev = mx.pad(aux_hidden[:, :-1], [(0, 0), (1, 0), (0, 0)])
-    return mx.concatenate([aux_hidden, prev], axis=-1)
+    return mx.concatenate([aux_hidden, previous_positions(aux_hidden)], axis=-1)
+
+
+def _ridge_solve(gram: np.ndarray, rhs: np.ndarray, lam: float) -> np.ndarray:
+    """Ridge weights (d_in + 1, d_out) from X^T X and X^T Y, X's last column the bias (not shrunk)."""
+    reg = lam * np.mean(np.diag(gram)) * np.eye(gram.shape[0])
+    reg[-1, -1] = 0.0
+    return np.linalg.solve(gram + reg, rhs)
 
 
 def _reduce_prev_token(pred: nn.Module, gram: dict, rhs: dict, n_tokens: int, lam: float) -> None:
@@ -163,9 +169,7 @@ def _reduce_prev_token(pred: nn.Module, gram: dict, rhs: dict, n_tokens: int, la
     right-hand sides in the reduced features [h, proj(h_prev), 1]."""
     d, r = pred.config.aux_hidden_dim, pred.config.prev_token_dim
     g = gram["h"]
-    reg = lam * np.mean(np.diag(g)) * np.eye(g.shape[0])
-    reg[-1, -1] = 0.0
-    w_prev = np.concatenate([np.linalg.solve(g + reg, v) for v in rhs.values()], axis=1)[d:2 * d]
+    w_prev = np.concatenate([_ridge_solve(g, v, lam) for v in rhs.values()], axis=1)[d:2 * d]
     mean = g[-1, :d] / n_tokens
     ev, evec = np.linalg.eigh(g[:d, :d] / n_tokens - np.outer(mean, mean))  # covariance of the hidden state
     ev = np.maximum(ev, 1e-6 * ev.max())
@@ -188,6 +192,7 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
     prev_dim = pred.config.prev_token_dim
     gram: dict[str, np.ndarray] = {}  # X^T X per input
     rhs: dict[tuple[str, int], np.ndarray] = {}  # X^T Y per ("k" | "v", base layer)
+    names = {name for i in layers for name in _ridge_inputs(pred.config, i)}
     n_tokens = 0
     for seq in sequences:
         x = mx.array(seq)[None]
@@ -196,7 +201,6 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
         ah = _hidden_features(ah, prev_dim) if pred.config.input == "hidden" else None
         mx.eval(ak, av, ah, bk, bv)
         n_tokens += x.shape[1]
-        names = {name for i in layers for name in _ridge_inputs(pred.config, i)}
         feats = {n: _with_bias(ah if n == "h" else (ak if n[0] == "k" else av)[int(n[1:])]) for n in names}
         for name, f in feats.items():
             gram[name] = gram.get(name, 0) + f.T @ f
@@ -212,9 +216,7 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
         k_in, v_in = _ridge_inputs(pred.config, i)
         for lin, g, r in ((pred.key_transforms[i], gram[k_in], rhs["k", i]),
                           (pred.value_transforms[i], gram[v_in], rhs["v", i])):
-            reg = lam * np.mean(np.diag(g)) * np.eye(g.shape[0])
-            reg[-1, -1] = 0.0  # do not shrink the bias
-            w = np.linalg.solve(g + reg, r)  # (d_in + 1, d_out)
+            w = _ridge_solve(g, r, lam)
             lin.weight = mx.array(w[:-1].T.astype(np.float32)).astype(lin.weight.dtype)
             lin.bias = mx.array(w[-1].astype(np.float32)).astype(lin.bias.dtype)
     mx.eval(pred.parameters())
