@@ -17,11 +17,12 @@ from mlx.utils import tree_flatten
 from .attention import hidden_dim, kv_dims
 from .errors import KVPredError
 from .loading import LoadedModel, config_fingerprint, make_layer_pruned_aux, model_class
-from .lora import add_aux_lora, is_lora_param
+from .lora import add_aux_lora, is_lora_param, lora_layers, unchanged_kv_layers
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
-FORMAT_VERSION = 4  # 2: aux_lora; 3: predictor_input "hidden", exact_layers; 4: prev_token_dim (lowest that fits)
+FORMAT_VERSION = 5  # 2: aux_lora; 3: predictor_input "hidden", exact_layers; 4: prev_token_dim;
+# 5: aux_lora on some layers / frozen K/V projections (a bundle is written with the lowest that fits)
 # Fields added after format 1, left out of the JSON at these (default) values so older readers still load it
 NEWER_FIELDS = {"aux_lora": None, "predictor_input": "kv", "aux_hidden_dim": None, "exact_layers": [],
                 "prev_token_dim": 0}
@@ -38,7 +39,8 @@ class BundleConfig:
     base: dict  # reference, config_hash, num_layers, vocab_size, fingerprint
     aux_layers: list[int] | None = None  # KVP-LP: the base layers the aux keeps
     aux_config: dict | None = None  # KVP-C: the aux model's mlx-lm config
-    aux_lora: dict | None = None  # KVP-LP: {"rank", "scale"}: LoRA factors on every aux layer's linears
+    aux_lora: dict | None = None  # KVP-LP: {"rank", "scale", "layers", "frozen_kv"}: LoRA on those aux layers' linears
+    # but the K/V projections of the frozen_kv layers (configs without "layers": every linear of every layer)
     predictor_input: str = "kv"  # "kv" (CoreNet) or "hidden" (the aux's final normed hidden state)
     aux_hidden_dim: int | None = None  # input "hidden": its width
     exact_layers: list[int] = field(default_factory=list)  # base layers copying their aux layer's K/V
@@ -125,7 +127,8 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
 
     cfg = bundle.config  # readable by older versions when it can be
-    cfg.format_version = (4 if cfg.prev_token_dim else 3 if cfg.predictor_input != "kv" or cfg.exact_layers
+    partial_lora = bool(cfg.aux_lora) and ("layers" in cfg.aux_lora or "frozen_kv" in cfg.aux_lora)
+    cfg.format_version = (5 if partial_lora else 4 if cfg.prev_token_dim else 3 if cfg.predictor_input != "kv" or cfg.exact_layers
                           else 2 if cfg.aux_lora else 1)
     path = Path(path)  # weights first: a config never points at weights that are not there
     atomic_write(path / WEIGHTS_FILE, lambda tmp: mx.save_safetensors(tmp, weights, metadata={"format": "mlx"}))
@@ -164,7 +167,9 @@ def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
     if cfg.aux_kind == "layer_pruned":
         aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
         if cfg.aux_lora:
-            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]))
+            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]),
+                         layers=lora_layers(cfg.aux_lora, len(aux.layers)),
+                         frozen_kv=cfg.aux_lora.get("frozen_kv", ()))
         return aux
     if cfg.aux_kind == "separate":
         if cfg.aux_lora:
@@ -180,9 +185,10 @@ def predictor_config(cfg: BundleConfig) -> PredictorConfig:
                            exact_layers=tuple(cfg.exact_layers), prev_token_dim=cfg.prev_token_dim)
 
 
-def exact_aux_layers(aux_layers: list[int], layer_map: list[int]) -> list[int]:
-    """KVP-LP with a frozen aux: the base layers the aux runs itself (their K/V are the base's true ones)."""
-    return [i for j, i in enumerate(aux_layers) if layer_map[i] == j]
+def exact_aux_layers(aux_layers: list[int], layer_map: list[int], unchanged: list[int] | None = None) -> list[int]:
+    """KVP-LP: the base layers the aux runs itself, among aux layers `unchanged` (default all: a frozen aux),
+    whose K/V are then the base's true ones."""
+    return [i for j, i in enumerate(aux_layers) if layer_map[i] == j and (unchanged is None or j in unchanged)]
 
 
 def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],
@@ -218,8 +224,10 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
         raise KVPredError(f"{path}: aux K/V widths in the config do not match the aux model")
     if cfg.predictor_input == "hidden" and cfg.aux_hidden_dim != hidden_dim(aux):
         raise KVPredError(f"{path}: aux_hidden_dim {cfg.aux_hidden_dim} does not match the aux model ({hidden_dim(aux)})")
-    if cfg.exact_layers and (cfg.aux_lora or cfg.aux_kind != "layer_pruned"):
-        raise KVPredError(f"{path}: exact_layers need a frozen layer-pruned aux (no LoRA factors)")
+    unchanged = unchanged_kv_layers(cfg.aux_lora, len(aux.layers))
+    if cfg.exact_layers and (cfg.aux_kind != "layer_pruned"
+                             or any(cfg.layer_map[i] not in unchanged for i in cfg.exact_layers)):
+        raise KVPredError(f"{path}: exact_layers need layer-pruned aux layers that LoRA leaves unchanged")
     predictor = KVPredictor(pcfg)
     dtype = _float_dtype(base.model)
     pred_w = [(k[len("predictor."):], v.astype(dtype)) for k, v in weights.items() if k.startswith("predictor.")]

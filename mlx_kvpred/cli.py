@@ -218,8 +218,12 @@ def train(
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
-    aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on every aux linear "
+    aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
                                               "(0: the aux stays the base's frozen layers)."),
+    aux_lora_layers: Optional[str] = typer.Option(None, help="With --aux-lora-rank: the aux layers (0-based, of the "
+                                                             "aux) that get LoRA, default all. The first keeps its "
+                                                             "K/V projections, so its K/V and those before it stay "
+                                                             "exact; e.g. 7 for an 8-layer aux."),
     aux_lora_scale: Optional[float] = typer.Option(None, help="LoRA output scale (default 0.5; with Adam: the LoRA "
                                                                "step size vs --lr)."),
     max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
@@ -238,16 +242,18 @@ def train(
     from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
     from .pipeline import Pipeline
     from .predictor import PREDICTOR_INPUTS, layer_pruned_map, smaller_model_map, spread_layers
-    from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, enable_aux_lora, train as run_training
+    from .lora import lora_layers, unchanged_kv_layers
+    from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, aux_lora_config, enable_aux_lora, train as run_training
 
     specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None, init_from is not None]
     if sum(specs) != 1:
         raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
                           "or --init-from BUNDLE")
     if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None
-                                  or predictor_input is not None or prev_token_dim is not None):
-        raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA rank and scale; "
-                          "drop --layer-map/--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale")
+                                  or aux_lora_layers is not None or predictor_input is not None
+                                  or prev_token_dim is not None):
+        raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA; drop --layer-map/"
+                          "--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale/--aux-lora-layers")
     if aux_lora_scale is None:
         aux_lora_scale = TrainConfig.aux_lora_scale
     predictor_input = predictor_input or "kv"
@@ -261,6 +267,9 @@ def train(
             raise KVPredError(f"{flag} must be >= 1, got {value}")
     if aux_lora_rank < 0 or (aux_lora_rank and aux_model is not None):
         raise KVPredError("--aux-lora-rank must be >= 0, and is for layer-pruned aux models only (not --aux-model)")
+    lora_layer_list = parse_int_list(aux_lora_layers, "--aux-lora-layers")
+    if lora_layer_list is not None and not aux_lora_rank:
+        raise KVPredError("--aux-lora-layers needs --aux-lora-rank")
     if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
         raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
     set_device("cpu")
@@ -270,6 +279,7 @@ def train(
         bundle = load_bundle(init_from, base)
         lora = bundle.config.aux_lora or {}
         aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", aux_lora_scale)
+        lora_layer_list = lora_layers(lora, len(bundle.aux.layers)) if lora else None
         ridge_sequences = 0  # the bundle's predictor is the starting point
     elif aux_model is not None:
         aux_loaded = load_model(aux_model, device="cpu")
@@ -289,12 +299,17 @@ def train(
         lmap = parse_int_list(layer_map, "--layer-map") or default_map
         if len(lmap) != n_base:
             raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
-        # a frozen KVP-LP aux computes its kept layers' K/V exactly: copied, not predicted
-        exact = exact_aux_layers(kept, lmap) if kept and not aux_lora_rank else []
+        if lora_layer_list is not None and not all(0 <= j < len(aux.layers) for j in lora_layer_list):
+            raise KVPredError(f"--aux-lora-layers: aux layers must be in 0..{len(aux.layers) - 1}, "
+                              f"got {lora_layer_list}")
+        lora = aux_lora_config(rank=aux_lora_rank, scale=aux_lora_scale, layers=lora_layer_list or list(
+            range(len(aux.layers)))) if aux_lora_rank else None
+        # KVP-LP: the kept layers the aux still computes as the base does (frozen, or before LoRA): copied K/V
+        exact = exact_aux_layers(kept, lmap, unchanged_kv_layers(lora, len(kept))) if kept else []
         bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config,
                             predictor_input=predictor_input, exact_layers=exact, prev_token_dim=prev_token_dim)
-        if aux_lora_rank:
-            enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale)
+        if lora:
+            enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale, layers=lora["layers"])
 
     if lr is None:
         lr = DEFAULT_LR[bundle.config.predictor_input]
@@ -309,6 +324,8 @@ def train(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
                       ce_weight=ce_weight, l1_weight=l1_weight, ridge_sequences=ridge_sequences,
                       aux_lora_rank=aux_lora_rank, aux_lora_scale=aux_lora_scale,
+                      aux_lora_layers=lora_layers(bundle.config.aux_lora, len(bundle.aux.layers))
+                      if bundle.config.aux_lora else None,
                       eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
 
     def evaluate(b):

@@ -2,7 +2,7 @@
 predicted K/V at every position (KL to the base's true-cache logits) + L1 K/V consistency (+ optional CE).
 
 The base is frozen. The aux is frozen too (its layers are the base's own), unless it carries LoRA factors
-(`aux_lora_rank`): then those train with the predictor, and the bundle stores only the factors.
+(`aux_lora_rank`, on `aux_lora_layers`): then those train with the predictor, and the bundle stores only the factors.
 Checkpoints are atomic; `resume` continues after a kill -9.
 """
 
@@ -28,7 +28,7 @@ from .bundle import Bundle, atomic_write, save_bundle
 from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
-from .lora import add_aux_lora
+from .lora import add_aux_lora, lora_layers, unchanged_kv_layers
 from .predictor import PredictorConfig, previous_positions
 
 CHECKPOINT_DIR = "checkpoint"
@@ -52,6 +52,7 @@ class TrainConfig:
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
     aux_lora_rank: int = 0  # > 0: train LoRA factors of this rank on every aux linear (KVP-LP only)
     aux_lora_scale: float = 0.5  # LoRA output scale; under Adam it sets the LoRA step size relative to lr
+    aux_lora_layers: list[int] | None = None  # the aux layers with LoRA factors (None: all)
     eval_every: int = 100
     checkpoint_every: int = 25
     seed: int = 0
@@ -66,66 +67,62 @@ class TrainState:
     elapsed: float = 0.0
 
 
-class _InputRecorder(nn.Module):
-    """Wraps a module and keeps the input of its last call."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module, self.last_input = module, None
-
-    def __call__(self, x: mx.array) -> mx.array:
-        self.last_input = x
-        return self.module(x)
-
-
-def aux_kv(aux: nn.Module, tokens: mx.array, *, with_residual: bool = False
-           ) -> tuple[list[mx.array], list[mx.array], mx.array, mx.array | None]:
-    """Pre-norm pre-RoPE K/V of every aux layer for `tokens` (B, T), the aux's final normed hidden state
-    (lazy: only evaluated where a predictor reads it) and, if `with_residual`, the residual stream entering
-    the aux's final norm (else None). The aux LM head never runs."""
+def aux_kv(aux: nn.Module, tokens: mx.array, *, residual_at: int | None = None, first: int = 0,
+           residual: mx.array | None = None) -> tuple[list[mx.array], list[mx.array], mx.array, mx.array | None]:
+    """Pre-norm pre-RoPE K/V of the aux layers first.. for `tokens` (B, T) (from `residual`, the stream entering
+    layer `first`), the aux's final normed hidden state (lazy: only evaluated where a predictor reads it) and,
+    with `residual_at` k, the residual stream entering aux layer k (k = n_layers: the final norm; else None).
+    The aux LM head never runs."""
     aux_backbone = backbone(aux)
-    recorder = _InputRecorder(aux_backbone.norm) if with_residual else None
-    if recorder:
-        aux_backbone.norm = recorder
-    try:
-        with tap_kv(aux.layers) as rec:
-            hidden = aux_backbone(tokens)
-    finally:
-        if recorder:
-            aux_backbone.norm = recorder.module
-    residual = recorder.last_input if recorder else None
-    return [k[0] for k in rec.keys], [v[0] for v in rec.values], hidden, residual
+    layers = aux_backbone.layers
+    n = len(layers)
+    cuts = [first, n] if residual_at is None else [first, residual_at, n]
+    keys, values, x, at = [], [], residual, None
+    for lo, hi in zip(cuts, cuts[1:]):
+        if lo < hi:  # the final norm only after the last layer, and not on the stream returned as `at`
+            final_norm = hi == n and residual_at != n
+            with tap_kv(layers[lo:hi]) as rec, _swapped(aux_backbone, "layers", layers[lo:hi]), \
+                    _swapped(aux_backbone, "norm", aux_backbone.norm if final_norm else nn.Identity()):
+                x = aux_backbone(tokens) if x is None else aux_backbone(tokens, input_embeddings=x)
+            keys += [k[0] for k in rec.keys]
+            values += [v[0] for v in rec.values]
+        if hi == residual_at:
+            at = x
+    if residual_at == n:
+        x = aux_backbone.norm(at)
+    return keys, values, x, at
 
 
 def skippable_layers(bundle: Bundle, base: nn.Module) -> int:
-    """How many leading base layers training may skip: all of a frozen KVP-LP aux's, when it is exactly base
-    layers 0..n-1 and copies their K/V (teacher and student then agree up to there), and the mlx-lm model
-    takes input_embeddings; else 0."""
+    """How many leading base layers training may skip: the KVP-LP aux's layers before its first LoRA layer (all,
+    when frozen), when those are exactly base layers 0..n-1 and copy their K/V (teacher and student then agree
+    up to there), and the mlx-lm model takes input_embeddings; else 0."""
     cfg = bundle.config
-    n = len(bundle.aux.layers)
-    prefix = cfg.aux_layers == list(range(n)) and all(i in cfg.exact_layers and cfg.layer_map[i] == i
-                                                     for i in range(n))
+    n_aux = len(bundle.aux.layers)
+    n = min(lora_layers(cfg.aux_lora, n_aux)) if cfg.aux_lora else n_aux
+    prefix = (cfg.aux_layers or [])[:n] == list(range(n)) and all(
+        i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
     takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
-    return n if cfg.aux_kind == "layer_pruned" and not cfg.aux_lora and prefix and takes_embeddings else 0
+    return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0
 
 
 @contextmanager
-def _blocks_from(model: nn.Module, first: int):
-    """Within: `model` runs only its blocks first.. (its backbone's layer list is cut, then restored)."""
-    model_backbone = backbone(model)
-    layers = model_backbone.layers
-    model_backbone.layers = layers[first:]
+def _swapped(module: nn.Module, name: str, value):
+    """Within: `module.name` is `value` (e.g. a backbone's layer list cut to some blocks), then restored."""
+    old = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        model_backbone.layers = layers
+        setattr(module, name, old)
 
 
 def forward_from(model: nn.Module, tokens: mx.array, first: int = 0, residual: mx.array | None = None) -> mx.array:
     """Logits of `model` for `tokens`, running blocks first.. on `residual`, the stream entering block `first`."""
     if not first:
         return model(tokens)
-    with _blocks_from(model, first):
+    model_backbone = backbone(model)
+    with _swapped(model_backbone, "layers", model_backbone.layers[first:]):
         return model(tokens, input_embeddings=residual)
 
 
@@ -249,6 +246,28 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
     return loss, parts
 
 
+def step_inputs(bundle: Bundle, base: nn.Module, tokens: mx.array, *, skip: int) -> dict:
+    """What a training step needs outside the gradient: the frozen aux's K/V and hidden state (with aux LoRA:
+    of its layers before `skip` only), the residual stream entering layer `skip`, the base's targets from there."""
+    ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=skip if skip else None)
+    if bundle.config.aux_lora:  # the graph is lazy: layers skip.. never run here
+        ak, av, ah = ak[:skip], av[:skip], None
+    tl, tk, tv = base_targets(base, tokens, first=skip, residual=res)
+    return {"ak": ak, "av": av, "ah": ah if bundle.predictor.config.input == "hidden" else None, "res": res,
+            "tl": tl, "tk": tk, "tv": tv}
+
+
+def step_loss(bundle: Bundle, base: nn.Module, tokens: mx.array, inputs: dict, *, cfg: TrainConfig,
+              l1_weight: float, skip: int) -> mx.array:
+    """The training loss from `step_inputs`; an aux with LoRA runs its layers skip.. here, under the gradient."""
+    ak, av, ah, res = inputs["ak"], inputs["av"], inputs["ah"], inputs["res"]
+    if bundle.config.aux_lora:
+        ak_lora, av_lora, ah, _ = aux_kv(bundle.aux, tokens, first=skip, residual=res)
+        ak, av = ak[:skip] + ak_lora, av[:skip] + av_lora
+    return distill_loss(bundle.predictor, base, tokens, ak, av, ah, inputs["tl"], inputs["tk"], inputs["tv"],
+                        cfg=cfg, l1_weight=l1_weight, first=skip, residual=res)[0]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -276,7 +295,7 @@ class Trainable(nn.Module):
 
 
 # Options a resumed run must share with the run it continues (the rest, e.g. steps or eval_every, may change).
-RESUME_FIXED = ("batch_size", "seq_len", "aux_lora_rank", "aux_lora_scale", "seed")
+RESUME_FIXED = ("batch_size", "seq_len", "aux_lora_rank", "aux_lora_scale", "aux_lora_layers", "seed")
 
 
 def _save_checkpoint(out: Path, trainable: Trainable, opt: optim.Optimizer, state: TrainState,
@@ -358,23 +377,18 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
 
     skip = skippable_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
 
-    def loss_fn(tokens, ak, av, ah, res, tl, tk, tv):
-        if lora:  # the aux's K/V depend on the trained factors: computed under the gradient
-            ak, av, ah, _ = aux_kv(bundle.aux, tokens)
-        return distill_loss(predictor, model, tokens, ak, av, ah, tl, tk, tv, cfg=cfg, l1_weight=l1_weight,
-                            first=skip, residual=res)[0]
+    def loss_fn(tokens, inputs):
+        return step_loss(bundle, model, tokens, inputs, cfg=cfg, l1_weight=l1_weight, skip=skip)
 
     loss_and_grad = nn.value_and_grad(trainable, loss_fn)
     last_good = state.step
     while state.step < cfg.steps:
         tic = time.perf_counter()
         tokens = mx.array(train_seqs[batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)])
-        ak, av, ah, res = ([], [], None, None) if lora else aux_kv(bundle.aux, tokens, with_residual=bool(skip))
-        ah = ah if predictor.config.input == "hidden" else None
-        tl, tk, tv = base_targets(model, tokens, first=skip, residual=res)
-        mx.eval(ak, av, ah, res, tl, tk, tv)
+        inputs = step_inputs(bundle, model, tokens, skip=skip)
+        mx.eval(inputs)
         opt.learning_rate = lr_at(state.step, cfg)
-        loss, grads = loss_and_grad(tokens, ak, av, ah, res, tl, tk, tv)
+        loss, grads = loss_and_grad(tokens, inputs)
         opt.update(trainable, grads)
         mx.eval(loss, trainable.trainable_parameters(), opt.state)
         loss_value = loss.item()
@@ -399,14 +413,24 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
     return state
 
 
-def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float) -> None:
-    """Give a KVP-LP bundle's aux trainable LoRA factors (B = 0: the aux is unchanged until trained)."""
-    if bundle.config.aux_kind != "layer_pruned":
+def aux_lora_config(*, rank: int, scale: float, layers: list[int]) -> dict:
+    """A bundle's `aux_lora`: LoRA on aux `layers`, except the first one's K/V projections (its input is still
+    the base's, so its K/V stay exact: copied, not predicted)."""
+    return {"rank": rank, "scale": scale, "layers": sorted(layers), "frozen_kv": [min(layers)]}
+
+
+def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float, layers: list[int] | None = None) -> None:
+    """Give a KVP-LP bundle's aux trainable LoRA factors on `layers` (default all; B = 0: the aux is unchanged
+    until trained)."""
+    cfg = bundle.config
+    if cfg.aux_kind != "layer_pruned":
         raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
-    if bundle.config.exact_layers:
-        raise ValueError("a bundle with exact layers copies the aux's K/V: its aux must stay frozen")
-    add_aux_lora(bundle.aux, rank=rank, scale=scale)
-    bundle.config.aux_lora = {"rank": rank, "scale": scale}
+    n_aux = len(bundle.aux.layers)
+    lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
+    if any(cfg.layer_map[i] not in unchanged_kv_layers(lora, n_aux) for i in cfg.exact_layers):
+        raise ValueError("exact layers copy the aux's K/V: LoRA must leave those aux layers unchanged")
+    add_aux_lora(bundle.aux, rank=rank, scale=scale, layers=lora["layers"], frozen_kv=lora["frozen_kv"])
+    cfg.aux_lora = lora
 
 
 def finish_bundle(bundle: Bundle, base: LoadedModel, cfg: TrainConfig, state: TrainState, metadata: dict | None) -> None:

@@ -163,13 +163,15 @@ def test_aux_lora_trains_factors_only_and_round_trips(tmp_path):
     for k, v in tree_flatten(base.model.parameters()):
         assert mx.array_equal(v, before[k]).item(), k
     lora_b = [v for k, v in tree_flatten(bundle.aux.parameters()) if k.endswith("lora_b")]
-    assert len(lora_b) == 2 * 7 and any(mx.abs(b).max().item() > 0 for b in lora_b)  # 7 linears per llama layer
+    # 7 linears per llama layer, the first LoRA layer's K/V projections left out (its K/V stay the base's)
+    assert len(lora_b) == 7 + 5 and any(mx.abs(b).max().item() > 0 for b in lora_b)
 
     stored = mx.load(str(tmp_path / "b" / "model.safetensors"))
     aux_keys = [k for k in stored if k.startswith("aux.")]
     assert aux_keys and all(k.endswith((".lora_a", ".lora_b")) for k in aux_keys), aux_keys
     saved_cfg = json.loads((tmp_path / "b" / "kvp_config.json").read_text())
-    assert saved_cfg["aux_lora"] == {"rank": 2, "scale": 1.0} and saved_cfg["format_version"] == 2
+    assert saved_cfg["aux_lora"] == {"rank": 2, "scale": 1.0, "layers": [0, 1], "frozen_kv": [0]}
+    assert saved_cfg["format_version"] == 5
     loaded = load_bundle(tmp_path / "b", base)
     (k1, v1, *_), (k2, v2, *_) = aux_kv(bundle.aux, tokens), aux_kv(loaded.aux, tokens)
     for a, b in zip(k1 + v1, k2 + v2):
@@ -241,7 +243,7 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
     skip = skippable_layers(bundle, base.model)
     assert skip == 2
     cfg = TrainConfig()
-    ak, av, ah, res = aux_kv(bundle.aux, tokens, with_residual=True)
+    ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=2)
 
     def loss_and_grads(first):
         targets = base_targets(base.model, tokens, first=first, residual=res if first else None)
@@ -261,6 +263,60 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
                         layer_map=layer_pruned_map([0, 2], 5), aux_layers=[0, 2], exact_layers=[0, 2])
     plain = new_bundle(base, bundle.aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept)
     assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
+
+
+def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
+    """--aux-lora-layers on the aux's last layer: its K/V projections stay the base's, so every aux layer's
+    K/V are still exact (copied); training skips the frozen layers before it, with the same loss and the same
+    gradients (LoRA factors included) as the full forward."""
+    from mlx_kvpred.lora import unchanged_kv_layers
+    from mlx_kvpred.train import Trainable, aux_lora_config, enable_aux_lora, step_inputs, step_loss
+
+    base = tiny_model("llama", num_hidden_layers=5)
+    kept = [0, 1, 2]
+    lmap = layer_pruned_map(kept, 5)
+    lora = aux_lora_config(rank=2, scale=1.0, layers=[2])
+    exact = exact_aux_layers(kept, lmap, unchanged_kv_layers(lora, len(kept)))
+    assert exact == [0, 1, 2] and exact_aux_layers(kept, lmap, unchanged_kv_layers(
+        aux_lora_config(rank=2, scale=1.0, layers=[1, 2]), len(kept))) == [0, 1]
+    bundle = new_bundle(base, make_layer_pruned_aux(base.model, base.config, kept)[0], aux_kind="layer_pruned",
+                        layer_map=lmap, aux_layers=kept, predictor_input="hidden", exact_layers=exact)
+    with pytest.raises(ValueError, match="exact layers"):  # LoRA on layer 1 would change layer 2's K/V
+        enable_aux_lora(new_bundle(base, make_layer_pruned_aux(base.model, base.config, kept)[0],
+                                   aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept, exact_layers=exact),
+                        rank=2, scale=1.0, layers=[1, 2])
+    enable_aux_lora(bundle, rank=2, scale=1.0, layers=[2])
+    attn = bundle.aux.layers[2].self_attn
+    assert "lora_a" in attn.q_proj and "lora_a" not in attn.k_proj and "lora_a" not in attn.v_proj
+    for name, m in bundle.aux.layers[2].named_modules():  # a trained-looking LoRA: B != 0
+        if "lora_b" in m:
+            m.lora_b = 0.1 * mx.random.normal(m.lora_b.shape, key=mx.random.key(len(name)))
+    tokens = mx.array(np.random.default_rng(1).integers(0, 97, (2, 24)).astype(np.int32))
+    ridge_init(bundle, base.model, np.array(tokens))
+    ak, av, hidden, _ = aux_kv(bundle.aux, tokens)
+    _, tk, tv = base_targets(base.model, tokens)
+    for j in range(3):  # the aux's K/V are the base's, its hidden state is not
+        assert mx.allclose(ak[j], tk[j], atol=1e-5).item() and mx.allclose(av[j], tv[j], atol=1e-5).item()
+    plain_hidden = aux_kv(make_layer_pruned_aux(base.model, base.config, kept)[0], tokens)[2]
+    assert not mx.allclose(hidden, plain_hidden, atol=1e-3).item()
+
+    skip = skippable_layers(bundle, base.model)
+    assert skip == 2
+    bundle.aux.freeze()
+    bundle.aux.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    trainable = Trainable(bundle.predictor, bundle.aux)
+
+    def loss_and_grads(first):
+        inputs = step_inputs(bundle, base.model, tokens, skip=first)
+        return nn.value_and_grad(trainable, lambda: step_loss(bundle, base.model, tokens, inputs, cfg=TrainConfig(),
+                                                              l1_weight=0.1, skip=first))()
+
+    (full, g_full), (skipped, g_skip) = loss_and_grads(0), loss_and_grads(skip)
+    assert abs(full.item() - skipped.item()) < 1e-5 * max(1.0, abs(full.item()))
+    flat_full, flat_skip = tree_flatten(g_full), tree_flatten(g_skip)
+    assert any("lora_b" in k for k, _ in flat_full) and [k for k, _ in flat_full] == [k for k, _ in flat_skip]
+    for (k, a), (_, b) in zip(flat_full, flat_skip):
+        assert mx.allclose(a, b, atol=1e-5, rtol=1e-4).item(), k
 
 
 def test_ridge_fits_the_previous_token_projection():
