@@ -50,7 +50,7 @@ class TrainConfig:
     l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (paper's best)
     ridge_sequences: int = 64  # sequences for the closed-form init; 0 starts from zero weights
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
-    aux_lora_rank: int = 0  # > 0: train LoRA factors of this rank on every aux linear (KVP-LP only)
+    aux_lora_rank: int = 0  # > 0: train LoRA factors of this rank on the aux linears (KVP-LP only)
     aux_lora_scale: float = 0.5  # LoRA output scale; under Adam it sets the LoRA step size relative to lr
     aux_lora_layers: list[int] | None = None  # the aux layers with LoRA factors (None: all)
     eval_every: int = 100
