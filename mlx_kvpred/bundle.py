@@ -191,6 +191,12 @@ def exact_aux_layers(aux_layers: list[int], layer_map: list[int], unchanged: lis
     return [i for j, i in enumerate(aux_layers) if layer_map[i] == j and (unchanged is None or j in unchanged)]
 
 
+def lora_changed_exact_layers(cfg: BundleConfig, aux_lora: dict | None, n_aux: int) -> list[int]:
+    """The exact layers of `cfg` whose aux layer `aux_lora` changes (their K/V could no longer be copied)."""
+    unchanged = unchanged_kv_layers(aux_lora, n_aux)
+    return [i for i in cfg.exact_layers if cfg.layer_map[i] not in unchanged]
+
+
 def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],
                aux_layers: list[int] | None = None, aux_config: dict | None = None,
                predictor_input: str = "kv", exact_layers: list[int] | None = None,
@@ -224,9 +230,8 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
         raise KVPredError(f"{path}: aux K/V widths in the config do not match the aux model")
     if cfg.predictor_input == "hidden" and cfg.aux_hidden_dim != hidden_dim(aux):
         raise KVPredError(f"{path}: aux_hidden_dim {cfg.aux_hidden_dim} does not match the aux model ({hidden_dim(aux)})")
-    unchanged = unchanged_kv_layers(cfg.aux_lora, len(aux.layers))
     if cfg.exact_layers and (cfg.aux_kind != "layer_pruned"
-                             or any(cfg.layer_map[i] not in unchanged for i in cfg.exact_layers)):
+                             or lora_changed_exact_layers(cfg, cfg.aux_lora, len(aux.layers))):
         raise KVPredError(f"{path}: exact_layers need layer-pruned aux layers that LoRA leaves unchanged")
     predictor = KVPredictor(pcfg)
     dtype = _float_dtype(base.model)

@@ -24,11 +24,11 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .attention import backbone, tap_kv
-from .bundle import Bundle, atomic_write, save_bundle
+from .bundle import Bundle, atomic_write, lora_changed_exact_layers, save_bundle
 from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
-from .lora import add_aux_lora, lora_layers, unchanged_kv_layers
+from .lora import add_aux_lora, lora_layers
 from .predictor import PredictorConfig, previous_positions
 
 CHECKPOINT_DIR = "checkpoint"
@@ -427,7 +427,7 @@ def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float, layers: list[int
         raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
     n_aux = len(bundle.aux.layers)
     lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
-    if any(cfg.layer_map[i] not in unchanged_kv_layers(lora, n_aux) for i in cfg.exact_layers):
+    if lora_changed_exact_layers(cfg, lora, n_aux):
         raise ValueError("exact layers copy the aux's K/V: LoRA must leave those aux layers unchanged")
     add_aux_lora(bundle.aux, rank=rank, scale=scale, layers=lora["layers"], frozen_kv=lora["frozen_kv"])
     cfg.aux_lora = lora
