@@ -217,7 +217,7 @@ def train(
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
-    ridge_sequences: int = typer.Option(64, help="Sequences for the closed-form (ridge) init; 0 to skip."),
+    ridge_sequences: int = typer.Option(256, help="Sequences for the closed-form (ridge) init; 0 to skip."),
     aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
                                               "(0: the aux stays the base's frozen layers)."),
     aux_lora_layers: Optional[str] = typer.Option(None, help="With --aux-lora-rank: the aux layers (0-based, of the "
