@@ -216,6 +216,9 @@ def train(
                                                   "3e-4 for predictor input hidden)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
+    true_kv_tail: int = typer.Option(0, help="The last N positions of each training sequence attend with their own "
+                                             "K/V, not predicted ones, as the last prompt token and generated "
+                                             "tokens do at inference (0: all predicted, CoreNet's)."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(256, help="Sequences for the closed-form (ridge) init; 0 to skip."),
     aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
@@ -265,6 +268,8 @@ def train(
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= true_kv_tail < seq_len:
+        raise KVPredError(f"--true-kv-tail must be in 0..{seq_len - 1} (below --seq-len), got {true_kv_tail}")
     if aux_lora_rank < 0 or (aux_lora_rank and aux_model is not None):
         raise KVPredError("--aux-lora-rank must be >= 0, and is for layer-pruned aux models only (not --aux-model)")
     lora_layer_list = parse_int_list(aux_lora_layers, "--aux-lora-layers")
@@ -322,7 +327,8 @@ def train(
     print(f"data: {len(split.train_files)} train files -> {len(train_seqs)} x {seq_len} tokens; "
           f"{len(split.heldout_files)} held-out files", file=sys.stderr)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
-                      ce_weight=ce_weight, l1_weight=l1_weight, ridge_sequences=ridge_sequences,
+                      ce_weight=ce_weight, true_kv_tail=true_kv_tail, l1_weight=l1_weight,
+                      ridge_sequences=ridge_sequences,
                       aux_lora_rank=aux_lora_rank, aux_lora_scale=aux_lora_scale,
                       aux_lora_layers=lora_layers(bundle.config.aux_lora, len(bundle.aux.layers))
                       if bundle.config.aux_lora else None,

@@ -47,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decays towards zero, away from the ridge solution: off by default
     kl_weight: float = 1.0  # distillation: KL(base true-cache logits || base predicted-cache logits)
     ce_weight: float = 0.0  # base CE on the data's next tokens (the paper's loss)
+    true_kv_tail: int = 0  # the last N positions attend with their own K/V, as generated tokens do at inference
     l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (paper's best)
     ridge_sequences: int = 256  # sequences for the closed-form init (vs 64: +0.007 agreement, README); 0: zero
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
@@ -219,19 +220,33 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
     mx.eval(pred.parameters())
 
 
-def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, aux_h, teacher_logits,
-                 true_k, true_v, cfg: TrainConfig, l1_weight: float, first: int = 0,
-                 residual: mx.array | None = None) -> tuple[mx.array, dict]:
-    """The base runs `tokens` attending to predicted K/V at every position; compare with the true cache.
-    With `first` > 0 it starts at that layer from `residual`, and true_k/true_v hold layers first.. only."""
+def student_logits(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, aux_h, *,
+                   true_kv_tail: int = 0, first: int = 0, residual: mx.array | None = None
+                   ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+    """The base's logits for `tokens` attending to predicted K/V at every position but the last `true_kv_tail`,
+    which keep their own (as the last prompt token and generated tokens do at inference), and the predicted K/V
+    of layers first.. (with `first` > 0 the base starts at that layer from `residual`)."""
     pk, pv = predictor(aux_k, aux_v, aux_h)
     pk, pv = pk[first:], pv[first:]
 
     def override(kind: str, i: int, projected: mx.array) -> mx.array:
-        return pk[i] if kind == "k" else pv[i]
+        predicted = pk[i] if kind == "k" else pv[i]
+        if not true_kv_tail:
+            return predicted
+        return mx.concatenate([predicted[:, :-true_kv_tail], projected[:, -true_kv_tail:]], axis=1)
 
     with tap_kv(base.layers[first:], override=override):
         logits = forward_from(base, tokens, first, residual)
+    return logits, pk, pv
+
+
+def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, aux_h, teacher_logits,
+                 true_k, true_v, cfg: TrainConfig, l1_weight: float, first: int = 0,
+                 residual: mx.array | None = None) -> tuple[mx.array, dict]:
+    """KL of `student_logits` to the base's true-cache logits + L1 to its true K/V (+ CE). With `first` > 0,
+    true_k/true_v hold layers first.. only."""
+    logits, pk, pv = student_logits(predictor, base, tokens, aux_k, aux_v, aux_h, true_kv_tail=cfg.true_kv_tail,
+                                    first=first, residual=residual)
     parts = {}
     exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)

@@ -17,8 +17,9 @@ from mlx_kvpred.bundle import exact_aux_layers, load_bundle, new_bundle
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.loading import make_layer_pruned_aux
 from mlx_kvpred.predictor import layer_pruned_map
+from mlx_kvpred.pipeline import Pipeline, predict_cache
 from mlx_kvpred.train import (TrainConfig, aux_kv, base_targets, batch_indices, distill_loss, lr_at, ridge_init,
-                              skippable_layers, train)
+                              skippable_layers, student_logits, train)
 
 TESTS = Path(__file__).parent
 
@@ -263,6 +264,32 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
                         layer_map=layer_pruned_map([0, 2], 5), aux_layers=[0, 2], exact_layers=[0, 2])
     plain = new_bundle(base, bundle.aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept)
     assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
+
+
+@pytest.mark.parametrize("prev", [0, 4])
+def test_true_kv_tail_positions_see_what_inference_sees(prev):
+    """With true_kv_tail N, the training forward's last N positions are the inference condition: the logits
+    equal those of the base running those tokens on predict_cache's cache of the tokens before them."""
+    base = tiny_model("llama", num_hidden_layers=5)
+    kept = [0, 1]
+    lmap = layer_pruned_map(kept, 5)
+    bundle = new_bundle(base, make_layer_pruned_aux(base.model, base.config, kept)[0], aux_kind="layer_pruned",
+                        layer_map=lmap, aux_layers=kept, predictor_input="hidden",
+                        exact_layers=exact_aux_layers(kept, lmap), prev_token_dim=prev)
+    rng = np.random.default_rng(3)
+    ridge_init(bundle, base.model, rng.integers(0, 97, (2, 24)).astype(np.int32))  # fit on other text: inexact
+    tokens = mx.array(rng.integers(0, 97, (1, 24)).astype(np.int32))
+    tail = 6
+    cache = predict_cache(Pipeline(base, bundle), tokens[0, :-tail])
+    inference = base.model(tokens[:, -tail:], cache=cache)
+    ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=2)
+    for first in (0, 2):  # from the embeddings, or skipping the exact aux layers
+        mixed = student_logits(bundle.predictor, base.model, tokens, ak, av, ah, true_kv_tail=tail, first=first,
+                               residual=res if first else None)[0]
+        assert mx.allclose(mixed[:, -tail:], inference, atol=1e-4, rtol=1e-4).item()
+    predicted = student_logits(bundle.predictor, base.model, tokens, ak, av, ah)[0]
+    assert mx.allclose(predicted[:, :-tail], mixed[:, :-tail], atol=1e-5).item()  # earlier positions: unchanged
+    assert not mx.allclose(predicted[:, -tail:], inference, atol=1e-2).item()  # all-predicted is another condition
 
 
 def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
