@@ -106,6 +106,11 @@ def summarize_prefixes(prefixes: list[int], n: int) -> dict:
             "full_match_rate": float(np.mean([p == n for p in prefixes])), "prefixes": [int(p) for p in prefixes]}
 
 
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of per-sequence values (None for fewer than 2)."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
 # ---- cost ---------------------------------------------------------------------------------------------------
 
 def ttft_flops(spec: ModeSpec, n: int) -> int:
@@ -190,10 +195,17 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                     continue
                 if s.mode == "kvp":
                     rows[s.name]["heldout"] = {"agreement": m.agreement, "first_token_agreement":
-                                               m.first_token_agreement, "nll": m.nll_kvp}
+                                               m.first_token_agreement, "nll": m.nll_kvp,
+                                               "agreement_se": standard_error(m.sequence_agreement),
+                                               "sequence_agreement": m.sequence_agreement}
                 elif s.mode == "aux":
                     rows[s.name]["heldout"] = {"agreement": m.aux_agreement, "first_token_agreement": None,
                                                "nll": m.nll_aux}
+
+        kvp_rows = [rows[s.name]["heldout"] for s in specs if s.mode == "kvp"]
+        for h in kvp_rows[1:]:  # paired over the same sequences: far tighter than comparing two means
+            diff = np.subtract(h["sequence_agreement"], kvp_rows[0]["sequence_agreement"])
+            h["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
 
     if "genagree" in tasks:
         prompts = [mx.array(seq[:prompt_len]) for seq in sequences]
@@ -270,8 +282,9 @@ def print_table(result: dict, console=None) -> None:
     t = Table(title=f"eval: {'; '.join(parts)}; TTFT at {s['prompt_len']} tokens, median of {s['ttft_repeats']} "
                     f"- {labels}")
     cols = ["mode"]
+    paired = "heldout" in tasks and any("vs_first_kvp" in row.get("heldout", {}) for row in result["modes"])
     if "heldout" in tasks:
-        cols += ["top-1 agree", "first-token agree", "NLL"]
+        cols += ["top-1 agree", "± se"] + (["vs 1st kvp (paired)"] if paired else []) + ["first-token agree", "NLL"]
     if "genagree" in tasks:
         cols += ["prefix mean", "prefix median", "full match"]
     if "humaneval" in tasks:
@@ -283,7 +296,11 @@ def print_table(result: dict, console=None) -> None:
         cells = [row["name"]]
         if "heldout" in tasks:
             h = row.get("heldout", {})
-            cells += [_f(h.get("agreement"), ".3f"), _f(h.get("first_token_agreement"), ".3f"), _f(h.get("nll"), ".3f")]
+            cells += [_f(h.get("agreement"), ".3f"), _f(h.get("agreement_se"), ".3f")]
+            if paired:
+                vs = h.get("vs_first_kvp")
+                cells += [f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else ""]
+            cells += [_f(h.get("first_token_agreement"), ".3f"), _f(h.get("nll"), ".3f")]
         if "genagree" in tasks:
             g = row.get("genagree", {})
             cells += [_f(g.get("mean_prefix"), ".1f"), _f(g.get("median_prefix"), ".1f"),

@@ -22,6 +22,7 @@ class HeldoutMetrics:
     nll_kvp: float
     nll_aux: float | None  # None when there is no aux LM head to run
     aux_agreement: float | None
+    sequence_agreement: list[float]  # kvp agreement per sequence (for paired comparisons and standard errors)
 
 
 def _nll(logits: mx.array, targets: mx.array) -> mx.array:
@@ -72,4 +73,5 @@ def evaluate_heldout(pipe: Pipeline, sequences: np.ndarray, *, prompt_len: int =
         nll_kvp=float(np.mean([r["nll_kvp"].mean() for r in rows])),
         nll_aux=float(np.mean([r["nll_aux"].mean() for r in rows])) if has_aux else None,
         aux_agreement=float(np.mean([r["aux_top1"] == r["base_top1"] for r in rows])) if has_aux else None,
+        sequence_agreement=[float(a) for a in agree.mean(axis=1)],
     )

@@ -153,6 +153,11 @@ def test_json_schema_and_pareto_plot_tiny_model(tmp_path):
     assert exact["humaneval"]["results"][0]["completion"] == modes["base"]["humaneval"]["results"][0]["completion"]
     # not vacuous: one untrained layer with a random predictor is far from the base
     assert modes["kvp (pruned)"]["heldout"]["agreement"] < 0.9
+    pruned = modes["kvp (pruned)"]["heldout"]
+    assert len(pruned["sequence_agreement"]) == 3
+    assert np.mean(pruned["sequence_agreement"]) == pytest.approx(pruned["agreement"])
+    assert pruned["vs_first_kvp"]["diff"] == pytest.approx(pruned["agreement"] - 1.0)  # paired with the identity
+    assert exact["heldout"]["agreement_se"] == 0.0 and "vs_first_kvp" not in exact["heldout"]
     assert modes["kvp (pruned)"]["genagree"]["mean_prefix"] < 12
     assert modes["kvp (pruned)"]["speedup_analytical"] > 1.5  # 1 of 4 layers prefills
     assert modes["base"]["speedup_analytical"] == 1.0
