@@ -311,7 +311,7 @@ def print_table(result: dict, console=None) -> None:
         cells += [f"{row['ttft_flops'] / 1e9:.3g}", f"{row['ttft_s'] * 1e3:.0f}",
                   f"{row['speedup_analytical']:.2f}x", f"{row['speedup_measured']:.2f}x"]
         t.add_row(*cells)
-    (console or Console(width=max(Console().width, 160))).print(t)
+    (console or Console(width=max(Console().width, 200))).print(t)
 
 
 def summary(result: dict) -> dict:

@@ -216,9 +216,11 @@ def train(
                                                   "3e-4 for predictor input hidden)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
-    true_kv_tail: int = typer.Option(0, help="The last N positions of each training sequence attend with their own "
-                                             "K/V, not predicted ones, as the last prompt token and generated "
-                                             "tokens do at inference (0: all predicted, CoreNet's)."),
+    true_kv_tail: Optional[int] = typer.Option(None, help="The last N positions of each training sequence attend "
+                                                          "with their own K/V, not predicted ones, as the last "
+                                                          "prompt token and generated tokens do at inference "
+                                                          "(default: a quarter of --seq-len; 0: all predicted, "
+                                                          "CoreNet's)."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(256, help="Sequences for the closed-form (ridge) init; 0 to skip."),
     aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
@@ -268,6 +270,8 @@ def train(
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
+    if true_kv_tail is None:
+        true_kv_tail = seq_len // 4  # 64 of 256: +0.018 held-out agreement over 0 (README)
     if not 0 <= true_kv_tail < seq_len:
         raise KVPredError(f"--true-kv-tail must be in 0..{seq_len - 1} (below --seq-len), got {true_kv_tail}")
     if aux_lora_rank < 0 or (aux_lora_rank and aux_model is not None):
