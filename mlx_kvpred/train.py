@@ -1,5 +1,6 @@
 """Train a KV predictor on-device: closed-form (ridge) init, then distillation with the base attending to
-predicted K/V at every position (KL to the base's true-cache logits) + L1 K/V consistency (+ optional CE).
+predicted K/V at every position but an optional tail that keeps its own, as at inference (KL to the base's
+true-cache logits) + L1 K/V consistency (+ optional CE).
 
 The base is frozen. The aux is frozen too (its layers are the base's own), unless it carries LoRA factors
 (`aux_lora_rank`, on `aux_lora_layers`): then those train with the predictor, and the bundle stores only the factors.
