@@ -171,7 +171,8 @@ def heldout_sequences(tokenizer, sources: list[str], *, seq_len: int, count: int
     split = split_files(collect_files(sources))
     if not split.heldout_files:
         raise KVPredError("--data: too few files for a held-out split (need ~10+)")
-    return tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, seed=seed), split
+    return tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1,
+                          seed=seed), split
 
 
 def print_heldout(metrics, label: str) -> None:
@@ -232,6 +233,8 @@ def train(
     aux_lora_scale: Optional[float] = typer.Option(None, help="LoRA output scale (default 0.5; with Adam: the LoRA "
                                                                "step size vs --lr)."),
     max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
+    sequences_per_file: Optional[int] = typer.Option(None, help="Keep at most N sequences of each file (a seeded "
+                                                                "random choice), so the set spans more files."),
     eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
     eval_sequences: int = typer.Option(8, help="Held-out sequences per eval (256+64 tokens each)."),
     checkpoint_every: int = typer.Option(25, help="Checkpoint (and bundle) every N steps."),
@@ -267,7 +270,8 @@ def train(
     prev_token_dim = prev_token_dim or 0
     if prev_token_dim < 0 or (prev_token_dim and predictor_input != "hidden"):
         raise KVPredError(f"--prev-token-dim must be >= 0 and needs --predictor-input hidden, got {prev_token_dim}")
-    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps)):
+    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps),
+                        ("--sequences-per-file", 1 if sequences_per_file is None else sequences_per_file)):
         if value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
     if true_kv_tail is None:
@@ -325,9 +329,9 @@ def train(
     sources = list(data) if data else default_sources()
     split = split_files(collect_files(sources))
     train_seqs = tokenize_files(split.train_files, base.tokenizer, seq_len=seq_len,
-                                max_sequences=max_train_sequences, seed=seed)
+                                max_sequences=max_train_sequences, per_file=sequences_per_file, seed=seed)
     heldout = tokenize_files(split.heldout_files, base.tokenizer, seq_len=320, max_sequences=eval_sequences,
-                             seed=seed) if split.heldout_files and eval_sequences else None
+                             per_file=1, seed=seed) if split.heldout_files and eval_sequences else None
     print(f"data: {len(split.train_files)} train files -> {len(train_seqs)} x {seq_len} tokens; "
           f"{len(split.heldout_files)} held-out files", file=sys.stderr)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
@@ -347,7 +351,8 @@ def train(
 
     metadata = {"command": " ".join(["kvpred-mlx"] + sys.argv[1:]), "data": {
         "sources": sources, "rule": split.rule, "train_files": len(split.train_files),
-        "heldout_files": split.heldout_files[:500], "train_sequences": int(len(train_seqs)), "seq_len": seq_len}}
+        "heldout_files": split.heldout_files[:500], "train_sequences": int(len(train_seqs)), "seq_len": seq_len,
+        "sequences_per_file": sequences_per_file}}
     if init_from is not None:
         metadata["init_from"] = {"bundle": str(init_from), "command": bundle.config.training.get("command"),
                                  "data": bundle.config.training.get("data")}
@@ -419,7 +424,8 @@ def eval_cmd(
                                                          "(default: the sources the bundles were trained on)."),
     prompt_len: int = typer.Option(256, help="Prompt tokens for heldout/genagree, and the TTFT prompt length."),
     cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt (heldout)."),
-    sequences: Optional[int] = typer.Option(None, help="Held-out sequences (default 32; 8 with --quick)."),
+    sequences: Optional[int] = typer.Option(None, help="Held-out sequences, one per file (default 32; 8 with "
+                                                          "--quick)."),
     gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
                                                         "--quick)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="humaneval: maximum new tokens per problem."),
@@ -474,7 +480,8 @@ def eval_cmd(
         recorded = [f for f in recorded or [] if Path(f).is_file()]
         if data is None and recorded:
             source = f"{len(recorded)} held-out files recorded in the bundle(s)"
-            seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n_seq)
+            seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n_seq,
+                                  per_file=1)
         else:
             sources = list(data) if data else default_sources()
             seqs, split = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n_seq)

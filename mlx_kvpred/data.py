@@ -84,18 +84,22 @@ def read_text(path: str) -> str:
 
 
 def tokenize_files(files: list[str], tokenizer, *, seq_len: int, max_sequences: int | None = None,
-                   seed: int = 0) -> np.ndarray:
+                   per_file: int | None = None, seed: int = 0) -> np.ndarray:
     """Tokenize files (in a seeded shuffled order) into non-overlapping sequences of seq_len tokens,
-    one document never spilling into the next. Returns int32 (n, seq_len)."""
+    one document never spilling into the next; `per_file` keeps a seeded random choice of at most that many
+    of each file's sequences (in file order), so a few long files cannot fill the set. Returns int32 (n, seq_len)."""
     order = np.random.default_rng(seed).permutation(len(files))
+    pick = np.random.default_rng([seed, 1])
     sequences: list[np.ndarray] = []
     for i in order:
         text = read_text(files[i])
         if len(text) < seq_len:  # too short to fill a sequence (chars >= tokens)
             continue
         ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
-        for start in range(0, len(ids) - seq_len + 1, seq_len):
-            sequences.append(ids[start:start + seq_len])
+        starts = np.arange(0, len(ids) - seq_len + 1, seq_len)
+        if per_file is not None and len(starts) > per_file:
+            starts = np.sort(pick.choice(starts, per_file, replace=False))
+        sequences.extend(ids[start:start + seq_len] for start in starts)
         if max_sequences is not None and len(sequences) >= max_sequences:
             break
     if not sequences:

@@ -88,6 +88,7 @@ def test_generate_streams_real_model():
     (["--aux-layers-keep", "8", "--predictor-input", "hidden", "--prev-token-dim", "-1"], "--prev-token-dim"),
     (["--aux-layers-keep", "8", "--aux-lora-layers", "7"], "--aux-lora-layers needs --aux-lora-rank"),
     (["--aux-layers-keep", "8", "--true-kv-tail", "256"], "--true-kv-tail must be in 0..255"),
+    (["--aux-layers-keep", "8", "--sequences-per-file", "0"], "--sequences-per-file must be >= 1"),
     (["--aux-layers-keep", "8", "--aux-lora-rank", "4", "--aux-lora-layers", "8"], "--aux-lora-layers: aux layers"),
     (["--init-from", "{tmp}/b", "--aux-lora-layers", "1"], "--aux-lora-layers"),
 ])
