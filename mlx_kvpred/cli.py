@@ -202,17 +202,17 @@ def train(
     init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
                                                         "rank) instead of a closed-form init, e.g. on your own text."),
     layer_map: Optional[str] = typer.Option(None, help="Aux layer read by each base layer (default: CoreNet's)."),
-    predictor_input: Optional[str] = typer.Option(None, help="What the predictor reads: kv (default; CoreNet: the "
-                                                             "mapped aux layer's K for keys, V for values) or hidden "
-                                                             "(the aux's final normed hidden state)."),
+    predictor_input: Optional[str] = typer.Option(None, help="What the predictor reads: hidden (default; the "
+                                                             "aux's final normed hidden state) or kv (CoreNet's: the "
+                                                             "mapped aux layer's K for keys, V for values)."),
     prev_token_dim: Optional[int] = typer.Option(None, help="Predictor input hidden: also read the previous "
                                                             "token's hidden state, projected to this width "
-                                                            "(0: off; the shipped bundle uses 64)."),
+                                                            "(default 64 with input hidden; 0: off)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
                                                          "repeatable (default: Python lib dir + /usr/share/doc)."),
     seq_len: int = typer.Option(256, help="Training sequence length."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
-    steps: int = typer.Option(600, help="Optimizer steps after the closed-form init."),
+    steps: int = typer.Option(1000, help="Optimizer steps after the closed-form init."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine; default 1e-3, "
                                                   "3e-4 for predictor input hidden)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
@@ -251,7 +251,8 @@ def train(
     from .pipeline import Pipeline
     from .predictor import PREDICTOR_INPUTS, layer_pruned_map, smaller_model_map, spread_layers
     from .lora import lora_layers, unchanged_kv_layers
-    from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, aux_lora_config, enable_aux_lora, train as run_training
+    from .train import (CHECKPOINT_DIR, DEFAULT_LR, DEFAULT_PREV_TOKEN_DIM, TrainConfig, aux_lora_config,
+                        enable_aux_lora, train as run_training)
 
     specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None, init_from is not None]
     if sum(specs) != 1:
@@ -264,10 +265,11 @@ def train(
                           "--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale/--aux-lora-layers")
     if aux_lora_scale is None:
         aux_lora_scale = TrainConfig.aux_lora_scale
-    predictor_input = predictor_input or "kv"
+    predictor_input = predictor_input or "hidden"
     if predictor_input not in PREDICTOR_INPUTS:
         raise KVPredError(f"--predictor-input must be one of {', '.join(PREDICTOR_INPUTS)}, got {predictor_input!r}")
-    prev_token_dim = prev_token_dim or 0
+    if prev_token_dim is None:
+        prev_token_dim = DEFAULT_PREV_TOKEN_DIM if predictor_input == "hidden" else 0
     if prev_token_dim < 0 or (prev_token_dim and predictor_input != "hidden"):
         raise KVPredError(f"--prev-token-dim must be >= 0 and needs --predictor-input hidden, got {prev_token_dim}")
     for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps),

@@ -35,6 +35,7 @@ from .predictor import PredictorConfig, previous_positions
 CHECKPOINT_DIR = "checkpoint"
 # Peak lr per predictor input: Adam moves each output by ~lr x the input's L1 norm, 2-5x larger for "hidden"
 DEFAULT_LR = {"kv": 1e-3, "hidden": 3e-4}
+DEFAULT_PREV_TOKEN_DIM = 64  # with input "hidden"; the shipped bundle's (README)
 
 
 @dataclass
