@@ -374,6 +374,10 @@ def train(
             if last and "agreement" in last:
                 info += f"  held-out agree {last['agreement']:.3f}"
             progress.update(task, completed=state.step, info=info)
+            if not progress.console.is_terminal and (state.step % checkpoint_every == 0 or last
+                                                     or state.step == steps):  # no live bar (log file): a line
+                eta = (steps - state.step) * batch_size * seq_len / max(row["tok_s"], 1e-9)
+                progress.console.print(f"train {state.step}/{steps}  {info}  ETA {eta / 60:.0f} min")
 
         state = run_training(base, bundle, train_seqs, cfg, out, resume=resume, evaluate=evaluate,
                              metadata=metadata, on_step=on_step)

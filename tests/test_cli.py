@@ -115,6 +115,7 @@ def test_train_init_from_fine_tunes_a_bundle(tmp_path):
     r = cli("train", "--init-from", DEFAULT_BUNDLE_DIR, "--data", data, "--steps", "1", "--lr", "1e-9",
             "--eval-sequences", "0", "--out", tmp_path / "ft")
     assert r.returncode == 0, r.stderr
+    assert "train 1/1  loss" in r.stderr + r.stdout  # not a terminal: progress as lines
     start, tuned = mx.load(str(DEFAULT_BUNDLE_DIR / WEIGHTS_FILE)), mx.load(str(tmp_path / "ft" / WEIGHTS_FILE))
     assert start.keys() == tuned.keys()
     for k in start:  # a ridge init would have moved every weight; lr 1e-9 moves none beyond fp16 rounding
