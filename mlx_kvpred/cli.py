@@ -213,8 +213,8 @@ def train(
     seq_len: int = typer.Option(256, help="Training sequence length."),
     batch_size: int = typer.Option(1, help="Sequences per step."),
     steps: int = typer.Option(1000, help="Optimizer steps after the closed-form init."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine; default 1e-3, "
-                                                  "3e-4 for predictor input hidden)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine; default 3e-4 for "
+                                                  "predictor input hidden, 1e-3 for kv)."),
     kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
     ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
     true_kv_tail: Optional[int] = typer.Option(None, help="The last N positions of each training sequence attend "

@@ -43,7 +43,8 @@ class PredictorConfig:
             raise KVPredError(f"prev_token_dim must be >= 0 and needs predictor input 'hidden', "
                               f"got {self.prev_token_dim} with input {self.input!r}")
         if self.prev_token_dim > (self.aux_hidden_dim or 0):
-            raise KVPredError(f"prev_token_dim {self.prev_token_dim} exceeds the aux hidden width {self.aux_hidden_dim}")
+            raise KVPredError(f"prev_token_dim {self.prev_token_dim} exceeds the aux hidden width "
+                              f"{self.aux_hidden_dim}")
         bad = [i for i in self.exact_layers if not 0 <= i < n_base
                or self.aux_kv_dims[self.layer_map[i]] != self.base_kv_dims[i]]
         if bad:
