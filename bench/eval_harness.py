@@ -22,14 +22,16 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_kvpred.bundle import Bundle, atomic_write
+from mlx_kvpred.atomic import atomic_write
+from mlx_kvpred.bundle import Bundle
+from mlx_kvpred.data import collect_files, default_sources, split_files, tokenize_files
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.evaluate import evaluate_heldout
 from mlx_kvpred.loading import LoadedModel
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
-from .flops import base_ttft_flops, kvp_ttft_flops
+from .flops import ttft_flops
 
 TASKS = ("heldout", "genagree", "humaneval")
 SCHEMA = "kvpred-mlx-eval/1"
@@ -74,6 +76,27 @@ def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with
     return specs
 
 
+def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[str] | None, seq_len: int,
+                      count: int) -> tuple[np.ndarray, str]:
+    """Held-out token sequences, one per file, and where they came from: files held out from every bundle's
+    training run (as the bundles record them), or else the held-out side of the by-file split of `data`
+    (default: the default training sources)."""
+    recorded = None
+    for b in bundles:
+        files = b.config.training.get("data", {}).get("heldout_files", [])
+        recorded = files if recorded is None else [f for f in recorded if f in set(files)]
+    recorded = [f for f in recorded or [] if Path(f).is_file()]
+    if data is None and recorded:
+        seqs = tokenize_files(recorded, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1)
+        return seqs, f"{len(recorded)} held-out files recorded in the bundle(s)"
+    sources = list(data) if data else default_sources()
+    split = split_files(collect_files(sources))
+    if not split.heldout_files:
+        raise KVPredError("--data: too few files for a held-out split (need ~10+)")
+    seqs = tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1)
+    return seqs, f"held-out split of {', '.join(sources)} ({len(split.heldout_files)} files)"
+
+
 # ---- genagree ---------------------------------------------------------------------------------------------
 
 def prefix_match(reference: Sequence[int], other: Sequence[int]) -> int:
@@ -112,16 +135,6 @@ def standard_error(values: Sequence[float]) -> float | None:
 
 
 # ---- cost ---------------------------------------------------------------------------------------------------
-
-def ttft_flops(spec: ModeSpec, n: int) -> int:
-    base = spec.pipe.base
-    if spec.mode == "base":
-        return base_ttft_flops(base.model, base.config, n)
-    b = spec.pipe.bundle
-    if spec.mode == "kvp":
-        return kvp_ttft_flops(base.model, base.config, b.aux, b.predictor, n)
-    return base_ttft_flops(b.aux, b.config.aux_config or base.config, n)  # aux alone, with its own LM head
-
 
 def time_first_token(pipe: Pipeline, mode: str, prompt: mx.array) -> float:
     """Seconds from the call to the first token (evaluated), as `kvpred-mlx bench` measures TTFT."""
@@ -179,7 +192,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
             advance()
     for s in specs:
         row = rows[s.name]
-        row["ttft_flops"] = ttft_flops(s, prompt_len)
+        row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len)
         row["ttft_s"] = statistics.median(times[s.name])
         row["ttft_all"] = times[s.name]
 

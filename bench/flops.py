@@ -1,4 +1,4 @@
-"""Analytical FLOPs to the first token, attention term included (DESIGN.md conventions).
+"""Analytical FLOPs to the first token, attention term included (the paper's 2P estimate leaves it out).
 
 Per token and layer: 2 * (matmul weights of the layer) + 2 * context * d_attn (Kaplan et al.'s attention
 term, with d_attn = n_heads * head_dim). The LM head (2 * d_model * vocab) is counted once: only the last
@@ -10,6 +10,8 @@ from __future__ import annotations
 import mlx.nn as nn
 
 from mlx_kvpred.attention import attention_of
+from mlx_kvpred.bundle import Bundle
+from mlx_kvpred.loading import LoadedModel
 
 
 def linear_params(module: nn.Module) -> int:
@@ -52,3 +54,17 @@ def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.
     """Aux over n-1 tokens (no LM head), predictor over n-1 tokens, base over the last token attending to n."""
     return (layers_flops(aux.layers, n - 1, n - 1) + (n - 1) * 2 * linear_params(predictor)
             + layers_flops(base.layers, 1, n) + lm_head_flops(config))
+
+
+def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int) -> int:
+    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm, the same work), kvp, or the aux alone
+    (with its own LM head: a KVP-C aux has its own config)."""
+    if mode in ("base", "mlx-lm"):
+        return base_ttft_flops(base.model, base.config, n)
+    if bundle is None:
+        raise ValueError(f"mode {mode} needs a bundle")
+    if mode == "kvp":
+        return kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n)
+    if mode == "aux":
+        return base_ttft_flops(bundle.aux, bundle.config.aux_config or base.config, n)
+    raise ValueError(f"unknown mode {mode!r}")

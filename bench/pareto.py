@@ -49,17 +49,15 @@ def plot_pareto(result: dict, path: str) -> None:
                                                    ("ttft_s", 1.0, "measured TTFT (s, median)"))):
             ax = axes[r][c]
             pts = [(m[xkey] * scale, m[task][key]) for m in rows]
-            for k, (m, (x, y)) in enumerate(zip(rows, pts)):
+            for m, (x, y) in zip(rows, pts):  # named in the legend: labels next to close points overlap
                 marker = markers[bundles.index(m["bundle"]) % len(markers)] if m["bundle"] else "*"
                 ax.scatter([x], [y], color=colors.get(m["mode"], "gray"), marker=marker, s=70 if m["bundle"] else 130,
-                           zorder=3)
-                ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(5, 5 if k % 2 == 0 else -12),
-                            fontsize=8)
+                           zorder=3, label=m["name"])
             front = pareto_front(pts)
             if len(front) > 1:
                 ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], ls="--", color="gray", lw=1,
                         zorder=2, label="Pareto front")
-                ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
             top = result["settings"]["gen_tokens"] if task == "genagree" else 1.0
             ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(-0.04 * top, 1.08 * top))
             ax.set_xlim(left=0, right=1.12 * max([x for x, _ in pts] or [1.0]))

@@ -16,13 +16,27 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
+from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import stock_mlx_ops
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
+from mlx_kvpred.predictor import layer_pruned_map
 
-from .flops import base_ttft_flops, kvp_ttft_flops
+from .flops import ttft_flops
 
 MODES = ("base", "kvp", "aux", "mlx-lm")
+
+
+def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
+    """An in-memory KVP-LP bundle of the base's first `n_layers` layers with an untrained predictor: it costs
+    what a trained one of that shape costs, so it times a depth before anyone trains it."""
+    n = len(pipe.base.model.layers)
+    if not 1 <= n_layers <= n:
+        raise KVPredError(f"--aux-layers-keep must be in 1..{n}, got {n_layers}")
+    kept = list(range(n_layers))
+    aux, _ = make_layer_pruned_aux(pipe.base.model, pipe.base.config, kept)
+    return new_bundle(pipe.base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, n), aux_layers=kept)
 
 
 def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int):
@@ -93,12 +107,7 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                     runs[m].append(result)
                 if progress:
                     progress()
-        flops = {"base": base_ttft_flops(pipe.base.model, pipe.base.config, n)}
-        if pipe.bundle is not None:
-            flops["kvp"] = kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux,
-                                          pipe.bundle.predictor, n)
-            flops["aux"] = base_ttft_flops(pipe.bundle.aux, pipe.base.config, n)
-        flops["mlx-lm"] = flops["base"]
+        flops = {m: ttft_flops(m, pipe.base, pipe.bundle, n) for m in {"base", *modes}}
         for m in modes:
             ttfts = [x["ttft"] for x in runs[m]]
             tpot = statistics.median(x["tpot"] for x in runs[m])
@@ -145,3 +154,26 @@ def plot(result: dict, path: str) -> None:
         b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def print_table(result: dict, *, title: str) -> None:
+    """One row per mode and prompt length: medians, FLOPs, measured and analytical speedups over base."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("mode", "prompt", "TTFT ms (min-max)", "TPOT ms", "prompt tok/s", "peak GB", "TTFT GFLOP",
+                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        ratio = r["speedup_measured"] / r["speedup_analytical"] if r["speedup_analytical"] else None
+        t.add_row(r["mode"], str(r["prompt_tokens"]),
+                  f"{r['ttft_median'] * 1e3:.0f} ({r['ttft_min'] * 1e3:.0f}-{r['ttft_max'] * 1e3:.0f})",
+                  f"{r['tpot_median'] * 1e3:.1f}", f"{r['prompt_tps']:.0f}", f"{r['peak_memory_gb']:.2f}",
+                  f"{r['ttft_flops'] / 1e9:.1f}", _x(r["speedup_measured"]), _x(r["speedup_analytical"]),
+                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}" if r["tpot_vs_base"] else "")
+    Console(width=max(Console().width, 150)).print(t)
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value else ""

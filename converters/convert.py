@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_kvpred.attention import kv_dims
-from mlx_kvpred.bundle import atomic_write, load_bundle, new_bundle, save_bundle
+from mlx_kvpred.atomic import atomic_write
+from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.loading import LoadedModel, load_model
+from mlx_kvpred.loading import LoadedModel, load_model, quiet_transformers
 
 from .checkpoint import read_state_dict
-from .models import (build_model, corenet_openelm_config, corenet_openelm_weights, hf_model_config,
-                     relative_difference, _few)
+from .models import (DEFAULT_ROPE_FREQ_CONSTANT, build_model, corenet_openelm_config, corenet_openelm_weights,
+                     hf_model_config, relative_difference, _few)
 
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 PREDICTOR_PREFIXES = ("predicter.auxkv_to_basekv.", "auxkv_to_basekv.", "predicter.", "predictor.")
@@ -42,15 +42,18 @@ BASE_TOLERANCE = 0.02  # relative L2 difference allowed between the checkpoint's
 BASE_TOLERANCE_QUANTIZED = 0.25  # --model is quantized (GGUF / mlx-lm quantized): only a wrong model exceeds this
 
 
+
+
 @dataclass
 class CoreNetConfig:
-    """What a converter needs from a CoreNet YAML: the layer map and (for the record) the model names."""
+    """What a converter needs from a CoreNet YAML: the layer map, RoPE base, context and (for the record) model names."""
 
     path: str
     layer_map: list[int] | None = None
     base_name: str | None = None
     aux_name: str | None = None
     max_context_length: int | None = None
+    rope_freq_constant: dict[str, float] = field(default_factory=dict)  # RoPE base per role: "base", "auxiliary"
 
 
 @dataclass
@@ -84,14 +87,17 @@ def convert(source: str | Path, out: str | Path, *, model: str | None = None, ba
         fmt = "corenet"
         parts = split_corenet(sd, str(source))
         ctx = yaml_cfg.max_context_length if yaml_cfg else None
+        rope = yaml_cfg.rope_freq_constant if yaml_cfg else {}
         where_aux = f"{source} (auxiliary)"
-        aux_cfg = corenet_openelm_config(parts["auxiliary"], where_aux, max_context_length=ctx)
+        aux_cfg = corenet_openelm_config(parts["auxiliary"], where_aux, max_context_length=ctx,
+                                         rope_freq_constant=rope.get("auxiliary", DEFAULT_ROPE_FREQ_CONSTANT))
         aux_w = corenet_openelm_weights(parts["auxiliary"], where_aux)
         pred_sd, pred_where = parts["predicter"], f"{source} (predicter)"
         ckpt_base = None
         if parts["base"]:
             where_base = f"{source} (base)"
-            ckpt_base = (corenet_openelm_config(parts["base"], where_base, max_context_length=ctx),
+            ckpt_base = (corenet_openelm_config(parts["base"], where_base, max_context_length=ctx,
+                                                rope_freq_constant=rope.get("base", DEFAULT_ROPE_FREQ_CONSTANT)),
                          corenet_openelm_weights(parts["base"], where_base))
     else:
         fmt = "pytorch"
@@ -250,7 +256,7 @@ def resolve_base(model: str | None, base_out, ckpt_base, *, tokenizer: str | Non
         cfg, weights = ckpt_base
         built = build_model(cfg, weights, f"{source} (base)")
         if model is not None:
-            with _quiet_transformers():
+            with quiet_transformers():
                 ref = load_model(model, device="cpu")
             notes.append(verify_base(ref, cfg, built, source))
         tok_src = tokenizer or (model if model is not None and not str(model).endswith(".gguf") else None)
@@ -264,7 +270,7 @@ def resolve_base(model: str | None, base_out, ckpt_base, *, tokenizer: str | Non
                              "DIR|REPO) before running generate")
                 return in_memory
             notes.append(f"base: wrote {base_out} (mlx-lm model dir; tokenizer from {tok_src})")
-            with _quiet_transformers():  # transformers does not know model_type openelm and says so
+            with quiet_transformers():  # transformers does not know model_type openelm and says so
                 return load_model(str(base_out), device="cpu")
 
         return in_memory, finish
@@ -273,7 +279,7 @@ def resolve_base(model: str | None, base_out, ckpt_base, *, tokenizer: str | Non
         raise KVPredError(f"give the base model with --model (mlx-lm dir, .gguf or HF repo id){hint}")
     if tokenizer is not None:
         raise KVPredError("--tokenizer is only used with --base-out")
-    with _quiet_transformers():
+    with quiet_transformers():
         base = load_model(model, device="cpu")
     if ckpt_base is not None:
         cfg, weights = ckpt_base
@@ -285,11 +291,11 @@ def load_tokenizer(source: str):
     try:
         from transformers import AutoTokenizer
 
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(source))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise KVPredError(f"--tokenizer {source}: cannot load a tokenizer ({first})") from e
+    except Exception as e:  # transformers' messages run over several lines: keep all of them, on one
+        why = " ".join(str(e).split())[:400] or type(e).__name__
+        raise KVPredError(f"--tokenizer {source}: cannot load a tokenizer ({why})") from e
 
 
 def verify_base(base: LoadedModel, cfg: dict, ckpt_model, source: Path) -> str:
@@ -380,13 +386,19 @@ def read_corenet_yaml(path) -> CoreNetConfig:
     if not isinstance(raw, list) or not raw or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
         raise KVPredError(f"{path}: {LAYER_MAP_KEY} must be a list of integers, got {raw!r}"[:300])
     kvp = _find(doc, "kv_prediction")
-    names = {}
+    names, rope = {}, {}
     for role in ("base_model", "auxiliary_model"):
         node = kvp.get(role) if isinstance(kvp, dict) else _find(doc, role)
         names[role] = _find(node, "model_name") if node is not None else None
+        # RoPE base: the sub-model's own setting, else one for the whole config, else CoreNet's default
+        value = (_find(node, "rope_freq_constant") if node is not None else None) or _find(doc, "rope_freq_constant")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise KVPredError(f"{path}: rope_freq_constant must be a positive number, got {value!r}"[:300])
+            rope[role.removesuffix("_model")] = float(value)
     ctx = _find(doc, "max_context_length")
     return CoreNetConfig(str(path), list(raw), names["base_model"], names["auxiliary_model"],
-                         ctx if isinstance(ctx, int) else None)
+                         ctx if isinstance(ctx, int) else None, rope)
 
 
 def _find(node: Any, key: str) -> Any:
@@ -407,21 +419,6 @@ def _find(node: Any, key: str) -> Any:
             if found is not None:
                 return found
     return None
-
-
-@contextmanager
-def _quiet_transformers():
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def _vocab(config: dict) -> int | None:

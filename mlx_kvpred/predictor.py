@@ -3,7 +3,7 @@
 Inputs (`PredictorConfig.input`): "kv" (CoreNet) reads the mapped aux layer's K for keys and its V for values;
 "hidden" reads the aux's last hidden state (after its final norm) for both, a strictly richer input for KVP-LP;
 with `prev_token_dim` it also reads a shared low-rank projection of the previous token's hidden state (one
-token of context: +0.22 held-out agreement for a ridge fit at lp8, README "Training a predictor").
+token of context; docs/training.md has the measurements).
 Exact layers (KVP-LP with a frozen aux: base layers the aux runs itself) copy that aux layer's K/V, no weights.
 Weight names mirror CoreNet's `auxkv_to_basekv.{key,value}_transforms.{i}` so checkpoints map one to one.
 """
@@ -35,16 +35,9 @@ class PredictorConfig:
         bad = [j for j in self.layer_map if not 0 <= j < n_aux]
         if bad:
             raise KVPredError(f"layer map reads aux layers {bad}, the aux has {n_aux} layers (0..{n_aux - 1})")
-        if self.input not in PREDICTOR_INPUTS:
-            raise KVPredError(f"predictor input must be one of {', '.join(PREDICTOR_INPUTS)}, got {self.input!r}")
+        check_predictor_input(self.input, self.prev_token_dim, self.aux_hidden_dim)
         if self.input == "hidden" and not self.aux_hidden_dim:
             raise KVPredError("predictor input 'hidden' needs the aux hidden width (aux_hidden_dim)")
-        if self.prev_token_dim < 0 or (self.prev_token_dim and self.input != "hidden"):
-            raise KVPredError(f"prev_token_dim must be >= 0 and needs predictor input 'hidden', "
-                              f"got {self.prev_token_dim} with input {self.input!r}")
-        if self.prev_token_dim > (self.aux_hidden_dim or 0):
-            raise KVPredError(f"prev_token_dim {self.prev_token_dim} exceeds the aux hidden width "
-                              f"{self.aux_hidden_dim}")
         bad = [i for i in self.exact_layers if not 0 <= i < n_base
                or self.aux_kv_dims[self.layer_map[i]] != self.base_kv_dims[i]]
         if bad:
@@ -58,6 +51,19 @@ class PredictorConfig:
 
 
 PREDICTOR_INPUTS = ("kv", "hidden")
+
+
+def check_predictor_input(input: str, prev_token_dim: int, aux_hidden_dim: int | None = None, *,
+                          input_name: str = "predictor input", dim_name: str = "prev_token_dim") -> None:
+    """The predictor's input options (named as the caller's user knows them: config fields or CLI flags);
+    `aux_hidden_dim` None skips the checks that need the aux."""
+    if input not in PREDICTOR_INPUTS:
+        raise KVPredError(f"{input_name} must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}")
+    if prev_token_dim < 0 or (prev_token_dim and input != "hidden"):
+        raise KVPredError(f"{dim_name} must be >= 0 and needs {input_name} hidden, got {prev_token_dim} "
+                          f"with {input_name} {input}")
+    if aux_hidden_dim is not None and prev_token_dim > aux_hidden_dim:
+        raise KVPredError(f"{dim_name} {prev_token_dim} exceeds the aux hidden width {aux_hidden_dim}")
 
 
 def previous_positions(x: mx.array, before: mx.array | None = None) -> mx.array:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import atomic_write
+from .atomic import atomic_write
 from .errors import KVPredError
 from .loading import LoadedModel
 

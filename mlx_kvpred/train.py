@@ -14,7 +14,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,34 +25,36 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .attention import backbone, tap_kv
-from .bundle import Bundle, atomic_write, lora_changed_exact_layers, save_bundle
+from .atomic import atomic_write
+from .auxiliary import lora_layers
+from .bundle import Bundle, save_bundle
 from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
 from .loading import LoadedModel
-from .lora import add_aux_lora, lora_layers
 from .predictor import PredictorConfig, previous_positions
 
 CHECKPOINT_DIR = "checkpoint"
 # Peak lr per predictor input: Adam moves each output by ~lr x the input's L1 norm, 2-5x larger for "hidden"
 DEFAULT_LR = {"kv": 1e-3, "hidden": 3e-4}
-DEFAULT_PREV_TOKEN_DIM = 64  # with input "hidden"; the shipped bundle's (README)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    """The optimisation of a training run; the defaults are the shipped bundle's (see recipe.TrainSpec)."""
+
+    steps: int = 1000
     batch_size: int = 1
     seq_len: int = 256
-    lr: float = 1e-3  # peak; linear warmup then cosine to lr * min_lr_ratio
+    lr: float | None = None  # peak, linear warmup then cosine to lr * min_lr_ratio; None: DEFAULT_LR of the input
     warmup: int = 20
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0  # decays towards zero, away from the ridge solution: off by default
+    weight_decay: float = 0.0  # decays towards zero, away from the ridge solution: off
     kl_weight: float = 1.0  # distillation: KL(base true-cache logits || base predicted-cache logits)
     ce_weight: float = 0.0  # base CE on the data's next tokens (the paper's loss)
-    true_kv_tail: int = 0  # the last N positions attend with their own K/V, as generated tokens do at inference
-    # (the CLI's default is seq_len // 4: +0.018 agreement, README)
-    l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (paper's best)
-    ridge_sequences: int = 256  # sequences for the closed-form init (vs 64: +0.007 agreement, README); 0: zero
+    true_kv_tail: int | None = None  # the last N positions attend with their own K/V, as the last prompt token
+    # and generated tokens do at inference; None: seq_len // 4; 0: all predicted (CoreNet's objective)
+    l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (the paper's best)
+    ridge_sequences: int = 256  # sequences for the closed-form init; 0: none
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
     aux_lora_rank: int = 0  # > 0: train LoRA factors of this rank on the aux linears (KVP-LP only)
     aux_lora_scale: float = 0.5  # LoRA output scale; under Adam it sets the LoRA step size relative to lr
@@ -60,6 +62,19 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 25
     seed: int = 0
+
+    def __post_init__(self):
+        for flag, value in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size), ("--steps", self.steps),
+                            ("--eval-every", self.eval_every), ("--checkpoint-every", self.checkpoint_every)):
+            if value < 1:
+                raise KVPredError(f"{flag} must be >= 1, got {value}")
+        if self.ridge_sequences < 0 or self.aux_lora_rank < 0:
+            raise KVPredError("--ridge-sequences and --aux-lora-rank must be >= 0")
+        if self.true_kv_tail is None:
+            self.true_kv_tail = self.seq_len // 4
+        if not 0 <= self.true_kv_tail < self.seq_len:
+            raise KVPredError(f"--true-kv-tail must be in 0..{self.seq_len - 1} (below --seq-len), "
+                              f"got {self.true_kv_tail}")
 
 
 @dataclass
@@ -371,8 +386,10 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
     out = Path(out)
     if train_seqs.ndim != 2 or len(train_seqs) == 0:
         raise KVPredError("no training sequences")
-    if not 0 <= cfg.true_kv_tail < train_seqs.shape[1]:
-        raise ValueError(f"true_kv_tail must be in 0..{train_seqs.shape[1] - 1}, got {cfg.true_kv_tail}")
+    if train_seqs.shape[1] != cfg.seq_len:
+        raise ValueError(f"training sequences have {train_seqs.shape[1]} tokens, the config's seq_len is {cfg.seq_len}")
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=DEFAULT_LR[bundle.config.predictor_input])
     model = base.model
     model.freeze()
     predictor = bundle.predictor
@@ -391,8 +408,8 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
     elif cfg.ridge_sequences:
         rng = np.random.default_rng(cfg.seed)
         pick = train_seqs[rng.permutation(len(train_seqs))[:cfg.ridge_sequences]]
-        ridge_init(bundle, model, pick, lam=cfg.ridge_lambda, progress=(lambda: on_step(state, {"phase": "ridge"}))
-                   if on_step else None)
+        ridge_init(bundle, model, pick, lam=cfg.ridge_lambda, progress=(
+            lambda: on_step(state, {"phase": "ridge", "total": len(pick)})) if on_step else None)
         state.ridge_done = True
 
     skip = skippable_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
@@ -431,26 +448,6 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         if on_step:
             on_step(state, row)
     return state
-
-
-def aux_lora_config(*, rank: int, scale: float, layers: list[int]) -> dict:
-    """A bundle's `aux_lora`: LoRA on aux `layers`, except the first one's K/V projections (its input is still
-    the base's, so its K/V stay exact: copied, not predicted)."""
-    return {"rank": rank, "scale": scale, "layers": sorted(layers), "frozen_kv": [min(layers)]}
-
-
-def enable_aux_lora(bundle: Bundle, *, rank: int, scale: float, layers: list[int] | None = None) -> None:
-    """Give a KVP-LP bundle's aux trainable LoRA factors on `layers` (default all; B = 0: the aux is unchanged
-    until trained)."""
-    cfg = bundle.config
-    if cfg.aux_kind != "layer_pruned":
-        raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
-    n_aux = len(bundle.aux.layers)
-    lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
-    if lora_changed_exact_layers(cfg, lora, n_aux):
-        raise ValueError("exact layers copy the aux's K/V: LoRA must leave those aux layers unchanged")
-    add_aux_lora(bundle.aux, rank=rank, scale=scale, layers=lora["layers"], frozen_kv=lora["frozen_kv"])
-    cfg.aux_lora = lora
 
 
 def finish_bundle(bundle: Bundle, base: LoadedModel, cfg: TrainConfig, state: TrainState, metadata: dict | None) -> None:

