@@ -33,7 +33,7 @@ from mlx_kvpred.pipeline import Pipeline, generate_tokens
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
 from .flops import ttft_flops
 
-TASKS = ("heldout", "genagree", "humaneval")
+TASKS = ("heldout", "genagree", "humaneval", "docqa")
 SCHEMA = "kvpred-mlx-eval/1"
 # The accuracy each task puts on the Pareto plot: (key in the task's dict, axis label).
 ACCURACY = {"heldout": ("agreement", "held-out top-1 agreement with base"),
@@ -54,10 +54,11 @@ def parse_tasks(value: str) -> list[str]:
 
 @dataclass
 class ModeSpec:
-    name: str  # table/plot label: "base", "kvp", "aux", or "kvp (label)" with several bundles
+    name: str  # table/plot label: "base", "kvp", "aux", or "kvp (label, tail N)" with several bundles / tails
     mode: str  # base | kvp | aux
     bundle: str | None  # bundle label
     pipe: Pipeline
+    exact_tail: int = 1  # kvp: prompt tokens the base computes itself
 
 
 def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
@@ -66,35 +67,43 @@ def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
     return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
 
 
-def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with_aux: bool = True) -> list[ModeSpec]:
+def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with_aux: bool = True,
+               exact_tails: Sequence[int] = (1,)) -> list[ModeSpec]:
+    """base, then per bundle a kvp row per exact tail and (with_aux) one aux row."""
     specs = [ModeSpec("base", "base", None, Pipeline(base, bundles[0][1] if bundles else None))]
-    several = len(bundles) > 1
     for label, bundle in bundles:
         pipe = Pipeline(base, bundle)
-        for mode in ("kvp", "aux") if with_aux else ("kvp",):
-            specs.append(ModeSpec(f"{mode} ({label})" if several else mode, mode, label, pipe))
+        for tail in exact_tails:
+            parts = ([label] if len(bundles) > 1 else []) + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
+            specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
+        if with_aux:
+            specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, pipe))
     return specs
 
 
-def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[str] | None, seq_len: int,
-                      count: int) -> tuple[np.ndarray, str]:
-    """Held-out token sequences, one per file, and where they came from: files held out from every bundle's
-    training run (as the bundles record them), or else the held-out side of the by-file split of `data`
-    (default: the default training sources)."""
+def heldout_files(bundles: Sequence[Bundle], data: Sequence[str] | None) -> tuple[list[str], str]:
+    """Files no bundle trained on, and where they came from: those held out from every bundle's training run (as
+    the bundles record them), or else the held-out side of the by-file split of `data` (default: the default
+    training sources)."""
     recorded = None
     for b in bundles:
         files = b.config.training.get("data", {}).get("heldout_files", [])
         recorded = files if recorded is None else [f for f in recorded if f in set(files)]
     recorded = [f for f in recorded or [] if Path(f).is_file()]
     if data is None and recorded:
-        seqs = tokenize_files(recorded, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1)
-        return seqs, f"{len(recorded)} held-out files recorded in the bundle(s)"
+        return recorded, f"{len(recorded)} held-out files recorded in the bundle(s)"
     sources = list(data) if data else default_sources()
     split = split_files(collect_files(sources))
     if not split.heldout_files:
         raise KVPredError("--data: too few files for a held-out split (need ~10+)")
-    seqs = tokenize_files(split.heldout_files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1)
-    return seqs, f"held-out split of {', '.join(sources)} ({len(split.heldout_files)} files)"
+    return split.heldout_files, f"held-out split of {', '.join(sources)} ({len(split.heldout_files)} files)"
+
+
+def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[str] | None, seq_len: int,
+                      count: int) -> tuple[np.ndarray, str]:
+    """Held-out token sequences, one per file of `heldout_files`, and where they came from."""
+    files, source = heldout_files(bundles, data)
+    return tokenize_files(files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1), source
 
 
 # ---- genagree ---------------------------------------------------------------------------------------------
@@ -120,8 +129,8 @@ def agreement_prefix(reference: Sequence[int], other: Sequence[int], n: int, eos
     return n if m == len(ref) else m
 
 
-def greedy(pipe: Pipeline, prompt: mx.array, mode: str, n: int) -> list[int]:
-    return [t for t, _ in generate_tokens(pipe, prompt, mode=mode, max_tokens=n)]
+def greedy(pipe: Pipeline, prompt: mx.array, mode: str, n: int, exact_tail: int = 1) -> list[int]:
+    return [t for t, _ in generate_tokens(pipe, prompt, mode=mode, max_tokens=n, exact_tail=exact_tail)]
 
 
 def summarize_prefixes(prefixes: list[int], n: int) -> dict:
@@ -136,11 +145,11 @@ def standard_error(values: Sequence[float]) -> float | None:
 
 # ---- cost ---------------------------------------------------------------------------------------------------
 
-def time_first_token(pipe: Pipeline, mode: str, prompt: mx.array) -> float:
+def time_first_token(pipe: Pipeline, mode: str, prompt: mx.array, exact_tail: int = 1) -> float:
     """Seconds from the call to the first token (evaluated), as `kvpred-mlx bench` measures TTFT."""
     mx.clear_cache()
     tic = time.perf_counter()
-    gen = generate_tokens(pipe, prompt, mode=mode, max_tokens=1)
+    gen = generate_tokens(pipe, prompt, mode=mode, max_tokens=1, exact_tail=exact_tail)
     next(gen)
     elapsed = time.perf_counter() - tic
     gen.close()
@@ -157,8 +166,10 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              sequences: np.ndarray | None = None, prompt_len: int = 256, cont_len: int = 64, gen_tokens: int = 64,
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
-             seed: int = 0) -> dict:
-    """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA)."""
+             seed: int = 0, exact_tails: Sequence[int] = (1,), docqa_cases: Sequence | None = None,
+             answer_tokens: int = 64) -> dict:
+    """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
+    per exact tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases)."""
     progress = progress or _noop
     if not bundles:
         raise KVPredError("eval needs at least one KVP bundle (--kvp DIR)")
@@ -167,12 +178,14 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         raise KVPredError("tasks heldout/genagree need held-out sequences")
     if "humaneval" in tasks and not problems:
         raise KVPredError("task humaneval needs HumanEval problems")
+    if "docqa" in tasks and not docqa_cases:
+        raise KVPredError("task docqa needs chat cases (documents and questions)")
     limit = Pipeline(base).context_length
     if limit and prompt_len + max(cont_len, gen_tokens) > limit:
         raise KVPredError(f"--prompt-len {prompt_len} + continuation does not fit the model's context ({limit})")
     if sequences is not None and sequences.shape[1] < prompt_len + cont_len:
         raise KVPredError(f"held-out sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
-    specs = mode_specs(base, bundles, with_aux=with_aux)
+    specs = mode_specs(base, bundles, with_aux=with_aux, exact_tails=exact_tails)
     rows = {s.name: {"name": s.name, "mode": s.mode, "bundle": s.bundle} for s in specs}
     eos = set(getattr(base.tokenizer, "eos_token_ids", None) or []) if base.tokenizer is not None else set()
 
@@ -186,34 +199,34 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
     advance = progress("TTFT", len(specs) * (ttft_repeats + ttft_warmup))
     for r in range(ttft_warmup + ttft_repeats):
         for s in specs:
-            t = time_first_token(s.pipe, s.mode, ttft_prompt)
+            t = time_first_token(s.pipe, s.mode, ttft_prompt, s.exact_tail)
             if r >= ttft_warmup:
                 times[s.name].append(t)
             advance()
     for s in specs:
         row = rows[s.name]
-        row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len)
+        row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len, exact_tail=s.exact_tail)
+        row["exact_tail"] = s.exact_tail if s.mode == "kvp" else None
         row["ttft_s"] = statistics.median(times[s.name])
         row["ttft_all"] = times[s.name]
 
     if "heldout" in tasks:
-        advance = progress("held-out", len(bundles) * len(sequences))
+        advance = progress("held-out", sum(s.mode == "kvp" for s in specs) * len(sequences))
         for i, (label, bundle) in enumerate(bundles):
-            m = evaluate_heldout(Pipeline(base, bundle), sequences, prompt_len=prompt_len, cont_len=cont_len,
-                                 with_aux=with_aux, progress=advance)
-            if i == 0:
-                rows["base"]["heldout"] = {"agreement": 1.0, "first_token_agreement": 1.0, "nll": m.nll_base}
-            for s in specs:
-                if s.bundle != label:
-                    continue
-                if s.mode == "kvp":
-                    rows[s.name]["heldout"] = {"agreement": m.agreement, "first_token_agreement":
-                                               m.first_token_agreement, "nll": m.nll_kvp,
-                                               "agreement_se": standard_error(m.sequence_agreement),
-                                               "sequence_agreement": m.sequence_agreement}
-                elif s.mode == "aux":
-                    rows[s.name]["heldout"] = {"agreement": m.aux_agreement, "first_token_agreement": None,
-                                               "nll": m.nll_aux}
+            tails = [s for s in specs if s.bundle == label and s.mode == "kvp"]
+            for k, spec in enumerate(tails):  # one pass per exact tail; the first also scores the aux alone
+                m = evaluate_heldout(Pipeline(base, bundle), sequences, prompt_len=prompt_len, cont_len=cont_len,
+                                     with_aux=with_aux and k == 0, exact_tail=spec.exact_tail, progress=advance)
+                if i == 0 and k == 0:
+                    rows["base"]["heldout"] = {"agreement": 1.0, "first_token_agreement": 1.0, "nll": m.nll_base}
+                rows[spec.name]["heldout"] = {"agreement": m.agreement, "first_token_agreement":
+                                              m.first_token_agreement, "nll": m.nll_kvp,
+                                              "agreement_se": standard_error(m.sequence_agreement),
+                                              "sequence_agreement": m.sequence_agreement}
+                aux = next((s for s in specs if s.bundle == label and s.mode == "aux"), None)
+                if aux is not None and k == 0:
+                    rows[aux.name]["heldout"] = {"agreement": m.aux_agreement, "first_token_agreement": None,
+                                                 "nll": m.nll_aux}
 
         kvp_rows = [rows[s.name]["heldout"] for s in specs if s.mode == "kvp"]
         for h in kvp_rows[1:]:  # paired over the same sequences: far tighter than comparing two means
@@ -232,7 +245,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         for s in specs[1:]:
             prefixes = []
             for p, ref in zip(prompts, reference):
-                prefixes.append(agreement_prefix(ref, greedy(s.pipe, p, s.mode, gen_tokens), gen_tokens, eos))
+                prefixes.append(agreement_prefix(ref, greedy(s.pipe, p, s.mode, gen_tokens, s.exact_tail), gen_tokens,
+                                                 eos))
                 advance()
             rows[s.name]["genagree"] = summarize_prefixes(prefixes, gen_tokens)
 
@@ -240,7 +254,22 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         advance = progress("HumanEval", len(specs) * len(problems))
         for s in specs:
             rows[s.name]["humaneval"] = run_humaneval(s.pipe, problems, mode=s.mode, max_tokens=max_tokens,
-                                                      timeout=humaneval_timeout, progress=advance)
+                                                      timeout=humaneval_timeout, progress=advance,
+                                                      exact_tail=s.exact_tail)
+
+    if "docqa" in tasks:
+        from .eval_docqa import run_docqa
+
+        advance = progress("docqa", len(docqa_cases))
+        for name, by_length in run_docqa(specs, docqa_cases, answer_tokens=answer_tokens, eos=eos,
+                                         advance=advance).items():
+            rows[name]["docqa"] = by_length
+        lengths = dict.fromkeys(c.length for c in docqa_cases)
+        for s in specs:  # analytical TTFT per docqa prompt length (the cases' mean prompt tokens)
+            if "docqa" in rows[s.name]:
+                rows[s.name]["docqa_flops"] = {n: ttft_flops(s.mode, base, s.pipe.bundle, int(np.mean(
+                    [c.prompt.size for c in docqa_cases if c.length == n])), exact_tail=s.exact_tail)
+                    for n in lengths}
 
     base_row = rows["base"]
     for row in rows.values():
@@ -259,7 +288,11 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                      "gen_tokens": gen_tokens, "humaneval_problems": len(problems or []),
                      "humaneval_max_tokens": max_tokens, "humaneval_timeout_s": humaneval_timeout,
                      "ttft_repeats": ttft_repeats, "ttft_warmup": ttft_warmup, "ttft_prompt_tokens": prompt_len,
-                     "ttft_prompt": "held-out text" if sequences is not None else "random tokens"},
+                     "ttft_prompt": "held-out text" if sequences is not None else "random tokens",
+                     "exact_tails": list(exact_tails), "answer_tokens": answer_tokens,
+                     "docqa_docs": max([sum(c.length == n for c in docqa_cases) for n in
+                                        {c.length for c in docqa_cases if c.length != "short"}] or [0])
+                     if docqa_cases else 0},
         "bundles": [{"label": label, "path": str(b.path) if b.path else None, "trained": b.config.trained,
                      "aux_kind": b.config.aux_kind, "aux_layers": b.config.aux_layers,
                      "steps": b.config.training.get("steps_done")} for label, b in bundles],
@@ -325,6 +358,10 @@ def print_table(result: dict, console=None) -> None:
                   f"{row['speedup_analytical']:.2f}x", f"{row['speedup_measured']:.2f}x"]
         t.add_row(*cells)
     (console or Console(width=max(Console().width, 200))).print(t)
+    if "docqa" in tasks:
+        from .eval_docqa import print_docqa_table
+
+        print_docqa_table(result, console)
 
 
 def summary(result: dict) -> dict:

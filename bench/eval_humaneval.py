@@ -64,7 +64,8 @@ class Completion:
     prompt_tokens: int
 
 
-def complete(pipe: Pipeline, prompt: str, *, mode: str, max_tokens: int = 256, task_id: str = "") -> Completion:
+def complete(pipe: Pipeline, prompt: str, *, mode: str, max_tokens: int = 256, task_id: str = "",
+             exact_tail: int = 1) -> Completion:
     """Greedy completion of a HumanEval prompt in `mode`, stopped and truncated as described above.
 
     The prompt is fed without its trailing whitespace (as bigcode-evaluation-harness does): BPE merges a newline
@@ -77,7 +78,7 @@ def complete(pipe: Pipeline, prompt: str, *, mode: str, max_tokens: int = 256, t
     ids_in = encode_prompt(pipe, fed, chat=False)
     ids: list[int] = []
     text, finish = "", "length"
-    for token, _ in generate_tokens(pipe, ids_in, mode=mode, max_tokens=max_tokens):
+    for token, _ in generate_tokens(pipe, ids_in, mode=mode, max_tokens=max_tokens, exact_tail=exact_tail):
         if token in eos:
             finish = "eos"
             break
@@ -138,11 +139,13 @@ def check_completions(pairs: list[tuple[dict, str]], *, timeout: float = DEFAULT
 
 
 def run_humaneval(pipe: Pipeline, problems: list[dict], *, mode: str, max_tokens: int = 256,
-                  timeout: float = DEFAULT_TIMEOUT, progress: Callable[[], None] | None = None) -> dict:
+                  timeout: float = DEFAULT_TIMEOUT, progress: Callable[[], None] | None = None,
+                  exact_tail: int = 1) -> dict:
     """Greedy pass@1 of `mode` on `problems`, with every completion and its check result."""
     completions = []
     for p in problems:
-        completions.append(complete(pipe, p["prompt"], mode=mode, max_tokens=max_tokens, task_id=p["task_id"]))
+        completions.append(complete(pipe, p["prompt"], mode=mode, max_tokens=max_tokens, task_id=p["task_id"],
+                                    exact_tail=exact_tail))
         if progress:
             progress()
     checks = check_completions([(p, c.completion) for p, c in zip(problems, completions)], timeout=timeout)

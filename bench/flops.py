@@ -50,21 +50,24 @@ def base_ttft_flops(base: nn.Module, config: dict, n: int) -> int:
     return layers_flops(base.layers, n, n) + lm_head_flops(config)
 
 
-def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.Module, n: int) -> int:
-    """Aux over n-1 tokens (no LM head), predictor over n-1 tokens, base over the last token attending to n."""
-    return (layers_flops(aux.layers, n - 1, n - 1) + (n - 1) * 2 * linear_params(predictor)
-            + layers_flops(base.layers, 1, n) + lm_head_flops(config))
+def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.Module, n: int,
+                   exact_tail: int = 1) -> int:
+    """Aux over the n - t predicted tokens (no LM head), predictor over them, base over the last t = exact_tail
+    tokens attending to n, counted as base_ttft_flops counts its prefill (t = n: the base's own cost)."""
+    t = min(exact_tail, n)
+    return (layers_flops(aux.layers, n - t, n - t) + (n - t) * 2 * linear_params(predictor)
+            + layers_flops(base.layers, t, n) + lm_head_flops(config))
 
 
-def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int) -> int:
-    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm, the same work), kvp, or the aux alone
-    (with its own LM head: a KVP-C aux has its own config)."""
+def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1) -> int:
+    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm, the same work), kvp (the base computing
+    the last `exact_tail` tokens), or the aux alone (with its own LM head: a KVP-C aux has its own config)."""
     if mode in ("base", "mlx-lm"):
         return base_ttft_flops(base.model, base.config, n)
     if bundle is None:
         raise ValueError(f"mode {mode} needs a bundle")
     if mode == "kvp":
-        return kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n)
+        return kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n, exact_tail)
     if mode == "aux":
         return base_ttft_flops(bundle.aux, bundle.config.aux_config or base.config, n)
     raise ValueError(f"unknown mode {mode!r}")

@@ -39,20 +39,20 @@ def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
     return new_bundle(pipe.base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, n), aux_layers=kept)
 
 
-def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int):
+def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1):
     if mode == "mlx-lm":
         return generate_step(prompt, pipe.base.model, max_tokens=gen_tokens)
-    return generate_tokens(pipe, prompt, mode=mode, max_tokens=gen_tokens)
+    return generate_tokens(pipe, prompt, mode=mode, max_tokens=gen_tokens, exact_tail=exact_tail)
 
 
-def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int) -> dict:
+def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1) -> dict:
     """TTFT: call to first token (evaluated); TPOT: mean time of the following tokens."""
     mx.clear_cache()
     mx.reset_peak_memory()
     with stock_mlx_ops(pipe.base.model) if mode == "mlx-lm" else nullcontext():
         tic = time.perf_counter()
         ttft, stamps = None, []
-        for token, _ in token_stream(pipe, mode, prompt, gen_tokens):
+        for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):
             now = time.perf_counter()
             if ttft is None:
                 ttft = now - tic
@@ -79,7 +79,7 @@ def environment(pipe: Pipeline) -> dict:
 
 
 def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: int = 3, warmup: int = 1,
-              gen_tokens: int = 16, prompt_tokens: np.ndarray | None = None, seed: int = 0,
+              gen_tokens: int = 16, prompt_tokens: np.ndarray | None = None, seed: int = 0, exact_tail: int = 1,
               progress: Callable[[], None] | None = None) -> dict:
     """Per prompt length, every mode run `warmup + repeats` times, interleaved (base, kvp, ..., base, ...)."""
     bad = [m for m in modes if m not in MODES]
@@ -102,12 +102,12 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
         runs = {m: [] for m in modes}
         for r in range(warmup + repeats):
             for m in modes:
-                result = time_one(pipe, m, prompt, gen_tokens)
+                result = time_one(pipe, m, prompt, gen_tokens, exact_tail)
                 if r >= warmup:
                     runs[m].append(result)
                 if progress:
                     progress()
-        flops = {m: ttft_flops(m, pipe.base, pipe.bundle, n) for m in {"base", *modes}}
+        flops = {m: ttft_flops(m, pipe.base, pipe.bundle, n, exact_tail=exact_tail) for m in {"base", *modes}}
         for m in modes:
             ttfts = [x["ttft"] for x in runs[m]]
             tpot = statistics.median(x["tpot"] for x in runs[m])
@@ -118,7 +118,8 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                          "ttft_flops": flops[m], "ttft_all": ttfts})
     add_speedups(rows)
     return {"environment": environment(pipe), "settings": {"repeats": repeats, "warmup": warmup,
-            "gen_tokens": gen_tokens, "prompt": "file" if prompt_tokens is not None else "random tokens"},
+            "gen_tokens": gen_tokens, "exact_tail": exact_tail,
+            "prompt": "file" if prompt_tokens is not None else "random tokens"},
             "rows": rows}
 
 

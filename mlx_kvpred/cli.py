@@ -57,6 +57,8 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System message (with --chat)."),
     device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
     allow_untrained: bool = typer.Option(False, help="Accept a bundle whose predictor was never trained."),
+    exact_tail: int = typer.Option(1, help="kvp: the base computes the last N prompt tokens itself, attending to "
+                                           "the predicted cache of the rest (1: the last token only)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt tokens, TTFT, TPOT, tokens/s, memory."),
 ):
     """Generate text, streaming it as it is produced."""
@@ -81,7 +83,8 @@ def generate(
         print("WARNING: this KVP bundle is UNTRAINED; its outputs are not meaningful", file=sys.stderr)
     last = None
     for last in stream_generate(pipe, encode_prompt(pipe, content, chat=chat, system=system), mode=mode,
-                                max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p)):
+                                max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p),
+                                exact_tail=exact_tail):
         print(last.text, end="", flush=True)
     print()
     if verbose and last is not None:
@@ -294,11 +297,18 @@ def eval_cmd(
                                                        "(default: the shipped bundle)."),
     tasks: str = typer.Option("heldout", help="Comma-separated: heldout (teacher-forced top-1 agreement with the "
                                               "base, NLL), genagree (greedy exact-match prefix with base mode), "
-                                              "humaneval (greedy pass@1)."),
+                                              "humaneval (greedy pass@1), docqa (a held-out document and a "
+                                              "question in chat form, and short chat instructions: agreement "
+                                              "with the base's answer per prompt length)."),
     data: Optional[list[str]] = typer.Option(None, help="Text sources; their held-out split is used "
                                                          "(default: the sources the bundles were trained on)."),
     prompt_len: int = typer.Option(256, help="Prompt tokens for heldout/genagree, and the TTFT prompt length."),
     cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt (heldout)."),
+    prompt_lengths: str = typer.Option("256,1024,2048", help="docqa: document lengths in tokens."),
+    docs: Optional[int] = typer.Option(None, help="docqa: documents per length (default 12; 4 with --quick)."),
+    answer_tokens: int = typer.Option(64, help="docqa: tokens of the base's greedy answer (the reference)."),
+    exact_tail: str = typer.Option("1", help="kvp: the base computes the last N prompt tokens itself; a "
+                                             "comma-separated list gives a kvp row per value."),
     sequences: Optional[int] = typer.Option(None, help="Held-out sequences, one per file (default 32; 8 with "
                                                           "--quick)."),
     gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
@@ -317,7 +327,9 @@ def eval_cmd(
                                                                 "vs measured TTFT."),
 ):
     """Accuracy vs TTFT: held-out agreement/NLL, greedy agreement and HumanEval pass@1 for base, kvp and aux."""
-    from .bench.eval_harness import bundle_labels, heldout_sequences, parse_tasks, print_table, run_eval, write_json
+    from .bench.eval_docqa import document_cases, short_cases
+    from .bench.eval_harness import (bundle_labels, heldout_files, heldout_sequences, parse_tasks, print_table,
+                                     run_eval, write_json)
     from .bench.eval_humaneval import humaneval_available, load_problems
     from .bench.pareto import check_matplotlib, plot_pareto
     from .bundle import load_bundle
@@ -326,8 +338,10 @@ def eval_cmd(
     task_list = parse_tasks(tasks)
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
+    tails = parse_int_list(exact_tail, "--exact-tail")
     for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
-                        ("--limit", limit), ("--ttft-repeats", ttft_repeats)):
+                        ("--limit", limit), ("--ttft-repeats", ttft_repeats), ("--docs", docs),
+                        ("--answer-tokens", answer_tokens), ("--exact-tail", min(tails or [0]))):
         if value is not None and value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
     if plot_out:
@@ -343,11 +357,17 @@ def eval_cmd(
         seqs, source = heldout_sequences(bundles, pipe.tokenizer, data=data, seq_len=prompt_len + cont_len,
                                          count=min(sequences or (8 if quick else 32), limit or 10**9))
     problems = load_problems(limit or (20 if quick else None)) if "humaneval" in task_list else None
+    cases = None
+    if "docqa" in task_list:
+        files, _ = heldout_files(bundles, data)
+        cases = document_cases(files, pipe.tokenizer, lengths=parse_int_list(prompt_lengths, "--prompt-lengths"),
+                               count=docs or (4 if quick else 12)) + short_cases(pipe.tokenizer)
     with phase_progress() as track:
         result = run_eval(pipe.base, list(zip(bundle_labels([b.path for b in bundles]), bundles)), tasks=task_list,
                           sequences=seqs, prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=problems, max_tokens=max_tokens,
-                          with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track)
+                          with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track,
+                          exact_tails=tails, docqa_cases=cases, answer_tokens=answer_tokens)
     result["settings"]["heldout_source"] = source
     print_table(result)
     if json_out:
@@ -391,6 +411,7 @@ def bench(
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
+    exact_tail: int = typer.Option(1, help="kvp: the base computes the last N prompt tokens itself."),
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
@@ -419,7 +440,8 @@ def bench(
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(mode_list) * (repeats + warmup))
         result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
-                           gen_tokens=gen_tokens, prompt_tokens=tokens, progress=lambda: progress.advance(task))
+                           gen_tokens=gen_tokens, prompt_tokens=tokens, exact_tail=exact_tail,
+                           progress=lambda: progress.advance(task))
     result["environment"]["bundle_label"] = label
     print_table(result, title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
     if json_out:

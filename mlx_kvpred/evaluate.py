@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .pipeline import Pipeline, predict_cache
+from mlx_lm.models.cache import make_prompt_cache
+
+from .pipeline import Pipeline, predict_cache, split_exact_tail
 
 
 @dataclass
@@ -30,16 +32,19 @@ def _nll(logits: mx.array, targets: mx.array) -> mx.array:
     return -mx.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
 
 
-def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_aux: bool = True) -> dict:
+def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_aux: bool = True,
+                   exact_tail: int = 1) -> dict:
     """Logit comparisons on one sequence of prompt_len + cont_len tokens; positions are those predicting
-    tokens[prompt_len:], i.e. the first output token and the teacher-forced continuation."""
+    tokens[prompt_len:], i.e. the first output token and the teacher-forced continuation. kvp predicts the cache
+    of all but the last `exact_tail` prompt tokens, which the base computes itself (as generate_tokens does)."""
     prompt, cont = tokens[:prompt_len], tokens[prompt_len:]
     base = pipe.base.model
     # base with its true cache: one pass over everything, keep the positions that predict cont
     base_logits = base(tokens[None, :-1])[0, prompt_len - 1:]
-    # kvp: predicted cache for prompt[:-1], then the base runs prompt[-1] and the continuation
-    cache = predict_cache(pipe, prompt[:-1])
-    kvp_logits = base(tokens[None, prompt_len - 1:-1], cache=cache)[0]
+    # kvp: predicted cache for the prompt but its tail, then the base runs the tail and the continuation
+    predicted, exact = split_exact_tail(prompt, exact_tail)
+    cache = predict_cache(pipe, predicted) if predicted.size else make_prompt_cache(base)
+    kvp_logits = base(tokens[None, predicted.size:-1], cache=cache)[0, exact.size - 1:]
     out = {
         "base_top1": mx.argmax(base_logits, axis=-1),
         "kvp_top1": mx.argmax(kvp_logits, axis=-1),
@@ -55,13 +60,14 @@ def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_au
 
 
 def evaluate_heldout(pipe: Pipeline, sequences: np.ndarray, *, prompt_len: int = 256, cont_len: int = 64,
-                     with_aux: bool = True, progress=None) -> HeldoutMetrics:
+                     with_aux: bool = True, exact_tail: int = 1, progress=None) -> HeldoutMetrics:
     """Mean metrics over `sequences` (n, >= prompt_len + cont_len) of held-out token ids."""
     if sequences.shape[1] < prompt_len + cont_len:
         raise ValueError(f"sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
     rows = []
     for seq in sequences:
-        rows.append(score_sequence(pipe, mx.array(seq[:prompt_len + cont_len]), prompt_len, with_aux=with_aux))
+        rows.append(score_sequence(pipe, mx.array(seq[:prompt_len + cont_len]), prompt_len, with_aux=with_aux,
+                                   exact_tail=exact_tail))
         if progress:
             progress()
     agree = np.stack([r["kvp_top1"] == r["base_top1"] for r in rows])

@@ -122,9 +122,11 @@ def _with_prefix(processors: Sequence[Callable] | None, prefix: mx.array) -> lis
 
 def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max_tokens: int = 256,
                     sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
-                    max_kv_size: int | None = None, prefill_step_size: int = 2048,
+                    max_kv_size: int | None = None, prefill_step_size: int = 2048, exact_tail: int = 1,
                     **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
-    """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. Extra kwargs go to generate_step."""
+    """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. In kvp mode the base computes the last
+    `exact_tail` prompt tokens itself (>= 1), attending to the predicted cache of the rest. Extra kwargs go to
+    generate_step."""
     mode = resolve_mode(pipe, mode)
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "base":
@@ -134,12 +136,22 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     if mode == "aux":
         return generate_step(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
                              **common)
-    if prompt.size < 2:  # nothing for the aux to prefill
+    predicted, exact = split_exact_tail(prompt, exact_tail)
+    if predicted.size == 0:  # nothing for the aux to prefill
         cache = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
     else:
-        cache = predict_cache(pipe, prompt[:-1], prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
-    return generate_step(prompt[-1:], pipe.base.model, prompt_cache=cache,
-                         logits_processors=_with_prefix(logits_processors, prompt[:-1]), **common)
+        cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
+    return generate_step(exact, pipe.base.model, prompt_cache=cache,
+                         logits_processors=_with_prefix(logits_processors, predicted), **common)
+
+
+def split_exact_tail(prompt: mx.array, exact_tail: int) -> tuple[mx.array, mx.array]:
+    """kvp: (the prompt tokens whose cache is predicted, the last `exact_tail` ones the base computes itself)."""
+    if exact_tail < 1:
+        raise KVPredError(f"--exact-tail must be >= 1 (the base computes at least the last prompt token), "
+                          f"got {exact_tail}")
+    cut = max(prompt.size - exact_tail, 0)
+    return prompt[:cut], prompt[cut:]
 
 
 def require_text(text: str, source: str = "prompt") -> str:

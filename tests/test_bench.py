@@ -32,6 +32,11 @@ def test_flops_by_hand():
     expected = ((n - 1) * (2 * PER_LAYER + 2 * (n - 1) * 64) + (n - 1) * 2 * predictor
                 + 4 * (2 * PER_LAYER + 2 * n * 64) + HEAD)
     assert kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux, pipe.bundle.predictor, n) == expected
+    tail = ((n - 3) * (2 * PER_LAYER + 2 * (n - 3) * 64) + (n - 3) * 2 * predictor
+            + 4 * 3 * (2 * PER_LAYER + 2 * n * 64) + HEAD)  # the base computes the last 3 prompt tokens
+    assert kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux, pipe.bundle.predictor, n, 3) == tail
+    assert kvp_ttft_flops(pipe.base.model, pipe.base.config, pipe.bundle.aux, pipe.bundle.predictor, n, n) == (
+        base_ttft_flops(pipe.base.model, pipe.base.config, n))
 
 
 def test_smoke_run_and_json_schema():

@@ -8,10 +8,11 @@ import pytest
 
 from conftest import assert_one_line_error, cli, tiny_model
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
-from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks, prefix_match, run_eval,
-                                           summary, write_json)
+from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks, prefix_match, print_table,
+                                           run_eval, summary, write_json)
 from mlx_kvpred.bench.eval_humaneval import (check_completions, continue_prompt, humaneval_available,
                                              load_problems, truncate_completion)
+from mlx_kvpred.bench.eval_docqa import document_cases, repeated_4gram_share, short_cases
 from mlx_kvpred.bench.pareto import pareto_front, plot_pareto
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError
@@ -168,6 +169,50 @@ def test_json_schema_and_pareto_plot_tiny_model(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
+class ChatCharTokenizer(CharTokenizer):
+    """CharTokenizer with a minimal chat template: [user text] -> "<" text ">" ids."""
+
+    chat_template = "<{content}>"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return self.encode("<" + messages[-1]["content"] + ">")
+
+
+def test_repeated_4gram_share():
+    assert repeated_4gram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_4gram_share([1, 2, 3, 4] * 4) == pytest.approx(1 - 4 / 13)  # a loop
+    assert repeated_4gram_share([1, 2, 3]) == 0.0
+
+
+def test_docqa_tiny_model(tmp_path):
+    """docqa per length and for short instructions: an exact kvp (identity) agrees with the base's answer
+    everywhere; an untrained one does not, until its exact tail covers the whole prompt; paired differences."""
+    base = tiny_model("llama")
+    base.tokenizer = ChatCharTokenizer()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(["Alpha", "beta", "42", "gamma"], 40)))
+    files = sorted(str(p) for p in tmp_path.glob("*.txt"))
+    cases = document_cases(files, base.tokenizer, lengths=[24, 48], count=2)
+    assert [c.length for c in cases] == ["24", "24", "48", "48"]
+    assert all(c.prompt.size > int(c.length) and c.source in files for c in cases)
+    cases += short_cases(base.tokenizer)[:2]
+    result = run_eval(base, tiny_bundles(base), tasks=["docqa"], docqa_cases=cases, answer_tokens=6,
+                      exact_tails=(1, 200), with_aux=False, ttft_repeats=1, ttft_warmup=0, prompt_len=16)
+    modes = {m["name"]: m for m in result["modes"]}
+    assert list(modes) == ["base", "kvp (identity, tail 1)", "kvp (identity, tail 200)", "kvp (pruned, tail 1)",
+                           "kvp (pruned, tail 200)"]
+    assert set(modes["base"]["docqa"]) == {"24", "48", "short"}
+    for name in ("kvp (identity, tail 1)", "kvp (identity, tail 200)", "kvp (pruned, tail 200)"):
+        for length, m in modes[name]["docqa"].items():
+            assert m["agreement"] == 1.0 and m["first_token_agreement"] == 1.0 and m["mean_prefix"] == 6, (name, m)
+            assert m["nll_kvp"] == pytest.approx(m["nll_base"], abs=1e-4)
+    pruned = modes["kvp (pruned, tail 1)"]["docqa"]["48"]
+    assert pruned["agreement"] < 1.0 and pruned["vs_first_kvp"]["diff"] == pytest.approx(pruned["agreement"] - 1)
+    assert modes["kvp (pruned, tail 1)"]["docqa_flops"]["48"] < modes["kvp (pruned, tail 200)"]["docqa_flops"]["48"]
+    print_table(result)
+
+
 def test_run_eval_needs_inputs():
     base = tiny_model("llama")
     bundles = tiny_bundles(base)
@@ -202,3 +247,20 @@ def test_eval_cli_real_model_smoke(tmp_path):
     assert (tmp_path / "e.png").stat().st_size > 20_000
     row = next(line for line in r.stdout.splitlines() if "kvp" in line and "│" in line)
     assert float(row.split("│")[2]) == pytest.approx(result["modes"][1]["heldout"]["agreement"], abs=1e-3)
+
+
+@needs_model
+def test_eval_docqa_cli_real_model(tmp_path):
+    """docqa on SmolLM2-135M with the shipped bundle, tiny sizes: one document of 64 tokens, the short instructions."""
+    r = cli("eval", "--tasks", "docqa", "--docs", "1", "--prompt-lengths", "64", "--answer-tokens", "3",
+            "--exact-tail", "16", "--no-aux", "--ttft-repeats", "1", "--prompt-len", "48",
+            "--json", str(tmp_path / "d.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "d.json").read_text())
+    modes = {m["name"]: m for m in result["modes"]}
+    assert list(modes) == ["base", "kvp"] and modes["kvp"]["exact_tail"] == 16
+    assert set(modes["kvp"]["docqa"]) == {"64", "short"}
+    for m in modes["kvp"]["docqa"].values():
+        assert 0.0 <= m["agreement"] <= 1.0 and m["cases"] >= 1
+    assert modes["kvp"]["docqa"]["short"]["cases"] == 20
+    assert "docqa" in r.stdout and "short" in r.stdout

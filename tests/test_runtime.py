@@ -152,6 +152,32 @@ def test_kvp_with_pruned_aux_runs_and_differs_from_base():
     assert len(run(pipe, prompt, "aux", 8)) == 8
 
 
+def test_exact_tail_is_computed_by_the_base():
+    """--exact-tail N: the base runs the last N prompt tokens on the predicted cache of the rest. A tail covering
+    the whole prompt is plain base mode, token for token, even with an untrained predictor; a shorter one is
+    not; the teacher-forced score agrees with generation."""
+    from mlx_kvpred.evaluate import score_sequence
+
+    base = tiny_model("llama", num_hidden_layers=6)
+    kept = spread_layers(6, 2)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+    pipe = Pipeline(base, new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 6),
+                                     aux_layers=kept))
+    prompt = mx.random.randint(0, 97, (20,), key=mx.random.key(5))
+    base_tokens = [t for t, _ in run(pipe, prompt, "base", 8)]
+    whole = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=8, exact_tail=20))
+    assert [t for t, _ in whole] == base_tokens
+    assert [t for t, _ in generate_tokens(pipe, prompt, mode="kvp", max_tokens=8, exact_tail=5)] != base_tokens
+    tokens = mx.concatenate([prompt, mx.array(base_tokens)])
+    full = score_sequence(pipe, tokens, 20, with_aux=False, exact_tail=20)
+    assert (full["kvp_top1"] == full["base_top1"]).all()
+    part = score_sequence(pipe, tokens, 20, with_aux=False, exact_tail=5)
+    first = next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=5))[0]
+    assert part["kvp_top1"][0] == first
+    with pytest.raises(KVPredError, match="--exact-tail"):
+        next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=0))
+
+
 def test_layer_maps():
     assert spread_layers(28, 7) == [0, 4, 8, 12, 16, 20, 24]
     assert layer_pruned_map([0, 4, 8, 12, 16, 20, 24], 28) == [i // 4 for i in range(28)]
