@@ -5,12 +5,12 @@ top-1 agreement on the answer (with standard errors and paired differences), fir
 exact-prefix length, the share of repeated 4-grams in greedy answers, and the NLL of the base's answer.
 
 The documents come from files held out of every bundle's training (as `heldout`); the short instructions are a
-fixed list no training data uses (selfdata.py writes instruction x topic prompts of another form).
+fixed list no training data uses (selfdata.py writes instruction x topic prompts of another form, and asks
+its own document questions).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -20,6 +20,7 @@ import numpy as np
 from mlx_kvpred.evaluate import score_sequence
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
+from mlx_kvpred.selfdata import document_question
 
 QUESTIONS = (
     "What is the text above about?",
@@ -40,7 +41,6 @@ SHORT_PROMPTS = (
     "What is the opposite of cold?", "Name a mammal that can fly.", "What language is spoken in Brazil?",
     "What is the square root of 81?", "Which continent is Egypt in?", "What do bees make?",
 )
-MENTION = re.compile(r"\b(?:[A-Z][a-zA-Z]{3,}|\d{2,})\b")  # a name or a number the document states
 
 
 @dataclass
@@ -80,11 +80,7 @@ def document_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], c
             if len(ids) < n:
                 continue
             doc = tokenizer.decode(ids[:n]).strip()
-            mentions = sorted(set(MENTION.findall(doc)))
-            usable = [q for q in QUESTIONS if "{x}" not in q or mentions]
-            question = usable[int(rng.integers(len(usable)))]
-            if "{x}" in question:
-                question = question.format(x=mentions[int(rng.integers(len(mentions)))])
+            question = document_question(doc, rng, QUESTIONS)
             cases.append(ChatCase(chat_ids(tokenizer, f"{doc}\n\n{question}"), str(n), question, files[i]))
             found += 1
             if found == count:

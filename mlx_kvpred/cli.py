@@ -13,6 +13,7 @@ import typer
 
 from .errors import KVPredError
 from .recipe import TrainSpec
+from .selfdata import DOCUMENT_LENGTHS
 from .train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -196,6 +197,13 @@ def train(
     sequences_per_file: Optional[int] = typer.Option(None, help="Keep at most N sequences of each file (a seeded "
                                                                 "random choice), so the set spans more files "
                                                                 "(default: 1 on the default sources, all on --data)."),
+    long_seq_len: Optional[int] = typer.Option(None, help="Mixed lengths: also train on windows of this many "
+                                                          "tokens of the same text (with --long-sequences)."),
+    long_sequences: int = typer.Option(TrainSpec.long_sequences, help="How many --long-seq-len windows (one per "
+                                                                      "file)."),
+    chat_data: Optional[list[str]] = typer.Option(None, help=".jsonl shards (chat-data --documents) whose records "
+                                                             "train whole: long chat prompts with the base's "
+                                                             "answers; repeatable."),
     eval_every: int = typer.Option(TrainConfig.eval_every, help="Held-out eval every N steps."),
     eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens each)."),
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Checkpoint (and bundle) every N steps."),
@@ -217,12 +225,13 @@ def train(
                      aux_model=aux_model, init_from=init_from, layer_map=parse_int_list(layer_map, "--layer-map"),
                      predictor_input=predictor_input, prev_token_dim=prev_token_dim, data=list(data) if data else None,
                      max_train_sequences=max_train_sequences, sequences_per_file=sequences_per_file,
+                     long_seq_len=long_seq_len, long_sequences=long_sequences,
+                     chat_data=list(chat_data) if chat_data else None,
                      eval_sequences=eval_sequences, train=cfg)
-    with train_progress(steps=steps, tokens_per_step=batch_size * seq_len, checkpoint_every=checkpoint_every
-                        ) as on_step:
+    with train_progress(steps=steps, checkpoint_every=checkpoint_every) as on_step:
         state = train_recipe(out, spec, model=model, resume=resume, on_step=on_step,
                              command=" ".join(["kvpred-mlx"] + sys.argv[1:]))
-    toks = state.step * batch_size * seq_len
+    toks = sum(row.get("tokens", batch_size * seq_len) for row in state.history)
     print(f"trained {state.step} steps, {state.elapsed:.0f} s, {toks / max(state.elapsed, 1e-9):.0f} tokens/s; "
           f"bundle: {out}", file=sys.stderr)
     if state.evals and "agreement" in state.evals[-1]:
@@ -232,7 +241,7 @@ def train(
 
 
 @contextmanager
-def train_progress(*, steps: int, tokens_per_step: int, checkpoint_every: int):
+def train_progress(*, steps: int, checkpoint_every: int):
     """An on_step for train(): rich bars on a terminal; in a log file a line per checkpoint and eval."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -256,7 +265,7 @@ def train_progress(*, steps: int, tokens_per_step: int, checkpoint_every: int):
             progress.update(tasks["train"], completed=state.step, info=info)
             if not progress.console.is_terminal and (state.step % checkpoint_every == 0 or last
                                                      or state.step == steps):  # no live bar (log file): a line
-                eta = (steps - state.step) * tokens_per_step / max(row["tok_s"], 1e-9)
+                eta = (steps - state.step) * state.elapsed / max(state.step, 1)
                 progress.console.print(f"train {state.step}/{steps}  {info}  ETA {eta / 60:.0f} min")
 
         yield on_step
@@ -267,26 +276,39 @@ def chat_data(
     out: str = typer.Option(..., help="Directory for the .jsonl shards (pass it to `train --data`)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
     count: int = typer.Option(256, help="Conversations to write (instruction x topic prompts, seeded)."),
-    max_tokens: int = typer.Option(256, help="Maximum answer tokens."),
+    max_tokens: Optional[int] = typer.Option(None, help="Maximum answer tokens (default 256; 64 with --documents)."),
     temperature: float = typer.Option(0.7, help="Sampling temperature."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
-    seed: int = typer.Option(TrainConfig.seed),
+    documents: bool = typer.Option(False, help="Document chats instead: a training-split file cut to N tokens, a "
+                                               "question about it, the base's answer (long chat prompts)."),
+    doc_lengths: str = typer.Option(",".join(map(str, DOCUMENT_LENGTHS)),
+                                    help="--documents: document lengths in tokens, one per shard in turn."),
+    data: Optional[list[str]] = typer.Option(None, help="--documents: text sources; their training split is used "
+                                                         "(default: the default training sources)."),
+    seed: int = typer.Option(0),
 ):
-    """Training text the base writes itself: its chat answers to varied prompts (resumes at the next shard)."""
+    """Training text the base writes itself: its chat answers to varied prompts, or (--documents) to questions
+    about documents. Resumes at the next shard."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from .data import collect_files, default_sources, split_files
     from .loading import load_model, set_device
-    from .selfdata import generate_chat_data
+    from .selfdata import generate_chat_data, generate_document_chats
 
+    max_tokens = max_tokens if max_tokens is not None else 64 if documents else 256
     if count < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise KVPredError("--count and --max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    lengths = parse_int_list(doc_lengths, "--doc-lengths")
+    files = split_files(collect_files(list(data) if data else default_sources())).train_files if documents else None
     set_device("cpu")
     base = load_model(model, device="cpu")
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)
-        shards = generate_chat_data(base, out, count=count, max_tokens=max_tokens, temperature=temperature,
-                                    top_p=top_p, seed=seed, progress=lambda n: progress.advance(task, n))
+        common = dict(count=count, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      progress=lambda n: progress.advance(task, n))
+        shards = (generate_document_chats(base, out, files=files, lengths=lengths, **common) if documents
+                  else generate_chat_data(base, out, **common))
     print(f"wrote {count} conversations in {len(shards)} shards under {out}", file=sys.stderr)
 
 

@@ -106,3 +106,26 @@ def tokenize_files(files: list[str], tokenizer, *, seq_len: int, max_sequences: 
         raise KVPredError(f"data too short: no file gives a full {seq_len}-token sequence ({len(files)} files)")
     out = np.stack(sequences)
     return out[:max_sequences] if max_sequences is not None else out
+
+
+def tokenize_records(files: list[str], tokenizer, *, max_len: int, min_len: int = 2) -> list[np.ndarray]:
+    """Each record of .jsonl files (its `text`) as one sequence, e.g. a document chat whose question and answer
+    come last: its last `max_len` tokens; records under `min_len` tokens are left out."""
+    out = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KVPredError(f"--chat-data: cannot read {f} ({e.__class__.__name__})") from e
+        for line in lines:
+            try:
+                text = json.loads(line).get("text", "")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            ids = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+            if len(ids) >= min_len:
+                out.append(np.asarray(ids, dtype=np.int32))
+    if not out:
+        raise KVPredError(f"--chat-data: no records of {min_len}+ tokens in {len(files)} files")
+    return out

@@ -21,7 +21,7 @@ import numpy as np
 from .auxiliary import (aux_lora_config, check_same_tokenizer, enable_aux_lora, exact_aux_layers,
                         make_layer_pruned_aux, lora_layers, unchanged_kv_layers)
 from .bundle import Bundle, load_bundle, new_bundle
-from .data import TextSplit, collect_files, default_sources, split_files, tokenize_files
+from .data import TextSplit, collect_files, default_sources, split_files, tokenize_files, tokenize_records
 from .errors import KVPredError
 from .loading import LoadedModel, load_model, set_device
 from .predictor import check_predictor_input, layer_pruned_map, smaller_model_map, spread_layers
@@ -30,6 +30,7 @@ from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, TrainState, train
 SHIPPED_AUX_LAYERS = tuple(range(8))  # KVP-LP with the base's first 8 of 30 layers: 3.1x analytical TTFT cut
 DEFAULT_PREV_TOKEN_DIM = 64  # with predictor input "hidden" (docs/training.md)
 EVAL_SEQ_LEN = 320  # held-out sequences of the training run's evals: 256 prompt + 64 scored tokens
+MAX_RECORD_TOKENS = 2304  # --chat-data records longer than this keep their last tokens (question and answer)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TrainSpec:
     data: list[str] | None = None  # files, dirs, globs; None: data.default_sources()
     max_train_sequences: int = 4000
     sequences_per_file: int | None = None  # None: 1 on the default sources (the shipped recipe), all on `data`
+    long_seq_len: int | None = None  # mixed lengths: also windows of this many tokens of the same text ...
+    long_sequences: int = 0  # ... this many of them (one per file)
+    chat_data: list[str] | None = None  # .jsonl shards whose records train whole (chat-data --documents)
     eval_sequences: int = 8  # held-out sequences per eval during training (0: none)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -76,6 +80,15 @@ class TrainSpec:
                 raise KVPredError(f"{flag} must be >= 1, got {value}")
         if self.eval_sequences < 0:
             raise KVPredError(f"--eval-sequences must be >= 0, got {self.eval_sequences}")
+        if (self.long_seq_len is None) != (self.long_sequences == 0) or (self.long_seq_len or 2) < 2:
+            raise KVPredError("--long-seq-len N (>= 2) and --long-sequences M (>= 1) go together")
+        if self.mixed and t.batch_size != 1:
+            raise KVPredError("--long-seq-len and --chat-data train sequences of mixed lengths: --batch-size 1")
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the training set holds sequences of several lengths (a list, one sequence per step)."""
+        return bool(self.long_sequences or self.chat_data)
 
     @property
     def input(self) -> str:
@@ -152,7 +165,7 @@ def _new_bundle(spec: TrainSpec, base: LoadedModel) -> Bundle:
 
 @dataclass
 class TrainingData:
-    train: np.ndarray  # (n, seq_len) token ids
+    train: np.ndarray | list[np.ndarray]  # (n, seq_len) token ids; mixed lengths: a list of 1-D sequences
     heldout: np.ndarray | None  # (m, EVAL_SEQ_LEN), one per held-out file; None without evals
     split: TextSplit
     sources: list[str]
@@ -166,6 +179,14 @@ def training_data(spec: TrainSpec, tokenizer) -> TrainingData:
                                 max_sequences=spec.max_train_sequences, per_file=spec.per_file, seed=seed)
     heldout = tokenize_files(split.heldout_files, tokenizer, seq_len=EVAL_SEQ_LEN, max_sequences=spec.eval_sequences,
                              per_file=1, seed=seed) if split.heldout_files and spec.eval_sequences else None
+    if spec.mixed:
+        train_seqs = list(train_seqs)
+        if spec.long_sequences:
+            train_seqs += list(tokenize_files(split.train_files, tokenizer, seq_len=spec.long_seq_len,
+                                              max_sequences=spec.long_sequences, per_file=1, seed=seed + 1))
+        if spec.chat_data:  # chat-data --documents draws its documents from the training split
+            train_seqs += tokenize_records(collect_files(spec.chat_data), tokenizer,
+                                           min_len=spec.train.true_kv_tail + 1, max_len=MAX_RECORD_TOKENS)
     return TrainingData(train_seqs, heldout, split, sources)
 
 
@@ -184,8 +205,12 @@ def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str |
         base = load_model(model, device="cpu")
     bundle, cfg = build_bundle(spec, base)
     data = training_data(spec, base.tokenizer)
-    log(f"data: {len(data.split.train_files)} train files -> {len(data.train)} x {cfg.seq_len} tokens; "
-        f"{len(data.split.heldout_files)} held-out files")
+    if spec.mixed:
+        lengths = [len(x) for x in data.train]
+        shape = f"{len(lengths)} sequences of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f})"
+    else:
+        shape = f"{len(data.train)} x {cfg.seq_len} tokens"
+    log(f"data: {len(data.split.train_files)} train files -> {shape}; {len(data.split.heldout_files)} held-out files")
 
     def evaluate(b: Bundle) -> dict:
         from .evaluate import evaluate_heldout
@@ -200,7 +225,8 @@ def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str |
     metadata = {"command": command, "recipe": asdict(spec), "data": {
         "sources": data.sources, "rule": data.split.rule, "train_files": len(data.split.train_files),
         "heldout_files": data.split.heldout_files[:500], "train_sequences": int(len(data.train)),
-        "seq_len": cfg.seq_len, "sequences_per_file": spec.per_file}}
+        "seq_len": cfg.seq_len, "sequences_per_file": spec.per_file, "long_seq_len": spec.long_seq_len,
+        "long_sequences": spec.long_sequences, "chat_data": spec.chat_data}}
     if spec.init_from is not None:
         metadata["init_from"] = {"bundle": str(spec.init_from), "command": bundle.config.training.get("command"),
                                  "data": bundle.config.training.get("data")}

@@ -1,4 +1,7 @@
-"""Training text the base model writes itself: chat answers to varied prompts, sampled in batches.
+"""Training text the base model writes itself, sampled in batches:
+- chat answers to varied short prompts (`generate_chat_data`);
+- document chats (`generate_document_chats`): a training-split file cut to N tokens, a question about it, and the
+  base's answer, as one chat turn: the long chat prompts KV prediction is used on.
 
 Its own chat-formatted answers are the text the runtime sees in `generate` (chat template on), and they match
 the base's own distribution, which file text on a fresh machine (code, docs) does not. Shards of
@@ -9,8 +12,9 @@ run resumes at the next missing shard and the train/held-out split by file gets 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -99,4 +103,80 @@ def generate_chat_data(base: LoadedModel, out: str | Path, *, count: int = 512, 
         atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         if progress:
             progress(len(batch))
+    return shards
+
+
+# Questions for training document chats; `eval --tasks docqa` asks others (bench/eval_docqa.py).
+DOCUMENT_QUESTIONS = (
+    "Explain the main idea of the text above.", "What are the most important details in this text?",
+    "Give a short summary of the passage above.", "What does the passage tell us about {x}?",
+    "Continue the text above with one more paragraph.", "Explain the text above to a beginner.",
+    "Which questions does this text answer?", "Describe the purpose of the text above.",
+    "Where in the text is {x} mentioned, and why?", "Make a bulleted list of the facts in the passage.",
+)
+MENTION = re.compile(r"\b(?:[A-Z][a-zA-Z]{3,}|\d{2,})\b")  # a name or a number a document states
+DOCUMENT_LENGTHS = (256, 512, 1024, 2048)  # document tokens, one length per shard in turn
+
+
+def document_question(doc: str, rng: np.random.Generator, questions: Sequence[str]) -> str:
+    """A seeded question about `doc`; one naming "{x}" gets a name or number the document contains."""
+    mentions = sorted(set(MENTION.findall(doc)))
+    usable = [q for q in questions if "{x}" not in q or mentions]
+    question = usable[int(rng.integers(len(usable)))]
+    return question.format(x=mentions[int(rng.integers(len(mentions)))]) if "{x}" in question else question
+
+
+def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequence[str], count: int = 128,
+                            lengths: Sequence[int] = DOCUMENT_LENGTHS, max_tokens: int = 64,
+                            temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                            progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write `count` document chats as .jsonl shards under `out` (resumable, as generate_chat_data): per shard one
+    document length from `lengths` in turn; documents are the first N tokens of `files` (use training-split files:
+    these become training text) in a seeded order; the base samples the answer."""
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from .data import read_text
+
+    tok = base.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
+    if count < 1 or max_tokens < 1 or not lengths or min(lengths) < 16:
+        raise KVPredError("--count and --max-tokens must be >= 1 and --doc-lengths >= 16 tokens each")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KVPredError(f"--out {out} exists and is not a directory")
+    order = iter(np.random.default_rng(seed).permutation(len(files)))
+    sampler = make_sampler(temp=temperature, top_p=top_p)
+    shards = []
+    for s in range(0, count, SHARD_SIZE):
+        k = s // SHARD_SIZE
+        n, size = lengths[k % len(lengths)], min(SHARD_SIZE, count - s)
+        path = out / f"docchat-{k:05d}-{n}.jsonl"
+        shards.append(path)
+        rng = np.random.default_rng([seed, k])
+        docs = []  # the shard's documents: always drawn, so a resumed run picks the same ones for later shards
+        for i in order:
+            text = read_text(files[i])
+            ids = tok.encode(text, add_special_tokens=False) if len(text) >= n else []
+            if len(ids) >= n:
+                docs.append((files[i], tok.decode(ids[:n]).strip()))
+            if len(docs) == size:
+                break
+        if not docs:
+            raise KVPredError(f"--data: no more files with {n} tokens for document chats")
+        if path.is_file():
+            if progress:
+                progress(len(docs))
+            continue
+        prompts = [f"{doc}\n\n{document_question(doc, rng, DOCUMENT_QUESTIONS)}" for _, doc in docs]
+        mx.random.seed(seed * 100003 + s)
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        result = batch_generate(base.model, tok, ids, max_tokens=max_tokens, sampler=sampler)
+        lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "source": f, "doc_tokens": n})
+                 for (f, _), p, r in zip(docs, prompts, result.texts)]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        if progress:
+            progress(len(docs))
     return shards

@@ -80,7 +80,7 @@ class TrainConfig:
 @dataclass
 class TrainState:
     step: int = 0
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "kl", "l1", "ce", "tok_s"}
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "tokens", "tok_s"}
     evals: list[dict] = field(default_factory=list)
     ridge_done: bool = False
     elapsed: float = 0.0
@@ -378,15 +378,23 @@ def _load_checkpoint(out: Path, trainable: Trainable, opt: optim.Optimizer, cfg:
     return TrainState(**raw)
 
 
-def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainConfig, out: str | Path, *,
+def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.ndarray], cfg: TrainConfig,
+          out: str | Path, *,
           resume: bool = False, evaluate: Callable[[Bundle], dict] | None = None,
           metadata: dict | None = None, on_step: Callable[[TrainState, dict], None] | None = None) -> TrainState:
-    """Train `bundle.predictor` on token sequences (n, seq_len); the bundle is written to `out` at every
-    checkpoint (usable at any time), the resumable state under `out/checkpoint/`."""
+    """Train `bundle.predictor` on token sequences (n, seq_len), or a list of 1-D sequences of mixed lengths (batch
+    size 1); the bundle is written to `out` at every checkpoint (usable at any time), the resumable state under
+    `out/checkpoint/`."""
     out = Path(out)
-    if train_seqs.ndim != 2 or len(train_seqs) == 0:
+    ragged = isinstance(train_seqs, list)  # sequences of mixed lengths, one per step
+    if len(train_seqs) == 0 or (not ragged and train_seqs.ndim != 2):
         raise KVPredError("no training sequences")
-    if train_seqs.shape[1] != cfg.seq_len:
+    if ragged and cfg.batch_size != 1:
+        raise KVPredError("sequences of mixed lengths train at --batch-size 1")
+    if ragged and min(len(x) for x in train_seqs) <= cfg.true_kv_tail:
+        raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} does not fit the shortest training sequence "
+                          f"({min(len(x) for x in train_seqs)} tokens)")
+    if not ragged and train_seqs.shape[1] != cfg.seq_len:
         raise ValueError(f"training sequences have {train_seqs.shape[1]} tokens, the config's seq_len is {cfg.seq_len}")
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[bundle.config.predictor_input])
@@ -407,7 +415,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         state = _load_checkpoint(out, trainable, opt, cfg)
     elif cfg.ridge_sequences:
         rng = np.random.default_rng(cfg.seed)
-        pick = train_seqs[rng.permutation(len(train_seqs))[:cfg.ridge_sequences]]
+        pick = [train_seqs[i] for i in rng.permutation(len(train_seqs))[:cfg.ridge_sequences]]
         ridge_init(bundle, model, pick, lam=cfg.ridge_lambda, progress=(
             lambda: on_step(state, {"phase": "ridge", "total": len(pick)})) if on_step else None)
         state.ridge_done = True
@@ -421,7 +429,8 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
     last_good = state.step
     while state.step < cfg.steps:
         tic = time.perf_counter()
-        tokens = mx.array(train_seqs[batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)])
+        idx = batch_indices(state.step, len(train_seqs), cfg.batch_size, cfg.seed)
+        tokens = mx.array(train_seqs[idx[0]])[None] if ragged else mx.array(train_seqs[idx])
         inputs = step_inputs(bundle, model, tokens, skip=skip)
         mx.eval(inputs)
         opt.learning_rate = lr_at(state.step, cfg)
@@ -436,7 +445,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray, cfg: TrainC
         state.elapsed += dt
         state.step += 1
         row = {"step": state.step, "loss": loss_value, "lr": opt.learning_rate.item() if isinstance(
-            opt.learning_rate, mx.array) else opt.learning_rate, "tok_s": tokens.size / dt}
+            opt.learning_rate, mx.array) else opt.learning_rate, "tokens": tokens.size, "tok_s": tokens.size / dt}
         state.history.append(row)
         if evaluate and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
             state.evals.append({"step": state.step, **evaluate(bundle)})

@@ -175,3 +175,20 @@ def test_chat_data_writes_chat_text_and_resumes(tmp_path):
     assert cli("chat-data", "--out", str(out), "--count", "3", "--max-tokens", "8").returncode == 0
     assert shard.stat().st_mtime_ns == stamp
     assert len(set(chat_prompts(500))) == 500 and chat_prompts(5, seed=1) != chat_prompts(5)
+
+
+@needs_model
+def test_chat_data_documents(tmp_path):
+    """--documents: a training-split document cut to N tokens, a question, the base's answer, in chat form."""
+    import json
+
+    out = tmp_path / "docs"
+    r = cli("chat-data", "--documents", "--out", str(out), "--count", "2", "--doc-lengths", "48",
+            "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    (shard,) = sorted(out.glob("*.jsonl"))
+    rows = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert len(rows) == 2 and all(row["doc_tokens"] == 48 for row in rows)
+    for row in rows:
+        user, answer = row["text"].split("<|im_start|>assistant\n")
+        assert row["source"] and "<|im_start|>user\n" in user and answer.strip()

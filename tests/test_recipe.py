@@ -126,3 +126,30 @@ def test_train_recipe_end_to_end(tmp_path):
     assert train_recipe(tmp_path / "b", longer, base=base, resume=True, log=notes.append).step == 3
     with pytest.raises(KVPredError, match="--resume"):
         train_recipe(tmp_path / "nothing", spec, base=base, resume=True)
+
+
+def test_mixed_lengths_and_chat_records(tmp_path):
+    """--long-seq-len / --chat-data: a list of sequences of several lengths, chat records whole (their last
+    tokens), trained one per step."""
+    import json as _json
+
+    base = tiny_model("llama", num_hidden_layers=4)
+    base.tokenizer = CharTokenizer()
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 60)))
+    (tmp_path / "chat").mkdir()
+    records = ["x" * 10, "document " * 8 + "question? answer.", "short"]
+    (tmp_path / "chat" / "docchat-00000-64.jsonl").write_text("\n".join(_json.dumps({"text": t}) for t in records))
+    spec = TrainSpec(aux_layers=[0, 1], data=[str(tmp_path / "*.txt")], eval_sequences=0, prev_token_dim=8,
+                     long_seq_len=64, long_sequences=3, chat_data=[str(tmp_path / "chat")],
+                     train=TrainConfig(steps=3, seq_len=24, true_kv_tail=6, ridge_sequences=4, checkpoint_every=3))
+    data = training_data(spec, base.tokenizer)
+    lengths = sorted({len(x) for x in data.train})
+    assert isinstance(data.train, list) and 24 in lengths and 64 in lengths
+    assert len(records[1]) in lengths and 10 in lengths and 5 not in lengths  # "short": not above the tail
+    assert train_recipe(tmp_path / "b", spec, base=base, log=lambda _: None).step == 3
+    with pytest.raises(KVPredError, match="--batch-size 1"):
+        TrainSpec(chat_data=["x"], train=TrainConfig(batch_size=2))
+    with pytest.raises(KVPredError, match="go together"):
+        TrainSpec(long_seq_len=512)
