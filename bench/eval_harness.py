@@ -167,9 +167,10 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
              seed: int = 0, exact_tails: Sequence[int] = (1,), docqa_cases: Sequence | None = None,
-             answer_tokens: int = 64) -> dict:
+             answer_tokens: int = 64, heldout_by_length: dict[int, np.ndarray] | None = None) -> dict:
     """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
-    per exact tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases)."""
+    per exact tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`
+    ({prompt length: sequences of it + cont_len tokens}) adds heldout's agreement at each of those lengths."""
     progress = progress or _noop
     if not bundles:
         raise KVPredError("eval needs at least one KVP bundle (--kvp DIR)")
@@ -232,6 +233,23 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         for h in kvp_rows[1:]:  # paired over the same sequences: far tighter than comparing two means
             diff = np.subtract(h["sequence_agreement"], kvp_rows[0]["sequence_agreement"])
             h["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
+
+    if "heldout" in tasks and heldout_by_length:
+        kvp_specs = [s for s in specs if s.mode == "kvp"]
+        advance = progress("held-out by length", len(kvp_specs) * sum(map(len, heldout_by_length.values())))
+        for n, seqs in heldout_by_length.items():
+            for s in kvp_specs:
+                m = evaluate_heldout(s.pipe, seqs, prompt_len=n, cont_len=cont_len, with_aux=False,
+                                     exact_tail=s.exact_tail, progress=advance)
+                rows["base"].setdefault("heldout_lengths", {})[str(n)] = {"nll": m.nll_base, "sequences": len(seqs)}
+                h = {"agreement": m.agreement, "agreement_se": standard_error(m.sequence_agreement),
+                     "first_token_agreement": m.first_token_agreement, "nll": m.nll_kvp,
+                     "sequence_agreement": m.sequence_agreement, "sequences": len(seqs)}
+                first = rows[kvp_specs[0].name].get("heldout_lengths", {}).get(str(n))
+                if s is not kvp_specs[0]:
+                    diff = np.subtract(h["sequence_agreement"], first["sequence_agreement"])
+                    h["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
+                rows[s.name].setdefault("heldout_lengths", {})[str(n)] = h
 
     if "genagree" in tasks:
         prompts = [mx.array(seq[:prompt_len]) for seq in sequences]
@@ -358,10 +376,30 @@ def print_table(result: dict, console=None) -> None:
                   f"{row['speedup_analytical']:.2f}x", f"{row['speedup_measured']:.2f}x"]
         t.add_row(*cells)
     (console or Console(width=max(Console().width, 200))).print(t)
+    if any("heldout_lengths" in row for row in result["modes"]):
+        print_heldout_lengths(result, console)
     if "docqa" in tasks:
         from .eval_docqa import print_docqa_table
 
         print_docqa_table(result, console)
+
+
+def print_heldout_lengths(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"held-out raw text by prompt length (+ {result['settings']['cont_len']} scored tokens)")
+    for c in ("mode", "prompt", "sequences", "top-1 agree", "± se", "vs 1st kvp (paired)", "first-token agree",
+              "NLL"):
+        t.add_column(c, justify="right")
+    for row in result["modes"]:
+        for n, h in row.get("heldout_lengths", {}).items():
+            vs = h.get("vs_first_kvp")
+            t.add_row(row["name"], n, str(h["sequences"]), _f(h.get("agreement"), ".3f"),
+                      _f(h.get("agreement_se"), ".3f"),
+                      f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else "",
+                      _f(h.get("first_token_agreement"), ".3f"), f"{h['nll']:.3f}")
+    (console or Console(width=max(Console().width, 200))).print(t)
 
 
 def summary(result: dict) -> dict:

@@ -58,15 +58,17 @@ def generate(
     system: Optional[str] = typer.Option(None, help="System message (with --chat)."),
     device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
     allow_untrained: bool = typer.Option(False, help="Accept a bundle whose predictor was never trained."),
-    exact_tail: int = typer.Option(1, help="kvp: the base computes the last N prompt tokens itself, attending to "
-                                           "the predicted cache of the rest (1: the last token only)."),
+    exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself, "
+                                                        "attending to the predicted cache of the rest (default 32; "
+                                                        "1: the last token only, the paper's condition)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt tokens, TTFT, TPOT, tokens/s, memory."),
 ):
     """Generate text, streaming it as it is produced."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from .pipeline import check_mode, encode_prompt, load_pipeline, resolve_mode, stream_generate
+    from .pipeline import (DEFAULT_EXACT_TAIL, check_mode, encode_prompt, load_pipeline, resolve_mode,
+                           stream_generate)
 
     content = read_prompt(prompt, text)
     check_mode(mode)
@@ -85,7 +87,7 @@ def generate(
     last = None
     for last in stream_generate(pipe, encode_prompt(pipe, content, chat=chat, system=system), mode=mode,
                                 max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p),
-                                exact_tail=exact_tail):
+                                exact_tail=DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail):
         print(last.text, end="", flush=True)
     print()
     if verbose and last is not None:
@@ -327,10 +329,13 @@ def eval_cmd(
     prompt_len: int = typer.Option(256, help="Prompt tokens for heldout/genagree, and the TTFT prompt length."),
     cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt (heldout)."),
     prompt_lengths: str = typer.Option("256,1024,2048", help="docqa: document lengths in tokens."),
+    heldout_lengths: Optional[str] = typer.Option(None, help="heldout: also score at these prompt lengths "
+                                                            "(comma-separated), one table row per length."),
     docs: Optional[int] = typer.Option(None, help="docqa: documents per length (default 12; 4 with --quick)."),
     answer_tokens: int = typer.Option(64, help="docqa: tokens of the base's greedy answer (the reference)."),
-    exact_tail: str = typer.Option("1", help="kvp: the base computes the last N prompt tokens itself; a "
-                                             "comma-separated list gives a kvp row per value."),
+    exact_tail: Optional[str] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself; a "
+                                                        "comma-separated list gives a kvp row per value (default "
+                                                        "32; 1: the paper's condition)."),
     sequences: Optional[int] = typer.Option(None, help="Held-out sequences, one per file (default 32; 8 with "
                                                           "--quick)."),
     gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
@@ -355,12 +360,12 @@ def eval_cmd(
     from .bench.eval_humaneval import humaneval_available, load_problems
     from .bench.pareto import check_matplotlib, plot_pareto
     from .bundle import load_bundle
-    from .pipeline import load_pipeline
+    from .pipeline import DEFAULT_EXACT_TAIL, load_pipeline
 
     task_list = parse_tasks(tasks)
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
-    tails = parse_int_list(exact_tail, "--exact-tail")
+    tails = parse_int_list(exact_tail, "--exact-tail") or [DEFAULT_EXACT_TAIL]
     for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
                         ("--limit", limit), ("--ttft-repeats", ttft_repeats), ("--docs", docs),
                         ("--answer-tokens", answer_tokens), ("--exact-tail", min(tails or [0]))):
@@ -378,6 +383,8 @@ def eval_cmd(
     if "heldout" in task_list or "genagree" in task_list:
         seqs, source = heldout_sequences(bundles, pipe.tokenizer, data=data, seq_len=prompt_len + cont_len,
                                          count=min(sequences or (8 if quick else 32), limit or 10**9))
+    by_length = {n: heldout_sequences(bundles, pipe.tokenizer, data=data, seq_len=n + cont_len, count=len(seqs))[0]
+                 for n in parse_int_list(heldout_lengths, "--heldout-lengths") or []} if seqs is not None else None
     problems = load_problems(limit or (20 if quick else None)) if "humaneval" in task_list else None
     cases = None
     if "docqa" in task_list:
@@ -389,7 +396,8 @@ def eval_cmd(
                           sequences=seqs, prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=problems, max_tokens=max_tokens,
                           with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track,
-                          exact_tails=tails, docqa_cases=cases, answer_tokens=answer_tokens)
+                          exact_tails=tails, docqa_cases=cases, answer_tokens=answer_tokens,
+                          heldout_by_length=by_length)
     result["settings"]["heldout_source"] = source
     print_table(result)
     if json_out:
@@ -433,7 +441,8 @@ def bench(
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
-    exact_tail: int = typer.Option(1, help="kvp: the base computes the last N prompt tokens itself."),
+    exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself "
+                                                        "(default 32)."),
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
@@ -441,7 +450,7 @@ def bench(
 
     from .bench.eval_harness import write_json
     from .bench.run import plot, print_table, run_bench, untrained_lp_bundle
-    from .pipeline import load_pipeline
+    from .pipeline import DEFAULT_EXACT_TAIL, load_pipeline
 
     lengths = parse_int_list(prompt_lengths, "--prompt-lengths")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
@@ -462,7 +471,8 @@ def bench(
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(mode_list) * (repeats + warmup))
         result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
-                           gen_tokens=gen_tokens, prompt_tokens=tokens, exact_tail=exact_tail,
+                           gen_tokens=gen_tokens, prompt_tokens=tokens,
+                           exact_tail=DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail,
                            progress=lambda: progress.advance(task))
     result["environment"]["bundle_label"] = label
     print_table(result, title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")

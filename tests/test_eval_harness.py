@@ -213,6 +213,24 @@ def test_docqa_tiny_model(tmp_path):
     print_table(result)
 
 
+def test_heldout_by_length_tiny_model():
+    """heldout at several prompt lengths: the exact bundle agrees everywhere, paired differences per length."""
+    base = tiny_model("llama")
+    base.tokenizer = CharTokenizer()
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(0, 96, (3, 48)).astype(np.int32)
+    by_length = {16: rng.integers(0, 96, (2, 24)).astype(np.int32), 32: rng.integers(0, 96, (3, 40)).astype(np.int32)}
+    result = run_eval(base, tiny_bundles(base), tasks=["heldout"], sequences=seqs, prompt_len=40, cont_len=8,
+                      with_aux=False, ttft_repeats=1, ttft_warmup=0, heldout_by_length=by_length)
+    modes = {m["name"]: m for m in result["modes"]}
+    assert set(modes["base"]["heldout_lengths"]) == {"16", "32"}
+    for n, h in modes["kvp (identity)"]["heldout_lengths"].items():
+        assert h["agreement"] == 1.0 and h["nll"] == pytest.approx(modes["base"]["heldout_lengths"][n]["nll"], abs=1e-4)
+    pruned = modes["kvp (pruned)"]["heldout_lengths"]["32"]
+    assert pruned["sequences"] == 3 and pruned["vs_first_kvp"]["diff"] == pytest.approx(pruned["agreement"] - 1.0)
+    print_table(result)
+
+
 def test_run_eval_needs_inputs():
     base = tiny_model("llama")
     bundles = tiny_bundles(base)
