@@ -159,7 +159,8 @@ def parse_int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
 def train(
     out: str = typer.Option(..., help="Bundle directory to write (checkpoints go under OUT/checkpoint)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
-    aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12 (no aux flag: 0-7, the shipped recipe)."),
+    aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12 (no aux "
+                                                        "flag: 0-7, the shipped recipe)."),
     aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
     init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
@@ -186,9 +187,11 @@ def train(
                                                           "(default: a quarter of --seq-len; 0: all predicted, "
                                                           "CoreNet's)."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
-    ridge_sequences: int = typer.Option(TrainConfig.ridge_sequences, help="Sequences for the closed-form (ridge) init; 0 to skip."),
-    aux_lora_rank: int = typer.Option(TrainConfig.aux_lora_rank, help="KVP-LP: also train LoRA factors of this rank on the aux's linears "
-                                              "(0: the aux stays the base's frozen layers)."),
+    ridge_sequences: int = typer.Option(TrainConfig.ridge_sequences, help="Sequences for the closed-form (ridge) "
+                                                                          "init; 0 to skip."),
+    aux_lora_rank: int = typer.Option(TrainConfig.aux_lora_rank, help="KVP-LP: also train LoRA factors of this "
+                                                                      "rank on the aux's linears (0: the aux "
+                                                                      "stays the base's frozen layers)."),
     aux_lora_layers: Optional[str] = typer.Option(None, help="With --aux-lora-rank: the aux layers (0-based, of the "
                                                              "aux) that get LoRA, default all. The first keeps its "
                                                              "K/V projections, so its K/V and those before it stay "
@@ -207,7 +210,8 @@ def train(
                                                              "train whole: long chat prompts with the base's "
                                                              "answers; repeatable."),
     eval_every: int = typer.Option(TrainConfig.eval_every, help="Held-out eval every N steps."),
-    eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens each)."),
+    eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens "
+                                                                      "each)."),
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Checkpoint (and bundle) every N steps."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options."),
     seed: int = typer.Option(TrainConfig.seed),

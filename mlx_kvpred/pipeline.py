@@ -1,5 +1,6 @@
-"""Generation with KV prediction: aux prefill of prompt[:-1] -> predicted base cache -> the base runs the last
-prompt token for the first output token -> mlx-lm's generate_step decodes with the base alone.
+"""Generation with KV prediction: aux prefill of the prompt but its last `exact_tail` tokens -> predicted base
+cache -> the base runs those last tokens for the first output token -> mlx-lm's generate_step decodes with the
+base alone (exact_tail 1 is the paper's condition; stream_generate and the CLI use DEFAULT_EXACT_TAIL).
 
 Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline),
 "auto" (kvp when a bundle is loaded, else base).
@@ -91,7 +92,7 @@ def resolve_mode(pipe: Pipeline, mode: str) -> str:
 
 def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
                   max_kv_size: int | None = None) -> list[Any]:
-    """Run the aux over `tokens` (the prompt minus its last token) and return the predicted base cache:
+    """Run the aux over `tokens` (the prompt but its exact tail) and return the predicted base cache:
     one ordinary mlx-lm cache object per base layer. The aux LM head never runs."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
