@@ -12,6 +12,7 @@ its own document questions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -19,8 +20,10 @@ import numpy as np
 
 from mlx_kvpred.evaluate import score_sequence
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens
-from mlx_kvpred.selfdata import document_question
+from mlx_kvpred.pipeline import Pipeline, chat_prompt_ids, generate_tokens
+from mlx_kvpred.selfdata import document_question, document_texts
+
+from .eval_harness import _f, agreement_prefix, paired_difference, standard_error
 
 QUESTIONS = (
     "What is the text above about?",
@@ -52,41 +55,25 @@ class ChatCase:
 
 
 def chat_ids(tokenizer, text: str) -> np.ndarray:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
-    if isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return np.asarray(ids, dtype=np.int32)
+    return np.asarray(chat_prompt_ids(tokenizer, text), dtype=np.int32)
 
 
 def document_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], count: int,
                    seed: int = 0) -> list[ChatCase]:
     """Per length, `count` documents (the first N tokens of a held-out file long enough, seeded file order), each
     with a seeded question; a question naming "{x}" gets a name or number the document contains."""
-    from mlx_kvpred.data import read_text
-
     if not getattr(tokenizer, "chat_template", None):
         raise KVPredError("--tasks docqa needs a model with a chat template")
     rng = np.random.default_rng([seed, 23])
     order = rng.permutation(len(files))
     cases = []
     for n in lengths:
-        found = 0
-        for i in order:
-            text = read_text(files[i])
-            if len(text) < n:  # chars >= tokens
-                continue
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) < n:
-                continue
-            doc = tokenizer.decode(ids[:n]).strip()
-            question = document_question(doc, rng, QUESTIONS)
-            cases.append(ChatCase(chat_ids(tokenizer, f"{doc}\n\n{question}"), str(n), question, files[i]))
-            found += 1
-            if found == count:
-                break
-        if not found:
+        docs = list(islice(document_texts(files, order, tokenizer, n), count))
+        if not docs:
             raise KVPredError(f"--prompt-lengths {n}: no held-out document has {n} tokens")
+        for source, doc in docs:
+            question = document_question(doc, rng, QUESTIONS)
+            cases.append(ChatCase(chat_ids(tokenizer, f"{doc}\n\n{question}"), str(n), question, source))
     return cases
 
 
@@ -118,8 +105,6 @@ def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
 def run_docqa(specs: Sequence, cases: Sequence[ChatCase], *, answer_tokens: int, eos: set[int],
               advance: Callable[[], None]) -> dict[str, dict]:
     """{spec name: {length: metrics}} for the base spec (specs[0]) and every kvp spec (aux specs are skipped)."""
-    from .eval_harness import agreement_prefix, standard_error
-
     base_spec = specs[0]
     kvp_specs = [s for s in specs if s.mode == "kvp"]
     per = {s.name: {} for s in [base_spec, *kvp_specs]}  # name -> length -> list of per-case dicts
@@ -128,8 +113,11 @@ def run_docqa(specs: Sequence, cases: Sequence[ChatCase], *, answer_tokens: int,
         per[base_spec.name].setdefault(case.length, []).append(
             {"repeat4": repeated_4gram_share(_strip_eos(reference, eos))})
         tokens = mx.array(np.concatenate([case.prompt, np.asarray(reference, dtype=np.int32)]))
+        base_scores = None  # the base's pass over the case, run once for all kvp specs
         for s in kvp_specs:
-            r = score_sequence(s.pipe, tokens, case.prompt.size, with_aux=False, exact_tail=s.exact_tail)
+            r = score_sequence(s.pipe, tokens, case.prompt.size, with_aux=False, exact_tail=s.exact_tail,
+                               base_scores=base_scores)
+            base_scores = {k: r[k] for k in ("base_top1", "nll_base")}
             agree = r["kvp_top1"] == r["base_top1"]
             answer = greedy_answer(s.pipe, case.prompt, "kvp", answer_tokens, eos, s.exact_tail)
             per[s.name].setdefault(case.length, []).append({
@@ -153,8 +141,7 @@ def run_docqa(specs: Sequence, cases: Sequence[ChatCase], *, answer_tokens: int,
                           "nll_base": float(np.mean([r["nll_base"] for r in rows])),
                           "case_agreement": agreements})
                 if name != first:
-                    diff = np.subtract(agreements, out[first][length]["case_agreement"])
-                    m["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
+                    m["vs_first_kvp"] = paired_difference(agreements, out[first][length]["case_agreement"])
             out[name][length] = m
     return out
 
@@ -180,7 +167,3 @@ def print_docqa_table(result: dict, console=None) -> None:
                       _f(m.get("first_token_agreement"), ".3f"), _f(m.get("mean_prefix"), ".1f"),
                       f"{m['repeat4']:.3f}", nll, f"{flops / 1e9:.3g}" if flops else "")
     (console or Console(width=max(Console().width, 200))).print(t)
-
-
-def _f(value, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)

@@ -143,6 +143,13 @@ def standard_error(values: Sequence[float]) -> float | None:
     return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict:
+    """Mean and standard error of per-sequence differences from `reference` on the same sequences: far tighter
+    than comparing two means."""
+    diff = np.subtract(values, reference)
+    return {"diff": float(diff.mean()), "se": standard_error(diff)}
+
+
 # ---- cost ---------------------------------------------------------------------------------------------------
 
 def time_first_token(pipe: Pipeline, mode: str, prompt: mx.array, exact_tail: int = 1) -> float:
@@ -215,6 +222,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         advance = progress("held-out", sum(s.mode == "kvp" for s in specs) * len(sequences))
         for i, (label, bundle) in enumerate(bundles):
             tails = [s for s in specs if s.bundle == label and s.mode == "kvp"]
+            aux = next((s for s in specs if s.bundle == label and s.mode == "aux"), None)
             for k, spec in enumerate(tails):  # one pass per exact tail; the first also scores the aux alone
                 m = evaluate_heldout(Pipeline(base, bundle), sequences, prompt_len=prompt_len, cont_len=cont_len,
                                      with_aux=with_aux and k == 0, exact_tail=spec.exact_tail, progress=advance)
@@ -224,15 +232,13 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                                               m.first_token_agreement, "nll": m.nll_kvp,
                                               "agreement_se": standard_error(m.sequence_agreement),
                                               "sequence_agreement": m.sequence_agreement}
-                aux = next((s for s in specs if s.bundle == label and s.mode == "aux"), None)
                 if aux is not None and k == 0:
                     rows[aux.name]["heldout"] = {"agreement": m.aux_agreement, "first_token_agreement": None,
                                                  "nll": m.nll_aux}
 
         kvp_rows = [rows[s.name]["heldout"] for s in specs if s.mode == "kvp"]
-        for h in kvp_rows[1:]:  # paired over the same sequences: far tighter than comparing two means
-            diff = np.subtract(h["sequence_agreement"], kvp_rows[0]["sequence_agreement"])
-            h["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
+        for h in kvp_rows[1:]:
+            h["vs_first_kvp"] = paired_difference(h["sequence_agreement"], kvp_rows[0]["sequence_agreement"])
 
     if "heldout" in tasks and heldout_by_length:
         kvp_specs = [s for s in specs if s.mode == "kvp"]
@@ -245,10 +251,9 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                 h = {"agreement": m.agreement, "agreement_se": standard_error(m.sequence_agreement),
                      "first_token_agreement": m.first_token_agreement, "nll": m.nll_kvp,
                      "sequence_agreement": m.sequence_agreement, "sequences": len(seqs)}
-                first = rows[kvp_specs[0].name].get("heldout_lengths", {}).get(str(n))
                 if s is not kvp_specs[0]:
-                    diff = np.subtract(h["sequence_agreement"], first["sequence_agreement"])
-                    h["vs_first_kvp"] = {"diff": float(diff.mean()), "se": standard_error(diff)}
+                    first = rows[kvp_specs[0].name]["heldout_lengths"][str(n)]
+                    h["vs_first_kvp"] = paired_difference(h["sequence_agreement"], first["sequence_agreement"])
                 rows[s.name].setdefault("heldout_lengths", {})[str(n)] = h
 
     if "genagree" in tasks:

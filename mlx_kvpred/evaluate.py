@@ -33,30 +33,28 @@ def _nll(logits: mx.array, targets: mx.array) -> mx.array:
 
 
 def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_aux: bool = True,
-                   exact_tail: int = 1) -> dict:
+                   exact_tail: int = 1, base_scores: dict | None = None) -> dict:
     """Logit comparisons on one sequence of prompt_len + cont_len tokens; positions are those predicting
     tokens[prompt_len:], i.e. the first output token and the teacher-forced continuation. kvp predicts the cache
-    of all but the last `exact_tail` prompt tokens, which the base computes itself (as generate_tokens does)."""
+    of all but the last `exact_tail` prompt tokens, which the base computes itself (as generate_tokens does).
+    `base_scores` ("base_top1", "nll_base" of an earlier call on the same tokens) skips the base's own pass."""
     prompt, cont = tokens[:prompt_len], tokens[prompt_len:]
     base = pipe.base.model
-    # base with its true cache: one pass over everything, keep the positions that predict cont
-    base_logits = base(tokens[None, :-1])[0, prompt_len - 1:]
+    out = {}
+    if base_scores is None:  # base with its true cache: one pass over everything, the positions predicting cont
+        base_logits = base(tokens[None, :-1])[0, prompt_len - 1:]
+        out.update(base_top1=mx.argmax(base_logits, axis=-1), nll_base=_nll(base_logits, cont))
     # kvp: predicted cache for the prompt but its tail, then the base runs the tail and the continuation
     predicted, exact = split_exact_tail(prompt, exact_tail)
     cache = predict_cache(pipe, predicted) if predicted.size else make_prompt_cache(base)
     kvp_logits = base(tokens[None, predicted.size:-1], cache=cache)[0, exact.size - 1:]
-    out = {
-        "base_top1": mx.argmax(base_logits, axis=-1),
-        "kvp_top1": mx.argmax(kvp_logits, axis=-1),
-        "nll_base": _nll(base_logits, cont),
-        "nll_kvp": _nll(kvp_logits, cont),
-    }
+    out.update(kvp_top1=mx.argmax(kvp_logits, axis=-1), nll_kvp=_nll(kvp_logits, cont))
     if with_aux and pipe.bundle is not None:
         aux_logits = pipe.bundle.aux(tokens[None, :-1])[0, prompt_len - 1:]
         out["aux_top1"] = mx.argmax(aux_logits, axis=-1)
         out["nll_aux"] = _nll(aux_logits, cont)
     mx.eval(out)
-    return {k: np.array(v) for k, v in out.items()}
+    return {**(base_scores or {}), **{k: np.array(v) for k, v in out.items()}}
 
 
 def evaluate_heldout(pipe: Pipeline, sequences: np.ndarray, *, prompt_len: int = 256, cont_len: int = 64,

@@ -166,15 +166,19 @@ def require_text(text: str, source: str = "prompt") -> str:
     return text
 
 
+def chat_prompt_ids(tokenizer, text: str, *, system: str | None = None) -> list[int]:
+    """`text` as one user turn of the tokenizer's chat template, with the assistant header after it."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)  # transformers >= 5 may return a BatchEncoding
+
+
 def encode_prompt(pipe: Pipeline, text: str, *, chat: bool = True, system: str | None = None) -> mx.array:
     """Tokenize `text`, as one user turn of the chat template when `chat` (and the tokenizer has one)."""
     require_text(text)
     tok = pipe.tokenizer
     if chat and getattr(tok, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # transformers >= 5 may return a BatchEncoding
-            ids = ids["input_ids"]
+        ids = chat_prompt_ids(tok, text, system=system)
     else:
         ids = tok.encode(text, add_special_tokens=tok.bos_token is None or not text.startswith(tok.bos_token))
     return mx.array(ids)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -77,6 +78,8 @@ def generate_chat_data(base: LoadedModel, out: str | Path, *, count: int = 512, 
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
+    from .pipeline import chat_prompt_ids
+
     tok = base.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
@@ -97,7 +100,7 @@ def generate_chat_data(base: LoadedModel, out: str | Path, *, count: int = 512, 
                 progress(len(batch))
             continue
         mx.random.seed(seed * 100003 + s)  # each shard reproducible on its own (resume gives the same text)
-        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in batch]
+        ids = [chat_prompt_ids(tok, p) for p in batch]
         result = batch_generate(base.model, tok, ids, max_tokens=max_tokens, sampler=sampler)
         lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "prompt": p}) for p, r in zip(batch, result.texts)]
         atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
@@ -126,6 +129,20 @@ def document_question(doc: str, rng: np.random.Generator, questions: Sequence[st
     return question.format(x=mentions[int(rng.integers(len(mentions)))]) if "{x}" in question else question
 
 
+def document_texts(files: Sequence[str], order: Iterable[int], tokenizer, n: int) -> Iterator[tuple[str, str]]:
+    """(file, its first n tokens as text) for the files of `order` (indices into `files`) that have n tokens. An
+    iterator `order` is used up as documents are taken (shared by successive calls); a sequence starts over."""
+    from .data import read_text
+
+    for i in order:
+        text = read_text(files[i])
+        if len(text) < n:  # chars >= tokens: too short without tokenizing
+            continue
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= n:
+            yield files[i], tokenizer.decode(ids[:n]).strip()
+
+
 def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequence[str], count: int = 128,
                             lengths: Sequence[int] = DOCUMENT_LENGTHS, max_tokens: int = 64,
                             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
@@ -137,7 +154,7 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from .data import read_text
+    from .pipeline import chat_prompt_ids
 
     tok = base.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
@@ -156,14 +173,8 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
         path = out / f"docchat-{k:05d}-{n}.jsonl"
         shards.append(path)
         rng = np.random.default_rng([seed, k])
-        docs = []  # the shard's documents: always drawn, so a resumed run picks the same ones for later shards
-        for i in order:
-            text = read_text(files[i])
-            ids = tok.encode(text, add_special_tokens=False) if len(text) >= n else []
-            if len(ids) >= n:
-                docs.append((files[i], tok.decode(ids[:n]).strip()))
-            if len(docs) == size:
-                break
+        # the shard's documents: always drawn, so a resumed run picks the same ones for later shards
+        docs = list(islice(document_texts(files, order, tok, n), size))
         if not docs:
             raise KVPredError(f"--data: no more files with {n} tokens for document chats")
         if path.is_file():
@@ -172,7 +183,7 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
             continue
         prompts = [f"{doc}\n\n{document_question(doc, rng, DOCUMENT_QUESTIONS)}" for _, doc in docs]
         mx.random.seed(seed * 100003 + s)
-        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
+        ids = [chat_prompt_ids(tok, p) for p in prompts]
         result = batch_generate(base.model, tok, ids, max_tokens=max_tokens, sampler=sampler)
         lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "source": f, "doc_tokens": n})
                  for (f, _), p, r in zip(docs, prompts, result.texts)]

@@ -389,11 +389,13 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
     ragged = isinstance(train_seqs, list)  # sequences of mixed lengths, one per step
     if len(train_seqs) == 0 or (not ragged and train_seqs.ndim != 2):
         raise KVPredError("no training sequences")
-    if ragged and cfg.batch_size != 1:
-        raise KVPredError("sequences of mixed lengths train at --batch-size 1")
-    if ragged and min(len(x) for x in train_seqs) <= cfg.true_kv_tail:
-        raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} does not fit the shortest training sequence "
-                          f"({min(len(x) for x in train_seqs)} tokens)")
+    if ragged:
+        shortest = min(len(x) for x in train_seqs)
+        if cfg.batch_size != 1:
+            raise KVPredError("sequences of mixed lengths train at --batch-size 1")
+        if shortest <= cfg.true_kv_tail:
+            raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} does not fit the shortest training sequence "
+                              f"({shortest} tokens)")
     if not ragged and train_seqs.shape[1] != cfg.seq_len:
         raise ValueError(f"training sequences have {train_seqs.shape[1]} tokens, the config's seq_len is {cfg.seq_len}")
     if cfg.lr is None:
