@@ -31,7 +31,7 @@ from mlx_kvpred.loading import LoadedModel
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
-from .flops import ttft_flops
+from mlx_kvpred.flops import ttft_flops
 
 TASKS = ("heldout", "genagree", "humaneval", "docqa")
 SCHEMA = "kvpred-mlx-eval/1"

@@ -23,7 +23,7 @@ from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
 from mlx_kvpred.predictor import layer_pruned_map
 
-from .flops import ttft_flops
+from mlx_kvpred.flops import ttft_flops
 
 MODES = ("base", "kvp", "aux", "mlx-lm")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,11 @@ def embedding_fingerprint(model: nn.Module, rows: int = 32) -> list[float]:
     return [round(x, 4) for x in mx.linalg.norm(vectors, axis=-1).tolist()]
 
 
+def fingerprints_match(want: list[float], have: list[float]) -> bool:
+    """Embedding fingerprints of the same weights (loaded in another dtype or quantization: 5% tolerance)."""
+    return not (want and have and any(abs(a - b) > 0.05 * max(abs(a), 1e-3) for a, b in zip(want, have)))
+
+
 def describe_base(base: LoadedModel) -> dict:
     return {
         "reference": Path(base.source).name if base.source.endswith(".gguf") else base.source,
@@ -75,6 +81,14 @@ def describe_base(base: LoadedModel) -> dict:
         "vocab_size": base.config.get("vocab_size"),
         "fingerprint": embedding_fingerprint(base.model),
     }
+
+
+def bundle_id(bundle: Bundle | None) -> str:
+    """A short hash of a bundle's config, training record included: tells apart two trainings of one recipe."""
+    if bundle is None:
+        return "none"
+    blob = json.dumps(asdict(bundle.config), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def check_against_base(cfg: BundleConfig, base: LoadedModel, where: str) -> None:
@@ -88,8 +102,7 @@ def check_against_base(cfg: BundleConfig, base: LoadedModel, where: str) -> None
     vocab = base.config.get("vocab_size")
     if cfg.base.get("vocab_size") and vocab and cfg.base["vocab_size"] != vocab:
         raise KVPredError(f"{where}: bundle vocab {cfg.base['vocab_size']} does not match {base.source} vocab {vocab}")
-    want, have = cfg.base.get("fingerprint") or [], embedding_fingerprint(base.model)
-    if want and have and any(abs(a - b) > 0.05 * max(abs(a), 1e-3) for a, b in zip(want, have)):
+    if not fingerprints_match(cfg.base.get("fingerprint") or [], embedding_fingerprint(base.model)):
         raise KVPredError(f"{where}: bundle was made for different weights ({cfg.base.get('reference')}) "
                           f"than {base.source} (embedding fingerprint differs)")
 

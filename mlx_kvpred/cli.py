@@ -41,65 +41,203 @@ def read_prompt(prompt: Optional[str], text: Optional[str]) -> str:
     return require_text(content, "--text" if text is not None else prompt)
 
 
-@app.command()
-def generate(
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt file, or - to read stdin."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt text given inline."),
-    model: Optional[str] = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo id "
-                                                   "(default: installed SmolLM2-135M-Instruct GGUF)."),
-    kvp: Optional[str] = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model)."),
-    mode: str = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone), "
-                                          "auto (kvp if a bundle is available, else base)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens."),
-    temp: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
-    chat: bool = typer.Option(True, "--chat/--raw", help="Apply the tokenizer's chat template (or feed raw text)."),
-    system: Optional[str] = typer.Option(None, help="System message (with --chat)."),
-    device: Optional[str] = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu)."),
-    allow_untrained: bool = typer.Option(False, help="Accept a bundle whose predictor was never trained."),
-    exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself, "
-                                                        "attending to the predicted cache of the rest (default 32; "
-                                                        "1: the last token only, the paper's condition)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print prompt tokens, TTFT, TPOT, tokens/s, memory."),
-):
-    """Generate text, streaming it as it is produced."""
+# Options shared by generate and chat
+MODEL = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo id (default: installed "
+                                "SmolLM2-135M-Instruct GGUF).")
+KVP = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model).")
+MODE = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone, generate "
+                                 "only), auto (kvp only where it saves real time on this device, else base).")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens.")
+TEMP = typer.Option(0.0, help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
+SEED = typer.Option(None, help="Random seed for sampling.")
+SYSTEM = typer.Option(None, help="System message.")
+DEVICE = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu).")
+ALLOW_UNTRAINED = typer.Option(False, help="Accept a bundle whose predictor was never trained.")
+EXACT_TAIL = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself, attending to the "
+                                     "predicted cache of the rest (default 32; 1: the last token only, the paper's).")
+KVP_MIN_TOKENS = typer.Option(None, help="auto: the base runs prompts (or new turn spans) shorter than this (default: "
+                                         "where kvp's TTFT, modelled from a one-time speed probe, is 1.5x lower).")
+TTFT_BUDGET = typer.Option(None, help="auto: run the base (exact) whenever its modelled TTFT is within this many "
+                                      "seconds.")
+
+
+def sampler_from_flags(temp: float, top_p: float, seed: Optional[int], max_tokens: int):
+    """make_sampler after checking the flags (and seeding)."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from .pipeline import (DEFAULT_EXACT_TAIL, check_mode, encode_prompt, load_pipeline, resolve_mode,
-                           stream_generate)
-
-    content = read_prompt(prompt, text)
-    check_mode(mode)
     if max_tokens < 1:
         raise KVPredError(f"--max-tokens must be >= 1, got {max_tokens}")
     if temp < 0 or not 0 < top_p <= 1:
         raise KVPredError("--temp must be >= 0 and --top-p in (0, 1]")
     if seed is not None:
         mx.random.seed(seed)
-    pipe = load_pipeline(model, kvp=False if mode == "base" else kvp, device=device, allow_untrained=allow_untrained)
+    return make_sampler(temp=temp, top_p=top_p)
+
+
+def check_policy_flags(exact_tail: Optional[int], kvp_min_tokens: Optional[int], ttft_budget: Optional[float]) -> int:
+    """The exact tail to use (default 32), after checking the auto-policy flags."""
+    from .pipeline import DEFAULT_EXACT_TAIL
+
+    if exact_tail is not None and exact_tail < 1:
+        raise KVPredError(f"--exact-tail must be >= 1 (the base computes at least the last prompt token), "
+                          f"got {exact_tail}")
+    if kvp_min_tokens is not None and kvp_min_tokens < 1:
+        raise KVPredError(f"--kvp-min-tokens must be >= 1, got {kvp_min_tokens}")
+    if ttft_budget is not None and ttft_budget < 0:
+        raise KVPredError(f"--ttft-budget must be >= 0 seconds, got {ttft_budget}")
+    return DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail
+
+
+def load_for_generation(model, kvp, mode: str, device, allow_untrained: bool, *, keep_bundle: bool = False):
+    """load_pipeline for a mode (base: no bundle, unless `keep_bundle`), with the notes a user should see."""
+    from .pipeline import check_mode, load_pipeline
+
+    check_mode(mode)
+    pipe = load_pipeline(model, kvp=False if mode == "base" and not keep_bundle else kvp, device=device,
+                         allow_untrained=allow_untrained)
     if mode == "auto" and pipe.bundle is None:
         print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
-    mode = resolve_mode(pipe, mode)
     if pipe.bundle is not None and not pipe.bundle.config.trained:
         print("WARNING: this KVP bundle is UNTRAINED; its outputs are not meaningful", file=sys.stderr)
-    last = None
-    for last in stream_generate(pipe, encode_prompt(pipe, content, chat=chat, system=system), mode=mode,
-                                max_tokens=max_tokens, sampler=make_sampler(temp=temp, top_p=top_p),
-                                exact_tail=DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail):
-        print(last.text, end="", flush=True)
-    print()
+    return pipe
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt file, or - to read stdin."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt text given inline."),
+    model: Optional[str] = MODEL,
+    kvp: Optional[str] = KVP,
+    mode: str = MODE,
+    max_tokens: int = MAX_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    seed: Optional[int] = SEED,
+    chat: bool = typer.Option(True, "--chat/--raw", help="Apply the tokenizer's chat template (or feed raw text)."),
+    system: Optional[str] = SYSTEM,
+    device: Optional[str] = DEVICE,
+    allow_untrained: bool = ALLOW_UNTRAINED,
+    exact_tail: Optional[int] = EXACT_TAIL,
+    kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
+    ttft_budget: Optional[float] = TTFT_BUDGET,
+    prompt_cache: Optional[str] = typer.Option(None, help="A session file (.safetensors): if it exists, the prompt "
+                                                          "continues its conversation and only new tokens are "
+                                                          "processed; if not, it is created with this turn."),
+    update_prompt_cache: bool = typer.Option(False, help="With --prompt-cache: also write this turn back into an "
+                                                         "existing file."),
+    repair: bool = typer.Option(False, help="With --prompt-cache: recompute predicted K/V with the base before "
+                                            "saving, so later runs attend to exact K/V."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the mode chosen and why, prompt tokens, TTFT, "
+                                                                 "TPOT, tokens/s, memory."),
+):
+    """Generate text, streaming it as it is produced."""
+    content = read_prompt(prompt, text)
+    sampler = sampler_from_flags(temp, top_p, seed, max_tokens)
+    tail = check_policy_flags(exact_tail, kvp_min_tokens, ttft_budget)
+    if prompt_cache is not None:
+        if not chat:
+            raise KVPredError("--prompt-cache keeps a chat session: it does not work with --raw")
+        if mode == "aux":
+            raise KVPredError("--prompt-cache runs mode kvp, base or auto")
+        from .session import check_session_path
+
+        check_session_path(Path(prompt_cache))
+    elif update_prompt_cache or repair:
+        raise KVPredError("--update-prompt-cache and --repair need --prompt-cache FILE")
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=prompt_cache is not None)
+    policy = dict(exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
+    if prompt_cache is None:
+        from .pipeline import encode_prompt, stream_generate
+
+        responses = stream_generate(pipe, encode_prompt(pipe, content, chat=chat, system=system), mode=mode,
+                                    max_tokens=max_tokens, sampler=sampler, **policy)
+        last = print_stream(responses)
+    else:
+        last = generate_in_session(pipe, Path(prompt_cache), content, mode=mode, system=system, max_tokens=max_tokens,
+                                   sampler=sampler, update=update_prompt_cache, repair=repair, verbose=verbose,
+                                   **policy)
     if verbose and last is not None:
         tpot = 1 / last.generation_tps if last.generation_tps else float("nan")
         print("=" * 10, file=sys.stderr)
-        print(f"mode: {last.mode}  device: {pipe.device}  bundle: {pipe.bundle.path if pipe.bundle else '-'}",
-              file=sys.stderr)
+        print(f"mode: {last.mode} ({last.reason})  device: {pipe.device}  "
+              f"bundle: {pipe.bundle.path if pipe.bundle else '-'}", file=sys.stderr)
         print(f"prompt: {last.prompt_tokens} tokens, TTFT {last.ttft * 1e3:.1f} ms "
               f"({last.prompt_tps:.1f} prompt tokens/s)", file=sys.stderr)
         print(f"generation: {last.generation_tokens} tokens, TPOT {tpot * 1e3:.1f} ms "
               f"({last.generation_tps:.1f} tokens/s)", file=sys.stderr)
         print(f"peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+
+
+def print_stream(responses):
+    last = None
+    for last in responses:
+        print(last.text, end="", flush=True)
+    print()
+    return last
+
+
+def generate_in_session(pipe, path: Path, content: str, *, mode: str, system, max_tokens: int, sampler, update: bool,
+                        repair: bool, verbose: bool, **policy):
+    """generate --prompt-cache: continue (or start) the session in `path`; write it when new or `update`."""
+    from .session import ChatSession
+
+    existed = path.exists()
+    if existed:
+        session = ChatSession.load(pipe, path, mode=mode, **policy)
+        if system is not None and system != session.system:
+            raise KVPredError(f"--system differs from the system message saved in {path}")
+    else:
+        session = ChatSession(pipe, system=system, mode=mode, **policy)
+    last = print_stream(session.stream(content, max_tokens=max_tokens, sampler=sampler))
+    if verbose:
+        t = session.turns[-1]
+        print(f"session: {t.cached_tokens} tokens reused from {path}, {t.new_tokens} new "
+              f"({t.predicted_tokens} predicted)", file=sys.stderr)
+    if existed and not update:
+        return last
+    if repair and session.pending_repair:
+        print(f"repairing {session.pending_repair} tokens...", file=sys.stderr)
+        session.repair()
+    session.save(path, overwrite=existed)
+    print(f"saved the session ({len(session.tokens)} tokens) to {path}", file=sys.stderr)
+    return last
+
+
+@app.command()
+def chat(
+    model: Optional[str] = MODEL,
+    kvp: Optional[str] = KVP,
+    mode: str = MODE,
+    max_tokens: int = MAX_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    seed: Optional[int] = SEED,
+    system: Optional[str] = SYSTEM,
+    device: Optional[str] = DEVICE,
+    allow_untrained: bool = ALLOW_UNTRAINED,
+    exact_tail: Optional[int] = EXACT_TAIL,
+    kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
+    ttft_budget: Optional[float] = TTFT_BUDGET,
+    load: Optional[str] = typer.Option(None, help="Start from a saved session file (.safetensors)."),
+    idle_repair: bool = typer.Option(True, help="Recompute predicted K/V with the base while you type."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="After each answer: mode and why, cached and new "
+                                                                 "tokens, TTFT, tokens/s."),
+):
+    """Chat in the terminal: each turn processes only its new tokens (the rest is cached), long ones by KV
+    prediction; predicted K/V are repaired while you type. /help lists the commands."""
+    from .chat_repl import run_repl
+    from .session import ChatSession
+
+    sampler = sampler_from_flags(temp, top_p, seed, max_tokens)
+    tail = check_policy_flags(exact_tail, kvp_min_tokens, ttft_budget)
+    if mode == "aux":
+        raise KVPredError("--mode: chat runs kvp, base or auto")
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True)
+    policy = dict(mode=mode, exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
+    session = (ChatSession.load(pipe, load, **policy) if load else ChatSession(pipe, system=system, **policy))
+    run_repl(session, max_tokens=max_tokens, sampler=sampler, verbose=verbose, idle_repair=idle_repair)
 
 
 @app.command()

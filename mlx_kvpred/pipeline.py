@@ -3,7 +3,7 @@ cache -> the base runs those last tokens for the first output token -> mlx-lm's 
 base alone (exact_tail 1 is the paper's condition; stream_generate and the CLI use DEFAULT_EXACT_TAIL).
 
 Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline),
-"auto" (kvp when a bundle is loaded, else base).
+"auto" (kvp where it saves real time on this device, else base: policy.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
+from .policy import ModeChoice, choose_auto
 
 MODES = ("auto", "kvp", "base", "aux")
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp8"  # for the default model
@@ -38,6 +39,7 @@ class Pipeline:
     base: LoadedModel
     bundle: Bundle | None = None
     device: str = "cpu"
+    prefill_rates: Any = None  # policy.PrefillRates for mode auto, measured on first use
 
     @property
     def tokenizer(self):
@@ -55,6 +57,7 @@ class KVPResponse(GenerationResponse):
 
     ttft: float = 0.0
     mode: str = "kvp"
+    reason: str = ""  # why this mode ran (mode auto: the policy's reason)
 
 
 def shipped_bundle() -> Path | None:
@@ -81,23 +84,32 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def resolve_mode(pipe: Pipeline, mode: str) -> str:
-    """The mode that runs: "auto" is kvp when the pipeline has a bundle, else base; kvp and aux need one."""
+def choose_mode(pipe: Pipeline, mode: str, *, new_tokens: int, offset: int = 0, aux_lag: int = 0,
+                exact_tail: int = 1, kvp_min_tokens: int | None = None,
+                ttft_budget: float | None = None) -> ModeChoice:
+    """The mode that runs `new_tokens` after `offset` cached ones. "auto": base without a bundle, else the cost
+    policy (policy.choose_auto); kvp and aux need a bundle."""
     if check_mode(mode) == "auto":
-        return "kvp" if pipe.bundle is not None else "base"
+        if pipe.bundle is None:
+            return ModeChoice("base", "no KVP bundle")
+        return choose_auto(pipe, new_tokens=new_tokens, offset=offset, aux_lag=aux_lag, exact_tail=exact_tail,
+                           kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     if mode in ("kvp", "aux") and pipe.bundle is None:
         raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
-    return mode
+    return ModeChoice(mode, f"--mode {mode}")
 
 
 def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
-                  max_kv_size: int | None = None) -> list[Any]:
-    """Run the aux over `tokens` (the prompt but its exact tail) and return the predicted base cache:
-    one ordinary mlx-lm cache object per base layer. The aux LM head never runs."""
+                  max_kv_size: int | None = None, cache: list[Any] | None = None,
+                  aux_cache: list[Any] | None = None, skip: int = 0) -> list[Any]:
+    """Run the aux over `tokens` (the prompt but its exact tail) and return the predicted base cache: one
+    ordinary mlx-lm cache object per base layer. The aux LM head never runs. A session passes its own base `cache`
+    and `aux_cache` to append to; the first `skip` tokens then only run through the aux (to catch it up: their
+    base K/V are already cached), the rest get predicted K/V."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
-    caches = make_prompt_cache(base_model, max_kv_size=max_kv_size)
-    aux_caches = make_prompt_cache(bundle.aux)
+    caches = make_prompt_cache(base_model, max_kv_size=max_kv_size) if cache is None else cache
+    aux_caches = make_prompt_cache(bundle.aux) if aux_cache is None else aux_cache
     aux_backbone = backbone(bundle.aux)
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
@@ -107,7 +119,10 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
             values = [calls.pop() for calls in record.values]
             pred_k, pred_v = bundle.predictor(keys, values, hidden, prev_hidden)  # input "kv": hidden unevaluated
             prev_hidden = hidden[:, -1:]
-            write_predicted_kv(base_model.layers, caches, pred_k, pred_v)
+            drop = min(max(skip - start, 0), hidden.shape[1])  # positions of this chunk only catching up
+            if drop < hidden.shape[1]:
+                write_predicted_kv(base_model.layers, caches, [k[:, drop:] for k in pred_k],
+                                   [v[:, drop:] for v in pred_v])
             mx.eval([c.state for c in caches], [c.state for c in aux_caches])
     return caches
 
@@ -132,7 +147,7 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. In kvp mode the base computes the last
     `exact_tail` prompt tokens itself (>= 1), attending to the predicted cache of the rest. Extra kwargs go to
     generate_step."""
-    mode = resolve_mode(pipe, mode)
+    mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "base":
         return generate_step(prompt, pipe.base.model, logits_processors=logits_processors,
@@ -194,47 +209,61 @@ def check_prompt(pipe: Pipeline, prompt: mx.array) -> None:
 
 def stream_generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, *, mode: str = "auto",
                     max_tokens: int = 256, chat: bool = True, system: str | None = None,
-                    exact_tail: int = DEFAULT_EXACT_TAIL, **kwargs) -> Iterator[KVPResponse]:
-    """Stream text segments (KVPResponse, mlx-lm's GenerationResponse + ttft and the mode that ran) as they are
-    produced. A str prompt is tokenized here, as a chat turn when `chat` (as `kvpred-mlx generate` does; False:
-    raw text); token ids are used as given. kvp: the base computes the last `exact_tail` prompt tokens. kwargs go
-    to generate_tokens."""
+                    exact_tail: int = DEFAULT_EXACT_TAIL, kvp_min_tokens: int | None = None,
+                    ttft_budget: float | None = None, **kwargs) -> Iterator[KVPResponse]:
+    """Stream text segments (KVPResponse, mlx-lm's GenerationResponse + ttft and the mode that produced it) as they
+    are produced. A str prompt is tokenized here, as a chat turn when `chat` (as `kvpred-mlx generate` does; False:
+    raw text); token ids are used as given. kvp: the base computes the last `exact_tail` prompt tokens. auto:
+    `kvp_min_tokens` and `ttft_budget` (s) tune the policy (choose_mode). kwargs go to generate_tokens."""
     if isinstance(prompt, str):
         prompt = encode_prompt(pipe, prompt, chat=chat, system=system)
     elif not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt))
     check_prompt(pipe, prompt)
-    mode = resolve_mode(pipe, mode)
+    choice = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail, kvp_min_tokens=kvp_min_tokens,
+                         ttft_budget=ttft_budget)
+    tic = time.perf_counter()
+    tokens = generate_tokens(pipe, prompt, mode=choice.mode, max_tokens=max_tokens, exact_tail=exact_tail, **kwargs)
+    yield from stream_responses(pipe, tokens, prompt_tokens=prompt.size, max_tokens=max_tokens, mode=choice.mode,
+                                reason=choice.reason, tic=tic)
+
+
+def stream_responses(pipe: Pipeline, tokens: Iterator[tuple[int, mx.array]], *, prompt_tokens: int,
+                     max_tokens: int, mode: str, reason: str = "", tic: float | None = None) -> Iterator[KVPResponse]:
+    """(token, logprobs) from generate_tokens -> detokenized KVPResponses, one per token, the last with a
+    finish_reason ("stop" at an EOS token, "length" at `max_tokens`). TTFT counts from `tic` (default: now)."""
     tokenizer = pipe.tokenizer
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     model = pipe.bundle.aux if mode == "aux" else pipe.base.model
+    common = dict(prompt_tokens=prompt_tokens, mode=mode, reason=reason)
     with wired_limit(model, [generation_stream]):
-        tic = time.perf_counter()
+        tic = time.perf_counter() if tic is None else tic
         ttft, token, logprobs, n = 0.0, 0, None, 0
-        for n, (token, logprobs) in enumerate(generate_tokens(pipe, prompt, mode=mode, max_tokens=max_tokens,
-                                                              exact_tail=exact_tail, **kwargs)):
+        for n, (token, logprobs) in enumerate(tokens):
             if n == 0:
                 ttft = time.perf_counter() - tic
                 tic = time.perf_counter()
             if token in tokenizer.eos_token_ids:
-                yield _response(detokenizer, token, logprobs, prompt, ttft, n, tic, mode, "stop", final=True)
+                yield _response(detokenizer, token, logprobs, ttft, n, tic, "stop", final=True, **common)
                 return
             detokenizer.add_token(token)
             if n + 1 == max_tokens:
                 break
-            yield _response(detokenizer, token, logprobs, prompt, ttft, n + 1, tic, mode, None)
-        yield _response(detokenizer, token, logprobs, prompt, ttft, n + 1, tic, mode, "length", final=True)
+            yield _response(detokenizer, token, logprobs, ttft, n + 1, tic, None, **common)
+        yield _response(detokenizer, token, logprobs, ttft, n + 1, tic, "length", final=True, **common)
 
 
-def _response(detokenizer, token, logprobs, prompt, ttft, n_gen, tic, mode, finish, final=False) -> KVPResponse:
+def _response(detokenizer, token, logprobs, ttft, n_gen, tic, finish, final=False, *, prompt_tokens: int,
+              mode: str, reason: str) -> KVPResponse:
     if final:
         detokenizer.finalize()
     elapsed = time.perf_counter() - tic
     return KVPResponse(text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
-                       prompt_tokens=prompt.size, prompt_tps=prompt.size / ttft if ttft else 0.0,
+                       prompt_tokens=prompt_tokens, prompt_tps=prompt_tokens / ttft if ttft else 0.0,
                        generation_tokens=n_gen, generation_tps=(n_gen - 1) / elapsed if n_gen > 1 and elapsed else 0.0,
-                       peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, ttft=ttft, mode=mode)
+                       peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, ttft=ttft, mode=mode,
+                       reason=reason)
 
 
 def generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, **kwargs) -> str:

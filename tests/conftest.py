@@ -25,6 +25,41 @@ TINY_CONFIGS = {
 }
 
 
+class TinyDetokenizer:
+    """mlx-lm's streaming detokenizer interface: each token reads " <id>"; last_segment is the text since the
+    last read."""
+
+    def reset(self):
+        self._pending = ""
+
+    def add_token(self, token):
+        self._pending += f" {token}"
+
+    def finalize(self):
+        pass
+
+    @property
+    def last_segment(self):
+        segment, self._pending = self._pending, ""
+        return segment
+
+
+class TinyTokenizer:
+    """What generation needs of a tokenizer, for tiny models: no EOS (answers run to max_tokens)."""
+
+    eos_token_ids: set = set()
+    chat_template = None
+
+    def __init__(self):
+        self.detokenizer = TinyDetokenizer()
+
+
+@pytest.fixture(autouse=True)
+def rates_cache_dir(tmp_path_factory, monkeypatch):
+    """Auto mode's speed probe writes to a test directory, never the user's cache."""
+    monkeypatch.setenv("KVPRED_MLX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kvpred-cache"))
+
+
 def tiny_model(arch: str, seed: int = 0, **overrides) -> LoadedModel:
     """A random-weight fp32 model of `arch`; weights scaled up so attention is far from uniform."""
     config = {**TINY_CONFIGS[arch], **overrides}
@@ -33,7 +68,7 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> LoadedModel:
     model = Model(Args.from_dict(config))
     model.update(tree_map(lambda p: p * 2.0 if p.ndim == 2 else p, model.parameters()))
     mx.eval(model.parameters())
-    return LoadedModel(model, None, config, f"tiny-{arch}")
+    return LoadedModel(model, TinyTokenizer(), config, f"tiny-{arch}")
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

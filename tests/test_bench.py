@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_model
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
-from mlx_kvpred.bench.flops import base_ttft_flops, kvp_ttft_flops, linear_params
+from mlx_kvpred.flops import base_ttft_flops, kvp_ttft_flops, linear_params
 from mlx_kvpred.bench.run import run_bench
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError

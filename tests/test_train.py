@@ -207,7 +207,7 @@ def test_resume_refuses_other_options(tmp_path):
 def test_lora_aux_in_the_pipeline_and_flops():
     """An aux with LoRA factors runs in the pipeline: B = 0 keeps KVP exact (aux = all layers, identity
     predictor); a non-zero B changes the predicted cache; TTFT FLOPs count the factors."""
-    from mlx_kvpred.bench.flops import kvp_ttft_flops
+    from mlx_kvpred.flops import kvp_ttft_flops
     from mlx_kvpred.pipeline import Pipeline, generate_tokens
 
     base = tiny_model("llama")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
-from mlx_kvpred.attention import attention_of
-from mlx_kvpred.bundle import Bundle
-from mlx_kvpred.loading import LoadedModel
+from .attention import attention_of
+from .bundle import Bundle
+from .loading import LoadedModel
 
 
 def linear_params(module: nn.Module) -> int:
@@ -36,7 +36,8 @@ def d_attn(layer: nn.Module) -> int:
 
 
 def layers_flops(layers, tokens: int, context: int) -> int:
-    """FLOPs for `tokens` tokens through `layers`, attending to `context` positions."""
+    """FLOPs for `tokens` tokens through `layers`, attending to `context` positions (a span after `offset` cached
+    ones: context = offset + tokens)."""
     return sum(tokens * (2 * linear_params(layer) + 2 * context * d_attn(layer)) for layer in layers)
 
 
@@ -55,8 +56,17 @@ def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.
     """Aux over the n - t predicted tokens (no LM head), predictor over them, base over the last t = exact_tail
     tokens attending to n, counted as base_ttft_flops counts its prefill (t = n: the base's own cost)."""
     t = min(exact_tail, n)
-    return (layers_flops(aux.layers, n - t, n - t) + (n - t) * 2 * linear_params(predictor)
+    return (layers_flops(aux.layers, n - t, n - t) + predictor_flops(predictor, n - t)
             + layers_flops(base.layers, t, n) + lm_head_flops(config))
+
+
+def span_flops(model: nn.Module, tokens: int, offset: int) -> int:
+    """`tokens` new tokens through `model`'s layers after `offset` cached ones (no LM head)."""
+    return layers_flops(model.layers, tokens, offset + tokens)
+
+
+def predictor_flops(predictor: nn.Module, tokens: int) -> int:
+    return tokens * 2 * linear_params(predictor)
 
 
 def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1) -> int:

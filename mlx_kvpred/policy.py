@@ -1,0 +1,194 @@
+"""Mode "auto": kvp only where it saves real time on this device, the base (exact) everywhere else.
+
+The TTFT of each mode for a span of new tokens is modelled as fixed cost + FLOPs / rate. The fixed cost and rate of
+base prefill and of aux prefill + prediction are measured once per model, bundle and machine by a probe of a few
+seconds (two prompt lengths per mode), and cached as JSON in the user cache dir ($KVPRED_MLX_CACHE_DIR to move it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from .atomic import atomic_write
+from .bundle import bundle_id, describe_base
+from .flops import lm_head_flops, predictor_flops, span_flops
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+# The default --kvp-min-tokens: the shortest prompt whose modelled kvp TTFT is this many times lower than the
+# base's. Below it kvp saves too little time to be worth its approximate cache.
+KVP_MIN_SPEEDUP = 1.5
+PROBE_LENGTHS = (16, 192)
+RATES_FILE = "prefill-rates.json"
+
+
+@dataclass
+class PrefillRates:
+    """Measured prefill cost on this device: seconds = fixed + FLOPs / (GFLOP/s * 1e9)."""
+
+    base_fixed_s: float
+    base_gflops: float
+    aux_fixed_s: float  # aux prefill + predictor + writing the predicted cache
+    aux_gflops: float
+
+
+@dataclass
+class ModeChoice:
+    """The mode that runs a span of new tokens, why, and the modelled TTFT of both (None: not modelled)."""
+
+    mode: str
+    reason: str
+    base_s: float | None = None
+    kvp_s: float | None = None
+    kvp_min_tokens: int | None = None
+
+
+def base_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int = 0) -> float:
+    """Modelled TTFT of the base over `new_tokens` after `offset` cached tokens."""
+    flops = span_flops(pipe.base.model, new_tokens, offset) + lm_head_flops(pipe.base.config)
+    return rates.base_fixed_s + flops / (rates.base_gflops * 1e9)
+
+
+def kvp_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int = 0, *, exact_tail: int = 1,
+             aux_lag: int = 0) -> float:
+    """Modelled TTFT of kvp: the aux catches up on `aux_lag` tokens it has not seen and runs the new ones but the
+    exact tail, the predictor maps them, the base runs the tail."""
+    tail = min(exact_tail, new_tokens)
+    predicted = new_tokens - tail
+    if predicted == 0:
+        return base_time(pipe, rates, new_tokens, offset)
+    bundle = pipe.bundle
+    aux_flops = (span_flops(bundle.aux, aux_lag + predicted, offset - aux_lag)
+                 + predictor_flops(bundle.predictor, predicted))
+    return (rates.aux_fixed_s + aux_flops / (rates.aux_gflops * 1e9)
+            + base_time(pipe, rates, tail, offset + predicted))
+
+
+def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail: int) -> int:
+    """The shortest prompt whose modelled kvp TTFT is KVP_MIN_SPEEDUP times lower than the base's (bisection:
+    the speedup grows with the prompt length); the context length when no prompt gets there."""
+    limit = pipe.context_length or 32768
+
+    def fast_enough(n: int) -> bool:
+        return base_time(pipe, rates, n) >= KVP_MIN_SPEEDUP * kvp_time(pipe, rates, n, exact_tail=exact_tail)
+
+    if not fast_enough(limit):
+        return limit
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fast_enough(mid) else (mid + 1, hi)
+    return lo
+
+
+def choose_auto(pipe: "Pipeline", *, new_tokens: int, offset: int = 0, aux_lag: int = 0, exact_tail: int = 1,
+                kvp_min_tokens: int | None = None, ttft_budget: float | None = None) -> ModeChoice:
+    """kvp or base for `new_tokens` after `offset` cached ones: base below `kvp_min_tokens` (default: from the
+    measured rates), when the base's modelled TTFT fits `ttft_budget` seconds, or when kvp would not be faster."""
+    rates = prefill_rates(pipe)
+    if kvp_min_tokens is None:
+        kvp_min_tokens = default_kvp_min_tokens(pipe, rates, exact_tail=exact_tail)
+    t_base = base_time(pipe, rates, new_tokens, offset)
+    t_kvp = kvp_time(pipe, rates, new_tokens, offset, exact_tail=exact_tail, aux_lag=aux_lag)
+    choice = dict(base_s=t_base, kvp_s=t_kvp, kvp_min_tokens=kvp_min_tokens)
+    if new_tokens < kvp_min_tokens:
+        return ModeChoice("base", f"{new_tokens} new tokens < --kvp-min-tokens {kvp_min_tokens}", **choice)
+    if ttft_budget is not None and t_base <= ttft_budget:
+        return ModeChoice("base", f"the base fits --ttft-budget {ttft_budget:g} s", **choice)
+    if t_kvp >= t_base:
+        return ModeChoice("base", "kvp would not be faster", **choice)
+    return ModeChoice("kvp", f"{new_tokens} new tokens >= --kvp-min-tokens {kvp_min_tokens}", **choice)
+
+
+def prefill_rates(pipe: "Pipeline") -> PrefillRates:
+    """The pipeline's prefill rates: kept on it, else read from the cache file, else measured (and saved)."""
+    if pipe.prefill_rates is not None:
+        return pipe.prefill_rates
+    key = _rates_key(pipe)
+    path = cache_dir() / RATES_FILE
+    stored = _read_rates_file(path)
+    if key in stored:
+        try:
+            pipe.prefill_rates = PrefillRates(**stored[key])
+            return pipe.prefill_rates
+        except TypeError:
+            pass  # an older layout: measure again
+    print("auto mode: measuring prefill speed on this device (once per model and bundle)...", file=sys.stderr)
+    pipe.prefill_rates = measure_prefill_rates(pipe)
+    stored[key] = asdict(pipe.prefill_rates)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(stored, indent=1)))
+    return pipe.prefill_rates
+
+
+def measure_prefill_rates(pipe: "Pipeline", *, lengths: tuple[int, int] = PROBE_LENGTHS,
+                          repeats: int = 2) -> PrefillRates:
+    """Time base and kvp (exact tail 1) to the first token at two prompt lengths (best of `repeats`, after a
+    warm-up) and fit fixed + FLOPs / rate to each; the kvp fit subtracts the modelled base last-token step."""
+    from .pipeline import generate_tokens  # the probe runs the real generation paths
+
+    vocab = pipe.base.config["vocab_size"]
+    prompts = [mx.random.randint(0, vocab, (n,), key=mx.random.key(n)) for n in lengths]
+
+    def ttft(mode: str, prompt: mx.array) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            next(iter(generate_tokens(pipe, prompt, mode=mode, max_tokens=1, exact_tail=1)))
+            best = min(best, time.perf_counter() - tic)
+        return best
+
+    ttft("base", prompts[0][:4])
+    ttft("kvp", prompts[0][:4])  # warm-up: first-call allocations
+    n1, n2 = lengths
+    base_flops = [span_flops(pipe.base.model, n, 0) + lm_head_flops(pipe.base.config) for n in lengths]
+    base_fixed, base_gflops = _fit(base_flops, [ttft("base", p) for p in prompts])
+    base_rates = PrefillRates(base_fixed, base_gflops, 0.0, 1.0)
+    aux_flops = [span_flops(pipe.bundle.aux, n - 1, 0) + predictor_flops(pipe.bundle.predictor, n - 1)
+                 for n in lengths]
+    aux_s = [ttft("kvp", p) - base_time(pipe, base_rates, 1, n - 1) for p, n in zip(prompts, lengths)]
+    aux_fixed, aux_gflops = _fit(aux_flops, aux_s)
+    return PrefillRates(base_fixed, base_gflops, aux_fixed, aux_gflops)
+
+
+def _fit(flops: list[int], seconds: list[float]) -> tuple[float, float]:
+    """(fixed s, GFLOP/s) through two points; a noisy pair (time not growing with FLOPs) gives fixed 0."""
+    (f1, f2), (t1, t2) = flops, seconds
+    slope = (t2 - t1) / (f2 - f1) if f2 > f1 else 0.0
+    if slope <= 0 or t1 - slope * f1 < 0:
+        return 0.0, f2 / max(t2, 1e-9) / 1e9
+    return t1 - slope * f1, 1 / slope / 1e9
+
+
+def cache_dir() -> Path:
+    if os.environ.get("KVPRED_MLX_CACHE_DIR"):
+        return Path(os.environ["KVPRED_MLX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvpred-mlx"
+
+
+def _rates_key(pipe: "Pipeline") -> str:
+    """Model, bundle, device and machine: the rates hold for that combination only."""
+    from . import blas
+
+    base = describe_base(pipe.base)
+    parts = [base["config_hash"], json.dumps(base["fingerprint"]), bundle_id(pipe.bundle), pipe.device,
+             platform.node(), platform.machine(), mx.__version__, str(blas.load_fast_blas().path)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def _read_rates_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: measure again and rewrite it
