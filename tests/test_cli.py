@@ -127,10 +127,15 @@ def test_train_init_from_fine_tunes_a_bundle(tmp_path):
 
 @needs_model
 def test_default_bundle_is_used_and_evaluates():
-    """The shipped trained bundle matches the default model, is picked by default, and `eval` scores it."""
+    """The shipped trained bundle matches the default model, is picked by default (mode auto: kvp for a long prompt,
+    the base for a short one), and `eval` scores it."""
     r = cli("generate", "--text", "Name a color.", "--max-tokens", "8", "--verbose")
     assert r.returncode == 0, r.stderr
-    assert "mode: kvp" in r.stderr and "smollm2-135m-instruct-lp8" in r.stderr
+    assert "mode: base (" in r.stderr and "--kvp-min-tokens" in r.stderr and "smollm2-135m-instruct-lp8" in r.stderr
+    long_text = "Summarize: " + " ".join(f"Item {i} is on shelf {i % 7}." for i in range(80))
+    r = cli("generate", "--text", long_text, "--max-tokens", "2", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "mode: kvp (" in r.stderr, r.stderr
     r = cli("eval", "--quick", "--prompt-len", "64", "--cont-len", "16")
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if "kvp" in line and "│" in line)
