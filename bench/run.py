@@ -20,12 +20,13 @@ from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import stock_mlx_ops
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens
+from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
+from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
 from mlx_kvpred.flops import ttft_flops
 
-MODES = ("base", "kvp", "aux", "mlx-lm")
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto")  # auto: the cost policy's pick per prompt length
 
 
 def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
@@ -87,6 +88,8 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
         raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
     if any(m in ("kvp", "aux") for m in modes) and pipe.bundle is None:
         raise KVPredError("--modes kvp/aux need a KVP bundle (--kvp DIR or --aux-layers-keep N)")
+    if "auto" in modes and pipe.bundle is not None:
+        prefill_rates(pipe)  # the one-time probe, before anything is timed
     limit = pipe.context_length
     rng = np.random.default_rng(seed)
     rows = []
@@ -107,7 +110,9 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                     runs[m].append(result)
                 if progress:
                     progress()
-        flops = {m: ttft_flops(m, pipe.base, pipe.bundle, n, exact_tail=exact_tail) for m in {"base", *modes}}
+        picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail).mode if m == "auto" else m
+                  for m in {"base", *modes}}
+        flops = {m: ttft_flops(picked[m], pipe.base, pipe.bundle, n, exact_tail=exact_tail) for m in picked}
         for m in modes:
             ttfts = [x["ttft"] for x in runs[m]]
             tpot = statistics.median(x["tpot"] for x in runs[m])
@@ -115,7 +120,7 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                          "ttft_min": min(ttfts), "ttft_max": max(ttfts), "tpot_median": tpot,
                          "prompt_tps": n / statistics.median(ttfts), "decode_tps": 1 / tpot if tpot else None,
                          "peak_memory_gb": max(x["peak_memory_gb"] for x in runs[m]),
-                         "ttft_flops": flops[m], "ttft_all": ttfts})
+                         "ttft_flops": flops[m], "ttft_all": ttfts, "runs_as": picked[m]})
     add_speedups(rows)
     return {"environment": environment(pipe), "settings": {"repeats": repeats, "warmup": warmup,
             "gen_tokens": gen_tokens, "exact_tail": exact_tail,
@@ -131,6 +136,9 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_measured"] = b["ttft_median"] / r["ttft_median"] if b else None
         r["speedup_analytical"] = b["ttft_flops"] / r["ttft_flops"] if b else None
         r["tpot_vs_base"] = r["tpot_median"] / b["tpot_median"] if b else None
+        others = [o["ttft_median"] for o in rows if o["prompt_tokens"] == r["prompt_tokens"]
+                  and o["mode"] in ("base", "kvp")]
+        r["ttft_vs_best"] = r["ttft_median"] / min(others) if r["mode"] == "auto" and others else None
 
 
 def plot(result: dict, path: str) -> None:
@@ -164,15 +172,17 @@ def print_table(result: dict, *, title: str) -> None:
 
     t = Table(title=title)
     for col in ("mode", "prompt", "TTFT ms (min-max)", "TPOT ms", "prompt tok/s", "peak GB", "TTFT GFLOP",
-                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base"):
+                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base", "auto/best"):
         t.add_column(col, justify="right")
     for r in result["rows"]:
         ratio = r["speedup_measured"] / r["speedup_analytical"] if r["speedup_analytical"] else None
-        t.add_row(r["mode"], str(r["prompt_tokens"]),
+        mode = r["mode"] if r.get("runs_as", r["mode"]) == r["mode"] else f"{r['mode']} ({r['runs_as']})"
+        t.add_row(mode, str(r["prompt_tokens"]),
                   f"{r['ttft_median'] * 1e3:.0f} ({r['ttft_min'] * 1e3:.0f}-{r['ttft_max'] * 1e3:.0f})",
                   f"{r['tpot_median'] * 1e3:.1f}", f"{r['prompt_tps']:.0f}", f"{r['peak_memory_gb']:.2f}",
                   f"{r['ttft_flops'] / 1e9:.1f}", _x(r["speedup_measured"]), _x(r["speedup_analytical"]),
-                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}" if r["tpot_vs_base"] else "")
+                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}" if r["tpot_vs_base"] else "",
+                  f"{r['ttft_vs_best']:.2f}" if r.get("ttft_vs_best") else "")
     Console(width=max(Console().width, 150)).print(t)
 
 

@@ -39,8 +39,16 @@ class IdleRepair:
         if not self.enabled or self.session.pending_repair == 0:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self.session.repair, kwargs=dict(stop=self._stop), daemon=True)
+        self._thread = threading.Thread(target=self._repair, daemon=True)
         self._thread.start()
+
+    def _repair(self) -> None:
+        import mlx.core as mx
+
+        try:
+            self.session.repair(stop=self._stop)
+        finally:
+            mx.clear_streams()  # MLX needs a thread's streams released before it ends, or exit may abort
 
     def stop(self) -> None:
         if self._thread is not None:

@@ -579,13 +579,20 @@ def bench(
     repeats: int = typer.Option(3, help="Timed runs per mode and length (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed runs first."),
     batch_size: int = typer.Option(1, help="Batch size (only 1 is supported)."),
-    modes: str = typer.Option("base,kvp,aux,mlx-lm", help="Modes, interleaved per repeat."),
+    modes: str = typer.Option("base,kvp,aux,mlx-lm", help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm "
+                                                          "(stock mlx-lm), auto (the cost policy's pick)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
     exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself "
                                                         "(default 32)."),
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
+    conversation: bool = typer.Option(False, help="Instead: a chat whose first turn holds a held-out document of "
+                                                  "--doc-tokens: each turn's session TTFT against a cold prefill, "
+                                                  "repair() against a base prefill, and turn-2 agreement with the "
+                                                  "base after a predicted turn 1 (with and without repair)."),
+    doc_tokens: int = typer.Option(1000, help="--conversation: document length in tokens."),
+    docs: int = typer.Option(12, help="--conversation: documents for the turn-2 agreement (0: timing only)."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
     from rich.progress import Progress
@@ -610,6 +617,8 @@ def bench(
         import numpy as np
 
         tokens = np.array(pipe.tokenizer.encode(read_prompt(prompt_file, None)), dtype=np.int32)
+    if conversation:
+        return bench_conversation(pipe, doc_tokens=doc_tokens, docs=docs, repeats=repeats, json_out=json_out)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(mode_list) * (repeats + warmup))
         result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
@@ -622,6 +631,80 @@ def bench(
         write_json(result, json_out)
     if plot_out:
         plot(result, plot_out)
+
+
+def bench_conversation(pipe, *, doc_tokens: int, docs: int, repeats: int, json_out: Optional[str]) -> None:
+    from rich.progress import Progress
+
+    from .bench.conversation import auto_on_short_prompts, score_later_turn, time_conversation
+    from .bench.eval_harness import heldout_files, write_json
+    from .selfdata import document_texts
+
+    if pipe.bundle is None:
+        raise KVPredError("--conversation needs a KVP bundle (--kvp DIR)")
+    files, source = heldout_files([pipe.bundle], None)
+    texts = [t for _, t in document_texts(files, iter(range(len(files))), pipe.tokenizer, doc_tokens)]
+    if len(texts) < max(docs, 1):
+        raise KVPredError(f"--docs: only {len(texts)} held-out documents of {doc_tokens} tokens ({source})")
+    with Progress(transient=True) as progress:
+        task = progress.add_task("conversation", total=repeats * 4 + docs)
+        timing = time_conversation(pipe, texts[0], repeats=repeats, progress=lambda: progress.advance(task))
+        quality = score_later_turn(pipe, texts[:docs], progress=lambda: progress.advance(task)) if docs else {}
+        auto = auto_on_short_prompts(pipe)
+    print(f"conversation: a {doc_tokens}-token held-out document in turn 1, then short questions; "
+          f"median of {repeats}")
+    print(f"{'turn':>4} {'history':>8} {'cached':>7} {'session TTFT ms':>16} {'cold base TTFT ms':>18} {'speedup':>8}")
+    for t in timing["turns"]:
+        print(f"{t['turn']:>4} {t['history_tokens']:>8} {t['cached_tokens']:>7} {t['session_ttft'] * 1e3:>16.0f} "
+              f"{t['cold_ttft'] * 1e3:>18.0f} {t['speedup']:>7.2f}x")
+    r = timing["repair"]
+    print(f"repair of {r['tokens']} tokens: {r['repair_s'] * 1e3:.0f} ms; base prefill of them "
+          f"{r['prefill_s'] * 1e3:.0f} ms (ratio {r['ratio']:.2f})")
+    for name, row in quality.items():
+        diff = row.get("vs_not_repaired")
+        print(f"turn-2 agreement with the base, {name}: {row['agreement']:.3f} ± {row['se']:.3f} (first token "
+              f"{row['first_token']:.2f}, n={row['n']})" + (f"; paired vs not repaired {diff['diff']:+.3f} ± "
+                                                            f"{diff['se']:.3f}" if diff else ""))
+    print(f"auto on {auto['prompts']} held-out short instructions (--kvp-min-tokens {auto['kvp_min_tokens']}): "
+          f"base picked for {auto['base']}, answers equal to the base's for {auto['equal_to_base']} of them")
+    if json_out:
+        write_json({"timing": timing, "later_turn": quality, "auto_short": auto, "doc_tokens": doc_tokens}, json_out)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the model to your network)."),
+    port: int = typer.Option(8080, help="TCP port."),
+    model: Optional[str] = MODEL,
+    kvp: Optional[str] = KVP,
+    mode: str = typer.Option("auto", help="Default prefill mode of requests: kvp, base or auto (a request's "
+                                          "kvp_mode field overrides it)."),
+    exact_tail: Optional[int] = EXACT_TAIL,
+    prompt_cache_size: int = typer.Option(8, help="Conversations kept in the prompt cache (LRU)."),
+    prompt_cache_bytes: int = typer.Option(4 << 30, help="Byte bound of the prompt cache (LRU)."),
+    device: Optional[str] = DEVICE,
+    allow_untrained: bool = ALLOW_UNTRAINED,
+):
+    """Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health), streaming, with KV
+    prediction and a prompt cache across requests. Needs the server extra: pip install -e ".[server]"."""
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise KVPredError(f"serve needs the server extra: pip install -e \".[server]\" ({e.name} is missing)") from None
+    tail = check_policy_flags(exact_tail, None, None)
+    if mode not in ("auto", "kvp", "base"):
+        raise KVPredError(f"--mode must be auto, kvp or base, got {mode!r}")
+    if prompt_cache_size < 0 or prompt_cache_bytes < 0 or not 0 < port < 65536:
+        raise KVPredError("--prompt-cache-size and --prompt-cache-bytes must be >= 0, --port in 1..65535")
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: binding {host}: anyone who can reach this machine can use the model", file=sys.stderr)
+    app = create_app(pipe, mode=mode, exact_tail=tail, cache_entries=prompt_cache_size, cache_bytes=prompt_cache_bytes)
+    print(f"serving {pipe.base.source} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -96,6 +96,33 @@ class ChatSession:
         to predicted K/V, so they are not exact either)."""
         return len(self.tokens) - self.exact_until
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the base and aux caches."""
+        return sum(c.nbytes for c in self.cache) + sum(c.nbytes for c in self._aux_cache or [])
+
+    def fork(self, n_tokens: int) -> "ChatSession":
+        """A new session holding a copy of this one's first `n_tokens` (a prompt cache's diverging branch); this
+        one is left as it is."""
+        with self.lock:
+            n = min(n_tokens, len(self.tokens))
+            other = ChatSession(self.pipe, system=self.system, mode=self.mode, exact_tail=self.exact_tail,
+                                kvp_min_tokens=self.kvp_min_tokens, ttft_budget=self.ttft_budget,
+                                repair_chunk=self.repair_chunk)
+            for mine, theirs in zip(self.cache, other.cache):
+                if n:
+                    theirs.state = (mx.array(mine.keys[..., :n, :]), mx.array(mine.values[..., :n, :]), n)
+            aux_n = min(self._aux_tokens, n)
+            for mine, theirs in zip(self._aux_cache or [], other._aux_cache or []):
+                if aux_n:
+                    theirs.state = (mx.array(mine.keys[..., :aux_n, :]), mx.array(mine.values[..., :aux_n, :]), aux_n)
+            other.tokens, other._aux_tokens = self.tokens[:n], aux_n
+            other.exact_until = min(self.exact_until, n)
+            other.predicted_spans = [(s, min(e, n)) for s, e in self.predicted_spans if s < n]
+            if n:
+                mx.eval([c.state for c in other.cache])
+            return other
+
     def stream(self, content: str, *, max_tokens: int = 256, mode: str | None = None,
                **kwargs) -> Iterator[KVPResponse]:
         """Add a user turn, stream the answer; the answer (what was streamed, if stopped early) joins the

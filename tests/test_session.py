@@ -122,7 +122,13 @@ def test_repair_stops_between_steps_and_a_turn_waits_for_the_step():
     session.send(text(ids(40, 6)), max_tokens=4)
     stop = threading.Event()
     assert session.repair(stop=stop, progress=lambda n: stop.set()) == 8 and session.exact_until == 8
-    worker = threading.Thread(target=session.repair)
+    def repair_in_thread():
+        try:
+            session.repair()
+        finally:
+            mx.clear_streams()  # as every MLX thread must before it ends
+
+    worker = threading.Thread(target=repair_in_thread)
     worker.start()
     session.send(text(ids(3, 7)), max_tokens=3, mode="base")  # holds the lock between repair steps
     worker.join()

