@@ -17,7 +17,7 @@ import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
 from mlx_kvpred.pipeline import DEFAULT_EXACT_TAIL, Pipeline, choose_mode, generate_tokens
-from mlx_kvpred.session import ChatSession, conversation_ids
+from mlx_kvpred.session import ChatSession, common_prefix, conversation_ids
 
 from .eval_docqa import short_cases
 from .eval_harness import paired_difference
@@ -126,11 +126,7 @@ def _greedy(pipe: Pipeline, prompt: list[int], n: int) -> list[int]:
 def _forced_agreement(pipe: Pipeline, session: ChatSession, prompt: list[int], answer: list[int]) -> np.ndarray:
     """Per answer token: is it the base's top-1 given the session's cache for the shared prefix and the rest run
     by the base?"""
-    common = 0
-    for a, b in zip(session.tokens, prompt[:-1]):
-        if a != b:
-            break
-        common += 1
+    common = common_prefix(session.tokens, prompt[:-1])
     trim_prompt_cache(session.cache, session.cache[0].offset - common)
     full = prompt + answer
     logits = pipe.base.model(mx.array(full[common:-1])[None], cache=session.cache)[0]

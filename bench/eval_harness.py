@@ -27,11 +27,12 @@ from mlx_kvpred.bundle import Bundle
 from mlx_kvpred.data import collect_files, default_sources, split_files, tokenize_files
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.evaluate import evaluate_heldout
+from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.loading import LoadedModel
 from mlx_kvpred.pipeline import Pipeline, generate_tokens
+from mlx_kvpred.session import common_prefix
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
-from mlx_kvpred.flops import ttft_flops
 
 TASKS = ("heldout", "genagree", "humaneval", "docqa")
 SCHEMA = "kvpred-mlx-eval/1"
@@ -110,12 +111,7 @@ def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[st
 
 def prefix_match(reference: Sequence[int], other: Sequence[int]) -> int:
     """Number of leading tokens of `other` equal to `reference`."""
-    n = 0
-    for a, b in zip(reference, other):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix(reference, other)
 
 
 def agreement_prefix(reference: Sequence[int], other: Sequence[int], n: int, eos: set[int] | frozenset = frozenset()) -> int:

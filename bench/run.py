@@ -20,11 +20,10 @@ from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import stock_mlx_ops
 from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
-
-from mlx_kvpred.flops import ttft_flops
 
 MODES = ("base", "kvp", "aux", "mlx-lm", "auto")  # auto: the cost policy's pick per prompt length
 

@@ -60,9 +60,18 @@ def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.
             + layers_flops(base.layers, t, n) + lm_head_flops(config))
 
 
+_span_constants: dict[int, tuple[nn.Module, int, int]] = {}
+
+
 def span_flops(model: nn.Module, tokens: int, offset: int) -> int:
-    """`tokens` new tokens through `model`'s layers after `offset` cached ones (no LM head)."""
-    return layers_flops(model.layers, tokens, offset + tokens)
+    """`tokens` new tokens through `model`'s layers after `offset` cached ones (no LM head): layers_flops with the
+    model's per-token and per-context constants counted once (mode auto asks before every prompt)."""
+    entry = _span_constants.get(id(model))
+    if entry is None or entry[0] is not model:
+        entry = (model, layers_flops(model.layers, 1, 0), sum(2 * d_attn(layer) for layer in model.layers))
+        _span_constants[id(model)] = entry
+    _, per_token, per_context = entry
+    return tokens * per_token + tokens * (offset + tokens) * per_context
 
 
 def predictor_flops(predictor: nn.Module, tokens: int) -> int:

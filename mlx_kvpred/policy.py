@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .atomic import atomic_write
 from .bundle import bundle_id, describe_base
-from .flops import d_attn, linear_params, lm_head_flops, predictor_flops
+from .flops import lm_head_flops, predictor_flops, span_flops
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -52,20 +52,6 @@ class ModeChoice:
     base_s: float | None = None
     kvp_s: float | None = None
     kvp_min_tokens: int | None = None
-
-
-_profiles: dict[int, tuple[object, int, int]] = {}
-
-
-def span_flops(model, tokens: int, offset: int) -> int:
-    """flops.span_flops from per-model constants counted once (the policy runs before every prompt)."""
-    entry = _profiles.get(id(model))
-    if entry is None or entry[0] is not model:
-        entry = (model, sum(2 * linear_params(layer) for layer in model.layers),
-                 sum(2 * d_attn(layer) for layer in model.layers))
-        _profiles[id(model)] = entry
-    _, per_token, per_context = entry
-    return tokens * per_token + tokens * (offset + tokens) * per_context
 
 
 def base_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int = 0) -> float:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import KVPredError
 from .pipeline import DEFAULT_EXACT_TAIL, Pipeline, check_prompt
-from .session import ChatSession, conversation_ids
+from .session import ChatSession, common_prefix, conversation_ids
 
 DEFAULT_CACHE_ENTRIES = 8
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -126,15 +126,6 @@ class PromptCache:
     def needing_repair(self) -> ChatSession | None:
         """The most recently used session with predicted K/V left."""
         return next((s for s in reversed(self.sessions.values()) if s.pending_repair), None)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:

@@ -181,11 +181,7 @@ class ChatSession:
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Trim the caches to the longest prefix shared with `prompt`, keeping at least one token to process (the
         base needs it for the first output's logits); returns the reused length."""
-        common = 0
-        for a, b in zip(self.tokens, prompt[:-1]):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.tokens, prompt[:-1])
         for c in self.cache:
             c.trim(c.offset - common)
         if self._aux_cache is not None and self._aux_tokens > common:
@@ -311,6 +307,16 @@ class ChatSession:
         session.predicted_spans = [tuple(span) for span in fields["predicted_spans"]]
         session.turns = [TurnStats(**t) for t in fields["turns"]]
         return session
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
