@@ -593,6 +593,10 @@ def bench(
                                                   "base after a predicted turn 1 (with and without repair)."),
     doc_tokens: int = typer.Option(1000, help="--conversation: document length in tokens."),
     docs: int = typer.Option(12, help="--conversation: documents for the turn-2 agreement (0: timing only)."),
+    server: Optional[str] = typer.Option(None, help="Instead: time a running `kvpred-mlx serve` at this URL (e.g. "
+                                                    "http://127.0.0.1:8080): TTFT over HTTP per length and mode "
+                                                    "(base, kvp, auto) beside the same prompts in this process, then a "
+                                                    "3-turn chat over HTTP with a --doc-tokens document."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
     from rich.progress import Progress
@@ -617,13 +621,16 @@ def bench(
         import numpy as np
 
         tokens = np.array(pipe.tokenizer.encode(read_prompt(prompt_file, None)), dtype=np.int32)
+    tail = DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail
+    if server:
+        return bench_server(pipe, server, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
+                            exact_tail=tail, doc_tokens=doc_tokens, json_out=json_out)
     if conversation:
         return bench_conversation(pipe, doc_tokens=doc_tokens, docs=docs, repeats=repeats, json_out=json_out)
     with Progress(transient=True) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(mode_list) * (repeats + warmup))
         result = run_bench(pipe, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
-                           gen_tokens=gen_tokens, prompt_tokens=tokens,
-                           exact_tail=DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail,
+                           gen_tokens=gen_tokens, prompt_tokens=tokens, exact_tail=tail,
                            progress=lambda: progress.advance(task))
     result["environment"]["bundle_label"] = label
     print_table(result, title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
@@ -631,6 +638,43 @@ def bench(
         write_json(result, json_out)
     if plot_out:
         plot(result, plot_out)
+
+
+def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeats: int, warmup: int, exact_tail: int,
+                 doc_tokens: int, json_out: Optional[str]) -> None:
+    from rich.progress import Progress
+
+    from .bench.eval_harness import heldout_files, write_json
+    from .bench.server_client import _client, check_same_model, compare_ttft, conversation_over_http
+    from .selfdata import document_texts
+
+    if modes == ["base", "kvp", "aux", "mlx-lm"]:  # the in-process default: the server has base, kvp, auto
+        modes = ["base", "kvp"] if pipe.bundle else ["base"]
+    with _client(url) as client:
+        check_same_model(client, pipe)
+        files, source = heldout_files([pipe.bundle] if pipe.bundle else [], None)
+        document = next((t for _, t in document_texts(files, iter(range(len(files))), pipe.tokenizer, doc_tokens)),
+                        None)
+        if document is None:
+            raise KVPredError(f"--doc-tokens: no held-out document of {doc_tokens} tokens ({source})")
+        with Progress(transient=True) as progress:
+            task = progress.add_task("server", total=len(lengths) * len(modes) * (repeats + warmup) + 3)
+            rows = compare_ttft(client, pipe, lengths=lengths, modes=modes, repeats=repeats, warmup=warmup,
+                                exact_tail=exact_tail, progress=lambda: progress.advance(task))
+            turns = conversation_over_http(client, document, progress=lambda: progress.advance(task))
+    print(f"server {url} vs this process, same prompts (random tokens, new each run), median of {repeats}")
+    print(f"{'mode':>12} {'prompt':>6} {'in-process TTFT ms':>19} {'server TTFT ms':>15} {'server/in-process':>18}")
+    for r in rows:
+        mode = r["mode"] if r["runs_as"] in (None, r["mode"]) else f"{r['mode']} ({r['runs_as']})"
+        print(f"{mode:>12} {r['prompt_tokens']:>6} {r['local_ttft_median'] * 1e3:>19.0f} "
+              f"{r['server_ttft_median'] * 1e3:>15.0f} {r['ratio_median']:>18.3f}")
+    print(f"chat over HTTP: a {doc_tokens}-token held-out document in turn 1, then short questions")
+    print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'mode':>5} {'TTFT ms':>8} {'turn 1 / this':>14}")
+    for t in turns:
+        print(f"{t['turn']:>4} {t['prompt_tokens']:>7} {t['cached_tokens']:>7} {t['mode'] or '':>5} "
+              f"{t['ttft'] * 1e3:>8.0f} {t['speedup_vs_turn1']:>13.1f}x")
+    if json_out:
+        write_json({"server": url, "ttft": rows, "conversation": turns, "doc_tokens": doc_tokens}, json_out)
 
 
 def bench_conversation(pipe, *, doc_tokens: int, docs: int, repeats: int, json_out: Optional[str]) -> None:

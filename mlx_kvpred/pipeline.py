@@ -46,6 +46,12 @@ class Pipeline:
         return self.base.tokenizer
 
     @property
+    def model_id(self) -> str:
+        """The name the server gives the base: a GGUF file's stem, else its source."""
+        source = self.base.source
+        return Path(source).stem if source.endswith(".gguf") else source
+
+    @property
     def context_length(self) -> int | None:
         cfg = self.base.config
         return cfg.get("max_position_embeddings") or cfg.get("max_context_length") or cfg.get("context_length")

@@ -16,7 +16,6 @@ import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -68,7 +67,7 @@ class ChatRequest(CompletionFields):
 
 
 class TextRequest(CompletionFields):
-    prompt: str
+    prompt: str | list[int] = Field(min_length=1)  # text, or token ids (as OpenAI's API allows)
 
 
 # ---- the worker -------------------------------------------------------------------------------------------------
@@ -136,6 +135,7 @@ class Engine:
         self.pipe, self.mode, self.exact_tail = pipe, mode, exact_tail
         self.cache = PromptCache(cache_entries, cache_bytes)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.busy = False  # answering or repairing (for /health)
         self.thread = threading.Thread(target=self._run, name="kvpred-mlx-model", daemon=True)
 
     def start(self) -> None:
@@ -165,8 +165,11 @@ class Engine:
             except queue.Empty:
                 session = self.cache.needing_repair()
                 if session is not None:
+                    self.busy = True
                     session.repair(stop=waiting)
+                self.busy = False
                 continue
+            self.busy = True
             if job is None:
                 return
             if job.cancelled.is_set():
@@ -222,15 +225,10 @@ def error_body(status: int, message: str, param: str | None = None) -> JSONRespo
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
 
-def served_model_id(pipe: Pipeline) -> str:
-    source = pipe.base.source
-    return Path(source).stem if source.endswith(".gguf") else source
-
-
 def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_EXACT_TAIL,
                cache_entries: int = DEFAULT_CACHE_ENTRIES, cache_bytes: int = DEFAULT_CACHE_BYTES) -> FastAPI:
     engine = Engine(pipe, mode=mode, exact_tail=exact_tail, cache_entries=cache_entries, cache_bytes=cache_bytes)
-    model_id = served_model_id(pipe)
+    model_id = pipe.model_id
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -254,8 +252,11 @@ def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_
 
     @app.get("/health")
     async def health():
+        sessions = list(engine.cache.sessions.values())
         return {"status": "ok", "model": model_id, "bundle": str(pipe.bundle.path) if pipe.bundle else None,
-                "cached_sessions": len(engine.cache.sessions)}
+                "cached_sessions": len(sessions), "queued": engine.jobs.qsize(),
+                "busy": engine.busy or not engine.jobs.empty(),
+                "repair_pending_tokens": sum(s.pending_repair for s in sessions)}
 
     @app.get("/v1/models")
     async def models():
@@ -273,6 +274,11 @@ def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_
     @app.post("/v1/completions")
     async def completions(body: TextRequest, request: Request):
         tok = pipe.tokenizer
+        if isinstance(body.prompt, list):
+            vocab = pipe.base.config["vocab_size"]
+            if not all(0 <= t < vocab for t in body.prompt):
+                return error_body(400, f"prompt: token ids must be in 0..{vocab - 1}", "prompt")
+            return await complete(body, body.prompt, chat=False, request=request)
         prompt = tok.encode(body.prompt, add_special_tokens=tok.bos_token is None
                             or not body.prompt.startswith(tok.bos_token))
         return await complete(body, list(prompt), chat=False, request=request)

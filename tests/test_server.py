@@ -224,3 +224,34 @@ def test_a_client_leaving_mid_stream_frees_the_model(server):
     ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": FRANCE, "max_tokens": 8}, timeout=120)
     assert ok.status_code == 200 and json.loads(ok.text)["choices"][0]["message"]["content"]
     assert time.perf_counter() - tic < 20  # not behind the rest of the 600-token story (~40 s)
+
+
+def test_token_id_prompts(server):
+    import httpx
+
+    ids = httpx.post(f"{server}/v1/completions", json={"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 3,
+                                                       "temperature": 0}, timeout=120)
+    assert ids.status_code == 200 and ids.json()["usage"]["prompt_tokens"] == 5
+    bad = httpx.post(f"{server}/v1/completions", json={"prompt": [1, 10 ** 9]}, timeout=120)
+    assert bad.status_code == 400 and "token ids" in bad.json()["error"]["message"]
+    health = httpx.get(f"{server}/health", timeout=10).json()
+    assert {"busy", "queued", "repair_pending_tokens"} <= set(health)
+
+
+def test_bench_against_the_server(server, tmp_path):
+    """`kvpred-mlx bench --server`: TTFT over HTTP beside the same prompts in process, then a chat over HTTP."""
+    out = tmp_path / "server.json"
+    cmd = [sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "bench", "--server", server,
+           "--prompt-lengths", "48", "--repeats", "1", "--warmup", "0", "--doc-tokens", "200", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [(r["mode"], r["prompt_tokens"]) for r in result["ttft"]] == [("base", 48), ("kvp", 48)]
+    assert all(r["local_ttft_median"] > 0 and r["server_ttft_median"] > 0 for r in result["ttft"])
+    assert [r["runs_as"] for r in result["ttft"]] == ["base", "kvp"]
+    turns = result["conversation"]
+    assert len(turns) == 3 and turns[0]["prompt_tokens"] > 200
+    assert turns[0]["cached_tokens"] < 20 and all(t["cached_tokens"] > 200 for t in turns[1:])
+    unreachable = subprocess.run(cmd[:5] + [f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                                 timeout=600)
+    assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr

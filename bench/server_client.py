@@ -1,0 +1,182 @@
+"""A client-side benchmark of `kvpred-mlx serve`: TTFT over HTTP against in-process generation, and a chat
+conversation over HTTP.
+
+- Per prompt length and mode, a fresh random-token prompt is sent to /v1/completions (streaming, one token) and
+  the same prompt is run in this process by `stream_generate`, alternately. TTFT on the server side is the time
+  from sending the request to its first SSE event, so it includes HTTP, queueing and the prompt cache lookup.
+- A conversation over /v1/chat/completions: a held-out document and a question, then follow-up questions; each
+  turn's TTFT (first content chunk) and the cached tokens the server reports.
+
+Timing in-process work while the server is busy would time two models on the same cores, so each in-process run
+waits until the server's /health says it is idle (no request, no repair left).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.pipeline import Pipeline, stream_generate
+
+from .conversation import QUESTIONS
+
+SERVER_MODES = ("base", "kvp", "auto")
+
+
+def _client(url: str):
+    import httpx
+
+    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(600, connect=5))
+
+
+def server_health(client) -> dict:
+    import httpx
+
+    try:
+        r = client.get("/health")
+    except httpx.HTTPError as e:
+        raise KVPredError(f"--server: cannot reach {client.base_url} ({e.__class__.__name__})") from None
+    if r.status_code != 200:
+        raise KVPredError(f"--server: {client.base_url}/health answered {r.status_code}; is it a kvpred-mlx server?")
+    return r.json()
+
+
+def check_same_model(client, pipe: Pipeline) -> dict:
+    """The server must serve the model and bundle this process loaded, or the comparison means nothing."""
+    health = server_health(client)
+    ours = str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None
+    if health.get("model") != pipe.model_id or health.get("bundle") != ours:
+        raise KVPredError(f"--server serves {health.get('model')} (bundle {health.get('bundle')}), this bench loaded "
+                          f"{pipe.model_id} (bundle {ours}): pass the server's --model and --kvp")
+    return health
+
+
+def wait_until_idle(client, *, timeout: float = 600) -> None:
+    """Until the server answers nothing and has no predicted K/V left to repair."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = server_health(client)
+        if not h.get("busy") and not h.get("repair_pending_tokens"):
+            return
+        if time.monotonic() > deadline:
+            raise KVPredError(f"--server stayed busy for {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _events(response):
+    """The JSON payloads of an SSE response, until [DONE]."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise KVPredError(f"--server: {event['error'].get('message')}")
+        yield event
+
+
+@contextmanager
+def _post_stream(client, path: str, body: dict):
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        if response.status_code != 200:
+            response.read()
+            raise KVPredError(f"--server: {path} answered {response.status_code}: {response.text[:300]}")
+        yield response
+
+
+def server_ttft(client, prompt: list[int], *, mode: str, exact_tail: int) -> dict:
+    """Send a token prompt for one token; the time to the first SSE event, and what the server reported."""
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "kvp_mode": mode, "exact_tail": exact_tail,
+            "stream_options": {"include_usage": True}}
+    tic = time.perf_counter()
+    ttft, usage = None, {}
+    with _post_stream(client, "/v1/completions", body) as response:
+        for event in _events(response):
+            ttft = ttft or time.perf_counter() - tic
+            if event.get("usage"):
+                usage = {"cached_tokens": event["usage"]["prompt_tokens_details"]["cached_tokens"],
+                         "runs_as": event.get("kvp", {}).get("mode"), "server_ttft": event.get("kvp", {}).get("ttft_s")}
+    if ttft is None:
+        raise KVPredError("--server: the stream ended without an event")
+    return {"ttft": ttft, **usage}
+
+
+def local_ttft(pipe: Pipeline, prompt: list[int], *, mode: str, exact_tail: int) -> float:
+    """The same request in this process: stream_generate's first response."""
+    tic = time.perf_counter()
+    next(iter(stream_generate(pipe, prompt, mode=mode, max_tokens=1, exact_tail=exact_tail)))
+    return time.perf_counter() - tic
+
+
+def compare_ttft(client, pipe: Pipeline, *, lengths: Sequence[int], modes: Sequence[str], repeats: int = 3,
+                 warmup: int = 1, exact_tail: int = 32, seed: int = 0,
+                 progress: Callable[[], None] | None = None) -> list[dict]:
+    """Per length and mode, `warmup + repeats` pairs (in-process, server) on fresh random prompts."""
+    bad = [m for m in modes if m not in SERVER_MODES]
+    if bad:
+        raise KVPredError(f"--modes with --server: unknown {bad}; choose from {', '.join(SERVER_MODES)}")
+    rng = np.random.default_rng(seed)
+    vocab = pipe.base.config["vocab_size"]
+    rows = []
+    for n in lengths:
+        for mode in modes:
+            local, remote, info = [], [], {}
+            for r in range(warmup + repeats):
+                prompt = rng.integers(0, vocab, n).tolist()  # new each time: no prompt-cache hits
+                wait_until_idle(client)
+                t_local = local_ttft(pipe, prompt, mode=mode, exact_tail=exact_tail)
+                wait_until_idle(client)
+                got = server_ttft(client, prompt, mode=mode, exact_tail=exact_tail)
+                if r >= warmup:
+                    local.append(t_local)
+                    remote.append(got["ttft"])
+                    info = got
+                if progress:
+                    progress()
+            ratios = [s / lo for s, lo in zip(remote, local)]
+            rows.append({"prompt_tokens": n, "mode": mode, "runs_as": info.get("runs_as"),
+                         "local_ttft_median": statistics.median(local), "server_ttft_median": statistics.median(remote),
+                         "ratio_median": statistics.median(ratios), "local_all": local, "server_all": remote,
+                         "server_reported_ttft": info.get("server_ttft"), "cached_tokens": info.get("cached_tokens")})
+    return rows
+
+
+def conversation_over_http(client, document: str, *, questions: Sequence[str] = QUESTIONS, answer_tokens: int = 32,
+                           progress: Callable[[], None] | None = None) -> list[dict]:
+    """A chat over /v1/chat/completions (the server's own mode): document + question, then follow-ups. A new system
+    message per call keeps an earlier run's cache from answering turn 1."""
+    messages = [{"role": "system", "content": f"Conversation {uuid.uuid4().hex[:8]}. Answer briefly."},
+                {"role": "user", "content": document + "\n\n" + questions[0]}]
+    turns = []
+    for i in range(len(questions)):
+        wait_until_idle(client)
+        body = {"messages": messages, "max_tokens": answer_tokens, "temperature": 0,
+                "stream_options": {"include_usage": True}}
+        tic = time.perf_counter()
+        ttft, parts, usage, kvp = None, [], {}, {}
+        with _post_stream(client, "/v1/chat/completions", body) as response:
+            for event in _events(response):
+                delta = event["choices"][0].get("delta", {}) if event.get("choices") else {}
+                if ttft is None and (delta.get("content") or (event.get("choices") or [{}])[0].get("finish_reason")):
+                    ttft = time.perf_counter() - tic
+                parts.append(delta.get("content") or "")
+                usage, kvp = event.get("usage") or usage, event.get("kvp") or kvp
+        turns.append({"turn": i + 1, "ttft": ttft, "prompt_tokens": usage.get("prompt_tokens"),
+                      "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
+                      "mode": kvp.get("mode"), "server_ttft": kvp.get("ttft_s")})
+        if i + 1 < len(questions):
+            messages += [{"role": "assistant", "content": "".join(parts)}, {"role": "user", "content": questions[i + 1]}]
+        if progress:
+            progress()
+    for t in turns:
+        t["speedup_vs_turn1"] = turns[0]["ttft"] / t["ttft"]
+    return turns
