@@ -57,6 +57,7 @@ MASKS = {
 def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
     if block:
         monkeypatch.setattr(cpu_ops, "_SDPA_BLOCK_SCORES", block)
+        monkeypatch.setattr(cpu_ops, "_SDPA_BLOCK_ROWS", 1 << 20)
     q, k, v = mx.random.normal((2, 6, L, 16)), mx.random.normal((2, 2, S, 16)), mx.random.normal((2, 2, S, 16))
     m = MASKS[mask](L, S)
     out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, m)
