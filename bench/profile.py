@@ -1,8 +1,7 @@
 """Where prefill time goes, per op kind: a llama-family forward run op by op, each evaluated and timed.
 
-Kinds: gemm (the q/k/v/o and MLP projections), attention scores (Q K^T), softmax (mask, max, exp, sum, divide),
-attention values (P V), norm, rope, swiglu, residual (adds), copies (head transposes and the cache update),
-embedding. Evaluating after every op costs a little scheduling and loses what MLX fuses or overlaps; the same
+Kinds: gemm (the q/k/v/o and MLP projections), attention (cpu_ops' blocked attention: Q K^T, mask, softmax, P V),
+norm, rope, swiglu, residual (adds), copies (head transposes and the cache update), embedding. Evaluating after every op costs a little scheduling and loses what MLX fuses or overlaps; the same
 run also times the model as the runtime calls it (one graph per chunk), so the table shows both.
 """
 
@@ -17,12 +16,11 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_kvpred.attention import attention_of, backbone
-from mlx_kvpred.cpu_ops import fast_softmax, fast_swiglu
+from mlx_kvpred.cpu_ops import fast_scaled_dot_product_attention, fast_swiglu
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import linear_params
 
-KINDS = ("gemm", "attention scores", "softmax", "attention values", "norm", "rope", "swiglu", "residual", "copies",
-         "embedding")
+KINDS = ("gemm", "attention", "norm", "rope", "swiglu", "residual", "copies", "embedding")
 
 
 def _check_llama(model: nn.Module) -> None:
@@ -32,16 +30,40 @@ def _check_llama(model: nn.Module) -> None:
         raise KVPredError(f"profile: {type(model).__module__} is not a llama-family model (q/k/v/o, gate/up/down)")
 
 
-def _attention_parts(timed: Callable, q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int) -> mx.array:
-    """Causal grouped attention in the three timed parts cpu_ops.fast_scaled_dot_product_attention runs."""
-    B, n_q, L, D = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
-    qg = (q * scale).reshape(B, n_kv, n_q // n_kv, L, D)
-    scores = timed("attention scores", lambda: qg @ k[:, :, None].swapaxes(-1, -2))
-    mask = mx.arange(L)[:, None] + offset >= mx.arange(S)[None]
-    probs = timed("softmax", lambda: fast_softmax(mx.where(mask, scores, mx.finfo(scores.dtype).min), axis=-1))
-    out = timed("attention values", lambda: probs @ v[:, :, None])
-    return out.reshape(B, n_q, L, D)
+def profile_models(pipe, *, lengths: list[int], step: int = 2048, seed: int = 0,
+                   progress: Callable[[], None] | None = None) -> dict:
+    """profile_prefill of the base (and the aux, with a bundle) at each length on random tokens, and the GEMM rate
+    measured before and after."""
+    import numpy as np
+
+    from mlx_kvpred import blas
+
+    models = [("base", pipe.base.model)] + ([("aux", pipe.bundle.aux)] if pipe.bundle else [])
+    rng = np.random.default_rng(seed)
+    before = blas.measure_gemm_gflops()
+    rows = []
+    for n in lengths:
+        tokens = mx.array(rng.integers(0, pipe.base.config["vocab_size"], n).astype(np.int32))
+        for name, model in models:
+            time_model_prefill(model, tokens[:64], step=64)  # warm up the kernels
+            p = profile_prefill(model, tokens, step=step)
+            rows.append({"model": name, "prompt_tokens": n, "step": step, **p, "gemm_flops": gemm_flops(model, n)})
+            if progress:
+                progress()
+    rate = (before + blas.measure_gemm_gflops()) / 2 * 1e9
+    for r in rows:
+        r["gemm_fraction"] = r["gemm_flops"] / r["model"] / rate
+    return {"gemm_gflops": rate / 1e9, "rows": rows}
+
+
+def print_profile(result: dict) -> None:
+    print(f"prefill per op kind, ms (each op evaluated alone); fp32 GEMM {result['gemm_gflops']:.0f} GFLOP/s")
+    print(f"{'model':>5} {'prompt':>6} " + " ".join(f"{k[:10]:>10}" for k in KINDS)
+          + f" {'sum':>7} {'as run':>7} {'of GEMM':>8}")
+    for r in result["rows"]:
+        print(f"{r['model']:>5} {r['prompt_tokens']:>6} " + " ".join(f"{r['kinds'][k] * 1e3:>10.0f}" for k in KINDS)
+              + f" {r['sum'] * 1e3:>7.0f} {r['model'] * 1e3:>7.0f} {r['gemm_fraction']:>8.2f}")
+    print("of GEMM: projection FLOPs / the model's own prefill time (as run) / the GEMM rate")
 
 
 def profile_prefill(model: nn.Module, tokens: mx.array, *, step: int) -> dict:
@@ -72,7 +94,7 @@ def profile_prefill(model: nn.Module, tokens: mx.array, *, step: int) -> dict:
             offset = c.offset
             q, k = timed("rope", lambda: [attn.rope(q, offset=offset), attn.rope(k, offset=offset)])
             k, v = timed("copies", lambda: list(c.update_and_fetch(k, v)))
-            o = _attention_parts(timed, q, k, v, attn.scale, offset)
+            o = timed("attention", lambda: fast_scaled_dot_product_attention(q, k, v, c, attn.scale, "causal"))
             o = timed("copies", lambda: mx.contiguous(o.transpose(0, 2, 1, 3).reshape(B, L, -1)))
             o = timed("gemm", lambda: attn.o_proj(o))
             x = timed("residual", lambda: x + o)

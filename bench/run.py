@@ -25,7 +25,7 @@ from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
-MODES = ("base", "kvp", "aux", "mlx-lm", "auto")  # auto: the cost policy's pick per prompt length
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp")  # auto: the policy's pick; llama.cpp: the same GGUF
 
 
 def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
@@ -45,8 +45,45 @@ def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, e
     return generate_tokens(pipe, prompt, mode=mode, max_tokens=gen_tokens, exact_tail=exact_tail)
 
 
-def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1) -> dict:
+_LLAMA_CPP: dict[str, object] = {}
+
+
+def llama_cpp_model(pipe: Pipeline, n_ctx: int):
+    """llama-cpp-python's Llama on the base's GGUF file (the optional engine to compare with), loaded once."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise KVPredError("--modes llama.cpp needs llama-cpp-python: pip install llama-cpp-python") from None
+    if not pipe.base.source.endswith(".gguf"):
+        raise KVPredError("--modes llama.cpp needs a .gguf base model (--model FILE.gguf)")
+    key = f"{pipe.base.source}:{n_ctx}"
+    if key not in _LLAMA_CPP:
+        _LLAMA_CPP.clear()
+        _LLAMA_CPP[key] = Llama(model_path=pipe.base.source, n_ctx=n_ctx, n_threads=os.cpu_count(),
+                                n_batch=512, verbose=False)
+    return _LLAMA_CPP[key]
+
+
+def time_llama_cpp(pipe: Pipeline, prompt: mx.array, gen_tokens: int, n_ctx: int) -> dict:
+    """llama.cpp on the same tokens, greedy: TTFT to its first sampled token, TPOT of the rest (no prefix reuse)."""
+    llm = llama_cpp_model(pipe, n_ctx)
+    tic = time.perf_counter()
+    ttft, stamps = None, []
+    for i, _ in enumerate(llm.generate(prompt.tolist(), top_k=1, temp=0.0, reset=True)):
+        now = time.perf_counter()
+        ttft = now - tic if ttft is None else ttft
+        stamps.append(now)
+        if i + 1 == gen_tokens:
+            break
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    return {"ttft": ttft, "tpot": tpot, "peak_memory_gb": float("nan")}
+
+
+def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1,
+             n_ctx: int = 4096) -> dict:
     """TTFT: call to first token (evaluated); TPOT: mean time of the following tokens."""
+    if mode == "llama.cpp":
+        return time_llama_cpp(pipe, prompt, gen_tokens, n_ctx)
     mx.clear_cache()
     mx.reset_peak_memory()
     with stock_mlx_ops(pipe.base.model) if mode == "mlx-lm" else nullcontext():
@@ -59,6 +96,30 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stamps.append(now)
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     return {"ttft": ttft, "tpot": tpot, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth of one MLX CPU thread (GB/s): median of an elementwise copy of `mb` MB (read + write)."""
+    x = mx.random.normal((mb * (1 << 20) // 4,))
+    mx.eval(x)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(x + 0.0)
+        times.append(time.perf_counter() - tic)
+    return 2 * x.nbytes / statistics.median(times) / 1e9
+
+
+def machine_limits() -> dict:
+    """The fp32 GEMM rate (as `doctor` measures it) and the memory bandwidth, measured now."""
+    from mlx_kvpred import blas
+
+    return {"gemm_gflops": blas.measure_gemm_gflops(), "bandwidth_gbs": measure_bandwidth_gbs()}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads (every parameter once: the LM head or tied embedding too)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def environment(pipe: Pipeline) -> dict:
@@ -91,6 +152,7 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
         prefill_rates(pipe)  # the one-time probe, before anything is timed
     limit = pipe.context_length
     rng = np.random.default_rng(seed)
+    before = machine_limits()
     rows = []
     for n in lengths:
         if n < 2 or (limit and n + gen_tokens > limit):
@@ -104,7 +166,7 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
         runs = {m: [] for m in modes}
         for r in range(warmup + repeats):
             for m in modes:
-                result = time_one(pipe, m, prompt, gen_tokens, exact_tail)
+                result = time_one(pipe, m, prompt, gen_tokens, exact_tail, n_ctx=max(lengths) + gen_tokens + 8)
                 if r >= warmup:
                     runs[m].append(result)
                 if progress:
@@ -121,7 +183,10 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                          "peak_memory_gb": max(x["peak_memory_gb"] for x in runs[m]),
                          "ttft_flops": flops[m], "ttft_all": ttfts, "runs_as": picked[m]})
     add_speedups(rows)
-    return {"environment": environment(pipe), "settings": {"repeats": repeats, "warmup": warmup,
+    after = machine_limits()
+    limits = {k: (before[k] + after[k]) / 2 for k in before} | {"before": before, "after": after}
+    add_limit_fractions(rows, limits, weight_bytes(pipe.base.model))
+    return {"environment": environment(pipe), "limits": limits, "settings": {"repeats": repeats, "warmup": warmup,
             "gen_tokens": gen_tokens, "exact_tail": exact_tail,
             "prompt": "file" if prompt_tokens is not None else "random tokens"},
             "rows": rows}
@@ -138,6 +203,16 @@ def add_speedups(rows: list[dict]) -> None:
         others = [o["ttft_median"] for o in rows if o["prompt_tokens"] == r["prompt_tokens"]
                   and o["mode"] in ("base", "kvp")]
         r["ttft_vs_best"] = r["ttft_median"] / min(others) if r["mode"] == "auto" and others else None
+
+
+def add_limit_fractions(rows: list[dict], limits: dict, base_weight_bytes: int) -> None:
+    """Each row's prefill rate as a fraction of the GEMM rate (its TTFT FLOPs / TTFT), and its TPOT against the
+    bandwidth limit of reading the base's weights once a token."""
+    tpot_limit = base_weight_bytes / (limits["bandwidth_gbs"] * 1e9)
+    for r in rows:
+        r["gemm_fraction"] = r["ttft_flops"] / r["ttft_median"] / (limits["gemm_gflops"] * 1e9)
+        r["tpot_limit"] = tpot_limit
+        r["tpot_vs_limit"] = r["tpot_median"] / tpot_limit if r["runs_as"] != "aux" else None
 
 
 def plot(result: dict, path: str) -> None:
@@ -171,7 +246,7 @@ def print_table(result: dict, *, title: str) -> None:
 
     t = Table(title=title)
     for col in ("mode", "prompt", "TTFT ms (min-max)", "TPOT ms", "prompt tok/s", "peak GB", "TTFT GFLOP",
-                "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base", "auto/best"):
+                "of GEMM", "speedup meas.", "speedup anal.", "meas/anal", "TPOT/base", "TPOT/limit", "auto/best"):
         t.add_column(col, justify="right")
     for r in result["rows"]:
         ratio = r["speedup_measured"] / r["speedup_analytical"] if r["speedup_analytical"] else None
@@ -179,10 +254,18 @@ def print_table(result: dict, *, title: str) -> None:
         t.add_row(mode, str(r["prompt_tokens"]),
                   f"{r['ttft_median'] * 1e3:.0f} ({r['ttft_min'] * 1e3:.0f}-{r['ttft_max'] * 1e3:.0f})",
                   f"{r['tpot_median'] * 1e3:.1f}", f"{r['prompt_tps']:.0f}", f"{r['peak_memory_gb']:.2f}",
-                  f"{r['ttft_flops'] / 1e9:.1f}", _x(r["speedup_measured"]), _x(r["speedup_analytical"]),
-                  f"{ratio:.2f}" if ratio else "", f"{r['tpot_vs_base']:.3f}" if r["tpot_vs_base"] else "",
+                  f"{r['ttft_flops'] / 1e9:.1f}", f"{r['gemm_fraction']:.2f}", _x(r["speedup_measured"]),
+                  _x(r["speedup_analytical"]), f"{ratio:.2f}" if ratio else "",
+                  f"{r['tpot_vs_base']:.3f}" if r["tpot_vs_base"] else "",
+                  f"{r['tpot_vs_limit']:.2f}" if r.get("tpot_vs_limit") else "",
                   f"{r['ttft_vs_best']:.2f}" if r.get("ttft_vs_best") else "")
-    Console(width=max(Console().width, 150)).print(t)
+    Console(width=max(Console().width, 170)).print(t)
+    lim = result.get("limits")
+    if lim:
+        print(f"limits measured before/after: fp32 GEMM {lim['before']['gemm_gflops']:.0f}/"
+              f"{lim['after']['gemm_gflops']:.0f} GFLOP/s, bandwidth {lim['before']['bandwidth_gbs']:.1f}/"
+              f"{lim['after']['bandwidth_gbs']:.1f} GB/s; TPOT limit (base weights / bandwidth) "
+              f"{result['rows'][0]['tpot_limit'] * 1e3:.0f} ms")
 
 
 def _x(value: float | None) -> str:

@@ -34,6 +34,23 @@ def backbone(model: nn.Module) -> nn.Module:
     raise KVPredError(f"unsupported model type {type(model).__module__}: no .model/.transformer backbone")
 
 
+# Architectures whose logits are exactly the LM head (or tied embedding) applied to the backbone's output.
+_PLAIN_HEAD_MODULES = {"mlx_lm.models.llama": "tie_word_embeddings", "mlx_lm.models.qwen2": "tie_word_embeddings",
+                       "mlx_lm.models.qwen3": "tie_word_embeddings", "mlx_lm.models.openelm": "share_input_output_layers"}
+
+
+def lm_head_of(model: nn.Module):
+    """The function from the backbone's output to logits (the LM head or the tied embedding), or None where the
+    model's __call__ does more than that (softcapping, scaling) or is not known."""
+    tie = _PLAIN_HEAD_MODULES.get(type(model).__module__)
+    if tie is None:
+        return None
+    if getattr(model.args, tie):
+        inner = backbone(model)
+        return (inner.embed_tokens if "embed_tokens" in inner else inner.token_embeddings).as_linear
+    return model.lm_head
+
+
 def hidden_dim(model: nn.Module) -> int:
     """Width of the model's hidden state (its token embedding width)."""
     for _, m in model.named_modules():

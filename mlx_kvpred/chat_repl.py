@@ -90,6 +90,8 @@ def run_repl(session: ChatSession, *, max_tokens: int, sampler: Callable | None,
     print(f"kvpred-mlx chat · {pipe.base.source} · bundle {pipe.bundle.path if pipe.bundle else '-'} · mode "
           f"{session.mode}. /help for commands, Ctrl-D to quit.", file=out, flush=True)
     repairer = IdleRepair(session, idle_repair)
+    if threading.current_thread() is threading.main_thread():  # started with SIGINT ignored (e.g. `&`): restore
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         try:
             message = read_message(read)

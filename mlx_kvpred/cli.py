@@ -580,7 +580,8 @@ def bench(
     warmup: int = typer.Option(1, help="Untimed runs first."),
     batch_size: int = typer.Option(1, help="Batch size (only 1 is supported)."),
     modes: str = typer.Option("base,kvp,aux,mlx-lm", help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm "
-                                                          "(stock mlx-lm), auto (the cost policy's pick)."),
+                                                          "(stock mlx-lm), auto (the cost policy's pick), llama.cpp "
+                                                          "(llama-cpp-python on the same GGUF, if installed)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
@@ -593,6 +594,8 @@ def bench(
                                                   "base after a predicted turn 1 (with and without repair)."),
     doc_tokens: int = typer.Option(1000, help="--conversation: document length in tokens."),
     docs: int = typer.Option(12, help="--conversation: documents for the turn-2 agreement (0: timing only)."),
+    profile: bool = typer.Option(False, help="Instead: where prefill time goes, per op kind (GEMMs, attention, "
+                                             "norms, RoPE, SwiGLU, copies) for the base and aux at each length."),
     server: Optional[str] = typer.Option(None, help="Instead: time a running `kvpred-mlx serve` at this URL (e.g. "
                                                     "http://127.0.0.1:8080): TTFT over HTTP per length and mode "
                                                     "(base, kvp, auto) beside the same prompts in this process, then a "
@@ -622,6 +625,16 @@ def bench(
 
         tokens = np.array(pipe.tokenizer.encode(read_prompt(prompt_file, None)), dtype=np.int32)
     tail = DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail
+    if profile:
+        from .bench.profile import print_profile, profile_models
+
+        with Progress(transient=True) as progress:
+            task = progress.add_task("profile", total=len(lengths) * (2 if pipe.bundle else 1))
+            result = profile_models(pipe, lengths=lengths, progress=lambda: progress.advance(task))
+        print_profile(result)
+        if json_out:
+            write_json(result, json_out)
+        return
     if server:
         return bench_server(pipe, server, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
                             exact_tail=tail, doc_tokens=doc_tokens, json_out=json_out)

@@ -79,9 +79,9 @@ def predictor_flops(predictor: nn.Module, tokens: int) -> int:
 
 
 def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1) -> int:
-    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm, the same work), kvp (the base computing
+    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm or llama.cpp, the same work), kvp (the base computing
     the last `exact_tail` tokens), or the aux alone (with its own LM head: a KVP-C aux has its own config)."""
-    if mode in ("base", "mlx-lm"):
+    if mode in ("base", "mlx-lm", "llama.cpp"):
         return base_ttft_flops(base.model, base.config, n)
     if bundle is None:
         raise ValueError(f"mode {mode} needs a bundle")

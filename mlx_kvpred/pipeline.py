@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 
-from .attention import backbone, tap_kv
+from .attention import backbone, lm_head_of, tap_kv
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
 from .errors import KVPredError
@@ -123,7 +123,7 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
             hidden = aux_backbone(tokens[None, start:start + prefill_step_size], cache=aux_caches)
             keys = [calls.pop() for calls in record.keys]
             values = [calls.pop() for calls in record.values]
-            pred_k, pred_v = bundle.predictor(keys, values, hidden, prev_hidden)  # input "kv": hidden unevaluated
+            pred_k, pred_v = bundle.predictor.predict_fused(keys, values, hidden, prev_hidden)
             prev_hidden = hidden[:, -1:]
             drop = min(max(skip - start, 0), hidden.shape[1])  # positions of this chunk only catching up
             if drop < hidden.shape[1]:
@@ -156,19 +156,61 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "base":
-        return generate_step(prompt, pipe.base.model, logits_processors=logits_processors,
-                             max_kv_size=max_kv_size, **common)
+        return prompt_then_decode(prompt, pipe.base.model, logits_processors=logits_processors,
+                                  max_kv_size=max_kv_size, **common)
     bundle = _need_bundle(pipe)
     if mode == "aux":
-        return generate_step(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
-                             **common)
+        return prompt_then_decode(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
+                                  **common)
     predicted, exact = split_exact_tail(prompt, exact_tail)
     if predicted.size == 0:  # nothing for the aux to prefill
         cache = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
     else:
         cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
-    return generate_step(exact, pipe.base.model, prompt_cache=cache,
-                         logits_processors=_with_prefix(logits_processors, predicted), **common)
+    return prompt_then_decode(exact, pipe.base.model, prompt_cache=cache,
+                              logits_processors=_with_prefix(logits_processors, predicted), **common)
+
+
+def prompt_then_decode(prompt: mx.array, model, *, prompt_cache: list[Any] | None = None, max_tokens: int = 256,
+                       sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
+                       prefill_step_size: int = 2048, max_kv_size: int | None = None,
+                       **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+    """mlx-lm's generate_step, with the first token from the last prompt chunk's own pass: generate_step runs the
+    prompt's last token as a pass of its own (a whole decode step of weight reads); here the last chunk's final
+    position goes through the LM head (lm_head_of) and decoding continues with generate_step from that token.
+    Architectures without a known plain head use generate_step as it is."""
+    head = lm_head_of(model)
+    if head is None or prompt.size < 2 or step_kwargs.get("kv_bits") is not None:
+        return generate_step(prompt, model, prompt_cache=prompt_cache, max_tokens=max_tokens, sampler=sampler,
+                             logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                             max_kv_size=max_kv_size, **step_kwargs)
+    cache = make_prompt_cache(model, max_kv_size=max_kv_size) if prompt_cache is None else prompt_cache
+    return _merged_first_step(prompt, model, head, cache, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                              step_kwargs=step_kwargs)
+
+
+def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logits_processors, prefill_step_size,
+                       step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+    inner = backbone(model)
+    with mx.stream(generation_stream):
+        starts = list(range(0, prompt.size, prefill_step_size))
+        for start in starts[:-1]:
+            inner(prompt[None, start:start + prefill_step_size], cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = head(inner(prompt[None, starts[-1]:], cache=cache)[:, -1, :])
+        for processor in logits_processors or ():
+            logits = processor(prompt, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        y = (sampler or (lambda x: mx.argmax(x, axis=-1)))(logprobs)
+        mx.eval(y, logprobs)
+    first = y.item()
+    yield first, logprobs.squeeze(0)
+    if max_tokens == 1:
+        return
+    yield from generate_step(mx.array([first]), model, prompt_cache=cache, max_tokens=max_tokens - 1,
+                             sampler=sampler, logits_processors=_with_prefix(logits_processors, prompt),
+                             **step_kwargs)
 
 
 def split_exact_tail(prompt: mx.array, exact_tail: int) -> tuple[mx.array, mx.array]:

@@ -134,6 +134,41 @@ class KVPredictor(nn.Module):
             values.append(self.value_transforms[i](v_in))
         return keys, values
 
+    def predict_fused(self, aux_keys: list[mx.array], aux_values: list[mx.array], aux_hidden: mx.array | None = None,
+                      prev_hidden: mx.array | None = None) -> tuple[list[mx.array], list[mx.array]]:
+        """What __call__ returns, for inference: input "hidden" runs every learned transform as one GEMM (one
+        read of the input, one large matmul instead of two per layer). The stacked weights are rebuilt whenever
+        a transform's weights are replaced (training, set_identity)."""
+        layers = self.linear_layers
+        if self.config.input != "hidden" or len(layers) < 2 or not all(
+                type(self.key_transforms[i]) is nn.Linear and type(self.value_transforms[i]) is nn.Linear
+                for i in layers):
+            return self(aux_keys, aux_values, aux_hidden, prev_hidden)
+        if aux_hidden is None:
+            raise ValueError("this predictor reads the aux hidden state: pass aux_hidden")
+        weight, bias, splits = self._stacked(layers)
+        y = mx.addmm(bias, self.hidden_input(aux_hidden, prev_hidden), weight)
+        parts = mx.split(y, splits, axis=-1)
+        exact = set(self.config.exact_layers)
+        keys = [aux_keys[j] if i in exact else None for i, j in enumerate(self.config.layer_map)]
+        values = [aux_values[j] if i in exact else None for i, j in enumerate(self.config.layer_map)]
+        for n, i in enumerate(layers):
+            keys[i], values[i] = parts[2 * n], parts[2 * n + 1]
+        return keys, values
+
+    def _stacked(self, layers: list[int]) -> tuple[mx.array, mx.array, list[int]]:
+        mods = [m for i in layers for m in (self.key_transforms[i], self.value_transforms[i])]
+        key = tuple(id(m.weight) for m in mods) + tuple(id(m.bias) for m in mods)
+        cached = self.__dict__.get("_stacked_cache")
+        if cached is None or cached[0] != key:
+            weight = mx.concatenate([m.weight.T for m in mods], axis=1)  # (in, sum of outs)
+            bias = mx.concatenate([m.bias for m in mods])
+            splits = [int(x) for x in mx.cumsum(mx.array([m.weight.shape[0] for m in mods]))[:-1].tolist()]
+            mx.eval(weight, bias)
+            cached = (key, weight, bias, splits)
+            self.__dict__["_stacked_cache"] = cached  # not a parameter: kept out of saved weights and updates
+        return cached[1:]
+
     def set_identity(self) -> "KVPredictor":
         """Identity K/V maps (zero bias); only where aux and base widths agree. Used for exactness checks and init."""
         for i in self.linear_layers:

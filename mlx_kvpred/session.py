@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from .atomic import atomic_write
@@ -24,7 +23,7 @@ from .attention import backbone, kv_heads
 from .bundle import bundle_id, describe_base, fingerprints_match
 from .errors import KVPredError
 from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, predict_cache,
-                       require_text, split_exact_tail, stream_responses)
+                       prompt_then_decode, require_text, split_exact_tail, stream_responses)
 
 SESSION_FORMAT = "kvpred-mlx-session"
 SESSION_VERSION = 1
@@ -163,8 +162,8 @@ class ChatSession:
                 self._predict(prompt, cached, cached + predicted)
             elif self.exact_until == cached:
                 self.exact_until = len(prompt)  # the base computes everything new: still exact
-            step = generate_step(mx.array(prompt[cached + predicted:]), self.pipe.base.model,
-                                 prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
+            step = prompt_then_decode(mx.array(prompt[cached + predicted:]), self.pipe.base.model,
+                                      prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
             stats = TurnStats(len(prompt), cached, new, predicted, choice.mode, choice.reason, 0.0)
             self.turns.append(stats)
             generated: list[int] = []

@@ -9,12 +9,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.attention import hidden_dim, kv_dims, tap_kv
+from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache
+from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache, prompt_then_decode
 from mlx_kvpred.predictor import PredictorConfig, layer_pruned_map, smaller_model_map, spread_layers
 
 
@@ -76,6 +76,11 @@ def test_hidden_input_bundle(tiny, tmp_path, prev_token_dim):
     else:  # fields newer than the bundle's format stay out of the JSON, so older readers load it
         assert saved["format_version"] == 3 and "prev_token_dim" not in saved
     loaded = Pipeline(tiny, load_bundle(tmp_path / "b", tiny))
+    hidden = mx.random.normal((1, 5, 64))
+    aux_k, aux_v = [mx.random.normal((1, 5, kv_dims(aux.layers)[0]))], [mx.random.normal((1, 5, kv_dims(aux.layers)[0]))]
+    fused, plain = bundle.predictor.predict_fused(aux_k, aux_v, hidden), bundle.predictor(aux_k, aux_v, hidden)
+    for x, y in zip(fused[0] + fused[1], plain[0] + plain[1]):  # one stacked GEMM == one Linear per layer
+        assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item()
     tokens = mx.random.randint(0, tiny.config["vocab_size"], (37,), key=mx.random.key(3))
     a = predict_cache(Pipeline(tiny, bundle), tokens, prefill_step_size=512)
     b = predict_cache(loaded, tokens, prefill_step_size=8)
@@ -136,6 +141,22 @@ def test_base_mode_matches_mlx_lm_generate_step(tiny):
     ours = [t for t, _ in run(pipe, prompt, "base", 24)]
     theirs = [t for t, _ in generate_step(prompt, tiny.model, max_tokens=24)]
     assert ours == theirs
+
+
+@pytest.mark.parametrize("step", [2048, 7])
+def test_prompt_then_decode_equals_generate_step(tiny, step):
+    """The first token from the last chunk's own pass (no separate pass for the last prompt token): the same
+    tokens and log-probabilities as mlx-lm's generate_step, with chunks, a logits processor, one token only."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    assert lm_head_of(tiny.model) is not None  # every tiny architecture has a plain head: the merged path runs
+    prompt = mx.random.randint(0, tiny.config["vocab_size"], (30,), key=mx.random.key(5))
+    for kwargs, n in (({}, 12), ({"logits_processors": make_logits_processors(repetition_penalty=1.5)}, 12), ({}, 1)):
+        ours = list(prompt_then_decode(prompt, tiny.model, max_tokens=n, prefill_step_size=step, **kwargs))
+        theirs = list(generate_step(prompt, tiny.model, max_tokens=n, prefill_step_size=step, **kwargs))
+        assert [t for t, _ in ours] == [t for t, _ in theirs] and len(ours) == n
+        for (_, a), (_, b) in zip(ours, theirs):
+            assert mx.allclose(a, b, atol=1e-4).item()
 
 
 def test_kvp_with_pruned_aux_runs_and_differs_from_base():
