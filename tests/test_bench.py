@@ -50,6 +50,11 @@ def test_smoke_run_and_json_schema():
         for key in ("ttft_median", "ttft_min", "ttft_max", "tpot_median", "prompt_tps", "peak_memory_gb",
                     "ttft_flops", "speedup_measured", "speedup_analytical"):
             assert isinstance(r[key], (int, float)) and r[key] > 0, key
+    limits = result["limits"]
+    assert limits["gemm_gflops"] > 0 and limits["bandwidth_gbs"] > 0 and {"before", "after"} <= limits.keys()
+    for r in rows:  # each mode's prefill as a fraction of the GEMM rate; TPOT against reading the weights once
+        assert r["gemm_fraction"] == pytest.approx(r["ttft_flops"] / r["ttft_median"] / (limits["gemm_gflops"] * 1e9))
+        assert r["tpot_limit"] > 0 and (r["tpot_vs_limit"] is None) == (r["mode"] == "aux")
     base16 = next(r for r in rows if r["mode"] == "base" and r["prompt_tokens"] == 16)
     assert base16["speedup_analytical"] == 1.0
     kvp32 = next(r for r in rows if r["mode"] == "kvp" and r["prompt_tokens"] == 32)
@@ -64,3 +69,20 @@ def test_bad_modes_and_lengths():
         run_bench(pipe, lengths=[100000], modes=["base"], repeats=1, warmup=0)
     with pytest.raises(KVPredError, match="need a KVP bundle"):
         run_bench(Pipeline(pipe.base, None), lengths=[16], modes=["kvp"], repeats=1, warmup=0)
+    with pytest.raises(KVPredError, match="llama"):  # not installed, or (installed) a model that is not a GGUF
+        run_bench(pipe, lengths=[16], modes=["llama.cpp"], repeats=1, warmup=0)
+
+
+def test_profile_times_every_op_kind_and_matches_the_model():
+    """bench --profile: every op kind gets time, the model's own prefill is timed beside it, and the GEMM FLOPs
+    are the projections'."""
+    from mlx_kvpred.bench.profile import KINDS, gemm_flops, profile_models
+
+    pipe = tiny_pipeline()
+    result = profile_models(pipe, lengths=[24], step=16)
+    assert [(r["model"], r["prompt_tokens"]) for r in result["rows"]] == [("base", 24), ("aux", 24)]
+    base = result["rows"][0]
+    assert set(base["kinds"]) == set(KINDS) and all(base["kinds"][k] > 0 for k in KINDS)
+    assert base["sum"] == pytest.approx(sum(base["kinds"].values())) and base["as_run"] > 0
+    assert gemm_flops(pipe.base.model, 24) == 2 * 24 * 4 * PER_LAYER
+    assert base["gemm_fraction"] > 0
