@@ -67,6 +67,7 @@ def llama_cpp_model(pipe: Pipeline, n_ctx: int):
 def time_llama_cpp(pipe: Pipeline, prompt: mx.array, gen_tokens: int, n_ctx: int) -> dict:
     """llama.cpp on the same tokens, greedy: TTFT to its first sampled token, TPOT of the rest (no prefix reuse)."""
     llm = llama_cpp_model(pipe, n_ctx)
+    llm.reset()  # generate() would otherwise reuse the KV of a shared prefix from the previous run
     tic = time.perf_counter()
     ttft, stamps = None, []
     for i, _ in enumerate(llm.generate(prompt.tolist(), top_k=1, temp=0.0, reset=True)):
