@@ -97,6 +97,13 @@ class PromptCache:
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.sessions: OrderedDict[int, ChatSession] = OrderedDict()  # least recently used first
+        self.lock = threading.Lock()  # the model thread changes the entries; /health reads them
+
+    def status(self) -> dict:
+        """Entries and the positions their sessions have left to repair (safe from any thread)."""
+        with self.lock:
+            sessions = list(self.sessions.values())
+        return {"cached_sessions": len(sessions), "repair_pending_tokens": sum(s.pending_repair for s in sessions)}
 
     def take(self, prompt: list[int]) -> ChatSession | None:
         """The session to answer `prompt` with: a cached one wholly a prefix of it (removed from the cache), a copy
@@ -110,14 +117,16 @@ class PromptCache:
             return None
         session = self.sessions[best]
         if best_len == len(session.tokens):
-            return self.sessions.pop(best)
+            with self.lock:
+                return self.sessions.pop(best)
         return session.fork(best_len)
 
     def put(self, session: ChatSession) -> None:
-        self.sessions[id(session)] = session
-        self.sessions.move_to_end(id(session))
-        while self.sessions and (len(self.sessions) > self.max_entries or self.nbytes() > self.max_bytes):
-            self.sessions.popitem(last=False)
+        with self.lock:
+            self.sessions[id(session)] = session
+            self.sessions.move_to_end(id(session))
+            while self.sessions and (len(self.sessions) > self.max_entries or self.nbytes() > self.max_bytes):
+                self.sessions.popitem(last=False)
 
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.sessions.values())
@@ -252,11 +261,8 @@ def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_
 
     @app.get("/health")
     async def health():
-        sessions = list(engine.cache.sessions.values())
         return {"status": "ok", "model": model_id, "bundle": str(pipe.bundle.path) if pipe.bundle else None,
-                "cached_sessions": len(sessions), "queued": engine.jobs.qsize(),
-                "busy": engine.busy or not engine.jobs.empty(),
-                "repair_pending_tokens": sum(s.pending_repair for s in sessions)}
+                **engine.cache.status(), "queued": engine.jobs.qsize(), "busy": engine.busy or not engine.jobs.empty()}
 
     @app.get("/v1/models")
     async def models():
