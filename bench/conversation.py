@@ -10,19 +10,34 @@ from __future__ import annotations
 
 import statistics
 import time
+from itertools import islice
 from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 
+from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import DEFAULT_EXACT_TAIL, Pipeline, choose_mode, generate_tokens
+from mlx_kvpred.selfdata import document_texts
 from mlx_kvpred.session import ChatSession, common_prefix, conversation_ids
 
 from .eval_docqa import short_cases
-from .eval_harness import paired_difference
+from .eval_harness import heldout_files, paired_difference
 
 QUESTIONS = ("What is this document about?", "What does it say first?", "Which names or numbers does it mention?")
+
+
+def heldout_documents(pipe: Pipeline, doc_tokens: int, count: int, *, flag: str = "--docs") -> list[str]:
+    """The first `count` held-out files (no bundle trained on them) that have `doc_tokens` tokens, cut to that many,
+    as text; `flag` names the option to change in the error when there are fewer."""
+    files, source = heldout_files([pipe.bundle] if pipe.bundle else [], None)
+    docs = document_texts(files, iter(range(len(files))), pipe.tokenizer, doc_tokens)
+    texts = [text for _, text in islice(docs, count)]
+    if len(texts) < count:
+        raise KVPredError(f"{flag}: only {len(texts)} held-out documents of {doc_tokens} tokens, {count} needed "
+                          f"({source})")
+    return texts
 
 
 def _ttft_of_prompt(pipe: Pipeline, prompt: list[int]) -> float:

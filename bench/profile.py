@@ -1,8 +1,9 @@
 """Where prefill time goes, per op kind: a llama-family forward run op by op, each evaluated and timed.
 
 Kinds: gemm (the q/k/v/o and MLP projections), attention (cpu_ops' blocked attention: Q K^T, mask, softmax, P V),
-norm, rope, swiglu, residual (adds), copies (head transposes and the cache update), embedding. Evaluating after every op costs a little scheduling and loses what MLX fuses or overlaps; the same
-run also times the model as the runtime calls it (one graph per chunk), so the table shows both.
+norm, rope, swiglu, residual (adds), copies (head transposes and the cache update), embedding. Evaluating after
+every op costs a little scheduling and loses what MLX fuses or overlaps; the same run also times the model as the
+runtime calls it (one graph per chunk), so the table shows both.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_kvpred.attention import attention_of, backbone
 from mlx_kvpred.cpu_ops import fast_scaled_dot_product_attention, fast_swiglu
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.flops import linear_params
+from mlx_kvpred.flops import layers_flops
 
 KINDS = ("gemm", "attention", "norm", "rope", "swiglu", "residual", "copies", "embedding")
 
@@ -121,4 +122,4 @@ def time_model_prefill(model: nn.Module, tokens: mx.array, *, step: int) -> floa
 
 def gemm_flops(model: nn.Module, n_tokens: int) -> float:
     """FLOPs of the projections alone (no attention, no LM head) over `n_tokens`."""
-    return 2.0 * n_tokens * sum(linear_params(layer) for layer in backbone(model).layers)
+    return layers_flops(backbone(model).layers, n_tokens, 0)

@@ -3,7 +3,9 @@ conversation over HTTP.
 
 - Per prompt length and mode, a fresh random-token prompt is sent to /v1/completions (streaming, one token) and
   the same prompt is run in this process by `stream_generate`, alternately. TTFT on the server side is the time
-  from sending the request to its first SSE event, so it includes HTTP, queueing and the prompt cache lookup.
+  from sending the request to its first streamed chunk, so it includes HTTP, queueing and the prompt cache lookup.
+  Requests go through the official `openai` client, as applications send them; /health (not in the OpenAI API)
+  through httpx.
 - A conversation over /v1/chat/completions: a held-out document and a question, then follow-up questions; each
   turn's TTFT (first content chunk) and the cached tokens the server reports.
 
@@ -13,12 +15,12 @@ waits until the server's /health says it is idle (no request, no repair left).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,31 +32,51 @@ from .conversation import QUESTIONS
 SERVER_MODES = ("base", "kvp", "auto")
 
 
-def _client(url: str):
-    import httpx
+@dataclass
+class ServerClient:
+    """A running server: `http` (httpx) for /health, `api` (openai.OpenAI) for the OpenAI endpoints, `model` its id."""
 
-    return httpx.Client(base_url=url.rstrip("/"), timeout=httpx.Timeout(600, connect=5))
+    http: Any
+    api: Any
+    model: str = ""
 
 
-def server_health(client) -> dict:
+@contextmanager
+def connect(url: str) -> Iterator[ServerClient]:
+    try:
+        import httpx
+        import openai
+    except ImportError as e:
+        raise KVPredError(f"bench --server needs the bench extra: pip install -e \".[bench]\" ({e.name} is missing)"
+                          ) from None
+
+    base = url.rstrip("/")
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(600, connect=5)) as http:
+        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600, max_retries=0) as api:
+            yield ServerClient(http, api)
+
+
+def server_health(client: ServerClient) -> dict:
     import httpx
 
     try:
-        r = client.get("/health")
+        r = client.http.get("/health")
     except httpx.HTTPError as e:
-        raise KVPredError(f"--server: cannot reach {client.base_url} ({e.__class__.__name__})") from None
+        raise KVPredError(f"--server: cannot reach {client.http.base_url} ({e.__class__.__name__})") from None
     if r.status_code != 200:
-        raise KVPredError(f"--server: {client.base_url}/health answered {r.status_code}; is it a kvpred-mlx server?")
+        raise KVPredError(f"--server: {client.http.base_url}/health answered {r.status_code}; is it a kvpred-mlx "
+                          f"server?")
     return r.json()
 
 
-def check_same_model(client, pipe: Pipeline) -> dict:
+def check_same_model(client: ServerClient, pipe: Pipeline) -> dict:
     """The server must serve the model and bundle this process loaded, or the comparison means nothing."""
     health = server_health(client)
     ours = str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None
     if health.get("model") != pipe.model_id or health.get("bundle") != ours:
         raise KVPredError(f"--server serves {health.get('model')} (bundle {health.get('bundle')}), this bench loaded "
                           f"{pipe.model_id} (bundle {ours}): pass the server's --model and --kvp")
+    client.model = health["model"]
     return health
 
 
@@ -70,43 +92,33 @@ def wait_until_idle(client, *, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
-def _events(response):
-    """The JSON payloads of an SSE response, until [DONE]."""
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        event = json.loads(data)
-        if "error" in event:
-            raise KVPredError(f"--server: {event['error'].get('message')}")
-        yield event
-
-
 @contextmanager
-def _post_stream(client, path: str, body: dict):
-    with client.stream("POST", path, json={**body, "stream": True}) as response:
-        if response.status_code != 200:
-            response.read()
-            raise KVPredError(f"--server: {path} answered {response.status_code}: {response.text[:300]}")
-        yield response
+def _api_errors() -> Iterator[None]:
+    """An error the server answers (or a dropped connection) as one line naming --server."""
+    import openai
+
+    try:
+        yield
+    except openai.APIError as e:
+        raise KVPredError(f"--server: {e.__class__.__name__}: {e}") from None
 
 
-def server_ttft(client, prompt: list[int], *, mode: str, exact_tail: int) -> dict:
-    """Send a token prompt for one token; the time to the first SSE event, and what the server reported."""
-    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "kvp_mode": mode, "exact_tail": exact_tail,
-            "stream_options": {"include_usage": True}}
+def server_ttft(client: ServerClient, prompt: list[int], *, mode: str, exact_tail: int) -> dict:
+    """Send a token prompt for one token; the time to the first streamed chunk, and what the server reported."""
     tic = time.perf_counter()
     ttft, usage = None, {}
-    with _post_stream(client, "/v1/completions", body) as response:
-        for event in _events(response):
+    with _api_errors():
+        stream = client.api.completions.create(
+            model=client.model, prompt=prompt, max_tokens=1, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"kvp_mode": mode, "exact_tail": exact_tail})
+        for chunk in stream:
             ttft = ttft or time.perf_counter() - tic
-            if event.get("usage"):
-                usage = {"cached_tokens": event["usage"]["prompt_tokens_details"]["cached_tokens"],
-                         "runs_as": event.get("kvp", {}).get("mode"), "server_ttft": event.get("kvp", {}).get("ttft_s")}
+            if chunk.usage:
+                kvp = getattr(chunk, "kvp", None) or {}
+                usage = {"cached_tokens": chunk.usage.prompt_tokens_details.cached_tokens,
+                         "runs_as": kvp.get("mode"), "server_ttft": kvp.get("ttft_s")}
     if ttft is None:
-        raise KVPredError("--server: the stream ended without an event")
+        raise KVPredError("--server: the stream ended without a chunk")
     return {"ttft": ttft, **usage}
 
 
@@ -117,7 +129,7 @@ def local_ttft(pipe: Pipeline, prompt: list[int], *, mode: str, exact_tail: int)
     return time.perf_counter() - tic
 
 
-def compare_ttft(client, pipe: Pipeline, *, lengths: Sequence[int], modes: Sequence[str], repeats: int = 3,
+def compare_ttft(client: ServerClient, pipe: Pipeline, *, lengths: Sequence[int], modes: Sequence[str], repeats: int = 3,
                  warmup: int = 1, exact_tail: int = 32, seed: int = 0,
                  progress: Callable[[], None] | None = None) -> list[dict]:
     """Per length and mode, `warmup + repeats` pairs (in-process, server) on fresh random prompts."""
@@ -150,8 +162,8 @@ def compare_ttft(client, pipe: Pipeline, *, lengths: Sequence[int], modes: Seque
     return rows
 
 
-def conversation_over_http(client, document: str, *, questions: Sequence[str] = QUESTIONS, answer_tokens: int = 32,
-                           progress: Callable[[], None] | None = None) -> list[dict]:
+def conversation_over_http(client: ServerClient, document: str, *, questions: Sequence[str] = QUESTIONS,
+                           answer_tokens: int = 32, progress: Callable[[], None] | None = None) -> list[dict]:
     """A chat over /v1/chat/completions (the server's own mode): document + question, then follow-ups. A new system
     message per call keeps an earlier run's cache from answering turn 1."""
     messages = [{"role": "system", "content": f"Conversation {uuid.uuid4().hex[:8]}. Answer briefly."},
@@ -159,19 +171,20 @@ def conversation_over_http(client, document: str, *, questions: Sequence[str] = 
     turns = []
     for i in range(len(questions)):
         wait_until_idle(client)
-        body = {"messages": messages, "max_tokens": answer_tokens, "temperature": 0,
-                "stream_options": {"include_usage": True}}
         tic = time.perf_counter()
-        ttft, parts, usage, kvp = None, [], {}, {}
-        with _post_stream(client, "/v1/chat/completions", body) as response:
-            for event in _events(response):
-                delta = event["choices"][0].get("delta", {}) if event.get("choices") else {}
-                if ttft is None and (delta.get("content") or (event.get("choices") or [{}])[0].get("finish_reason")):
+        ttft, parts, usage, kvp = None, [], None, {}
+        with _api_errors():
+            stream = client.api.chat.completions.create(model=client.model, messages=messages,
+                                                        max_tokens=answer_tokens, temperature=0, stream=True,
+                                                        stream_options={"include_usage": True})
+            for chunk in stream:
+                choice = chunk.choices[0] if chunk.choices else None
+                if ttft is None and choice and (choice.delta.content or choice.finish_reason):
                     ttft = time.perf_counter() - tic
-                parts.append(delta.get("content") or "")
-                usage, kvp = event.get("usage") or usage, event.get("kvp") or kvp
-        turns.append({"turn": i + 1, "ttft": ttft, "prompt_tokens": usage.get("prompt_tokens"),
-                      "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
+                parts.append((choice.delta.content or "") if choice else "")
+                usage, kvp = chunk.usage or usage, getattr(chunk, "kvp", None) or kvp
+        turns.append({"turn": i + 1, "ttft": ttft, "prompt_tokens": usage.prompt_tokens,
+                      "cached_tokens": usage.prompt_tokens_details.cached_tokens,
                       "mode": kvp.get("mode"), "server_ttft": kvp.get("ttft_s")})
         if i + 1 < len(questions):
             messages += [{"role": "assistant", "content": "".join(parts)}, {"role": "user", "content": questions[i + 1]}]

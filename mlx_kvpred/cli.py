@@ -579,9 +579,10 @@ def bench(
     repeats: int = typer.Option(3, help="Timed runs per mode and length (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed runs first."),
     batch_size: int = typer.Option(1, help="Batch size (only 1 is supported)."),
-    modes: str = typer.Option("base,kvp,aux,mlx-lm", help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm "
-                                                          "(stock mlx-lm), auto (the cost policy's pick), llama.cpp "
-                                                          "(llama-cpp-python on the same GGUF, if installed)."),
+    modes: Optional[str] = typer.Option(None, help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm (stock "
+                                                   "mlx-lm), auto (the cost policy's pick), llama.cpp (llama-cpp-python "
+                                                   "on the same GGUF, if installed). Default base,kvp,aux,mlx-lm; with "
+                                                   "--server base,kvp (a server runs base, kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
@@ -609,7 +610,6 @@ def bench(
     from .pipeline import DEFAULT_EXACT_TAIL, load_pipeline
 
     lengths = parse_int_list(prompt_lengths, "--prompt-lengths")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     if batch_size != 1:
         raise KVPredError("--batch-size: only 1 is supported (KV prediction of a batch is not implemented yet)")
     if repeats < 1 or warmup < 0 or gen_tokens < 2:
@@ -619,6 +619,8 @@ def bench(
     if aux_layers_keep:
         pipe.bundle = untrained_lp_bundle(pipe, aux_layers_keep)
         label = f"untrained LP aux of {aux_layers_keep} layers (timing only)"
+    modes = modes or (("base,kvp" if pipe.bundle else "base") if server else "base,kvp,aux,mlx-lm")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     tokens = None
     if prompt_file:
         import numpy as np
@@ -657,19 +659,13 @@ def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeat
                  doc_tokens: int, json_out: Optional[str]) -> None:
     from rich.progress import Progress
 
-    from .bench.eval_harness import heldout_files, write_json
-    from .bench.server_client import _client, check_same_model, compare_ttft, conversation_over_http
-    from .selfdata import document_texts
+    from .bench.conversation import heldout_documents
+    from .bench.eval_harness import write_json
+    from .bench.server_client import check_same_model, compare_ttft, connect, conversation_over_http
 
-    if modes == ["base", "kvp", "aux", "mlx-lm"]:  # the in-process default: the server has base, kvp, auto
-        modes = ["base", "kvp"] if pipe.bundle else ["base"]
-    with _client(url) as client:
+    with connect(url) as client:
         check_same_model(client, pipe)
-        files, source = heldout_files([pipe.bundle] if pipe.bundle else [], None)
-        document = next((t for _, t in document_texts(files, iter(range(len(files))), pipe.tokenizer, doc_tokens)),
-                        None)
-        if document is None:
-            raise KVPredError(f"--doc-tokens: no held-out document of {doc_tokens} tokens ({source})")
+        document = heldout_documents(pipe, doc_tokens, 1, flag="--doc-tokens")[0]
         with Progress(transient=True) as progress:
             task = progress.add_task("server", total=len(lengths) * len(modes) * (repeats + warmup) + 3)
             rows = compare_ttft(client, pipe, lengths=lengths, modes=modes, repeats=repeats, warmup=warmup,
@@ -693,16 +689,12 @@ def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeat
 def bench_conversation(pipe, *, doc_tokens: int, docs: int, repeats: int, json_out: Optional[str]) -> None:
     from rich.progress import Progress
 
-    from .bench.conversation import auto_on_short_prompts, score_later_turn, time_conversation
-    from .bench.eval_harness import heldout_files, write_json
-    from .selfdata import document_texts
+    from .bench.conversation import auto_on_short_prompts, heldout_documents, score_later_turn, time_conversation
+    from .bench.eval_harness import write_json
 
     if pipe.bundle is None:
         raise KVPredError("--conversation needs a KVP bundle (--kvp DIR)")
-    files, source = heldout_files([pipe.bundle], None)
-    texts = [t for _, t in document_texts(files, iter(range(len(files))), pipe.tokenizer, doc_tokens)]
-    if len(texts) < max(docs, 1):
-        raise KVPredError(f"--docs: only {len(texts)} held-out documents of {doc_tokens} tokens ({source})")
+    texts = heldout_documents(pipe, doc_tokens, max(docs, 1))
     with Progress(transient=True) as progress:
         task = progress.add_task("conversation", total=repeats * 4 + docs)
         timing = time_conversation(pipe, texts[0], repeats=repeats, progress=lambda: progress.advance(task))

@@ -11,6 +11,7 @@ Weight names mirror CoreNet's `auxkv_to_basekv.{key,value}_transforms.{i}` so ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -163,7 +164,7 @@ class KVPredictor(nn.Module):
         if cached is None or cached[0] != key:
             weight = mx.concatenate([m.weight.T for m in mods], axis=1)  # (in, sum of outs)
             bias = mx.concatenate([m.bias for m in mods])
-            splits = [int(x) for x in mx.cumsum(mx.array([m.weight.shape[0] for m in mods]))[:-1].tolist()]
+            splits = list(accumulate(m.weight.shape[0] for m in mods))[:-1]
             mx.eval(weight, bias)
             cached = (key, weight, bias, splits)
             self.__dict__["_stacked_cache"] = cached  # not a parameter: kept out of saved weights and updates
