@@ -29,7 +29,7 @@ from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.evaluate import evaluate_heldout
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.loading import LoadedModel
-from mlx_kvpred.pipeline import Pipeline, generate_tokens
+from mlx_kvpred.pipeline import DEFAULT_EXACT_HEAD, Pipeline, generate_tokens
 from mlx_kvpred.session import common_prefix
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
@@ -59,7 +59,8 @@ class ModeSpec:
     mode: str  # base | kvp | aux
     bundle: str | None  # bundle label
     pipe: Pipeline
-    exact_tail: int = 1  # kvp: prompt tokens the base computes itself
+    exact_tail: int = 1  # kvp: prompt tokens the base computes itself, at the end
+    exact_head: int = 0  # ... and at the start (spec.pipe.exact_head)
 
 
 def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
@@ -69,16 +70,21 @@ def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with_aux: bool = True,
-               exact_tails: Sequence[int] = (1,)) -> list[ModeSpec]:
-    """base, then per bundle a kvp row per exact tail and (with_aux) one aux row."""
+               exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,)
+               ) -> list[ModeSpec]:
+    """base, then per bundle a kvp row per exact head and tail and (with_aux) one aux row."""
     specs = [ModeSpec("base", "base", None, Pipeline(base, bundles[0][1] if bundles else None))]
     for label, bundle in bundles:
-        pipe = Pipeline(base, bundle)
-        for tail in exact_tails:
-            parts = ([label] if len(bundles) > 1 else []) + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
-            specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
+        for head in exact_heads:
+            pipe = Pipeline(base, bundle, exact_head=head)
+            for tail in exact_tails:
+                parts = ([label] if len(bundles) > 1 else []) + ([f"head {head}"] if len(exact_heads) > 1 else []) \
+                    + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
+                specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail,
+                                      head))
         if with_aux:
-            specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, pipe))
+            specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, Pipeline(
+                base, bundle)))
     return specs
 
 
@@ -169,10 +175,11 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              sequences: np.ndarray | None = None, prompt_len: int = 256, cont_len: int = 64, gen_tokens: int = 64,
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
-             seed: int = 0, exact_tails: Sequence[int] = (1,), docqa_cases: Sequence | None = None,
+             seed: int = 0, exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,),
+             docqa_cases: Sequence | None = None,
              answer_tokens: int = 64, heldout_by_length: dict[int, np.ndarray] | None = None) -> dict:
     """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
-    per exact tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`
+    per exact head and tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`
     ({prompt length: sequences of it + cont_len tokens}) adds heldout's agreement at each of those lengths."""
     progress = progress or _noop
     if not bundles:
@@ -189,7 +196,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         raise KVPredError(f"--prompt-len {prompt_len} + continuation does not fit the model's context ({limit})")
     if sequences is not None and sequences.shape[1] < prompt_len + cont_len:
         raise KVPredError(f"held-out sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
-    specs = mode_specs(base, bundles, with_aux=with_aux, exact_tails=exact_tails)
+    specs = mode_specs(base, bundles, with_aux=with_aux, exact_tails=exact_tails, exact_heads=exact_heads)
     rows = {s.name: {"name": s.name, "mode": s.mode, "bundle": s.bundle} for s in specs}
     eos = set(getattr(base.tokenizer, "eos_token_ids", None) or []) if base.tokenizer is not None else set()
 
@@ -211,6 +218,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         row = rows[s.name]
         row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len, exact_tail=s.exact_tail)
         row["exact_tail"] = s.exact_tail if s.mode == "kvp" else None
+        row["exact_head"] = s.exact_head if s.mode == "kvp" else None
         row["ttft_s"] = statistics.median(times[s.name])
         row["ttft_all"] = times[s.name]
 
@@ -219,8 +227,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         for i, (label, bundle) in enumerate(bundles):
             tails = [s for s in specs if s.bundle == label and s.mode == "kvp"]
             aux = next((s for s in specs if s.bundle == label and s.mode == "aux"), None)
-            for k, spec in enumerate(tails):  # one pass per exact tail; the first also scores the aux alone
-                m = evaluate_heldout(Pipeline(base, bundle), sequences, prompt_len=prompt_len, cont_len=cont_len,
+            for k, spec in enumerate(tails):  # one pass per exact head and tail; the first also scores the aux alone
+                m = evaluate_heldout(spec.pipe, sequences, prompt_len=prompt_len, cont_len=cont_len,
                                      with_aux=with_aux and k == 0, exact_tail=spec.exact_tail, progress=advance)
                 if i == 0 and k == 0:
                     rows["base"]["heldout"] = {"agreement": 1.0, "first_token_agreement": 1.0, "nll": m.nll_base}
@@ -308,7 +316,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                      "humaneval_max_tokens": max_tokens, "humaneval_timeout_s": humaneval_timeout,
                      "ttft_repeats": ttft_repeats, "ttft_warmup": ttft_warmup, "ttft_prompt_tokens": prompt_len,
                      "ttft_prompt": "held-out text" if sequences is not None else "random tokens",
-                     "exact_tails": list(exact_tails), "answer_tokens": answer_tokens,
+                     "exact_tails": list(exact_tails), "exact_heads": list(exact_heads), "answer_tokens": answer_tokens,
                      "docqa_docs": max([sum(c.length == n for c in docqa_cases) for n in
                                         {c.length for c in docqa_cases if c.length != "short"}] or [0])
                      if docqa_cases else 0},

@@ -56,6 +56,8 @@ DEVICE = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else 
 ALLOW_UNTRAINED = typer.Option(False, help="Accept a bundle whose predictor was never trained.")
 EXACT_TAIL = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself, attending to the "
                                      "predicted cache of the rest (default 32; 1: the last token only, the paper's).")
+EXACT_HEAD = typer.Option(None, help="kvp: the base computes the first N prompt tokens itself (default 1: the "
+                                     "attention sink, cached after first use; 0: predict every position).")
 KVP_MIN_TOKENS = typer.Option(None, help="auto: the base runs prompts (or new turn spans) shorter than this (default: "
                                          "where kvp's TTFT, modelled from a one-time speed probe, is 1.5x lower).")
 TTFT_BUDGET = typer.Option(None, help="auto: run the base (exact) whenever its modelled TTFT is within this many "
@@ -90,13 +92,14 @@ def check_policy_flags(exact_tail: Optional[int], kvp_min_tokens: Optional[int],
     return DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail
 
 
-def load_for_generation(model, kvp, mode: str, device, allow_untrained: bool, *, keep_bundle: bool = False):
+def load_for_generation(model, kvp, mode: str, device, allow_untrained: bool, *, keep_bundle: bool = False,
+                        exact_head: Optional[int] = None):
     """load_pipeline for a mode (base: no bundle, unless `keep_bundle`), with the notes a user should see."""
     from .pipeline import check_mode, load_pipeline
 
     check_mode(mode)
     pipe = load_pipeline(model, kvp=False if mode == "base" and not keep_bundle else kvp, device=device,
-                         allow_untrained=allow_untrained)
+                         allow_untrained=allow_untrained, exact_head=exact_head)
     if mode == "auto" and pipe.bundle is None:
         print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
     if pipe.bundle is not None and not pipe.bundle.config.trained:
@@ -120,6 +123,7 @@ def generate(
     device: Optional[str] = DEVICE,
     allow_untrained: bool = ALLOW_UNTRAINED,
     exact_tail: Optional[int] = EXACT_TAIL,
+    exact_head: Optional[int] = EXACT_HEAD,
     kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
     ttft_budget: Optional[float] = TTFT_BUDGET,
     prompt_cache: Optional[str] = typer.Option(None, help="A session file (.safetensors): if it exists, the prompt "
@@ -146,7 +150,8 @@ def generate(
         check_session_path(Path(prompt_cache))
     elif update_prompt_cache or repair:
         raise KVPredError("--update-prompt-cache and --repair need --prompt-cache FILE")
-    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=prompt_cache is not None)
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=prompt_cache is not None,
+                               exact_head=exact_head)
     policy = dict(exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     if prompt_cache is None:
         from .pipeline import encode_prompt, stream_generate
@@ -218,6 +223,7 @@ def chat(
     device: Optional[str] = DEVICE,
     allow_untrained: bool = ALLOW_UNTRAINED,
     exact_tail: Optional[int] = EXACT_TAIL,
+    exact_head: Optional[int] = EXACT_HEAD,
     kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
     ttft_budget: Optional[float] = TTFT_BUDGET,
     load: Optional[str] = typer.Option(None, help="Start from a saved session file (.safetensors)."),
@@ -234,7 +240,7 @@ def chat(
     tail = check_policy_flags(exact_tail, kvp_min_tokens, ttft_budget)
     if mode == "aux":
         raise KVPredError("--mode: chat runs kvp, base or auto")
-    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True)
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head)
     policy = dict(mode=mode, exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     session = (ChatSession.load(pipe, load, **policy) if load else ChatSession(pipe, system=system, **policy))
     run_repl(session, max_tokens=max_tokens, sampler=sampler, verbose=verbose, idle_repair=idle_repair)
@@ -324,6 +330,9 @@ def train(
                                                           "prompt token and generated tokens do at inference "
                                                           "(default: a quarter of --seq-len; 0: all predicted, "
                                                           "CoreNet's)."),
+    true_kv_head: int = typer.Option(TrainConfig.true_kv_head, help="The first N positions of each training "
+                                                                    "sequence attend with their own K/V, as with "
+                                                                    "--exact-head N at inference."),
     l1_weight: Optional[float] = typer.Option(None, help="Weight of the K/V L1 loss (default: 1/n_base_layers)."),
     ridge_sequences: int = typer.Option(TrainConfig.ridge_sequences, help="Sequences for the closed-form (ridge) "
                                                                           "init; 0 to skip."),
@@ -360,7 +369,8 @@ def train(
     from .recipe import train_recipe
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
-                      ce_weight=ce_weight, true_kv_tail=true_kv_tail, l1_weight=l1_weight,
+                      ce_weight=ce_weight, true_kv_tail=true_kv_tail, true_kv_head=true_kv_head,
+                      l1_weight=l1_weight,
                       ridge_sequences=ridge_sequences, aux_lora_rank=aux_lora_rank,
                       aux_lora_scale=TrainConfig.aux_lora_scale if aux_lora_scale is None else aux_lora_scale,
                       aux_lora_layers=parse_int_list(aux_lora_layers, "--aux-lora-layers"),
@@ -478,6 +488,8 @@ def eval_cmd(
     exact_tail: Optional[str] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself; a "
                                                         "comma-separated list gives a kvp row per value (default "
                                                         "32; 1: the paper's condition)."),
+    exact_head: Optional[str] = typer.Option(None, help="kvp: the base computes the first N prompt tokens itself; a "
+                                                        "comma-separated list gives a kvp row per value (default 1)."),
     sequences: Optional[int] = typer.Option(None, help="Held-out sequences, one per file (default 32; 8 with "
                                                           "--quick)."),
     gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
@@ -502,12 +514,13 @@ def eval_cmd(
     from .bench.eval_humaneval import humaneval_available, load_problems
     from .bench.pareto import check_matplotlib, plot_pareto
     from .bundle import load_bundle
-    from .pipeline import DEFAULT_EXACT_TAIL, load_pipeline
+    from .pipeline import DEFAULT_EXACT_HEAD, DEFAULT_EXACT_TAIL, check_exact_head, load_pipeline
 
     task_list = parse_tasks(tasks)
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
     tails = parse_int_list(exact_tail, "--exact-tail") or [DEFAULT_EXACT_TAIL]
+    heads = [check_exact_head(h) for h in parse_int_list(exact_head, "--exact-head") or [DEFAULT_EXACT_HEAD]]
     for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
                         ("--limit", limit), ("--ttft-repeats", ttft_repeats), ("--docs", docs),
                         ("--answer-tokens", answer_tokens), ("--exact-tail", min(tails or [0]))):
@@ -538,7 +551,7 @@ def eval_cmd(
                           sequences=seqs, prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=problems, max_tokens=max_tokens,
                           with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3), progress=track,
-                          exact_tails=tails, docqa_cases=cases, answer_tokens=answer_tokens,
+                          exact_tails=tails, exact_heads=heads, docqa_cases=cases, answer_tokens=answer_tokens,
                           heldout_by_length=by_length)
     result["settings"]["heldout_source"] = source
     print_table(result)
@@ -588,6 +601,7 @@ def bench(
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),
     exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself "
                                                         "(default 32)."),
+    exact_head: Optional[int] = EXACT_HEAD,
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
     conversation: bool = typer.Option(False, help="Instead: a chat whose first turn holds a held-out document of "
                                                   "--doc-tokens: each turn's session TTFT against a cold prefill, "
@@ -614,7 +628,8 @@ def bench(
         raise KVPredError("--batch-size: only 1 is supported (KV prediction of a batch is not implemented yet)")
     if repeats < 1 or warmup < 0 or gen_tokens < 2:
         raise KVPredError("--repeats must be >= 1, --warmup >= 0, --gen-tokens >= 2")
-    pipe = load_pipeline(model, kvp=False if aux_layers_keep else kvp, device=device, allow_untrained=allow_untrained)
+    pipe = load_pipeline(model, kvp=False if aux_layers_keep else kvp, device=device, allow_untrained=allow_untrained,
+                         exact_head=exact_head)
     label = str(pipe.bundle.path) if pipe.bundle else "-"
     if aux_layers_keep:
         pipe.bundle = untrained_lp_bundle(pipe, aux_layers_keep)
@@ -729,6 +744,7 @@ def serve(
     mode: str = typer.Option("auto", help="Default prefill mode of requests: kvp, base or auto (a request's "
                                           "kvp_mode field overrides it)."),
     exact_tail: Optional[int] = EXACT_TAIL,
+    exact_head: Optional[int] = EXACT_HEAD,
     prompt_cache_size: int = typer.Option(8, help="Conversations kept in the prompt cache (LRU)."),
     prompt_cache_bytes: int = typer.Option(4 << 30, help="Byte bound of the prompt cache (LRU)."),
     device: Optional[str] = DEVICE,
@@ -747,7 +763,7 @@ def serve(
         raise KVPredError(f"--mode must be auto, kvp or base, got {mode!r}")
     if prompt_cache_size < 0 or prompt_cache_bytes < 0 or not 0 < port < 65536:
         raise KVPredError("--prompt-cache-size and --prompt-cache-bytes must be >= 0, --port in 1..65535")
-    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True)
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: binding {host}: anyone who can reach this machine can use the model", file=sys.stderr)
     app = create_app(pipe, mode=mode, exact_tail=tail, cache_entries=prompt_cache_size, cache_bytes=prompt_cache_bytes)

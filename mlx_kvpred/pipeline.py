@@ -9,7 +9,7 @@ Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the au
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -30,6 +30,10 @@ DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-
 # is the paper's condition). 32 covers a chat question and the assistant header: on docqa at 1024 tokens the
 # first token then matches the base's 0.92 of the time instead of 0.42, for 6% more TTFT FLOPs (docs/training.md).
 DEFAULT_EXACT_TAIL = 32
+# Leading prompt positions the base computes itself in kvp mode: position 0 is the attention sink, whose K/V a
+# per-token map predicts worst; exact, it lifts docqa answer agreement at 1024 tokens by ~0.05 (docs/training.md).
+# Position 0 attends only to itself, so its K/V depend on its token alone: cached per pipeline, free after first use.
+DEFAULT_EXACT_HEAD = 1
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Pipeline:
     bundle: Bundle | None = None
     device: str = "cpu"
     prefill_rates: Any = None  # policy.PrefillRates for mode auto, measured on first use
+    exact_head: int = DEFAULT_EXACT_HEAD  # kvp: the first N positions of a sequence get the base's own K/V
+    head_kv: dict = field(default_factory=dict, repr=False)  # head tokens -> the base's K/V per layer (offset 0)
 
     @property
     def tokenizer(self):
@@ -72,16 +78,25 @@ def shipped_bundle() -> Path | None:
 
 
 def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | None = None,
-                  device: str | None = None, allow_untrained: bool = False) -> Pipeline:
+                  device: str | None = None, allow_untrained: bool = False,
+                  exact_head: int | None = None) -> Pipeline:
     """Load once, generate many times. `model`: .gguf, mlx-lm dir or HF repo id (None: SmolLM2-135M-Instruct);
     `kvp`: a bundle dir; None: the shipped bundle when `model` is the default one; False: no bundle (mode base
-    only). `device`: "cpu" or "gpu" (None: the GPU when MLX has one)."""
+    only). `device`: "cpu" or "gpu" (None: the GPU when MLX has one). `exact_head`: kvp's leading positions the
+    base computes itself (None: DEFAULT_EXACT_HEAD)."""
+    exact_head = DEFAULT_EXACT_HEAD if exact_head is None else check_exact_head(exact_head)
     device = set_device(device or default_device())
     if kvp is None:
         kvp = shipped_bundle() if model is None else False
     base = load_model(model, device=device)
     bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not False else None
-    return Pipeline(base, bundle, device)
+    return Pipeline(base, bundle, device, exact_head=exact_head)
+
+
+def check_exact_head(exact_head: int) -> int:
+    if exact_head < 0:
+        raise KVPredError(f"--exact-head must be >= 0, got {exact_head}")
+    return exact_head
 
 
 def check_mode(mode: str) -> str:
@@ -111,11 +126,16 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
     """Run the aux over `tokens` (the prompt but its exact tail) and return the predicted base cache: one
     ordinary mlx-lm cache object per base layer. The aux LM head never runs. A session passes its own base `cache`
     and `aux_cache` to append to; the first `skip` tokens then only run through the aux (to catch it up: their
-    base K/V are already cached), the rest get predicted K/V."""
+    base K/V are already cached), the rest get predicted K/V, but for positions below `pipe.exact_head`, which the
+    base computes itself."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
     caches = make_prompt_cache(base_model, max_kv_size=max_kv_size) if cache is None else cache
     aux_caches = make_prompt_cache(bundle.aux) if aux_cache is None else aux_cache
+    head = min(pipe.exact_head - caches[0].offset, tokens.size - skip)
+    if head > 0:
+        write_exact_head(pipe, tokens[skip:skip + head], caches)
+        skip += head
     aux_backbone = backbone(bundle.aux)
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
@@ -131,6 +151,26 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
                                    [v[:, drop:] for v in pred_v])
             mx.eval([c.state for c in caches], [c.state for c in aux_caches])
     return caches
+
+
+def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any]) -> None:
+    """The base's own K/V for `tokens` appended to `caches`. From offset 0 they depend on the tokens alone and are
+    kept in `pipe.head_kv` (a chat template's first tokens are the same every time)."""
+    key = tuple(tokens.tolist()) if caches[0].offset == 0 else None
+    if key is not None and key in pipe.head_kv:
+        for c, (k, v) in zip(caches, pipe.head_kv[key]):
+            c.update_and_fetch(k, v)
+        return
+    start = caches[0].offset
+    with mx.stream(generation_stream):
+        backbone(pipe.base.model)(tokens[None], cache=caches)
+        mx.eval([c.state for c in caches])
+    if key is not None:
+        if len(pipe.head_kv) >= 64:
+            pipe.head_kv.pop(next(iter(pipe.head_kv)))
+        pipe.head_kv[key] = [(mx.array(c.keys[..., start:c.offset, :]), mx.array(c.values[..., start:c.offset, :]))
+                             for c in caches]
+        mx.eval(pipe.head_kv[key])
 
 
 def _need_bundle(pipe: Pipeline) -> Bundle:

@@ -185,8 +185,9 @@ def training_data(spec: TrainSpec, tokenizer) -> TrainingData:
             train_seqs += list(tokenize_files(split.train_files, tokenizer, seq_len=spec.long_seq_len,
                                               max_sequences=spec.long_sequences, per_file=1, seed=seed + 1))
         if spec.chat_data:  # chat-data --documents draws its documents from the training split
+            t = spec.train
             train_seqs += tokenize_records(collect_files(spec.chat_data), tokenizer,
-                                           min_len=spec.train.true_kv_tail + 1, max_len=MAX_RECORD_TOKENS)
+                                           min_len=t.true_kv_tail + t.true_kv_head + 1, max_len=MAX_RECORD_TOKENS)
     return TrainingData(train_seqs, heldout, split, sources)
 
 

@@ -157,14 +157,13 @@ class ChatSession:
             if choice.mode == "aux":
                 raise KVPredError("a chat session runs mode kvp, base or auto")
             tic = time.perf_counter()
-            predicted = max(new - self.exact_tail, 0) if choice.mode == "kvp" else 0
-            if predicted:
-                self._predict(prompt, cached, cached + predicted)
-            elif self.exact_until == cached:
+            end = cached + max(new - self.exact_tail, 0) if choice.mode == "kvp" else cached
+            n_predicted = self._predict(prompt, cached, end) if end > cached else 0
+            if not n_predicted and self.exact_until == cached:
                 self.exact_until = len(prompt)  # the base computes everything new: still exact
-            step = prompt_then_decode(mx.array(prompt[cached + predicted:]), self.pipe.base.model,
+            step = prompt_then_decode(mx.array(prompt[end:]), self.pipe.base.model,
                                       prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
-            stats = TurnStats(len(prompt), cached, new, predicted, choice.mode, choice.reason, 0.0)
+            stats = TurnStats(len(prompt), cached, new, n_predicted, choice.mode, choice.reason, 0.0)
             self.turns.append(stats)
             generated: list[int] = []
             try:
@@ -192,8 +191,9 @@ class ChatSession:
         self.predicted_spans = [(s, min(e, common)) for s, e in self.predicted_spans if s < common]
         return common
 
-    def _predict(self, prompt: list[int], start: int, end: int) -> None:
-        """Predicted base K/V for prompt[start:end] into the session cache. The aux first catches up on tokens it
+    def _predict(self, prompt: list[int], start: int, end: int) -> int:
+        """Predicted base K/V for prompt[start:end] into the session cache (positions below the pipeline's
+        exact_head get the base's own); returns how many were predicted. The aux first catches up on tokens it
         has not seen; it also reruns the token before `start`, whose hidden state the predictor may read."""
         run_from = min(self._aux_tokens, max(start - 1, 0))
         for c in self._aux_cache:
@@ -202,8 +202,11 @@ class ChatSession:
                       skip=start - run_from)
         self._aux_tokens = end
         self.tokens = prompt[:end]
-        self.exact_until = min(self.exact_until, start)
-        self.predicted_spans.append((start, end))
+        first = max(start, min(self.pipe.exact_head, end))  # positions below exact_head: the base's own K/V
+        if first < end:
+            self.exact_until = first if self.exact_until >= start else self.exact_until
+            self.predicted_spans.append((first, end))
+        return end - first
 
     def _settle(self, tokens: list[int], prompt_tokens: int) -> None:
         """After a turn (finished or stopped): the cache holds the prompt and the generated tokens fed back to the

@@ -53,6 +53,8 @@ class TrainConfig:
     ce_weight: float = 0.0  # base CE on the data's next tokens (the paper's loss)
     true_kv_tail: int | None = None  # the last N positions attend with their own K/V, as the last prompt token
     # and generated tokens do at inference; None: seq_len // 4; 0: all predicted (CoreNet's objective)
+    true_kv_head: int = 0  # the first N positions attend with their own K/V, as the base's exact head does at
+    # inference (the attention sink, position 0, is what a per-token map predicts worst)
     l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (the paper's best)
     ridge_sequences: int = 256  # sequences for the closed-form init; 0: none
     ridge_lambda: float = 1e-3  # relative to the mean diagonal of X^T X
@@ -75,6 +77,9 @@ class TrainConfig:
         if not 0 <= self.true_kv_tail < self.seq_len:
             raise KVPredError(f"--true-kv-tail must be in 0..{self.seq_len - 1} (below --seq-len), "
                               f"got {self.true_kv_tail}")
+        if not 0 <= self.true_kv_head < self.seq_len - self.true_kv_tail:
+            raise KVPredError(f"--true-kv-head must be in 0..{self.seq_len - self.true_kv_tail - 1} (with "
+                              f"--true-kv-tail, below --seq-len), got {self.true_kv_head}")
 
 
 @dataclass
@@ -239,19 +244,22 @@ def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: f
 
 
 def student_logits(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k, aux_v, aux_h, *,
-                   true_kv_tail: int = 0, first: int = 0, residual: mx.array | None = None
+                   true_kv_tail: int = 0, true_kv_head: int = 0, first: int = 0, residual: mx.array | None = None
                    ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
-    """The base's logits for `tokens` attending to predicted K/V at every position but the last `true_kv_tail`,
-    which keep their own (as the last prompt token and generated tokens do at inference), and the predicted K/V
-    of layers first.. (with `first` > 0 the base starts at that layer from `residual`)."""
+    """The base's logits for `tokens` attending to predicted K/V at every position but the first `true_kv_head`
+    and the last `true_kv_tail`, which keep their own (as the base's exact head, the last prompt token and
+    generated tokens do at inference), and the predicted K/V of layers first.. (with `first` > 0 the base starts
+    at that layer from `residual`)."""
     pk, pv = predictor(aux_k, aux_v, aux_h)
     pk, pv = pk[first:], pv[first:]
+    end = tokens.shape[1] - true_kv_tail
 
     def override(kind: str, i: int, projected: mx.array) -> mx.array:
         predicted = pk[i] if kind == "k" else pv[i]
-        if not true_kv_tail:
+        if not true_kv_tail and not true_kv_head:
             return predicted
-        return mx.concatenate([predicted[:, :-true_kv_tail], projected[:, -true_kv_tail:]], axis=1)
+        return mx.concatenate([projected[:, :true_kv_head], predicted[:, true_kv_head:end], projected[:, end:]],
+                              axis=1)
 
     with tap_kv(base.layers[first:], override=override):
         logits = forward_from(base, tokens, first, residual)
@@ -264,14 +272,15 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
     """KL of `student_logits` to the base's true-cache logits + L1 to its true K/V (+ CE). With `first` > 0,
     true_k/true_v hold layers first.. only."""
     logits, pk, pv = student_logits(predictor, base, tokens, aux_k, aux_v, aux_h, true_kv_tail=cfg.true_kv_tail,
-                                    first=first, residual=residual)
+                                    true_kv_head=cfg.true_kv_head, first=first, residual=residual)
+    h = cfg.true_kv_head  # the head's predictions are never used: no L1 on them
     parts = {}
     exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)
     t_logp = teacher_logits - logsumexp(teacher_logits, axis=-1, keepdims=True)
     parts["kl"] = (exp(t_logp) * (t_logp - logp)).sum(-1).mean()
-    parts["l1"] = sum(mx.abs(a - b).mean() for a, b in zip(pk, true_k)) + sum(
-        mx.abs(a - b).mean() for a, b in zip(pv, true_v))
+    parts["l1"] = sum(mx.abs(a[:, h:] - b[:, h:]).mean() for a, b in zip(pk, true_k)) + sum(
+        mx.abs(a[:, h:] - b[:, h:]).mean() for a, b in zip(pv, true_v))
     loss = cfg.kl_weight * parts["kl"] + l1_weight * parts["l1"]
     if cfg.ce_weight:
         parts["ce"] = nn.losses.cross_entropy(logits[:, :-1], tokens[:, 1:]).mean()
@@ -393,9 +402,9 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
         shortest = min(len(x) for x in train_seqs)
         if cfg.batch_size != 1:
             raise KVPredError("sequences of mixed lengths train at --batch-size 1")
-        if shortest <= cfg.true_kv_tail:
-            raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} does not fit the shortest training sequence "
-                              f"({shortest} tokens)")
+        if shortest <= cfg.true_kv_tail + cfg.true_kv_head:
+            raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} and --true-kv-head {cfg.true_kv_head} do not fit "
+                              f"the shortest training sequence ({shortest} tokens)")
     if not ragged and train_seqs.shape[1] != cfg.seq_len:
         raise ValueError(f"training sequences have {train_seqs.shape[1]} tokens, the config's seq_len is {cfg.seq_len}")
     if cfg.lr is None:

@@ -14,7 +14,7 @@ from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache, prompt_then_decode
+from mlx_kvpred.pipeline import Pipeline, generate_tokens, load_pipeline, predict_cache, prompt_then_decode
 from mlx_kvpred.predictor import PredictorConfig, layer_pruned_map, smaller_model_map, spread_layers
 
 
@@ -197,6 +197,36 @@ def test_exact_tail_is_computed_by_the_base():
     assert part["kvp_top1"][0] == first
     with pytest.raises(KVPredError, match="--exact-tail"):
         next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=0))
+
+
+def test_exact_head_is_the_base_own_kv_and_cached():
+    """exact_head H: the first H positions of a predicted cache are the base's own K/V (position 0, the attention
+    sink, depends on its token alone), computed once per head and reused; later positions stay predicted, and a
+    session continuing past the head predicts from its offset on."""
+    base = tiny_model("llama", num_hidden_layers=6)
+    kept = spread_layers(6, 2)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 6), aux_layers=kept)
+    prompt = mx.random.randint(0, 97, (20,), key=mx.random.key(5))
+    true_cache = make_prompt_cache(base.model)
+    base.model(prompt[None], cache=true_cache)
+    none, two = Pipeline(base, bundle, exact_head=0), Pipeline(base, bundle, exact_head=2)
+    for pipe in (two, two):  # the second call takes the head from pipe.head_kv
+        cache = predict_cache(pipe, prompt)
+        assert list(pipe.head_kv) == [tuple(prompt[:2].tolist())]
+        for c, t in zip(cache, true_cache):
+            assert c.offset == 20 and mx.allclose(c.keys[..., :2, :], t.keys[..., :2, :], atol=1e-5).item()
+            assert mx.allclose(c.values[..., :2, :], t.values[..., :2, :], atol=1e-5).item()
+            assert not mx.allclose(c.keys[..., 2:20, :], t.keys[..., 2:20, :], atol=1e-3).item()
+    plain = predict_cache(none, prompt)
+    assert not mx.allclose(plain[-1].keys[..., :1, :], true_cache[-1].keys[..., :1, :], atol=1e-3).item()
+    for c, p in zip(cache, plain):  # past the head both predict the same
+        assert mx.allclose(c.keys[..., 2:20, :], p.keys[..., 2:20, :], atol=1e-5).item()
+    longer = predict_cache(Pipeline(base, bundle, exact_head=30), prompt)  # a head longer than the prompt: all base
+    assert all(mx.allclose(c.keys[..., :20, :], t.keys[..., :20, :], atol=1e-5).item()
+               for c, t in zip(longer, true_cache))
+    with pytest.raises(KVPredError, match="--exact-head"):
+        load_pipeline(exact_head=-1)
 
 
 def test_layer_maps():

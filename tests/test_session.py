@@ -82,10 +82,10 @@ def test_turns_reuse_the_cached_prefix_and_match_the_base():
     doc = text(ids(60, 1))
     first = [r.token for r in session.stream(doc, max_tokens=6)]
     turn1 = session.turns[-1]
-    assert (turn1.cached_tokens, turn1.new_tokens, turn1.predicted_tokens) == (0, 63, 59)
+    assert (turn1.cached_tokens, turn1.new_tokens, turn1.predicted_tokens) == (0, 63, 58)  # position 0: exact head
     prompt1 = [USER] + [int(t) for t in doc.split()] + [END, ASSISTANT]
     assert first == base_answer(pipe, prompt1, 6)
-    assert session.tokens == prompt1 + first and session.pending_repair == len(session.tokens)
+    assert session.tokens == prompt1 + first and session.pending_repair == len(session.tokens) - 1
     second = [r.token for r in session.stream(text(ids(5, 2)), max_tokens=6)]
     turn2 = session.turns[-1]
     prompt2 = prompt1 + first + [END, USER] + ids(5, 2) + [END, ASSISTANT]
@@ -102,11 +102,11 @@ def test_repair_gives_the_base_cache_and_later_turns_base_answers():
     session.send(text(ids(50, 3)), max_tokens=5)
     session.send(text(ids(4, 4)), max_tokens=5, mode="base")
     assert session.turns[-1].mode == "base" and session.turns[-1].predicted_tokens == 0
-    assert session.predicted_tokens == 50 and session.pending_repair == len(session.tokens)
+    assert session.predicted_tokens == 49 and session.pending_repair == len(session.tokens) - 1
     with pytest.raises(AssertionError):
         assert_cache_equals_base(session)
     steps = []
-    assert session.repair(progress=steps.append) == len(session.tokens)
+    assert session.repair(progress=steps.append) == len(session.tokens) - 1
     assert steps[:-1] == [16] * (len(steps) - 1) and session.pending_repair == 0 and session.predicted_spans == []
     assert_cache_equals_base(session)
     messages = session.messages + [{"role": "user", "content": text(ids(6, 5))}]
@@ -121,7 +121,7 @@ def test_repair_stops_between_steps_and_a_turn_waits_for_the_step():
     session = ChatSession(pipe, mode="kvp", exact_tail=2, repair_chunk=8)
     session.send(text(ids(40, 6)), max_tokens=4)
     stop = threading.Event()
-    assert session.repair(stop=stop, progress=lambda n: stop.set()) == 8 and session.exact_until == 8
+    assert session.repair(stop=stop, progress=lambda n: stop.set()) == 8 and session.exact_until == 1 + 8  # exact head
     def repair_in_thread():
         try:
             session.repair()

@@ -266,10 +266,11 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
     assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
 
 
-@pytest.mark.parametrize("prev", [0, 4])
-def test_true_kv_tail_positions_see_what_inference_sees(prev):
-    """With true_kv_tail N, the training forward's last N positions are the inference condition: the logits
-    equal those of the base running those tokens on predict_cache's cache of the tokens before them."""
+@pytest.mark.parametrize("prev,head", [(0, 0), (4, 0), (4, 1), (0, 3)])
+def test_true_kv_tail_positions_see_what_inference_sees(prev, head):
+    """With true_kv_tail N (and true_kv_head H), the training forward's last N positions are the inference
+    condition: the logits equal those of the base running those tokens on predict_cache's cache of the tokens
+    before them (whose first H positions the base computes itself, exact_head H)."""
     base = tiny_model("llama", num_hidden_layers=5)
     kept = [0, 1]
     lmap = layer_pruned_map(kept, 5)
@@ -280,15 +281,21 @@ def test_true_kv_tail_positions_see_what_inference_sees(prev):
     ridge_init(bundle, base.model, rng.integers(0, 97, (2, 24)).astype(np.int32))  # fit on other text: inexact
     tokens = mx.array(rng.integers(0, 97, (1, 24)).astype(np.int32))
     tail = 6
-    cache = predict_cache(Pipeline(base, bundle), tokens[0, :-tail])
+    cache = predict_cache(Pipeline(base, bundle, exact_head=head), tokens[0, :-tail])
     inference = base.model(tokens[:, -tail:], cache=cache)
     ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=2)
     for first in (0, 2):  # from the embeddings, or skipping the exact aux layers
-        mixed = student_logits(bundle.predictor, base.model, tokens, ak, av, ah, true_kv_tail=tail, first=first,
-                               residual=res if first else None)[0]
+        mixed = student_logits(bundle.predictor, base.model, tokens, ak, av, ah, true_kv_tail=tail,
+                               true_kv_head=head, first=first, residual=res if first else None)[0]
         assert mx.allclose(mixed[:, -tail:], inference, atol=1e-4, rtol=1e-4).item()
+    other_head = student_logits(bundle.predictor, base.model, tokens, ak, av, ah, true_kv_tail=tail,
+                                true_kv_head=1 - min(head, 1))[0]
+    assert not mx.allclose(other_head[:, -tail:], inference, atol=1e-3).item()  # the head matters
     predicted = student_logits(bundle.predictor, base.model, tokens, ak, av, ah)[0]
-    assert mx.allclose(predicted[:, :-tail], mixed[:, :-tail], atol=1e-5).item()  # earlier positions: unchanged
+    if head:  # the head's positions are the base's own
+        assert mx.allclose(mixed[:, :head], base.model(tokens[:, :head]), atol=1e-4, rtol=1e-4).item()
+    else:  # earlier positions: unchanged by the tail
+        assert mx.allclose(predicted[:, :-tail], mixed[:, :-tail], atol=1e-5).item()
     assert not mx.allclose(predicted[:, -tail:], inference, atol=1e-2).item()  # all-predicted is another condition
 
 
