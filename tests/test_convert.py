@@ -381,7 +381,7 @@ def check_against_reference(base_dir_or_model, bundle_dir: Path, ref: RefRun, pr
     base = load_model(str(base_dir_or_model), device="cpu") if not hasattr(base_dir_or_model, "model") \
         else base_dir_or_model
     bundle = load_bundle(bundle_dir, base)
-    pipe = Pipeline(base, bundle)
+    pipe = Pipeline(base, bundle, exact_head=0)  # CoreNet's condition: every prompt position but the last predicted
     p = mx.array(prompt)
 
     with tap_kv(bundle.aux.layers) as rec:  # the predictor's raw output: pre-norm, pre-RoPE
@@ -550,7 +550,7 @@ def test_bf16_checkpoint_converts(corenet_setup, tmp_path):
     stored = mx.load(str(tmp_path / "b" / "model.safetensors"))
     assert all(v.dtype == mx.bfloat16 for v in stored.values())
     base = load_model(str(tmp_path / "base"), device="cpu")
-    pipe = Pipeline(base, load_bundle(tmp_path / "b", base))
+    pipe = Pipeline(base, load_bundle(tmp_path / "b", base), exact_head=0)
     ref = ref_kv_prediction(s["aux"], s["base"], s["pred"], prompt_tokens())
     tokens = [t for t, _ in generate_tokens(pipe, mx.array(prompt_tokens()), mode="kvp", max_tokens=4)]
     assert tokens[0] == ref.tokens[0]  # bf16 weights: the first token survives the rounding on this prompt
@@ -566,7 +566,7 @@ def test_generate_cli_runs_converted_bundle(corenet_setup, tmp_path):
     text = " ".join(f"w{t}" for t in prompt)
     r = subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "generate", "--model",
                         str(base_out), "--kvp", str(out), "--text", text, "--raw", "--max-tokens", "8",
-                        "--mode", "kvp", "--exact-tail", "1", "--device", "cpu"],  # the reference's condition
+                        "--mode", "kvp", "--exact-tail", "1", "--exact-head", "0", "--device", "cpu"],  # CoreNet's
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "You are using a model of type" not in r.stderr  # transformers' openelm warning stays quiet
