@@ -49,7 +49,7 @@ def test_prompt_cache_takes_the_longest_prefix_and_forks_diverging_ones():
     branch = cache.take(list(range(1, 21)) + [77, 78])
     assert branch is not a and branch.tokens == list(range(1, 21)) and len(cache.sessions) == 1
     assert branch.cache[0].offset == 20 and a.cache[0].offset == len(a.tokens)  # the original is untouched
-    assert branch.predicted_spans == [(0, 20)] and branch.pending_repair == 20
+    assert branch.predicted_spans == [(1, 20)] and branch.pending_repair == 19  # position 0: the exact head
     list(branch.stream_tokens(list(range(1, 21)) + [77, 78], max_tokens=2, mode="base"))
     b, c = ChatSession(pipe), ChatSession(pipe)
     list(b.stream_tokens([3, 4, 5], max_tokens=2, mode="base"))
