@@ -230,6 +230,7 @@ def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str |
         "long_sequences": spec.long_sequences, "chat_data": spec.chat_data}}
     if spec.init_from is not None:
         metadata["init_from"] = {"bundle": str(spec.init_from), "command": bundle.config.training.get("command"),
+                                 "config": bundle.config.training.get("config"),
                                  "data": bundle.config.training.get("data")}
     return train(base, bundle, data.train, cfg, out, resume=resume, evaluate=evaluate, metadata=metadata,
                  on_step=on_step)

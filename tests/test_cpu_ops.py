@@ -52,7 +52,8 @@ MASKS = {
 
 
 @pytest.mark.parametrize("mask", sorted(MASKS))
-@pytest.mark.parametrize("L,S", [(96, 96), (80, 112)])  # (80, 112): a prompt continued after a 32-token cache
+@pytest.mark.parametrize("L,S", [(96, 96), (80, 112), (1, 1500)])  # (80, 112): a prompt continued after a 32-token
+# cache; (1, 1500): a decode step
 @pytest.mark.parametrize("block", [None, 6 * 2 * 112 * 7])  # one block; blocks of 7 query rows (a ragged last)
 def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
     if block:
