@@ -1,6 +1,7 @@
-"""Generation with KV prediction: aux prefill of the prompt but its last `exact_tail` tokens -> predicted base
-cache -> the base runs those last tokens for the first output token -> mlx-lm's generate_step decodes with the
-base alone (exact_tail 1 is the paper's condition; stream_generate and the CLI use DEFAULT_EXACT_TAIL).
+"""Generation with KV prediction: the base computes the first `exact_head` prompt positions -> aux prefill of the
+prompt but its last `exact_tail` tokens -> predicted base cache for the rest -> the base runs those last tokens for
+the first output token -> mlx-lm's generate_step decodes with the base alone (exact_head 0 and exact_tail 1 are the
+paper's condition; the CLI uses DEFAULT_EXACT_HEAD and DEFAULT_EXACT_TAIL).
 
 Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline),
 "auto" (kvp where it saves real time on this device, else base: policy.py).
