@@ -59,8 +59,7 @@ class ModeSpec:
     mode: str  # base | kvp | aux
     bundle: str | None  # bundle label
     pipe: Pipeline
-    exact_tail: int = 1  # kvp: prompt tokens the base computes itself, at the end
-    exact_head: int = 0  # ... and at the start (spec.pipe.exact_head)
+    exact_tail: int = 1  # kvp: prompt tokens the base computes itself, at the end (at the start: pipe.exact_head)
 
 
 def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
@@ -80,8 +79,7 @@ def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with
             for tail in exact_tails:
                 parts = ([label] if len(bundles) > 1 else []) + ([f"head {head}"] if len(exact_heads) > 1 else []) \
                     + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
-                specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail,
-                                      head))
+                specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
         if with_aux:
             specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, Pipeline(
                 base, bundle)))
@@ -218,16 +216,16 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         row = rows[s.name]
         row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len, exact_tail=s.exact_tail)
         row["exact_tail"] = s.exact_tail if s.mode == "kvp" else None
-        row["exact_head"] = s.exact_head if s.mode == "kvp" else None
+        row["exact_head"] = s.pipe.exact_head if s.mode == "kvp" else None
         row["ttft_s"] = statistics.median(times[s.name])
         row["ttft_all"] = times[s.name]
 
     if "heldout" in tasks:
         advance = progress("held-out", sum(s.mode == "kvp" for s in specs) * len(sequences))
         for i, (label, bundle) in enumerate(bundles):
-            tails = [s for s in specs if s.bundle == label and s.mode == "kvp"]
+            kvp_specs = [s for s in specs if s.bundle == label and s.mode == "kvp"]
             aux = next((s for s in specs if s.bundle == label and s.mode == "aux"), None)
-            for k, spec in enumerate(tails):  # one pass per exact head and tail; the first also scores the aux alone
+            for k, spec in enumerate(kvp_specs):  # one pass per exact head and tail; the first also scores the aux alone
                 m = evaluate_heldout(spec.pipe, sequences, prompt_len=prompt_len, cont_len=cont_len,
                                      with_aux=with_aux and k == 0, exact_tail=spec.exact_tail, progress=advance)
                 if i == 0 and k == 0:

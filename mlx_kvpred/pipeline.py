@@ -133,7 +133,8 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
     base_model = pipe.base.model
     caches = make_prompt_cache(base_model, max_kv_size=max_kv_size) if cache is None else cache
     aux_caches = make_prompt_cache(bundle.aux) if aux_cache is None else aux_cache
-    head = min(pipe.exact_head - caches[0].offset, tokens.size - skip)
+    offset = caches[0].offset  # the position of tokens[skip]
+    head = first_predicted(pipe, offset, offset + tokens.size - skip) - offset
     if head > 0:
         write_exact_head(pipe, tokens[skip:skip + head], caches)
         skip += head
@@ -152,6 +153,12 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
                                    [v[:, drop:] for v in pred_v])
             mx.eval([c.state for c in caches], [c.state for c in aux_caches])
     return caches
+
+
+def first_predicted(pipe: Pipeline, start: int, end: int) -> int:
+    """The first position of the span [start, end) whose K/V kvp predicts: those below `pipe.exact_head` are the
+    base's own."""
+    return max(start, min(pipe.exact_head, end))
 
 
 def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any]) -> None:

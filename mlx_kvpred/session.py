@@ -22,8 +22,8 @@ from .atomic import atomic_write
 from .attention import backbone, kv_heads
 from .bundle import bundle_id, describe_base, fingerprints_match
 from .errors import KVPredError
-from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, predict_cache,
-                       prompt_then_decode, require_text, split_exact_tail, stream_responses)
+from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, first_predicted,
+                       predict_cache, prompt_then_decode, require_text, split_exact_tail, stream_responses)
 
 SESSION_FORMAT = "kvpred-mlx-session"
 SESSION_VERSION = 1
@@ -202,7 +202,7 @@ class ChatSession:
                       skip=start - run_from)
         self._aux_tokens = end
         self.tokens = prompt[:end]
-        first = max(start, min(self.pipe.exact_head, end))  # positions below exact_head: the base's own K/V
+        first = first_predicted(self.pipe, start, end)
         if first < end:
             self.exact_until = first if self.exact_until >= start else self.exact_until
             self.predicted_spans.append((first, end))

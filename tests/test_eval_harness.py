@@ -228,6 +228,11 @@ def test_heldout_by_length_tiny_model():
         assert h["agreement"] == 1.0 and h["nll"] == pytest.approx(modes["base"]["heldout_lengths"][n]["nll"], abs=1e-4)
     pruned = modes["kvp (pruned)"]["heldout_lengths"]["32"]
     assert pruned["sequences"] == 3 and pruned["vs_first_kvp"]["diff"] == pytest.approx(pruned["agreement"] - 1.0)
+    heads = run_eval(base, tiny_bundles(base)[1:], tasks=["heldout"], sequences=seqs, prompt_len=40, cont_len=8,
+                     with_aux=False, ttft_repeats=1, ttft_warmup=0, exact_heads=(0, 40))
+    rows = {m["name"]: m for m in heads["modes"]}  # a head covering the prompt is the base's own cache
+    assert rows["kvp (head 0)"]["exact_head"] == 0 and rows["kvp (head 40)"]["exact_head"] == 40
+    assert rows["kvp (head 0)"]["heldout"]["agreement"] < 1.0 == rows["kvp (head 40)"]["heldout"]["agreement"]
     print_table(result)
 
 
