@@ -102,7 +102,7 @@ def _fast_swiglu_vjp(primals, cotangent, output):
 _SDPA_MIN_SCORES = 1024
 # Query rows per block: a causal block only multiplies the keys its rows may see (measured: docs/performance.md).
 _SDPA_BLOCK_ROWS = 128
-# ... and at most this many scores (all heads) per block, to bound the memory of long prompts.
+# ... and at most this many scores (all heads) per block; above it in all, blocks run one at a time (peak memory).
 _SDPA_BLOCK_SCORES = 1 << 24
 
 
@@ -130,10 +130,13 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         heads = mask.shape[1]
         mask = mask.reshape(mask.shape[0], n_kv, heads // n_kv, L, S) if heads > 1 else mask[:, :, None]
     rows = max(1, min(_SDPA_BLOCK_ROWS, _SDPA_BLOCK_SCORES // (B * n_q * S)))
+    serial = B * n_q * L * S > _SDPA_BLOCK_SCORES
     outs = []
     for r in range(0, L, rows):
         end = min(r + rows, L)
         seen = S - L + end if causal else S  # keys the block's rows may attend to
+        if outs and serial:
+            mx.eval(outs[-1])  # one block's scores alive at a time (a lazy graph builds them all at once)
         scores = q[..., r:end, :] @ keys_t[..., :seen]  # (B, n_kv, group, rows, seen)
         if causal:
             m = mx.arange(r + S - L, end + S - L)[:, None] >= mx.arange(seen)[None]
