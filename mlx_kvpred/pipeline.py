@@ -35,6 +35,7 @@ DEFAULT_EXACT_TAIL = 32
 # per-token map predicts worst; exact, it lifts docqa answer agreement at 1024 tokens by ~0.05 (docs/training.md).
 # Position 0 attends only to itself, so its K/V depend on its token alone: cached per pipeline, free after first use.
 DEFAULT_EXACT_HEAD = 1
+HEAD_KV_ENTRIES = 64  # distinct heads Pipeline.head_kv keeps (first in, first out)
 
 
 @dataclass
@@ -174,7 +175,7 @@ def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any]) -> Non
         backbone(pipe.base.model)(tokens[None], cache=caches)
         mx.eval([c.state for c in caches])
     if key is not None:
-        if len(pipe.head_kv) >= 64:
+        if len(pipe.head_kv) >= HEAD_KV_ENTRIES:
             pipe.head_kv.pop(next(iter(pipe.head_kv)))
         pipe.head_kv[key] = [(mx.array(c.keys[..., start:c.offset, :]), mx.array(c.values[..., start:c.offset, :]))
                              for c in caches]
