@@ -125,7 +125,9 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         e = _exp_shifted(scores, mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
         return ((e @ values) / e.sum(axis=-1, keepdims=True)).reshape(B, n_q, 1, D)
     q = (queries * scale).reshape(B, n_kv, n_q // n_kv, L, D)
-    keys_t, values = keys[:, :, None].swapaxes(-1, -2), values[:, :, None]
+    keys_t = keys[:, :, None].swapaxes(-1, -2)
+    # [V | 1]: P V's last column is the row sum of P, so no pass of its own over the scores
+    values1 = mx.concatenate([values, mx.ones(values.shape[:-1] + (1,), values.dtype)], axis=-1)[:, :, None]
     if not causal and mask is not None and mask.ndim == 4:  # (B|1, Hq|1, L, S) -> (B|1, n_kv|1, group|1, L, S)
         heads = mask.shape[1]
         mask = mask.reshape(mask.shape[0], n_kv, heads // n_kv, L, S) if heads > 1 else mask[:, :, None]
@@ -134,20 +136,45 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
     outs = []
     for r in range(0, L, rows):
         end = min(r + rows, L)
-        seen = S - L + end if causal else S  # keys the block's rows may attend to
         if outs and serial:
             mx.eval(outs[-1])  # one block's scores alive at a time (a lazy graph builds them all at once)
-        scores = q[..., r:end, :] @ keys_t[..., :seen]  # (B, n_kv, group, rows, seen)
-        if causal:
-            m = mx.arange(r + S - L, end + S - L)[:, None] >= mx.arange(seen)[None]
-        elif mask is not None:
-            m = mask[..., r:end, :] if mask.shape[-2] == L else mask
-        if causal or mask is not None:
-            scores = mx.where(m, scores, mx.finfo(scores.dtype).min) if m.dtype == mx.bool_ else scores + m
-        e = _exp_shifted(scores, mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
-        outs.append((e @ values[..., :seen, :]) / e.sum(axis=-1, keepdims=True))
+        qb = q[..., r:end, :]
+        if causal:  # keys before `diag` are seen by every row of the block: only the rows x rows diagonal is masked
+            diag, seen = S - L + r, S - L + end
+            parts = [qb @ keys_t[..., diag:seen] + _causal_mask(end - r)]
+            spans = [(diag, seen)]
+            if diag > 0:
+                parts.append(qb @ keys_t[..., :diag])
+                spans.append((0, diag))
+        else:
+            scores = qb @ keys_t
+            if mask is not None:
+                m = mask[..., r:end, :] if mask.shape[-2] == L else mask
+                scores = mx.where(m, scores, mx.finfo(scores.dtype).min) if m.dtype == mx.bool_ else scores + m
+            parts, spans = [scores], [(0, S)]
+        row_max = parts[0].max(axis=-1, keepdims=True)
+        for p in parts[1:]:
+            row_max = mx.maximum(row_max, p.max(axis=-1, keepdims=True))
+        row_max = mx.stop_gradient(row_max)
+        pv = None
+        for p, (lo, hi) in zip(parts, spans):
+            term = _exp_shifted(p, row_max) @ values1[..., lo:hi, :]
+            pv = term if pv is None else pv + term
+        outs.append(pv[..., :D] / pv[..., D:])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
     return out.reshape(B, n_q, L, D)
+
+
+_causal_masks: dict[int, mx.array] = {}
+
+
+def _causal_mask(rows: int) -> mx.array:
+    """Additive (rows, rows) mask of a causal block's diagonal: 0 on and below it, -1e30 above (kept per size)."""
+    mask = _causal_masks.get(rows)
+    if mask is None:
+        i = mx.arange(rows)
+        mask = _causal_masks[rows] = mx.where(i[:, None] >= i[None], 0.0, -1e30).astype(mx.float32)
+    return mask
 
 
 def _mlx_lm_sdpa(*args, **kwargs):
