@@ -97,6 +97,17 @@ def finish_keys(layer: nn.Module, keys: mx.array, offset: int) -> mx.array:
     return attn.rope(keys, offset=offset)
 
 
+@contextmanager
+def swapped(module: nn.Module, name: str, value) -> Iterator[None]:
+    """Within: `module.name` is `value` (e.g. a backbone's layer list cut to some blocks), then restored."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
 def split_heads(x: mx.array, n_heads: int) -> mx.array:
     """(B, L, n*hd) -> (B, n, L, hd), the cache layout."""
     B, L, _ = x.shape

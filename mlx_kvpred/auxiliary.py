@@ -8,6 +8,7 @@ wrapped weights stay the base's shared arrays, so a bundle stores only the facto
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import TYPE_CHECKING, Sequence
 
 import mlx.nn as nn
@@ -199,3 +200,17 @@ def unchanged_kv_layers(aux_lora: dict | None, n_aux: int) -> list[int]:
 
 def is_lora_param(name: str) -> bool:
     return name.endswith((".lora_a", ".lora_b"))
+
+
+def shared_base_layers(bundle: "Bundle", base: nn.Module) -> int:
+    """How many leading base layers the aux computes exactly: the KVP-LP aux's layers before its first LoRA layer
+    (all, when frozen), when those are base layers 0..n-1 and copy their K/V, and the mlx-lm model takes
+    input_embeddings (so the base can continue from the aux's residual stream); else 0. Training skips them in
+    teacher and student; inference runs the exact tail through them in the aux's pass."""
+    cfg = bundle.config
+    n_aux = len(bundle.aux.layers)
+    n = min(lora_layers(cfg.aux_lora, n_aux)) if cfg.aux_lora else n_aux
+    prefix = (cfg.aux_layers or [])[:n] == list(range(n)) and all(
+        i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
+    takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
+    return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0

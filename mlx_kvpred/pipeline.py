@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 
-from .attention import backbone, lm_head_of, tap_kv
+from .attention import backbone, lm_head_of, swapped, tap_kv
+from .auxiliary import shared_base_layers
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
 from .errors import KVPredError
@@ -130,30 +132,68 @@ def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 
     and `aux_cache` to append to; the first `skip` tokens then only run through the aux (to catch it up: their
     base K/V are already cached), the rest get predicted K/V, but for positions below `pipe.exact_head`, which the
     base computes itself."""
+    caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size) if cache is None else cache
+    _predict_into(pipe, tokens, caches, aux_cache, skip=skip, tail=0, prefill_step_size=prefill_step_size)
+    return caches
+
+
+def predict_cache_with_tail(pipe: Pipeline, tokens: mx.array, exact_tail: int, *, prefill_step_size: int = 2048,
+                            max_kv_size: int | None = None) -> tuple[list[Any], mx.array]:
+    """predict_cache of all but the last `exact_tail` tokens, whose shared layers (shared_base_layers: a KVP-LP
+    aux is base layers 0..k-1) run in the same aux pass: their K/V there are exact and cached, and the residual
+    stream entering base layer k (1, exact_tail, d) is returned for the base to continue from (first_token_from),
+    instead of a separate base pass re-reading the shared layers' weights for a few rows."""
+    caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    stream = _predict_into(pipe, tokens, caches, None, skip=0, tail=exact_tail, prefill_step_size=prefill_step_size)
+    return caches, stream
+
+
+def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_caches: list[Any] | None, *, skip: int,
+                  tail: int, prefill_step_size: int) -> mx.array | None:
+    """The aux over `tokens`: predicted K/V of tokens[skip:len - tail] into `caches` (the exact head the base's own),
+    and with `tail`, the shared layers' K/V of the last `tail` tokens and their residual stream entering the first
+    unshared base layer."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
-    caches = make_prompt_cache(base_model, max_kv_size=max_kv_size) if cache is None else cache
-    aux_caches = make_prompt_cache(bundle.aux) if aux_cache is None else aux_cache
+    aux_caches = make_prompt_cache(bundle.aux) if aux_caches is None else aux_caches
+    shared = shared_base_layers(bundle, base_model) if tail else 0
+    if tail and shared != len(bundle.aux.layers):
+        raise KVPredError("an exact tail in the aux's pass needs an aux of base layers 0..k-1 (shared_base_layers)")
+    predicted_end = tokens.size - tail
     offset = caches[0].offset  # the position of tokens[skip]
-    head = first_predicted(pipe, offset, offset + tokens.size - skip) - offset
+    head = first_predicted(pipe, offset, offset + predicted_end - skip) - offset
     if head > 0:
         write_exact_head(pipe, tokens[skip:skip + head], caches)
         skip += head
     aux_backbone = backbone(bundle.aux)
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
-    with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
+    streams = []  # the tail's residual stream, per chunk
+    # with a tail, the backbone's final norm is applied here, so the stream before it can be kept
+    norm = aux_backbone.norm if tail else None
+    with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record, \
+            swapped(aux_backbone, "norm", nn.Identity() if tail else aux_backbone.norm):
         for start in range(0, tokens.size, prefill_step_size):
-            hidden = aux_backbone(tokens[None, start:start + prefill_step_size], cache=aux_caches)
+            stop = min(start + prefill_step_size, tokens.size)
+            hidden = aux_backbone(tokens[None, start:stop], cache=aux_caches)
+            if tail:
+                if stop > predicted_end:
+                    streams.append(hidden[:, max(predicted_end - start, 0):])
+                hidden = norm(hidden)
             keys = [calls.pop() for calls in record.keys]
             values = [calls.pop() for calls in record.values]
-            pred_k, pred_v = bundle.predictor.predict_fused(keys, values, hidden, prev_hidden)
+            drop = min(max(skip - start, 0), stop - start)  # positions of this chunk only catching up
+            keep = min(max(predicted_end - start, 0), stop - start)  # ... and those before the tail
+            if keep > drop:
+                pred_k, pred_v = bundle.predictor.predict_fused([k[:, :keep] for k in keys], [v[:, :keep] for v in values],
+                                                                hidden[:, :keep], prev_hidden)
+                write_predicted_kv(base_model.layers[shared:], caches[shared:], [k[:, drop:] for k in pred_k[shared:]],
+                                   [v[:, drop:] for v in pred_v[shared:]])
+            if shared and stop - start > drop:  # the shared layers' exact K/V, the tail's included
+                write_predicted_kv(base_model.layers[:shared], caches[:shared], [k[:, drop:] for k in keys],
+                                   [v[:, drop:] for v in values])
             prev_hidden = hidden[:, -1:]
-            drop = min(max(skip - start, 0), hidden.shape[1])  # positions of this chunk only catching up
-            if drop < hidden.shape[1]:
-                write_predicted_kv(base_model.layers, caches, [k[:, drop:] for k in pred_k],
-                                   [v[:, drop:] for v in pred_v])
-            mx.eval([c.state for c in caches], [c.state for c in aux_caches])
-    return caches
+            mx.eval([c.state for c in caches], [c.state for c in aux_caches], streams)
+    return mx.concatenate(streams, axis=1) if len(streams) > 1 else (streams[0] if streams else None)
 
 
 def first_predicted(pipe: Pipeline, start: int, end: int) -> int:
@@ -212,12 +252,22 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
         return prompt_then_decode(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
                                   **common)
     predicted, exact = split_exact_tail(prompt, exact_tail)
+    processors = _with_prefix(logits_processors, predicted)
+    base, head = pipe.base.model, lm_head_of(pipe.base.model)
+    shared = shared_base_layers(bundle, base)
+    if (predicted.size and shared == len(bundle.aux.layers) < len(base.layers) and head is not None
+            and step_kwargs.get("kv_bits") is None):
+        # KVP-LP: the tail's first layers are the aux's; the base continues from its residual stream
+        cache, stream = predict_cache_with_tail(pipe, prompt, exact.size, prefill_step_size=prefill_step_size,
+                                                max_kv_size=max_kv_size)
+        return _merged_first_step(exact, base, head, cache, max_tokens=max_tokens, sampler=sampler,
+                                  logits_processors=processors, prefill_step_size=prefill_step_size,
+                                  step_kwargs=step_kwargs, first_layer=shared, stream=stream)
     if predicted.size == 0:  # nothing for the aux to prefill
-        cache = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+        cache = make_prompt_cache(base, max_kv_size=max_kv_size)
     else:
         cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
-    return prompt_then_decode(exact, pipe.base.model, prompt_cache=cache,
-                              logits_processors=_with_prefix(logits_processors, predicted), **common)
+    return prompt_then_decode(exact, base, prompt_cache=cache, logits_processors=processors, **common)
 
 
 def prompt_then_decode(prompt: mx.array, model, *, prompt_cache: list[Any] | None = None, max_tokens: int = 256,
@@ -240,14 +290,22 @@ def prompt_then_decode(prompt: mx.array, model, *, prompt_cache: list[Any] | Non
 
 
 def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logits_processors, prefill_step_size,
-                       step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+                       step_kwargs, first_layer: int = 0, stream: mx.array | None = None
+                       ) -> Generator[tuple[int, mx.array], None, None]:
+    """prompt_then_decode's body; with `stream` (the residual stream entering layer `first_layer` for all of
+    `prompt`, whose earlier layers' K/V are cached), the prompt runs from that layer on, in one pass."""
     inner = backbone(model)
     with mx.stream(generation_stream):
-        starts = list(range(0, prompt.size, prefill_step_size))
-        for start in starts[:-1]:
-            inner(prompt[None, start:start + prefill_step_size], cache=cache)
-            mx.eval([c.state for c in cache])
-        logits = head(inner(prompt[None, starts[-1]:], cache=cache)[:, -1, :])
+        if stream is not None:
+            with swapped(inner, "layers", inner.layers[first_layer:]):
+                hidden = inner(prompt[None], cache=cache[first_layer:], input_embeddings=stream)
+            logits = head(hidden[:, -1, :])
+        else:
+            starts = list(range(0, prompt.size, prefill_step_size))
+            for start in starts[:-1]:
+                inner(prompt[None, start:start + prefill_step_size], cache=cache)
+                mx.eval([c.state for c in cache])
+            logits = head(inner(prompt[None, starts[-1]:], cache=cache)[:, -1, :])
         for processor in logits_processors or ():
             logits = processor(prompt, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)

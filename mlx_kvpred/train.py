@@ -9,11 +9,9 @@ Checkpoints are atomic; `resume` continues after a kill -9.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -24,9 +22,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention import backbone, tap_kv
+from .attention import backbone, swapped, tap_kv
 from .atomic import atomic_write
-from .auxiliary import lora_layers
+from .auxiliary import shared_base_layers
 from .bundle import Bundle, save_bundle
 from .cpu_ops import fast_exp, fast_logsumexp
 from .errors import KVPredError
@@ -105,8 +103,8 @@ def aux_kv(aux: nn.Module, tokens: mx.array, *, residual_at: int | None = None, 
     for lo, hi in zip(cuts, cuts[1:]):
         if lo < hi:  # the final norm only after the last layer, and not on the stream returned as `at`
             final_norm = hi == n and residual_at != n
-            with tap_kv(layers[lo:hi]) as rec, _swapped(aux_backbone, "layers", layers[lo:hi]), \
-                    _swapped(aux_backbone, "norm", aux_backbone.norm if final_norm else nn.Identity()):
+            with tap_kv(layers[lo:hi]) as rec, swapped(aux_backbone, "layers", layers[lo:hi]), \
+                    swapped(aux_backbone, "norm", aux_backbone.norm if final_norm else nn.Identity()):
                 x = aux_backbone(tokens) if x is None else aux_backbone(tokens, input_embeddings=x)
             keys += [k[0] for k in rec.keys]
             values += [v[0] for v in rec.values]
@@ -117,36 +115,12 @@ def aux_kv(aux: nn.Module, tokens: mx.array, *, residual_at: int | None = None, 
     return keys, values, x, at
 
 
-def skippable_layers(bundle: Bundle, base: nn.Module) -> int:
-    """How many leading base layers training may skip: the KVP-LP aux's layers before its first LoRA layer (all,
-    when frozen), when those are exactly base layers 0..n-1 and copy their K/V (teacher and student then agree
-    up to there), and the mlx-lm model takes input_embeddings; else 0."""
-    cfg = bundle.config
-    n_aux = len(bundle.aux.layers)
-    n = min(lora_layers(cfg.aux_lora, n_aux)) if cfg.aux_lora else n_aux
-    prefix = (cfg.aux_layers or [])[:n] == list(range(n)) and all(
-        i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
-    takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
-    return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0
-
-
-@contextmanager
-def _swapped(module: nn.Module, name: str, value):
-    """Within: `module.name` is `value` (e.g. a backbone's layer list cut to some blocks), then restored."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def forward_from(model: nn.Module, tokens: mx.array, first: int = 0, residual: mx.array | None = None) -> mx.array:
     """Logits of `model` for `tokens`, running blocks first.. on `residual`, the stream entering block `first`."""
     if not first:
         return model(tokens)
     model_backbone = backbone(model)
-    with _swapped(model_backbone, "layers", model_backbone.layers[first:]):
+    with swapped(model_backbone, "layers", model_backbone.layers[first:]):
         return model(tokens, input_embeddings=residual)
 
 
@@ -431,7 +405,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
             lambda: on_step(state, {"phase": "ridge", "total": len(pick)})) if on_step else None)
         state.ridge_done = True
 
-    skip = skippable_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
+    skip = shared_base_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
 
     def loss_fn(tokens, inputs):
         return step_loss(bundle, model, tokens, inputs, cfg=cfg, l1_weight=l1_weight, skip=skip)

@@ -9,12 +9,14 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
+from mlx_kvpred import pipeline
 from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
-from mlx_kvpred.auxiliary import make_layer_pruned_aux
+from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens, load_pipeline, predict_cache, prompt_then_decode
+from mlx_kvpred.pipeline import (Pipeline, generate_tokens, load_pipeline, predict_cache, predict_cache_with_tail,
+                                 prompt_then_decode)
 from mlx_kvpred.predictor import PredictorConfig, layer_pruned_map, smaller_model_map, spread_layers
 
 
@@ -197,6 +199,36 @@ def test_exact_tail_is_computed_by_the_base():
     assert part["kvp_top1"][0] == first
     with pytest.raises(KVPredError, match="--exact-tail"):
         next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=0))
+
+
+@pytest.mark.parametrize("predictor_input", ["hidden", "kv"])
+@pytest.mark.parametrize("step", [2048, 7])  # one chunk; chunks of 7, the 5-token tail across a boundary
+def test_exact_tail_through_the_shared_layers_in_the_aux_pass(predictor_input, step, monkeypatch):
+    """KVP-LP (aux = base layers 0-1): generate_tokens runs the exact tail's first layers in the aux's pass and the
+    base from layer 2 on its residual stream: the same tokens, log-probabilities and cache as the base computing
+    the whole tail itself on predict_cache's cache; with the exact head too."""
+    base = tiny_model("llama", num_hidden_layers=6)
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1])
+    lmap = layer_pruned_map([0, 1], 6)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=[0, 1],
+                        predictor_input=predictor_input, exact_layers=exact_aux_layers([0, 1], lmap),
+                        prev_token_dim=4 if predictor_input == "hidden" else 0)
+    assert shared_base_layers(bundle, base.model) == 2
+    prompt = mx.random.randint(0, 97, (19,), key=mx.random.key(3))
+    calls = []
+    monkeypatch.setattr(pipeline, "predict_cache_with_tail",
+                        lambda *a, **k: calls.append(1) or predict_cache_with_tail(*a, **k))
+    for exact_head in (0, 1):
+        pipe = Pipeline(base, bundle, exact_head=exact_head)
+        fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
+        cache = predict_cache(pipe, prompt[:-5], prefill_step_size=step)
+        slow = list(prompt_then_decode(prompt[-5:], base.model, prompt_cache=cache, max_tokens=6))
+        assert [t for t, _ in fast] == [t for t, _ in slow]
+        for (_, a), (_, b) in zip(fast, slow):
+            assert mx.allclose(a, b, atol=1e-5).item()
+    assert len(calls) == 2  # generate_tokens took the shared-layers path
+    cache, stream = predict_cache_with_tail(pipe, prompt, 5, prefill_step_size=step)
+    assert [c.offset for c in cache] == [19, 19, 14, 14, 14, 14] and stream.shape == (1, 5, 64)
 
 
 def test_exact_head_is_the_base_own_kv_and_cached():

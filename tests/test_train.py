@@ -13,13 +13,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
+from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
 from mlx_kvpred.bundle import load_bundle, new_bundle
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.predictor import layer_pruned_map
 from mlx_kvpred.pipeline import Pipeline, predict_cache
 from mlx_kvpred.train import (TrainConfig, aux_kv, base_targets, batch_indices, distill_loss, lr_at, ridge_init,
-                              skippable_layers, student_logits, train)
+                              student_logits, train)
 
 TESTS = Path(__file__).parent
 
@@ -82,7 +82,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, rank):
 def test_training_lowers_the_distillation_loss(tmp_path, predictor_input, kept, exact, prev):
     """Ridge init, then distillation: the KL to the base's true-cache logits falls on the data trained on.
     (Agreement on random-weight models is noise; accuracy on real text comes from `kvpred-mlx eval`.)
-    The hidden case copies the aux's layers, so training skips them (skippable_layers)."""
+    The hidden case copies the aux's layers, so training skips them (shared_base_layers)."""
     base = tiny_model("qwen3", num_hidden_layers=6)
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
     lmap = layer_pruned_map(kept, 6)
@@ -241,7 +241,7 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
                         exact_layers=exact_aux_layers(kept, lmap))
     tokens = mx.array(np.random.default_rng(1).integers(0, 97, (2, 24)).astype(np.int32))
     ridge_init(bundle, base.model, np.array(tokens))
-    skip = skippable_layers(bundle, base.model)
+    skip = shared_base_layers(bundle, base.model)
     assert skip == 2
     cfg = TrainConfig(seq_len=24, true_kv_tail=0)
     ak, av, ah, res = aux_kv(bundle.aux, tokens, residual_at=2)
@@ -263,7 +263,7 @@ def test_skipping_the_aux_layers_gives_the_same_loss_and_gradients():
     spread = new_bundle(base, make_layer_pruned_aux(base.model, base.config, [0, 2])[0], aux_kind="layer_pruned",
                         layer_map=layer_pruned_map([0, 2], 5), aux_layers=[0, 2], exact_layers=[0, 2])
     plain = new_bundle(base, bundle.aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=kept)
-    assert skippable_layers(spread, base.model) == 0 and skippable_layers(plain, base.model) == 0
+    assert shared_base_layers(spread, base.model) == 0 and shared_base_layers(plain, base.model) == 0
 
 
 @pytest.mark.parametrize("prev,head", [(0, 0), (4, 0), (4, 1), (0, 3)])
@@ -334,7 +334,7 @@ def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
     plain_hidden = aux_kv(make_layer_pruned_aux(base.model, base.config, kept)[0], tokens)[2]
     assert not mx.allclose(hidden, plain_hidden, atol=1e-3).item()
 
-    skip = skippable_layers(bundle, base.model)
+    skip = shared_base_layers(bundle, base.model)
     assert skip == 2
     bundle.aux.freeze()
     bundle.aux.unfreeze(keys=["lora_a", "lora_b"], strict=False)
