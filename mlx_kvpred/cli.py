@@ -304,7 +304,7 @@ def train(
     out: str = typer.Option(..., help="Bundle directory to write (checkpoints go under OUT/checkpoint)."),
     model: Optional[str] = typer.Option(None, help="Base model (default: installed SmolLM2-135M-Instruct GGUF)."),
     aux_layers: Optional[str] = typer.Option(None, help="KVP-LP: base layers the aux keeps, e.g. 0,4,8,12 (no aux "
-                                                        "flag: 0-7, the shipped recipe)."),
+                                                        "flag: 0-11, the shipped recipe)."),
     aux_layers_keep: Optional[int] = typer.Option(None, help="KVP-LP: keep this many evenly spread base layers."),
     aux_model: Optional[str] = typer.Option(None, help="KVP-C: a separate smaller model with the same tokenizer."),
     init_from: Optional[str] = typer.Option(None, help="Fine-tune this trained bundle (its aux, layer map and LoRA "
@@ -365,7 +365,7 @@ def train(
 ):
     """Train a KV predictor (closed-form init + distillation) and write a KVP bundle.
 
-    With no aux flags this is the shipped bundle's recipe (base layers 0-7 as the aux)."""
+    With no aux flags this is the shipped bundle's recipe (base layers 0-11 as the aux)."""
     from .recipe import train_recipe
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,

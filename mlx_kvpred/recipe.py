@@ -27,7 +27,8 @@ from .loading import LoadedModel, load_model, set_device
 from .predictor import check_predictor_input, layer_pruned_map, smaller_model_map, spread_layers
 from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, TrainState, train
 
-SHIPPED_AUX_LAYERS = tuple(range(8))  # KVP-LP with the base's first 8 of 30 layers: 3.1x analytical TTFT cut
+SHIPPED_AUX_LAYERS = tuple(range(12))  # KVP-LP with the base's first 12 of 30 layers: 2.2x analytical TTFT cut
+# at 1024 tokens; 8 layers cut 3.0x but hold long chat prompts worse (docs/training.md)
 DEFAULT_PREV_TOKEN_DIM = 64  # with predictor input "hidden" (docs/training.md)
 EVAL_SEQ_LEN = 320  # held-out sequences of the training run's evals: 256 prompt + 64 scored tokens
 MAX_RECORD_TOKENS = 2304  # --chat-data records longer than this keep their last tokens (question and answer)
@@ -59,7 +60,7 @@ class TrainSpec:
         given = [self.aux_layers is not None, self.aux_layers_keep is not None, self.aux_model is not None,
                  self.init_from is not None]
         if sum(given) > 1:
-            raise KVPredError("give exactly one aux (none: base layers 0-7): --aux-layers LIST, --aux-layers-keep N, "
+            raise KVPredError("give exactly one aux (none: base layers 0-11): --aux-layers LIST, --aux-layers-keep N, "
                               "--aux-model PATH or --init-from BUNDLE")
         t = self.train
         if self.init_from is not None and (self.layer_map is not None or t.aux_lora_rank or t.aux_lora_layers

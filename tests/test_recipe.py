@@ -25,7 +25,7 @@ class CharTokenizer:
 def test_defaults_are_the_shipped_bundle():
     """The spec's defaults, resolved, are what the shipped bundle records it was trained with."""
     shipped = json.loads((DEFAULT_BUNDLE_DIR / "kvp_config.json").read_text())
-    base = tiny_model("llama", num_hidden_layers=10)
+    base = tiny_model("llama", num_hidden_layers=len(SHIPPED_AUX_LAYERS) + 2)
     spec = TrainSpec()
     bundle, cfg = build_bundle(spec, base)
     recorded = shipped["training"]["config"]
@@ -79,7 +79,7 @@ def test_train_config_checks(kwargs, fragment):
     (dict(aux_layers=[0, 4, 40]), "0..9"),
     (dict(aux_layers_keep=0), "--aux-layers-keep"),
     (dict(aux_layers_keep=8, layer_map=[0, 1, 2]), "--layer-map has 3 entries"),
-    (dict(prev_token_dim=1000), "exceeds the aux hidden width 64"),
+    (dict(aux_layers=[0, 1, 2], prev_token_dim=1000), "exceeds the aux hidden width 64"),
     (dict(aux_layers_keep=8, train=TrainConfig(aux_lora_rank=4, aux_lora_layers=[8])), "--aux-lora-layers: aux layers"),
 ])
 def test_checks_that_need_the_base(kwargs, fragment):
