@@ -1,6 +1,8 @@
 """TTFT / TPOT / memory benchmark of modes base, kvp, aux and mlx-lm's own generate_step, interleaved.
 
-The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and SwiGLU kernels, not `cpu_ops`."""
+The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and SwiGLU kernels, not `cpu_ops`, and
+one-row matmuls as sgemm (the gemv_forward shim off). base-sgemm and kvp-sgemm are base and kvp with the shim off,
+to time it side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import mlx.core as mx
@@ -16,6 +18,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
+from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import stock_mlx_ops
@@ -25,7 +28,28 @@ from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
-MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp")  # auto: the policy's pick; llama.cpp: the same GGUF
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp", "base-sgemm", "kvp-sgemm")  # auto: the policy's pick;
+# llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the gemv_forward shim off)
+SGEMM_SUFFIX = "-sgemm"
+
+
+def pipeline_mode(mode: str) -> str:
+    """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp")."""
+    return mode.removesuffix(SGEMM_SUFFIX)
+
+
+@contextmanager
+def sgemm_only():
+    """One-row matmuls as sgemm inside the block (the gemv_forward shim's forwarding off; stock mlx-lm has none).
+    The switch is read when an op runs, so work still queued on MLX's stream is finished at both ends."""
+    mx.synchronize()
+    was = blas.set_gemv_forward(False)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        if was:
+            blas.set_gemv_forward(True)
 
 
 def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
@@ -42,7 +66,7 @@ def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
 def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1):
     if mode == "mlx-lm":
         return generate_step(prompt, pipe.base.model, max_tokens=gen_tokens)
-    return generate_tokens(pipe, prompt, mode=mode, max_tokens=gen_tokens, exact_tail=exact_tail)
+    return generate_tokens(pipe, prompt, mode=pipeline_mode(mode), max_tokens=gen_tokens, exact_tail=exact_tail)
 
 
 _LLAMA_CPP: dict[str, object] = {}
@@ -87,7 +111,11 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
         return time_llama_cpp(pipe, prompt, gen_tokens, n_ctx)
     mx.clear_cache()
     mx.reset_peak_memory()
-    with stock_mlx_ops(pipe.base.model) if mode == "mlx-lm" else nullcontext():
+    with ExitStack() as stack:
+        if mode == "mlx-lm":
+            stack.enter_context(stock_mlx_ops(pipe.base.model))
+        if mode == "mlx-lm" or mode.endswith(SGEMM_SUFFIX):
+            stack.enter_context(sgemm_only())
         tic = time.perf_counter()
         ttft, stamps = None, []
         for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):
@@ -134,8 +162,8 @@ def environment(pipe: Pipeline) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "kvpred_mlx": mlx_kvpred.__version__,
-            "blas": st.path or st.source, "device": pipe.device, "dtypes": dtypes, "threads": os.cpu_count(),
-            "cpu": cpu, "platform": platform.platform(), "model": pipe.base.source,
+            "blas": st.path or st.source, "gemv_forward": st.gemv_forward, "device": pipe.device, "dtypes": dtypes,
+            "threads": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "model": pipe.base.source,
             "bundle": str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None,
             "bundle_trained": bool(pipe.bundle and pipe.bundle.config.trained)}
 
@@ -147,8 +175,11 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if any(m in ("kvp", "aux") for m in modes) and pipe.bundle is None:
+    if any(m in ("kvp", "aux", "kvp-sgemm") for m in modes) and pipe.bundle is None:
         raise KVPredError("--modes kvp/aux need a KVP bundle (--kvp DIR or --aux-layers-keep N)")
+    if any(m.endswith(SGEMM_SUFFIX) for m in modes) and not blas.load_fast_blas().gemv_forward:
+        raise KVPredError("--modes *-sgemm compare against the gemv_forward shim, which is not loaded here "
+                          "(kvpred-mlx doctor says why)")
     if "auto" in modes and pipe.bundle is not None:
         prefill_rates(pipe)  # the one-time probe, before anything is timed
     limit = pipe.context_length
@@ -172,8 +203,8 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                     runs[m].append(result)
                 if progress:
                     progress()
-        picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail).mode if m == "auto" else m
-                  for m in {"base", *modes}}
+        picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail).mode if m == "auto"
+                  else pipeline_mode(m) for m in {"base", *modes}}
         flops = {m: ttft_flops(picked[m], pipe.base, pipe.bundle, n, exact_tail=exact_tail) for m in picked}
         for m in modes:
             ttfts = [x["ttft"] for x in runs[m]]

@@ -1,7 +1,8 @@
 """Load an optimized BLAS into the process before MLX, on Linux.
 
 MLX's Linux CPU wheel bundles a reference BLAS (~4 GFLOP/s fp32 GEMM). Loading OpenBLAS or MKL with
-RTLD_GLOBAL *before* `import mlx` makes MLX's GEMM calls resolve to it (~40x faster on x86).
+RTLD_GLOBAL *before* `import mlx` makes MLX's GEMM calls resolve to it (~40x faster on x86). Ahead of it goes
+the gemv_forward shim (built from gemv_forward.c at install), which sends one-row products (decode) to sgemv.
 This module must not import mlx at module level.
 """
 
@@ -16,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 ENV_VAR = "KVPRED_BLAS"  # path to a BLAS shared library, or "none" to skip
+FORWARD_ENV_VAR = "KVPRED_GEMV_FORWARD"  # "0": load the BLAS without the gemv_forward shim
 _CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -32,9 +34,11 @@ class BlasStatus:
     path: str | None  # the library loaded, None if only MLX's bundled reference BLAS is there
     source: str  # "env", "mkl", "system", "not-linux", "disabled", "none", "too-late"
     message: str = ""
+    gemv_forward: bool = False  # the shim sends one-row products to sgemv
 
 
 _status: BlasStatus | None = None
+_shim: ctypes.CDLL | None = None
 
 
 def _mkl_candidates() -> list[str]:
@@ -69,11 +73,14 @@ def load_fast_blas() -> BlasStatus:
     errors = []
     for source, path in tries:
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # loads: only now may the shim go ahead of it
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue
-        _status = BlasStatus(path, source)
+        forward = os.environ.get(FORWARD_ENV_VAR, "1") != "0" and _load_shim(path)
+        if not forward:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _status = BlasStatus(path, source, gemv_forward=forward)
         return _status
     msg = "only MLX's reference BLAS is available (fp32 matmul ~4 GFLOP/s); fix: " + FIX_HINT
     if errors:
@@ -81,6 +88,46 @@ def load_fast_blas() -> BlasStatus:
     _status = BlasStatus(None, "none", msg)
     warnings.warn("kvpred-mlx: " + msg, stacklevel=2)
     return _status
+
+
+def shim_path() -> str | None:
+    """The built gemv_forward shim next to this file, if the install compiled it."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_gemv_forward*.so")))
+    return found[0] if found else None
+
+
+def _load_shim(blas_path: str) -> bool:
+    """The shim first in the global symbol order, then the BLAS at `blas_path` behind it."""
+    global _shim
+    path = shim_path()
+    if path is None:
+        return False
+    try:
+        shim = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    if shim.gemv_forward_init(blas_path.encode()) != 0:
+        return False
+    _shim = shim
+    return True
+
+
+def set_gemv_forward(enabled: bool) -> bool:
+    """Turn the shim's forwarding on or off in this process (to time both); returns the previous setting.
+    The switch is read when an op runs (mx.synchronize() first). Without the shim: RuntimeError if asked to."""
+    if _shim is None:
+        if enabled:
+            raise RuntimeError("the gemv_forward shim is not loaded (load_fast_blas().gemv_forward is False)")
+        return False
+    return bool(_shim.gemv_forward_enable(int(enabled)))
+
+
+def gemv_forward_count() -> int:
+    """One-row / one-column products the shim has sent to sgemv in this process (0 without the shim)."""
+    if _shim is None:
+        return 0
+    _shim.gemv_forward_count.restype = ctypes.c_long
+    return int(_shim.gemv_forward_count())
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -279,6 +280,14 @@ def doctor():
         row("blas", st.message)
     else:
         row("blas", "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message)
+    if st.path:
+        if st.gemv_forward:
+            row("gemv forward", "on: one-row matmuls (decode) go to sgemv")
+        elif os.environ.get(blas.FORWARD_ENV_VAR) == "0":
+            row("gemv forward", f"off ({blas.FORWARD_ENV_VAR}=0)")
+        else:
+            row("gemv forward", "off: the shim was not built (decode runs ~1.4x slower)",
+                "install a C compiler (apt-get install gcc), then reinstall kvpred-mlx")
     slow = platform.system() == "Linux" and gflops < 50
     row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",
         "this is reference-BLAS speed: " + blas.FIX_HINT if slow else "")
@@ -594,8 +603,10 @@ def bench(
     batch_size: int = typer.Option(1, help="Batch size (only 1 is supported)."),
     modes: Optional[str] = typer.Option(None, help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm (stock "
                                                    "mlx-lm), auto (the cost policy's pick), llama.cpp (llama-cpp-python "
-                                                   "on the same GGUF, if installed). Default base,kvp,aux,mlx-lm; with "
-                                                   "--server base,kvp (a server runs base, kvp, auto)."),
+                                                   "on the same GGUF, if installed), base-sgemm / kvp-sgemm (one-row "
+                                                   "matmuls as sgemm: the gemv_forward shim off). Default "
+                                                   "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
+                                                   "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write all rows + environment here."),
     plot_out: Optional[str] = typer.Option(None, "--plot", help="PNG: TTFT vs length; kvp speedup vs analytical."),

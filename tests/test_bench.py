@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import tiny_model
+from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.flops import base_ttft_flops, kvp_ttft_flops, linear_params
 from mlx_kvpred.bench.run import run_bench
@@ -59,6 +60,20 @@ def test_smoke_run_and_json_schema():
     assert base16["speedup_analytical"] == 1.0
     kvp32 = next(r for r in rows if r["mode"] == "kvp" and r["prompt_tokens"] == 32)
     assert kvp32["speedup_analytical"] > 1.5  # 1 of 4 layers prefills
+
+
+@pytest.mark.skipif(not blas.load_fast_blas().gemv_forward, reason="the gemv_forward shim is not loaded")
+def test_sgemm_modes_turn_the_shim_off_for_their_runs_only():
+    pipe = tiny_pipeline()
+    count = blas.gemv_forward_count()
+    result = run_bench(pipe, lengths=[16], modes=["kvp-sgemm", "base-sgemm"], repeats=1, warmup=0, gen_tokens=3)
+    assert blas.gemv_forward_count() == count  # decode's one-row matmuls stayed sgemm
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["base-sgemm"]["runs_as"] == "base" and rows["kvp-sgemm"]["runs_as"] == "kvp"
+    assert rows["base-sgemm"]["speedup_analytical"] is None  # no plain base row to compare with
+    assert result["environment"]["gemv_forward"]
+    run_bench(pipe, lengths=[16], modes=["base"], repeats=1, warmup=0, gen_tokens=3)
+    assert blas.gemv_forward_count() > count  # and the shim is on again
 
 
 def test_bad_modes_and_lengths():

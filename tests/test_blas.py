@@ -1,0 +1,48 @@
+"""The gemv_forward shim: one-row / one-column matmuls go to sgemv, with the products sgemm gives."""
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_kvpred import blas
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim is built on Linux only")
+
+
+def products() -> list[tuple[mx.array, mx.array]]:
+    """(A, B) pairs with one row or one column, in every layout MLX hands to cblas_sgemm."""
+    pairs = []
+    for m, n, k in [(1, 1536, 576), (1, 7, 3), (576, 1, 64), (5, 1, 9), (1, 1, 8), (3, 4, 5)]:
+        a, b = mx.random.normal((m, k), key=mx.random.key(m + n)), mx.random.normal((k, n), key=mx.random.key(k))
+        for A in (a, mx.contiguous(a.T).T):  # row-major and transposed storage
+            for B in (b, mx.contiguous(b.T).T):
+                pairs.append((A, B))
+        pairs.append((mx.random.normal((m, k + 7), key=mx.random.key(k))[:, :k], b))  # a slice: the leading dimension is not k
+    pairs.append((mx.random.normal((4, 1, 64), key=mx.random.key(1)), mx.random.normal((4, 64, 32))))  # batched one-row products
+    return pairs
+
+
+def test_one_row_products_go_to_sgemv_and_equal_sgemm():
+    status = blas.load_fast_blas()
+    if status.path is None:
+        pytest.skip("no system BLAS here: MLX's reference BLAS has nothing to forward to")
+    assert blas.shim_path() is not None, "gemv_forward.c was not compiled at install (needs a C compiler)"
+    assert status.gemv_forward
+    pairs = products()
+    was = blas.set_gemv_forward(True)
+    try:
+        start = blas.gemv_forward_count()
+        forwarded = [a @ b for a, b in pairs]
+        mx.eval(forwarded)
+        assert blas.gemv_forward_count() - start >= 20  # every one-row and one-column case of products()
+        blas.set_gemv_forward(False)
+        plain = [a @ b for a, b in pairs]
+        mx.eval(plain)
+    finally:
+        blas.set_gemv_forward(was)
+    for (a, b), f, p in zip(pairs, forwarded, plain):
+        exact = np.array(a, np.float64) @ np.array(b, np.float64)
+        assert np.abs(np.array(f) - exact).max() <= 1e-4 * max(1.0, np.abs(exact).max())
+        assert np.abs(np.array(f) - np.array(p)).max() <= 1e-4 * max(1.0, np.abs(exact).max())
