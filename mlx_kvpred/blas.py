@@ -73,11 +73,12 @@ def load_fast_blas() -> BlasStatus:
     errors = []
     for source, path in tries:
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # loads: only now may the shim go ahead of it
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)  # loads: only now may the shim go ahead of it
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue
-        forward = os.environ.get(FORWARD_ENV_VAR, "1") != "0" and _load_shim(path)
+        has_both = all(hasattr(lib, f) for f in ("cblas_sgemm", "cblas_sgemv"))  # what the shim forwards to
+        forward = os.environ.get(FORWARD_ENV_VAR, "1") != "0" and has_both and _load_shim(path)
         if not forward:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         _status = BlasStatus(path, source, gemv_forward=forward)
@@ -108,6 +109,7 @@ def _load_shim(blas_path: str) -> bool:
         return False
     if shim.gemv_forward_init(blas_path.encode()) != 0:
         return False
+    shim.gemv_forward_count.restype = ctypes.c_long
     _shim = shim
     return True
 
@@ -124,10 +126,7 @@ def set_gemv_forward(enabled: bool) -> bool:
 
 def gemv_forward_count() -> int:
     """One-row / one-column products the shim has sent to sgemv in this process (0 without the shim)."""
-    if _shim is None:
-        return 0
-    _shim.gemv_forward_count.restype = ctypes.c_long
-    return int(_shim.gemv_forward_count())
+    return int(_shim.gemv_forward_count()) if _shim is not None else 0
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
