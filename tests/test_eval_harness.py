@@ -13,7 +13,7 @@ from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks
 from mlx_kvpred.bench.eval_humaneval import (check_completions, continue_prompt, humaneval_available,
                                              load_problems, truncate_completion)
 from mlx_kvpred.bench.eval_docqa import document_cases, repeated_4gram_share, short_cases
-from mlx_kvpred.bench.pareto import pareto_front, plot_pareto
+from mlx_kvpred.bench.pareto import docqa_lengths, pareto_front, plot_pareto
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.gguf import default_gguf_path
@@ -211,6 +211,9 @@ def test_docqa_tiny_model(tmp_path):
     assert pruned["agreement"] < 1.0 and pruned["vs_first_kvp"]["diff"] == pytest.approx(pruned["agreement"] - 1)
     assert modes["kvp (pruned, tail 1)"]["docqa_flops"]["48"] < modes["kvp (pruned, tail 200)"]["docqa_flops"]["48"]
     print_table(result)
+    assert docqa_lengths(result) == ["24", "48"]  # a Pareto row per length, "short" is none
+    plot_pareto(result, str(tmp_path / "docqa.png"))
+    assert (tmp_path / "docqa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_heldout_by_length_tiny_model():
