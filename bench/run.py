@@ -175,7 +175,7 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if any(m in ("kvp", "aux", "kvp-sgemm") for m in modes) and pipe.bundle is None:
+    if any(pipeline_mode(m) in ("kvp", "aux") for m in modes) and pipe.bundle is None:
         raise KVPredError("--modes kvp/aux need a KVP bundle (--kvp DIR or --aux-layers-keep N)")
     if any(m.endswith(SGEMM_SUFFIX) for m in modes) and not blas.load_fast_blas().gemv_forward:
         raise KVPredError("--modes *-sgemm compare against the gemv_forward shim, which is not loaded here "

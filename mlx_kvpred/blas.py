@@ -35,6 +35,8 @@ class BlasStatus:
     source: str  # "env", "mkl", "system", "not-linux", "disabled", "none", "too-late"
     message: str = ""
     gemv_forward: bool = False  # the shim sends one-row products to sgemv
+    gemv_forward_note: str = ""  # why it is on or off (doctor prints it)
+    gemv_forward_fix: str = ""  # what to do when it is off and need not be
 
 
 _status: BlasStatus | None = None
@@ -77,11 +79,10 @@ def load_fast_blas() -> BlasStatus:
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue
-        has_both = all(hasattr(lib, f) for f in ("cblas_sgemm", "cblas_sgemv"))  # what the shim forwards to
-        forward = os.environ.get(FORWARD_ENV_VAR, "1") != "0" and has_both and _load_shim(path)
+        forward, note, fix = _gemv_forward(lib, path)
         if not forward:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        _status = BlasStatus(path, source, gemv_forward=forward)
+        _status = BlasStatus(path, source, gemv_forward=forward, gemv_forward_note=note, gemv_forward_fix=fix)
         return _status
     msg = "only MLX's reference BLAS is available (fp32 matmul ~4 GFLOP/s); fix: " + FIX_HINT
     if errors:
@@ -97,12 +98,24 @@ def shim_path() -> str | None:
     return found[0] if found else None
 
 
-def _load_shim(blas_path: str) -> bool:
-    """The shim first in the global symbol order, then the BLAS at `blas_path` behind it."""
-    global _shim
+def _gemv_forward(lib: ctypes.CDLL, blas_path: str) -> tuple[bool, str, str]:
+    """Put the shim ahead of the BLAS at `blas_path` (loaded locally as `lib`) if it can be: (on, note, fix)."""
+    if os.environ.get(FORWARD_ENV_VAR, "1") == "0":
+        return False, f"off ({FORWARD_ENV_VAR}=0)", ""
+    if not all(hasattr(lib, f) for f in ("cblas_sgemm", "cblas_sgemv")):  # what the shim forwards to
+        return False, f"off: {blas_path} has no cblas_sgemm/cblas_sgemv", ""
     path = shim_path()
     if path is None:
-        return False
+        return False, "off: the shim was not built (decode runs ~1.5x slower)", \
+            "install a C compiler (apt-get install gcc), then reinstall kvpred-mlx"
+    if not _load_shim(path, blas_path):
+        return False, f"off: {path} did not load", "reinstall kvpred-mlx"
+    return True, "on: one-row matmuls (decode) go to sgemv", ""
+
+
+def _load_shim(path: str, blas_path: str) -> bool:
+    """The shim at `path` first in the global symbol order, then the BLAS at `blas_path` behind it."""
+    global _shim
     try:
         shim = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError:

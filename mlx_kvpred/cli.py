@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -281,13 +280,7 @@ def doctor():
     else:
         row("blas", "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message)
     if st.path:
-        if st.gemv_forward:
-            row("gemv forward", "on: one-row matmuls (decode) go to sgemv")
-        elif os.environ.get(blas.FORWARD_ENV_VAR) == "0":
-            row("gemv forward", f"off ({blas.FORWARD_ENV_VAR}=0)")
-        else:
-            row("gemv forward", "off: the shim was not built (decode runs ~1.4x slower)",
-                "install a C compiler (apt-get install gcc), then reinstall kvpred-mlx")
+        row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
     slow = platform.system() == "Linux" and gflops < 50
     row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",
         "this is reference-BLAS speed: " + blas.FIX_HINT if slow else "")
