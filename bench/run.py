@@ -2,7 +2,8 @@
 
 The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and SwiGLU kernels, not `cpu_ops`, and
 one-row matmuls as sgemm (the gemv_forward shim off). base-sgemm and kvp-sgemm are base and kvp with the shim off,
-to time it side by side."""
+base-eager and kvp-eager with the model's own decode step instead of the compiled one (decode.py), to time each
+side by side."""
 
 from __future__ import annotations
 
@@ -22,20 +23,32 @@ from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import stock_mlx_ops
+from mlx_kvpred.decode import set_compiled_decode
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
-MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp", "base-sgemm", "kvp-sgemm")  # auto: the policy's pick;
-# llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the gemv_forward shim off)
-SGEMM_SUFFIX = "-sgemm"
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp", "base-sgemm", "kvp-sgemm", "base-eager", "kvp-eager")
+# auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
+# gemv_forward shim off); -eager: decode with the model's own code, not the compiled step
+SGEMM_SUFFIX, EAGER_SUFFIX = "-sgemm", "-eager"
 
 
 def pipeline_mode(mode: str) -> str:
     """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp")."""
-    return mode.removesuffix(SGEMM_SUFFIX)
+    return mode.removesuffix(SGEMM_SUFFIX).removesuffix(EAGER_SUFFIX)
+
+
+@contextmanager
+def eager_decode():
+    """Decode with the model's own code inside the block (decode.set_compiled_decode(False))."""
+    was = set_compiled_decode(False)
+    try:
+        yield
+    finally:
+        set_compiled_decode(was)
 
 
 @contextmanager
@@ -116,6 +129,8 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stack.enter_context(stock_mlx_ops(pipe.base.model))
         if mode == "mlx-lm" or mode.endswith(SGEMM_SUFFIX):
             stack.enter_context(sgemm_only())
+        if mode.endswith(EAGER_SUFFIX):
+            stack.enter_context(eager_decode())
         tic = time.perf_counter()
         ttft, stamps = None, []
         for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):
@@ -128,15 +143,17 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
 
 
 def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth of one MLX CPU thread (GB/s): median of an elementwise copy of `mb` MB (read + write)."""
-    x = mx.random.normal((mb * (1 << 20) // 4,))
-    mx.eval(x)
+    """Memory read bandwidth (GB/s): median rate at which numpy's own BLAS streams an `mb` MB fp32 matrix through
+    sgemv (all cores), the fastest read of weights here; independent of MLX and of the gemv_forward shim. (An MLX
+    elementwise copy measures MLX's kernel more than the memory: 9.8 GB/s against 31.6 on 2026-12-04.)"""
+    weights = np.random.default_rng(0).standard_normal((mb * (1 << 20) // 16384, 4096), dtype=np.float32)
+    x = np.ones(4096, np.float32)
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        mx.eval(x + 0.0)
+        weights @ x
         times.append(time.perf_counter() - tic)
-    return 2 * x.nbytes / statistics.median(times) / 1e9
+    return weights.nbytes / statistics.median(times) / 1e9
 
 
 def machine_limits() -> dict:

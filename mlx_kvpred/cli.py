@@ -597,7 +597,9 @@ def bench(
     modes: Optional[str] = typer.Option(None, help="Modes, interleaved per repeat: base, kvp, aux, mlx-lm (stock "
                                                    "mlx-lm), auto (the cost policy's pick), llama.cpp (llama-cpp-python "
                                                    "on the same GGUF, if installed), base-sgemm / kvp-sgemm (one-row "
-                                                   "matmuls as sgemm: the gemv_forward shim off). Default "
+                                                   "matmuls as sgemm: the gemv_forward shim off), base-eager / "
+                                                   "kvp-eager (decode with the model's own code, not the compiled "
+                                                   "step). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

@@ -111,8 +111,10 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
     """mlx-lm's `scaled_dot_product_attention` (queries (B, Hq, L, D), keys/values (B, Hkv, S, D), grouped
     heads, "causal" aligned to the end of the keys, bool or additive masks) in blocks of query rows: a causal block
     stops at its last row's key, the exp is `fast_exp`'s kernel, and rows are normalized after P V (L x D, not L x S)."""
+    if hasattr(cache, "bits"):  # quantized K/V: (packed, scales, biases) tuples
+        return _mlx_lm_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     L, S = queries.shape[2], keys.shape[2]
-    if sinks is not None or hasattr(cache, "bits") or L * S < _SDPA_MIN_SCORES or queries.dtype != mx.float32:
+    if sinks is not None or L * S < _SDPA_MIN_SCORES or queries.dtype != mx.float32:
         return _mlx_lm_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     B, n_q, _, D = queries.shape
     n_kv = keys.shape[1]

@@ -23,6 +23,7 @@ from .attention import backbone, lm_head_of, swapped, tap_kv
 from .auxiliary import shared_base_layers
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
+from .decode import compiled_decoder
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, choose_auto
@@ -277,8 +278,9 @@ def prompt_then_decode(prompt: mx.array, model, *, prompt_cache: list[Any] | Non
                        **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
     """mlx-lm's generate_step, with the first token from the last prompt chunk's own pass: generate_step runs the
     prompt's last token as a pass of its own (a whole decode step of weight reads); here the last chunk's final
-    position goes through the LM head (lm_head_of) and decoding continues with generate_step from that token.
-    Architectures without a known plain head use generate_step as it is."""
+    position goes through the LM head (lm_head_of) and decoding continues with generate_step from that token, one
+    compiled step a token where decode.compiled_decoder has one. Architectures without a known plain head use
+    generate_step as it is."""
     head = lm_head_of(model)
     if head is None or prompt.size < 2 or step_kwargs.get("kv_bits") is not None:
         return generate_step(prompt, model, prompt_cache=prompt_cache, max_tokens=max_tokens, sampler=sampler,
@@ -316,7 +318,7 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
     yield first, logprobs.squeeze(0)
     if max_tokens == 1:
         return
-    yield from generate_step(mx.array([first]), model, prompt_cache=cache, max_tokens=max_tokens - 1,
+    yield from generate_step(mx.array([first]), compiled_decoder(model), prompt_cache=cache, max_tokens=max_tokens - 1,
                              sampler=sampler, logits_processors=_with_prefix(logits_processors, prompt),
                              **step_kwargs)
 

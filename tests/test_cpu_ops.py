@@ -92,3 +92,22 @@ def test_patched_model_gives_mlx_lm_logits_and_restores():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True
+
+
+def test_quantized_cache_goes_to_mlx_lm_attention():
+    """kv_bits: a QuantizedKVCache hands attention (packed, scales, biases) tuples, which only mlx-lm's attention
+    reads; the fast attention passes them on instead of failing on their shape."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_model("llama", head_dim=32).model  # a head as wide as a quantization group
+    cpu_ops.use_fast_cpu_ops(model)
+    tokens = mx.random.randint(0, 97, (1, 40), key=mx.random.key(2))
+    outs = []
+    for fast in (True, False):
+        cpu_ops.use_fast_cpu_ops(model, enabled=fast)
+        cache = make_prompt_cache(model)
+        model(tokens, cache=cache)
+        cache = [c.to_quantized(group_size=32, bits=8) for c in cache]
+        outs.append(model(mx.array([[3]]), cache=cache))
+    cpu_ops.use_fast_cpu_ops(model)
+    assert mx.allclose(outs[0], outs[1], atol=1e-5).item()

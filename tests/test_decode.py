@@ -1,0 +1,119 @@
+"""The compiled decode step (decode.py) against the model's own code, on tiny random models."""
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_map
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from conftest import tiny_model
+from mlx_kvpred import decode
+from mlx_kvpred.decode import CompiledDecoder, compiled_decoder, set_compiled_decode
+
+VARIANTS = {
+    "llama": {},
+    "llama-traditional-rope": dict(rope_traditional=True),  # as GGUF llama weights are loaded
+    "llama3-rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(model_type="qwen2"),  # q/k/v biases
+    "qwen3": {},  # q_norm / k_norm
+}
+
+
+def variant(name: str):
+    arch = "qwen3" if name == "qwen3" else "llama"
+    return tiny_model(arch, **VARIANTS[name])
+
+
+def prefilled_caches(model, n: int, **kwargs):
+    """Two equal caches holding `n` random prompt tokens."""
+    tokens = mx.random.randint(0, 97, (1, n), key=mx.random.key(n))
+    caches = [make_prompt_cache(model, **kwargs) for _ in range(2)]
+    for c in caches:
+        model(tokens, cache=c)
+        mx.eval([x.state for x in c])
+    return caches
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_compiled_step_equals_the_model(name):
+    """Step after step, the compiled decoder's logits and caches equal the model's own."""
+    model = variant(name).model
+    decoder = compiled_decoder(model)
+    assert isinstance(decoder, CompiledDecoder)
+    if name != "llama3-rope":
+        assert decoder.plain_rope  # the angle table, not the rope module
+    ours, theirs = prefilled_caches(model, 21)
+    for i in range(20):  # past the 16 positions where mlx-lm's caches grow
+        y = mx.array([[(7 * i) % 97]])
+        a, b = decoder(y, cache=ours), model(y, cache=theirs)
+        assert a.shape == b.shape == (1, 1, 97)
+        assert mx.allclose(a, b, atol=1e-4).item(), (i, mx.abs(a - b).max().item())
+    for x, y in zip(ours, theirs):
+        assert x.offset == y.offset == 41
+        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
+
+
+def test_rotating_cache_past_its_window():
+    """max_kv_size: the rotating cache wraps; the compiled step attends to what it holds, as the model does."""
+    model = variant("llama").model
+    decoder = compiled_decoder(model)
+    ours, theirs = prefilled_caches(model, 10, max_kv_size=16)
+    for i in range(12):
+        y = mx.array([[i + 3]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+
+
+def test_new_weights_are_used():
+    """The compiled functions read each layer's parameters at every call: weights loaded after the first call
+    count, as they do in the model."""
+    model = variant("llama").model
+    decoder = compiled_decoder(model)
+    ours, theirs = prefilled_caches(model, 8)
+    y = mx.array([[5]])
+    mx.eval(decoder(y, cache=ours), model(y, cache=theirs))
+    model.update(tree_map(lambda p: p * 0.5, model.parameters()))
+    a, b = decoder(y, cache=ours), model(y, cache=theirs)
+    assert mx.allclose(a, b, atol=1e-4).item()
+
+
+def test_generation_equals_generate_step_of_the_model():
+    """generate_step given the decoder yields the model's own tokens and log-probabilities."""
+    model = variant("llama").model
+    prompt = mx.random.randint(0, 97, (25,), key=mx.random.key(3))
+    ours = list(generate_step(prompt, compiled_decoder(model), max_tokens=16))
+    theirs = list(generate_step(prompt, model, max_tokens=16))
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    for (_, a), (_, b) in zip(ours, theirs):
+        assert mx.allclose(a, b, atol=1e-4).item()
+
+
+def test_what_is_not_one_plain_token_runs_the_model(monkeypatch):
+    """Several tokens and quantized caches go to the model itself; unsupported architectures get no decoder."""
+    model = tiny_model("llama", head_dim=32).model  # a head as wide as a quantization group
+    decoder = compiled_decoder(model)
+    calls = []
+    monkeypatch.setattr(decoder, "model", lambda *a, **k: calls.append(a[0].shape) or model(*a, **k))
+    ours, theirs = prefilled_caches(model, 8)
+    y = mx.array([[1, 2, 3]])
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    quantized = [c.to_quantized(group_size=32, bits=8) for c in ours]
+    decoder(mx.array([[4]]), cache=quantized)
+    assert calls == [(1, 3), (1, 1)]
+    openelm = tiny_model("openelm").model
+    assert compiled_decoder(openelm) is openelm
+
+
+def test_the_switch(monkeypatch):
+    model = variant("llama").model
+    was = set_compiled_decode(False)
+    try:
+        assert compiled_decoder(model) is model
+        set_compiled_decode(None)
+        monkeypatch.setenv(decode.ENV_VAR, "0")
+        assert compiled_decoder(model) is model
+        monkeypatch.delenv(decode.ENV_VAR)
+        assert isinstance(compiled_decoder(model), CompiledDecoder)
+        assert compiled_decoder(model) is compiled_decoder(model)  # made once per model
+    finally:
+        set_compiled_decode(was)
