@@ -1,27 +1,31 @@
 """A compiled one-token decode step for llama-style mlx-lm models (llama, qwen2, qwen3).
 
-On the CPU, a decode step of the stock model code is some 4400 small MLX primitives for its ~210 matmuls
-(`mx.fast.rms_norm` and `mx.fast.rope` run as graphs of elementwise ops there). `compiled_decoder` runs each block
-as two compiled functions, the one-row norm / Q K V / RoPE before the cache and the O projection / norm / MLP after
-it, with the cache update and attention between them uncompiled: the cache is then updated in place, as mlx-lm's
-caches are, and attention reads only the filled part. Outputs equal the model's own to fp32 rounding.
+On the CPU, each MLX primitive costs a few microseconds to schedule, and a decode step of the stock model code is
+some 4400 of them for its ~210 matmuls (`mx.fast.rms_norm` and `mx.fast.rope` run as graphs of elementwise ops
+there). `CompiledDecoder` runs each block as two compiled functions, the norm / Q K V / RoPE before the cache and
+the O projection / norm / MLP after it, with the cache update and attention between them uncompiled (the cache is
+updated in place, as mlx-lm's caches are, and attention reads only its filled part). Inside them:
+RoPE of every head of q and k at once as `qkv * C + qkv[perm] * S` (two nodes), C and S made once a step by the
+model's own rope module (any pairwise-rotation RoPE: plain, llama3, yarn), weights as transposed views made once,
+and attention scores as K q^T. A step is ~1600 nodes instead of ~4400 (`mx.export_to_dot`).
+Outputs equal the model's own to fp32 rounding.
 """
 
 from __future__ import annotations
 
-import math
 import os
+from functools import partial
 from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import backbone, lm_head_of
-from .cpu_ops import _exp_shifted
+from .cpu_ops import _exp_shifted, _swiglu_kernel
 
 ENV_VAR = "KVPRED_COMPILED_DECODE"  # "0": decode with the model's own code
 # mlx-lm modules whose blocks are x + attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)), with
-# q/k/v/o projections, optional q_norm/k_norm over each head, and rope(x, offset=...) before the cache.
+# q/k/v/o projections, optional q_norm/k_norm over each head, rope(x, offset=...) before the cache, SwiGLU MLPs.
 SUPPORTED_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 
 _enabled: bool | None = None  # None: the default (on for the CPU, where it was measured)
@@ -44,58 +48,94 @@ def set_compiled_decode(enabled: bool | None) -> bool:
     return was
 
 
-def _rotate(x: mx.array, cos: mx.array, sin: mx.array, traditional: bool) -> mx.array:
-    """nn.RoPE of one position over rows x (H, D): pairs are (2i, 2i + 1) when `traditional`, else (i, i + half)."""
-    half = cos.shape[-1]
-    rot, rest = x[:, :2 * half], x[:, 2 * half:]
-    if traditional:
-        pairs = rot.reshape(x.shape[0], half, 2)
-        x1, x2 = pairs[..., 0], pairs[..., 1]
-        out = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape[0], 2 * half)
-    else:
-        x1, x2 = rot[:, :half], rot[:, half:]
-        out = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    return mx.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
+BlockWeights = dict[str, Any]
+"""One block's arrays for the compiled step (a dict: what mx.compile takes), weights transposed for `x @ w`:
+qkv (q, k, v), o, gate_up (gate, up), down; qkv_bias, o_bias, mlp_bias (gate, up, down), empty for bias-free layers;
+norms (input, post-attention, and q/k norms where the block has them)."""
 
 
-def _rope_angles(rope: nn.RoPE, offset: mx.array) -> tuple[mx.array, mx.array]:
-    """cos and sin (half,) of nn.RoPE's angles at position `offset`, for every layer of a step."""
-    half = rope.dims // 2
-    freqs = mx.exp(-mx.arange(half, dtype=mx.float32) * (math.log(rope.base) / half))
-    angles = (offset * rope.scale).astype(mx.float32) * freqs
-    return mx.cos(angles), mx.sin(angles)
+def _sources(block: nn.Module) -> tuple[mx.array, ...]:
+    attn, mlp = block.self_attn, block.mlp
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            block.input_layernorm, block.post_attention_layernorm]
+    mods += [attn.q_norm, attn.k_norm] if "q_norm" in attn else []
+    return tuple(a for m in mods for a in ([m.weight] + ([m.bias] if "bias" in m else [])))
 
 
-def _attention_inputs(layer: nn.Module, x: mx.array, position) -> tuple[mx.array, mx.array, mx.array]:
-    """Block input (1, d) -> queries (1, Hkv, group, D) times the attention's scale, keys and values
-    (1, Hkv, 1, D); keys and queries RoPE'd at `position` ((cos, sin) for nn.RoPE, else the offset)."""
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    n_q, n_kv = attn.n_heads, attn.n_kv_heads
-    q = attn.q_proj(h).reshape(n_q, -1)
-    k = attn.k_proj(h).reshape(n_kv, -1)
-    v = attn.v_proj(h).reshape(1, n_kv, 1, -1)
-    if "q_norm" in attn:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if isinstance(position, tuple):
-        q, k = _rotate(q, *position, attn.rope.traditional), _rotate(k, *position, attn.rope.traditional)
-    else:  # (1, H, 1, D) is the layout the rope module expects
-        q = attn.rope(q.reshape(1, n_q, 1, -1), offset=position)
-        k = attn.rope(k.reshape(1, n_kv, 1, -1), offset=position)
-    return (q * attn.scale).reshape(1, n_kv, n_q // n_kv, -1), k.reshape(1, n_kv, 1, -1), v
+def _block_weights(block: nn.Module) -> BlockWeights:
+    attn, mlp = block.self_attn, block.mlp
+    bias = lambda *ms: tuple(m.bias for m in ms if "bias" in m)  # noqa: E731
+    norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
+    norms += [attn.q_norm.weight, attn.k_norm.weight] if "q_norm" in attn else []
+    w = dict(qkv=(attn.q_proj.weight.T, attn.k_proj.weight.T, attn.v_proj.weight.T),
+             qkv_bias=bias(attn.q_proj, attn.k_proj, attn.v_proj), o=attn.o_proj.weight.T, o_bias=bias(attn.o_proj),
+             gate_up=(mlp.gate_proj.weight.T, mlp.up_proj.weight.T), down=mlp.down_proj.weight.T,
+             mlp_bias=bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj), norms=tuple(norms))
+    mx.eval(w)  # the transposed views, made once
+    return w
+
+
+def _linear(x: mx.array, weight: mx.array, biases: tuple[mx.array, ...], i: int) -> mx.array:
+    return x @ weight + biases[i] if biases else x @ weight
+
+
+def _attention_inputs(x: mx.array, w: BlockWeights, C: mx.array, S: mx.array, perm: mx.array, *, n_q: int,
+                      n_kv: int, eps: float, qk_eps: float | None) -> tuple[mx.array, mx.array, mx.array]:
+    """Block input (1, d) -> queries (1, Hkv, group, D) times the attention's scale (in C and S), keys and values
+    (1, Hkv, 1, D), q and k RoPE'd."""
+    h = mx.fast.rms_norm(x, w["norms"][0], eps)
+    qkv = mx.concatenate([_linear(h, wi, w["qkv_bias"], i) for i, wi in enumerate(w["qkv"])], axis=-1)
+    if qk_eps is not None:  # qwen3: RMSNorm over each q and k head before RoPE
+        heads = qkv.reshape(n_q + 2 * n_kv, -1)
+        q = mx.fast.rms_norm(heads[:n_q], w["norms"][2], qk_eps)
+        k = mx.fast.rms_norm(heads[n_q:n_q + n_kv], w["norms"][3], qk_eps)
+        qkv = mx.concatenate([q, k, heads[n_q + n_kv:]]).reshape(1, -1)
+    qkv = (qkv * C + mx.take(qkv, perm, axis=1) * S).reshape(n_q + 2 * n_kv, -1)
+    q = qkv[:n_q].reshape(1, n_kv, n_q // n_kv, -1)
+    return q, qkv[n_q:n_q + n_kv].reshape(1, n_kv, 1, -1), qkv[n_q + n_kv:].reshape(1, n_kv, 1, -1)
 
 
 def _attend(queries: mx.array, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-    """Grouped queries (1, Hkv, group, D) over the cache (1, Hkv, S, D): (P V, the row sums of P), P unnormalized."""
-    scores = queries @ keys.swapaxes(-1, -2)
-    e = _exp_shifted(scores, scores.max(axis=-1, keepdims=True))
-    return e @ values, e.sum(axis=-1, keepdims=True)
+    """Grouped queries (1, Hkv, group, D) over the cache (1, Hkv, S, D): (P V, the row sums of P (1, Hkv, 1, group)),
+    P unnormalized.
+    Scores as K q^T: a product with the cache's S rows, which OpenBLAS streams better than one with group rows."""
+    scores = keys @ queries.swapaxes(-1, -2)  # (1, Hkv, S, group)
+    e = _exp_shifted(scores, scores.max(axis=-2, keepdims=True))
+    return e.swapaxes(-1, -2) @ values, e.sum(axis=-2, keepdims=True)
 
 
-def _block_output(layer: nn.Module, x: mx.array, pv: mx.array, row_sums: mx.array) -> mx.array:
+def _block_output(x: mx.array, pv: mx.array, row_sums: mx.array, w: BlockWeights, *, eps: float) -> mx.array:
     """Block input (1, d) and its attention's P V and row sums -> the block's output (1, d)."""
-    h = x + layer.self_attn.o_proj((pv / row_sums).reshape(1, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    o = (pv / row_sums.reshape(pv.shape[:-1] + (1,))).reshape(1, -1) @ w["o"]
+    h = x + (o + w["o_bias"][0] if w["o_bias"] else o)
+    h_norm = mx.fast.rms_norm(h, w["norms"][1], eps)
+    gate, up = (_linear(h_norm, wi, w["mlp_bias"], i) for i, wi in enumerate(w["gate_up"]))
+    down = _swiglu_kernel(gate, up) @ w["down"]
+    return h + (down + w["mlp_bias"][2] if w["mlp_bias"] else down)
+
+
+def _rope_key(rope: nn.Module) -> tuple:
+    """What makes two rope modules rotate alike: their class, attributes and arrays (llama3's frequencies)."""
+    items = sorted(vars(rope).items()) + sorted(rope.items())
+    return (type(rope),) + tuple((k, v.tolist() if isinstance(v, mx.array) else v) for k, v in items)
+
+
+def _rotation_layout(rope: nn.Module, head_dim: int) -> tuple[mx.array, ...]:
+    """For one head: the unit vector u whose RoPE gives (cos, sin) at every rotated pair, the pair partner of each
+    entry (perm) and where each entry takes cos and sin from in rope(u) (cos_at, sin_at; sin's sign in sign)."""
+    dims, half = rope.dims, rope.dims // 2
+    idx = list(range(head_dim))
+    if rope.traditional:  # pairs (2i, 2i + 1)
+        first = [i % 2 == 0 for i in range(dims)]
+        partner = [i + 1 if i % 2 == 0 else i - 1 for i in range(dims)]
+    else:  # pairs (i, i + half)
+        first = [i < half for i in range(dims)]
+        partner = [i + half if i < half else i - half for i in range(dims)]
+    unit = [1.0 if f else 0.0 for f in first] + [1.0] * (head_dim - dims)
+    cos_at = [i if f else partner[i] for i, f in enumerate(first)] + idx[dims:]
+    sin_at = [partner[i] if f else i for i, f in enumerate(first)] + idx[dims:]
+    sign = [-1.0 if f else 1.0 for f in first] + [0.0] * (head_dim - dims)
+    return (mx.array(unit), mx.array(partner + idx[dims:]), mx.array(cos_at), mx.array(sin_at), mx.array(sign))
 
 
 class CompiledDecoder:
@@ -106,39 +146,64 @@ class CompiledDecoder:
         self.model = model
         self.inner = backbone(model)
         self.head = lm_head_of(model)
-        layers = self.inner.layers
-        rope = layers[0].self_attn.rope
-        # one table of angles per step where every layer has the same plain nn.RoPE
-        self.plain_rope = all(type(b.self_attn.rope) is nn.RoPE and vars(b.self_attn.rope) == vars(rope)
-                              for b in layers)
-        self.angles = mx.compile(lambda offset: _rope_angles(rope, offset)) if self.plain_rope else None
-        # each layer's parameters are its compiled functions' implicit inputs: read at every call, so weights
-        # loaded later are used
-        self.attention_inputs = [mx.compile(lambda x, p, layer=layer: _attention_inputs(layer, x, p), inputs=layer)
-                                 for layer in layers]
-        self.block_output = [mx.compile(lambda x, pv, s, layer=layer: _block_output(layer, x, pv, s), inputs=layer)
-                             for layer in layers]
-        head_params = [self.inner.norm, self.inner.embed_tokens] + ([model.lm_head] if "lm_head" in model else [])
-        self.logits = mx.compile(lambda h: self.head(self.inner.norm(h)), inputs=head_params)
+        blocks = self.inner.layers
+        attn = blocks[0].self_attn
+        n_q, n_kv = attn.n_heads, attn.n_kv_heads
+        head_dim = attn.q_proj.weight.shape[0] // n_q
+        self.rope = attn.rope
+        unit, partner, cos_at, sin_at, sign = _rotation_layout(self.rope, head_dim)
+        self.unit = unit.reshape(1, 1, 1, head_dim)
+        heads = n_q + 2 * n_kv
+        offsets = mx.arange(heads)[:, None] * head_dim
+        self.perm = (partner[None] + offsets).reshape(-1)  # within each head of the whole q|k|v row
+        # each head's cos and sin (v heads: 1 and 0), with the attention's scale folded into the q heads'
+        scale = mx.array([attn.scale] * n_q + [1.0] * (2 * n_kv))[:, None]
+        rotated = mx.array([1.0] * (n_q + n_kv) + [0.0] * n_kv)[:, None]
+        self.tables = mx.compile(partial(_rope_tables, rope=self.rope, cos_at=cos_at, sin_at=sin_at,
+                                         sign=sign, scale=scale, rotated=rotated))
+        eps = blocks[0].input_layernorm.eps
+        qk_eps = attn.q_norm.eps if "q_norm" in attn else None
+        self.attention_inputs = mx.compile(partial(_attention_inputs, n_q=n_q, n_kv=n_kv, eps=eps, qk_eps=qk_eps))
+        self.block_output = mx.compile(partial(_block_output, eps=eps))
+        head_modules = [self.inner.norm, self.inner.embed_tokens] + ([model.lm_head] if "lm_head" in model else [])
+        # the head's parameters are implicit inputs: read at every call, so weights loaded later are used
+        self.logits = mx.compile(lambda h: self.head(self.inner.norm(h)), inputs=head_modules)
+        self.weights: list[tuple[tuple[mx.array, ...], BlockWeights] | None] = [None] * len(blocks)
 
     def __getattr__(self, name: str):  # generate_step and make_prompt_cache read model attributes (layers, ...)
         return getattr(self.model, name)
+
+    def block_weights(self, i: int) -> BlockWeights:
+        """Block i's arrays, made again if its modules' arrays changed (a model.update after the first step)."""
+        made, sources = self.weights[i], _sources(self.inner.layers[i])
+        if made is None or not all(a is b for a, b in zip(made[0], sources)):
+            made = self.weights[i] = (sources, _block_weights(self.inner.layers[i]))
+        return made[1]
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
         if (inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs
                 or any(hasattr(c, "bits") for c in cache)):
             return self.model(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
         x = self.inner.embed_tokens(inputs[0])
-        positions: dict[int, Any] = {}  # cache offset -> what _attention_inputs takes
-        for pre, post, c in zip(self.attention_inputs, self.block_output, cache):
-            position = positions.get(c.offset)
-            if position is None:
-                offset = mx.array(c.offset)
-                position = positions[c.offset] = self.angles(offset) if self.plain_rope else offset
-            q, k, v = pre(x, position)
+        tables: dict[int, tuple[mx.array, mx.array]] = {}  # cache offset -> C, S
+        for i, c in enumerate(cache):
+            if c.offset not in tables:
+                tables[c.offset] = self.tables(self.unit, mx.array(c.offset))
+            w = self.block_weights(i)
+            q, k, v = self.attention_inputs(x, w, *tables[c.offset], self.perm)
             keys, values = c.update_and_fetch(k, v)
-            x = post(x, *_attend(q, keys, values))  # not compiled: its shapes change every step
+            x = self.block_output(x, *_attend(q, keys, values), w)  # not compiled: its shapes change every step
         return self.logits(x)[None]
+
+
+def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: mx.array, sin_at: mx.array,
+                 sign: mx.array, scale: mx.array, rotated: mx.array) -> tuple[mx.array, mx.array]:
+    """C and S (1, (n_q + 2 n_kv) D) at position `offset`: rope(u) holds each pair's cos and sin (any rope module
+    that rotates pairs: plain, llama3, yarn); C is 1 and S 0 over v and past the rotated dims."""
+    r = rope(unit, offset=offset).reshape(-1)
+    cos, sin = r[cos_at], r[sin_at] * sign
+    C = mx.where(rotated > 0, cos, 1.0) * scale
+    return C.reshape(1, -1), (sin * rotated * scale).reshape(1, -1)
 
 
 def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
@@ -154,9 +219,22 @@ def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
 
 
 def supports(model: nn.Module) -> bool:
-    """The model is of a supported architecture, with its attention's usual parts and a plain LM head."""
+    """The model is of a supported architecture, with its attention's usual parts, a SwiGLU MLP, one
+    pairwise-rotation RoPE for every block and a plain LM head."""
     if type(model).__module__ not in SUPPORTED_MODULES or lm_head_of(model) is None:
         return False
+    blocks = backbone(model).layers
     parts = ("q_proj", "k_proj", "v_proj", "o_proj", "rope")
-    return all(all(n in b for n in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp"))
-               and all(n in b.self_attn for n in parts) for b in backbone(model).layers)
+    if not all(all(n in b for n in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp"))
+               and all(n in b.self_attn for n in parts)
+               and all(n in b.mlp for n in ("gate_proj", "up_proj", "down_proj")) for b in blocks):
+        return False
+    for b in blocks:  # biases on all of a group's projections or on none (BlockWeights' bias tuples)
+        groups = ([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], [b.mlp.gate_proj, b.mlp.up_proj,
+                                                                                   b.mlp.down_proj])
+        if any(len({"bias" in m for m in g}) > 1 for g in groups):
+            return False
+    rope = blocks[0].self_attn.rope
+    if not all(hasattr(rope, a) for a in ("dims", "traditional")):
+        return False
+    return all(_rope_key(b.self_attn.rope) == _rope_key(rope) for b in blocks)
