@@ -219,8 +219,8 @@ def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
 
 
 def supports(model: nn.Module) -> bool:
-    """The model is of a supported architecture, with its attention's usual parts, a SwiGLU MLP, one
-    pairwise-rotation RoPE for every block and a plain LM head."""
+    """The model is of a supported architecture, with its attention's usual parts, a SwiGLU MLP, plain Linear
+    projections, one pairwise-rotation RoPE for every block and a plain LM head."""
     if type(model).__module__ not in SUPPORTED_MODULES or lm_head_of(model) is None:
         return False
     blocks = backbone(model).layers
@@ -229,11 +229,13 @@ def supports(model: nn.Module) -> bool:
                and all(n in b.self_attn for n in parts)
                and all(n in b.mlp for n in ("gate_proj", "up_proj", "down_proj")) for b in blocks):
         return False
-    for b in blocks:  # biases on all of a group's projections or on none (BlockWeights' bias tuples)
+    for b in blocks:
         groups = ([b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj], [b.mlp.gate_proj, b.mlp.up_proj,
                                                                                    b.mlp.down_proj])
+        if not all(type(m) is nn.Linear for m in [*groups[0], b.self_attn.o_proj, *groups[1]]):
+            return False  # quantized (GPU) or LoRA projections: the step reads plain weights
         if any(len({"bias" in m for m in g}) > 1 for g in groups):
-            return False
+            return False  # biases on all of a group's projections or on none (BlockWeights' bias tuples)
     rope = blocks[0].self_attn.rope
     if not all(hasattr(rope, a) for a in ("dims", "traditional")):
         return False

@@ -5,6 +5,7 @@ import pytest
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
 from mlx_kvpred import decode
@@ -118,6 +119,9 @@ def test_what_is_not_one_plain_token_runs_the_model(monkeypatch):
     assert calls == [(1, 3), (1, 1)]
     openelm = tiny_model("openelm").model
     assert compiled_decoder(openelm) is openelm
+    lora = variant("llama").model  # an aux with LoRA factors: its projections are LoRALinear
+    linear_to_lora_layers(lora, 1, {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]})
+    assert compiled_decoder(lora) is lora
 
 
 def test_the_switch(monkeypatch):
