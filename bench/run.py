@@ -2,8 +2,8 @@
 
 The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and SwiGLU kernels, not `cpu_ops`, and
 one-row matmuls as sgemm (the gemv_forward shim off). base-sgemm and kvp-sgemm are base and kvp with the shim off,
-base-eager and kvp-eager with the model's own decode step instead of the compiled one (decode.py), to time each
-side by side."""
+base-eager and kvp-eager with the model's own decode step instead of the compiled one (decode.py), base-mlx-attn
+and kvp-mlx-attn with causal prefill attention in MLX ops instead of numpy (cpu_ops), to time each side by side."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mlx_lm.generate import generate_step
 from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
-from mlx_kvpred.cpu_ops import stock_mlx_ops
+from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
 from mlx_kvpred.decode import set_compiled_decode
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
@@ -30,15 +30,19 @@ from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
-MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp", "base-sgemm", "kvp-sgemm", "base-eager", "kvp-eager")
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
-# gemv_forward shim off); -eager: decode with the model's own code, not the compiled step
-SGEMM_SUFFIX, EAGER_SUFFIX = "-sgemm", "-eager"
+# gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-attn: causal
+# prefill attention in MLX ops, not numpy
+SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX = "-sgemm", "-eager", "-mlx-attn"
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(
+    f"{m}{suffix}" for suffix in (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX) for m in ("base", "kvp"))
 
 
 def pipeline_mode(mode: str) -> str:
     """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp")."""
-    return mode.removesuffix(SGEMM_SUFFIX).removesuffix(EAGER_SUFFIX)
+    for suffix in (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX):
+        mode = mode.removesuffix(suffix)
+    return mode
 
 
 @contextmanager
@@ -131,6 +135,8 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stack.enter_context(sgemm_only())
         if mode.endswith(EAGER_SUFFIX):
             stack.enter_context(eager_decode())
+        if mode.endswith(MLX_ATTN_SUFFIX):
+            stack.enter_context(mlx_attention())
         tic = time.perf_counter()
         ttft, stamps = None, []
         for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):

@@ -41,6 +41,7 @@ class BlasStatus:
 
 _status: BlasStatus | None = None
 _shim: ctypes.CDLL | None = None
+_sgemm = None  # the loaded BLAS's own cblas_sgemm (for numpy arrays: see sgemm)
 
 
 def _mkl_candidates() -> list[str]:
@@ -79,6 +80,7 @@ def load_fast_blas() -> BlasStatus:
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue
+        _keep_sgemm(lib)
         forward, note, fix = _gemv_forward(lib, path)
         if not forward:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -135,6 +137,38 @@ def set_gemv_forward(enabled: bool) -> bool:
             raise RuntimeError("the gemv_forward shim is not loaded (load_fast_blas().gemv_forward is False)")
         return False
     return bool(_shim.gemv_forward_enable(int(enabled)))
+
+
+def _keep_sgemm(lib: ctypes.CDLL) -> None:
+    global _sgemm
+    fn = getattr(lib, "cblas_sgemm", None)
+    if fn is not None:
+        c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        fn.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int, c_float, ptr, c_int]
+        fn.restype = None
+    _sgemm = fn
+
+
+def has_sgemm() -> bool:
+    """A BLAS was loaded whose sgemm `sgemm` can call."""
+    return _sgemm is not None
+
+
+def sgemm(a, b, *, transpose_b: bool = False):
+    """a @ b (a @ b.T with `transpose_b`) of 2-D float32 numpy arrays whose rows are contiguous, by the BLAS MLX
+    uses: numpy's own bundled BLAS keeps a second thread pool, which spins against this one's (docs/performance.md).
+    Needs has_sgemm()."""
+    import numpy as np
+
+    m, k = a.shape
+    n = b.shape[0] if transpose_b else b.shape[1]
+    if a.dtype != np.float32 or b.dtype != np.float32 or a.strides[1] != 4 or b.strides[1] != 4:
+        raise ValueError("sgemm takes float32 arrays with contiguous rows")
+    out = np.empty((m, n), np.float32)
+    row_major, no_trans, trans = 101, 111, 112
+    _sgemm(row_major, no_trans, trans if transpose_b else no_trans, m, n, k, 1.0, a.ctypes.data, a.strides[0] // 4,
+           b.ctypes.data, b.strides[0] // 4, 0.0, out.ctypes.data, n)
+    return out
 
 
 def gemv_forward_count() -> int:

@@ -599,7 +599,8 @@ def bench(
                                                    "on the same GGUF, if installed), base-sgemm / kvp-sgemm (one-row "
                                                    "matmuls as sgemm: the gemv_forward shim off), base-eager / "
                                                    "kvp-eager (decode with the model's own code, not the compiled "
-                                                   "step). Default "
+                                                   "step), base-mlx-attn / kvp-mlx-attn (causal prefill attention in "
+                                                   "MLX ops, not numpy). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

@@ -5,16 +5,26 @@ much as all of a layer's matmuls. `fast_exp` is MLX's own polynomial for 2**f (w
 compiled kernel that the JIT's compiler vectorizes: rounding by adding 1.5 * 2**23 instead of `floor` (not
 vectorizable without SSE4.1) and Estrin's scheme (shallow enough for MLX to fuse the whole chain): ~8x faster.
 `use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these.
+
+Causal attention over more than one query row (prefill) runs in numpy (`numpy_causal_attention`): its SIMD exp, max
+and sum take ~1.5 ns a score where MLX's CPU kernels take ~6 (docs/performance.md). It is an `mx.custom_function`
+whose gradient comes from the MLX blocks, so autodiff stays right; it evaluates its inputs, so it cannot run inside
+`mx.compile` or `mx.vmap` (`set_numpy_attention(False)` or KVPRED_NUMPY_ATTENTION=0 keeps it in MLX).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from . import blas
 
 _LOG2E = 1.4426950408889634
 # Minimax coefficients of 2**f on [-0.5, 0.5], highest power first (those of MLX's own exp).
@@ -110,7 +120,8 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
                                       mask: Optional[mx.array | str], sinks: Optional[mx.array] = None) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention` (queries (B, Hq, L, D), keys/values (B, Hkv, S, D), grouped
     heads, "causal" aligned to the end of the keys, bool or additive masks) in blocks of query rows: a causal block
-    stops at its last row's key, the exp is `fast_exp`'s kernel, and rows are normalized after P V (L x D, not L x S)."""
+    stops at its last row's key, the exp is `fast_exp`'s kernel, and rows are normalized after P V (L x D, not L x S).
+    Causal masks over several rows go to numpy_causal_attention (the same blocks) unless set_numpy_attention(False)."""
     if hasattr(cache, "bits"):  # quantized K/V: (packed, scales, biases) tuples
         return _mlx_lm_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     L, S = queries.shape[2], keys.shape[2]
@@ -126,6 +137,17 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         scores = (queries * scale).reshape(B, n_kv, n_q // n_kv, D) @ keys.swapaxes(-1, -2)
         e = _exp_shifted(scores, mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
         return ((e @ values) / e.sum(axis=-1, keepdims=True)).reshape(B, n_q, 1, D)
+    if causal and _numpy_attention_enabled():
+        return _numpy_attention_fn(float(scale))(queries, keys, values)
+    return _blocked_attention(queries, keys, values, scale, mask)
+
+
+def _blocked_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
+                       mask: Optional[mx.array | str]) -> mx.array:
+    """fast_scaled_dot_product_attention's MLX blocks (L > 1, or a mask decode doesn't take)."""
+    B, n_q, L, D = queries.shape
+    n_kv, S = keys.shape[1], keys.shape[2]
+    causal = isinstance(mask, str)
     q = (queries * scale).reshape(B, n_kv, n_q // n_kv, L, D)
     keys_t = keys[:, :, None].swapaxes(-1, -2)
     # [V | 1]: P V's last column is the row sum of P, so no pass of its own over the scores
@@ -165,6 +187,90 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         outs.append(pv[..., :D] / pv[..., D:])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-2)
     return out.reshape(B, n_q, L, D)
+
+
+NUMPY_ATTENTION_ENV = "KVPRED_NUMPY_ATTENTION"  # "0": causal prefill attention in MLX ops, not numpy
+_numpy_attention: bool | None = None  # None: the environment's choice (on)
+
+
+def _numpy_attention_enabled() -> bool:
+    """On where mlx_kvpred.blas loaded a BLAS whose sgemm it can call (Linux), unless switched off."""
+    if _numpy_attention is not None:
+        return _numpy_attention
+    return os.environ.get(NUMPY_ATTENTION_ENV, "") != "0" and blas.has_sgemm()
+
+
+def set_numpy_attention(enabled: bool | None) -> bool:
+    """Causal prefill attention in numpy (True), in MLX ops (False) or as the environment says (None); returns the
+    previous setting."""
+    global _numpy_attention
+    was = _numpy_attention_enabled()
+    _numpy_attention = enabled
+    return was
+
+
+@contextmanager
+def mlx_attention() -> Iterator[None]:
+    """Attention in MLX ops inside the block: what training uses (autodiff records its graph, no recomputation)."""
+    was = set_numpy_attention(False)
+    try:
+        yield
+    finally:
+        set_numpy_attention(was)
+
+
+_NUMPY_BLOCK_ROWS = 128  # query rows per block (64-256 within noise at 1024 tokens)
+_numpy_masks: dict[int, np.ndarray] = {}
+
+
+def numpy_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Causal attention, "causal" aligned to the end of the keys: q (B, Hq, L, D), k and v (B, Hkv, S, D), grouped
+    heads. Per kv head, blocks of query rows (all its query heads at once) against the keys they may see; only the
+    rows x rows diagonal is masked. The products go to blas.sgemm (MLX's BLAS and its threads)."""
+    B, n_q, L, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    group = n_q // n_kv
+    out = np.empty((B, n_q, L, D), np.float32)
+    for b in range(B):
+        for h in range(n_kv):
+            keys, values, heads = k[b, h], v[b, h], slice(h * group, (h + 1) * group)
+            for start in range(0, L, _NUMPY_BLOCK_ROWS):
+                end = min(start + _NUMPY_BLOCK_ROWS, L)
+                rows, seen = end - start, S - L + end
+                rows_q = (q[b, heads, start:end] * np.float32(scale)).reshape(group * rows, D)
+                scores = blas.sgemm(rows_q, keys[:seen], transpose_b=True)
+                scores.reshape(group, rows, seen)[:, :, seen - rows:] += _numpy_diagonal_mask(rows)
+                scores -= scores.max(axis=1, keepdims=True)
+                np.exp(scores, out=scores)
+                pv = blas.sgemm(scores, values[:seen])
+                pv /= scores.sum(axis=1, keepdims=True)
+                out[b, heads, start:end] = pv.reshape(group, rows, D)
+    return out
+
+
+def _numpy_diagonal_mask(rows: int) -> np.ndarray:
+    mask = _numpy_masks.get(rows)
+    if mask is None:
+        i = np.arange(rows)
+        mask = _numpy_masks[rows] = np.where(i[:, None] >= i[None], 0.0, -1e30).astype(np.float32)
+    return mask
+
+
+@lru_cache(maxsize=None)
+def _numpy_attention_fn(scale: float):
+    """numpy_causal_attention on MLX arrays (one per attention scale), differentiable through the MLX blocks."""
+
+    @mx.custom_function
+    def attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
+        arrays = [np.asarray(a) for a in (queries, keys, values)]  # evaluates them
+        return mx.array(numpy_causal_attention(*arrays, scale))
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output):
+        _, grads = mx.vjp(lambda q, k, v: _blocked_attention(q, k, v, scale, "causal"), list(primals), [cotangent])
+        return tuple(grads)
+
+    return attention
 
 
 _causal_masks: dict[int, mx.array] = {}

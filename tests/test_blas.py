@@ -48,3 +48,19 @@ def test_one_row_products_go_to_sgemv_and_equal_sgemm():
         exact = np.array(a, np.float64) @ np.array(b, np.float64)
         assert np.abs(np.array(f) - exact).max() <= 1e-4 * max(1.0, np.abs(exact).max())
         assert np.abs(np.array(f) - np.array(p)).max() <= 1e-4 * max(1.0, np.abs(exact).max())
+
+
+@pytest.mark.skipif(not blas.has_sgemm(), reason="no BLAS loaded by mlx_kvpred.blas (not Linux, or none installed)")
+def test_sgemm_on_numpy_arrays_equals_numpy():
+    """blas.sgemm (numpy_causal_attention's products) gives numpy's products, with b transposed or not, on arrays
+    whose rows are strided (a cache's first S rows of a longer buffer), and refuses other layouts."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((37, 64), dtype=np.float32)
+    buffer = rng.standard_normal((300, 80), dtype=np.float32)
+    keys = buffer[:200, :64]  # rows 320 bytes apart
+    assert np.allclose(blas.sgemm(a, keys, transpose_b=True), a @ keys.T, atol=1e-4)
+    assert np.allclose(blas.sgemm(a @ keys.T, keys), (a @ keys.T) @ keys, atol=1e-3)
+    with pytest.raises(ValueError, match="float32"):
+        blas.sgemm(a.astype(np.float64), keys, transpose_b=True)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        blas.sgemm(a, keys[:, ::2], transpose_b=True)

@@ -69,6 +69,34 @@ def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
     assert close(g1, g2, 1e-4)
 
 
+@pytest.mark.parametrize("L,S", [(96, 96), (80, 112), (2, 600)])
+def test_numpy_causal_attention_equals_the_mlx_blocks(L, S, monkeypatch):
+    """Causal prefill runs in numpy (blocks of 7 rows here: a ragged last one); values and the gradients of q, k
+    and v equal the MLX blocks' (set_numpy_attention(False)), and mlx_attention() keeps it in MLX."""
+    monkeypatch.setattr(cpu_ops, "_NUMPY_BLOCK_ROWS", 7)
+    q, k, v = mx.random.normal((2, 6, L, 16)), mx.random.normal((2, 2, S, 16)), mx.random.normal((2, 2, S, 16))
+    loss = lambda q, k, v: (fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal") ** 2).sum()  # noqa
+    calls, original = [], cpu_ops.numpy_causal_attention
+    monkeypatch.setattr(cpu_ops, "numpy_causal_attention", lambda *a: calls.append(1) or original(*a))
+    results = []
+    for numpy in (True, False):
+        was = cpu_ops.set_numpy_attention(numpy)
+        try:
+            out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
+            results.append((out, mx.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+        finally:
+            cpu_ops.set_numpy_attention(was)
+    assert calls  # the numpy path ran
+    (a, grads_a), (b, grads_b) = results
+    assert close(a, b, 1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        assert close(ga, gb, 1e-4)
+    calls.clear()
+    with cpu_ops.mlx_attention():
+        mx.eval(fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal"))
+    assert not calls
+
+
 def test_patched_model_gives_mlx_lm_logits_and_restores():
     model = tiny_model("llama").model
     module = sys.modules[type(model).__module__]
@@ -106,7 +134,8 @@ def test_quantized_cache_goes_to_mlx_lm_attention():
     for fast in (True, False):
         cpu_ops.use_fast_cpu_ops(model, enabled=fast)
         cache = make_prompt_cache(model)
-        model(tokens, cache=cache)
+        with cpu_ops.mlx_attention():  # the same prefill both times: 8-bit K/V would magnify its rounding
+            model(tokens, cache=cache)
         cache = [c.to_quantized(group_size=32, bits=8) for c in cache]
         outs.append(model(mx.array([[3]]), cache=cache))
     cpu_ops.use_fast_cpu_ops(model)
