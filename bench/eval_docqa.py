@@ -61,16 +61,17 @@ def chat_ids(tokenizer, text: str) -> np.ndarray:
 def document_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], count: int,
                    seed: int = 0) -> list[ChatCase]:
     """Per length, `count` documents (the first N tokens of a held-out file long enough, seeded file order), each
-    with a seeded question; a question naming "{x}" gets a name or number the document contains."""
+    with a seeded question; a question naming "{x}" gets a name or number the document contains. Each length draws
+    its questions from its own seed, so a length's cases do not depend on which other lengths are asked for."""
     if not getattr(tokenizer, "chat_template", None):
         raise KVPredError("--tasks docqa needs a model with a chat template")
-    rng = np.random.default_rng([seed, 23])
-    order = rng.permutation(len(files))
+    order = np.random.default_rng([seed, 23]).permutation(len(files))
     cases = []
     for n in lengths:
         docs = list(islice(document_texts(files, order, tokenizer, n), count))
         if not docs:
             raise KVPredError(f"--prompt-lengths {n}: no held-out document has {n} tokens")
+        rng = np.random.default_rng([seed, 23, n])
         for source, doc in docs:
             question = document_question(doc, rng, QUESTIONS)
             cases.append(ChatCase(chat_ids(tokenizer, f"{doc}\n\n{question}"), str(n), question, source))

@@ -195,6 +195,8 @@ def test_docqa_tiny_model(tmp_path):
     files = sorted(str(p) for p in tmp_path.glob("*.txt"))
     cases = document_cases(files, base.tokenizer, lengths=[24, 48], count=2)
     assert [c.length for c in cases] == ["24", "24", "48", "48"]
+    alone = document_cases(files, base.tokenizer, lengths=[48], count=2)  # a length's cases: the same when asked alone
+    assert [c.question for c in alone] == [c.question for c in cases[2:]]
     assert all(c.prompt.size > int(c.length) and c.source in files for c in cases)
     cases += short_cases(base.tokenizer)[:2]
     result = run_eval(base, tiny_bundles(base), tasks=["docqa"], docqa_cases=cases, answer_tokens=6,
