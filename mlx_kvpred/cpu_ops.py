@@ -234,6 +234,8 @@ def numpy_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: f
     for b in range(B):
         for h in range(n_kv):
             keys, values, heads = k[b, h], v[b, h], slice(h * group, (h + 1) * group)
+            if keys.strides[-1] != 4 or values.strides[-1] != 4:  # blas.sgemm reads rows as they are laid out
+                keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
             for start in range(0, L, _NUMPY_BLOCK_ROWS):
                 end = min(start + _NUMPY_BLOCK_ROWS, L)
                 rows, seen = end - start, S - L + end
