@@ -281,6 +281,11 @@ def doctor():
         row("blas", "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message)
     if st.path:
         row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
+    from .cpu_ops import numpy_attention_note
+    from .decode import compiled_decode_note
+
+    row("prefill attn", numpy_attention_note())
+    row("decode", compiled_decode_note())
     slow = platform.system() == "Linux" and gflops < 50
     row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",
         "this is reference-BLAS speed: " + blas.FIX_HINT if slow else "")

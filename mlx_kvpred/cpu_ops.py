@@ -200,6 +200,17 @@ def _numpy_attention_enabled() -> bool:
     return os.environ.get(NUMPY_ATTENTION_ENV, "") != "0" and blas.has_sgemm()
 
 
+def numpy_attention_note() -> str:
+    """Where causal prefill attention runs on the CPU, and why (doctor prints it)."""
+    if _numpy_attention_enabled():
+        return "numpy, products by the loaded BLAS"
+    if _numpy_attention is False:
+        return "MLX ops (set_numpy_attention(False))"
+    if os.environ.get(NUMPY_ATTENTION_ENV, "") == "0":
+        return f"MLX ops ({NUMPY_ATTENTION_ENV}=0)"
+    return "MLX ops (no BLAS loaded by mlx_kvpred.blas to run its products)"
+
+
 def set_numpy_attention(enabled: bool | None) -> bool:
     """Causal prefill attention in numpy (True), in MLX ops (False) or as the environment says (None); returns the
     previous setting."""

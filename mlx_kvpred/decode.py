@@ -39,6 +39,17 @@ def compiled_decode_enabled() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def compiled_decode_note() -> str:
+    """Whether decoding takes the compiled step, and why (doctor prints it)."""
+    if compiled_decode_enabled():
+        return "compiled step (llama/qwen2/qwen3 models)"
+    if _enabled is False:
+        return "the model's own step (set_compiled_decode(False))"
+    if os.environ.get(ENV_VAR, "") == "0":
+        return f"the model's own step ({ENV_VAR}=0)"
+    return "the model's own step (the compiled one is for the CPU)"
+
+
 def set_compiled_decode(enabled: bool | None) -> bool:
     """Decode with the compiled step (True), the model's own code (False) or the default (None); returns the
     previous setting. Read when a generation starts."""

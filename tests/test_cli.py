@@ -198,3 +198,14 @@ def test_chat_data_documents(tmp_path):
     for row in rows:
         user, answer = row["text"].split("<|im_start|>assistant\n")
         assert row["source"] and "<|im_start|>user\n" in user and answer.strip()
+
+
+def test_doctor_names_the_cpu_paths_and_why_they_are_off(monkeypatch):
+    """doctor shows where prefill attention and decoding run, and which switch turned a speed-up off."""
+    r = cli("doctor")
+    assert "prefill attn" in r.stdout and "decode" in r.stdout, r.stdout
+    monkeypatch.setenv("KVPRED_NUMPY_ATTENTION", "0")
+    monkeypatch.setenv("KVPRED_COMPILED_DECODE", "0")
+    r = cli("doctor")
+    assert "MLX ops (KVPRED_NUMPY_ATTENTION=0)" in r.stdout, r.stdout
+    assert "the model's own step (KVPRED_COMPILED_DECODE=0)" in r.stdout, r.stdout
