@@ -23,7 +23,7 @@ from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
-from mlx_kvpred.decode import set_compiled_decode
+from mlx_kvpred.decode import COMPILED_DECODE
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
@@ -43,16 +43,6 @@ def pipeline_mode(mode: str) -> str:
     for suffix in (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX):
         mode = mode.removesuffix(suffix)
     return mode
-
-
-@contextmanager
-def eager_decode():
-    """Decode with the model's own code inside the block (decode.set_compiled_decode(False))."""
-    was = set_compiled_decode(False)
-    try:
-        yield
-    finally:
-        set_compiled_decode(was)
 
 
 @contextmanager
@@ -134,7 +124,7 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
         if mode == "mlx-lm" or mode.endswith(SGEMM_SUFFIX):
             stack.enter_context(sgemm_only())
         if mode.endswith(EAGER_SUFFIX):
-            stack.enter_context(eager_decode())
+            stack.enter_context(COMPILED_DECODE.off())
         if mode.endswith(MLX_ATTN_SUFFIX):
             stack.enter_context(mlx_attention())
         tic = time.perf_counter()

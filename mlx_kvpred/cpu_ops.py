@@ -14,7 +14,6 @@ whose gradient comes from the MLX blocks, so autodiff stays right; it evaluates 
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
@@ -25,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import blas
+from .switch import Switch
 
 _LOG2E = 1.4426950408889634
 # Minimax coefficients of 2**f on [-0.5, 0.5], highest power first (those of MLX's own exp).
@@ -190,44 +190,14 @@ def _blocked_attention(queries: mx.array, keys: mx.array, values: mx.array, scal
 
 
 NUMPY_ATTENTION_ENV = "KVPRED_NUMPY_ATTENTION"  # "0": causal prefill attention in MLX ops, not numpy
-_numpy_attention: bool | None = None  # None: the environment's choice (on)
-
-
-def _numpy_attention_enabled() -> bool:
-    """On where mlx_kvpred.blas loaded a BLAS whose sgemm it can call (Linux), unless switched off."""
-    if _numpy_attention is not None:
-        return _numpy_attention
-    return os.environ.get(NUMPY_ATTENTION_ENV, "") != "0" and blas.has_sgemm()
-
-
-def numpy_attention_note() -> str:
-    """Where causal prefill attention runs on the CPU, and why (doctor prints it)."""
-    if _numpy_attention_enabled():
-        return "numpy, products by the loaded BLAS"
-    if _numpy_attention is False:
-        return "MLX ops (set_numpy_attention(False))"
-    if os.environ.get(NUMPY_ATTENTION_ENV, "") == "0":
-        return f"MLX ops ({NUMPY_ATTENTION_ENV}=0)"
-    return "MLX ops (no BLAS loaded by mlx_kvpred.blas to run its products)"
-
-
-def set_numpy_attention(enabled: bool | None) -> bool:
-    """Causal prefill attention in numpy (True), in MLX ops (False) or as the environment says (None); returns the
-    previous setting."""
-    global _numpy_attention
-    was = _numpy_attention_enabled()
-    _numpy_attention = enabled
-    return was
-
-
-@contextmanager
-def mlx_attention() -> Iterator[None]:
-    """Attention in MLX ops inside the block: what training uses (autodiff records its graph, no recomputation)."""
-    was = set_numpy_attention(False)
-    try:
-        yield
-    finally:
-        set_numpy_attention(was)
+# On where mlx_kvpred.blas loaded a BLAS whose sgemm it can call (Linux).
+NUMPY_ATTENTION = Switch(NUMPY_ATTENTION_ENV, blas.has_sgemm, "numpy, products by the loaded BLAS", "MLX ops",
+                         "no BLAS loaded by mlx_kvpred.blas to run its products")
+_numpy_attention_enabled = NUMPY_ATTENTION.enabled
+set_numpy_attention = NUMPY_ATTENTION.set  # True, False or None (the default); returns the previous state
+numpy_attention_note = NUMPY_ATTENTION.note
+# Attention in MLX ops inside the block: what training uses (autodiff records its graph, no recomputation).
+mlx_attention = NUMPY_ATTENTION.off
 
 
 _NUMPY_BLOCK_ROWS = 128  # query rows per block (64-256 within noise at 1024 tokens)
@@ -262,10 +232,10 @@ def numpy_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: f
 
 
 def _numpy_diagonal_mask(rows: int) -> np.ndarray:
+    """_causal_mask as a numpy array (kept per size)."""
     mask = _numpy_masks.get(rows)
     if mask is None:
-        i = np.arange(rows)
-        mask = _numpy_masks[rows] = np.where(i[:, None] >= i[None], 0.0, -1e30).astype(np.float32)
+        mask = _numpy_masks[rows] = np.array(_causal_mask(rows))
     return mask
 
 

@@ -13,7 +13,6 @@ Outputs equal the model's own to fp32 rounding.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any, Sequence
 
@@ -22,41 +21,19 @@ import mlx.nn as nn
 
 from .attention import backbone, lm_head_of
 from .cpu_ops import _exp_shifted, _swiglu_kernel
+from .switch import Switch
 
 ENV_VAR = "KVPRED_COMPILED_DECODE"  # "0": decode with the model's own code
 # mlx-lm modules whose blocks are x + attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)), with
 # q/k/v/o projections, optional q_norm/k_norm over each head, rope(x, offset=...) before the cache, SwiGLU MLPs.
 SUPPORTED_MODULES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 
-_enabled: bool | None = None  # None: the default (on for the CPU, where it was measured)
-
-
-def compiled_decode_enabled() -> bool:
-    if _enabled is not None:
-        return _enabled
-    if os.environ.get(ENV_VAR, "") == "0":
-        return False
-    return mx.default_device() == mx.cpu
-
-
-def compiled_decode_note() -> str:
-    """Whether decoding takes the compiled step, and why (doctor prints it)."""
-    if compiled_decode_enabled():
-        return "compiled step (llama/qwen2/qwen3 models)"
-    if _enabled is False:
-        return "the model's own step (set_compiled_decode(False))"
-    if os.environ.get(ENV_VAR, "") == "0":
-        return f"the model's own step ({ENV_VAR}=0)"
-    return "the model's own step (the compiled one is for the CPU)"
-
-
-def set_compiled_decode(enabled: bool | None) -> bool:
-    """Decode with the compiled step (True), the model's own code (False) or the default (None); returns the
-    previous setting. Read when a generation starts."""
-    global _enabled
-    was = compiled_decode_enabled()
-    _enabled = enabled
-    return was
+# On for the CPU, where it was measured; read when a generation starts.
+COMPILED_DECODE = Switch(ENV_VAR, lambda: mx.default_device() == mx.cpu, "compiled step (llama/qwen2/qwen3 models)",
+                         "the model's own step", "the compiled one is for the CPU")
+compiled_decode_enabled = COMPILED_DECODE.enabled
+set_compiled_decode = COMPILED_DECODE.set  # True, False or None (the default); returns the previous state
+compiled_decode_note = COMPILED_DECODE.note
 
 
 BlockWeights = dict[str, Any]
