@@ -3,7 +3,8 @@
 The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and SwiGLU kernels, not `cpu_ops`, and
 one-row matmuls as sgemm (the gemv_forward shim off). base-sgemm and kvp-sgemm are base and kvp with the shim off,
 base-eager and kvp-eager with the model's own decode step instead of the compiled one (decode.py), base-mlx-attn
-and kvp-mlx-attn with causal prefill attention in MLX ops instead of numpy (cpu_ops), to time each side by side."""
+and kvp-mlx-attn with causal prefill attention in MLX ops instead of C (cpu_ops), base-no-c and kvp-no-c with the C
+kernels off (numpy attention, MLX SwiGLU; cpu_kernels), to time each side by side."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mlx_lm.generate import generate_step
 from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
+from mlx_kvpred.cpu_kernels import C_KERNELS
 from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
 from mlx_kvpred.decode import COMPILED_DECODE
 from mlx_kvpred.errors import KVPredError
@@ -32,15 +34,16 @@ from mlx_kvpred.predictor import layer_pruned_map
 
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-attn: causal
-# prefill attention in MLX ops, not numpy
-SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX = "-sgemm", "-eager", "-mlx-attn"
+# prefill attention in MLX ops, not C or numpy; -no-c: the C kernels off (numpy attention, MLX SwiGLU)
+SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
+SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
 MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(
-    f"{m}{suffix}" for suffix in (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX) for m in ("base", "kvp"))
+    f"{m}{suffix}" for suffix in SUFFIXES for m in ("base", "kvp"))
 
 
 def pipeline_mode(mode: str) -> str:
     """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp")."""
-    for suffix in (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX):
+    for suffix in SUFFIXES:
         mode = mode.removesuffix(suffix)
     return mode
 
@@ -127,6 +130,8 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stack.enter_context(COMPILED_DECODE.off())
         if mode.endswith(MLX_ATTN_SUFFIX):
             stack.enter_context(mlx_attention())
+        if mode.endswith(NO_C_SUFFIX):
+            stack.enter_context(C_KERNELS.off())
         tic = time.perf_counter()
         ttft, stamps = None, []
         for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):

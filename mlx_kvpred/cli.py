@@ -281,9 +281,11 @@ def doctor():
         row("blas", "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message)
     if st.path:
         row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
+    from .cpu_kernels import C_KERNELS
     from .cpu_ops import numpy_attention_note
     from .decode import compiled_decode_note
 
+    row("C kernels", C_KERNELS.note())
     row("prefill attn", numpy_attention_note())
     row("decode", compiled_decode_note())
     slow = platform.system() == "Linux" and gflops < 50
@@ -605,7 +607,8 @@ def bench(
                                                    "matmuls as sgemm: the gemv_forward shim off), base-eager / "
                                                    "kvp-eager (decode with the model's own code, not the compiled "
                                                    "step), base-mlx-attn / kvp-mlx-attn (causal prefill attention in "
-                                                   "MLX ops, not numpy). Default "
+                                                   "MLX ops, not C), base-no-c / kvp-no-c (the C kernels off: numpy "
+                                                   "attention, MLX SwiGLU). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

@@ -6,10 +6,12 @@ compiled kernel that the JIT's compiler vectorizes: rounding by adding 1.5 * 2**
 vectorizable without SSE4.1) and Estrin's scheme (shallow enough for MLX to fuse the whole chain): ~8x faster.
 `use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these.
 
-Causal attention over more than one query row (prefill) runs in numpy (`numpy_causal_attention`): its SIMD exp, max
-and sum take ~1.5 ns a score where MLX's CPU kernels take ~6 (docs/performance.md). It is an `mx.custom_function`
-whose gradient comes from the MLX blocks, so autodiff stays right; it evaluates its inputs, so it cannot run inside
-`mx.compile` or `mx.vmap` (`set_numpy_attention(False)` or KVPRED_NUMPY_ATTENTION=0 keeps it in MLX).
+Causal attention over more than one query row (prefill) runs outside MLX's one-threaded ops: in C on all cores
+(`cpu_kernels.causal_attention`) where the install built it, else in numpy (`numpy_causal_attention`, whose SIMD
+exp, max and sum take ~1.5 ns a score where MLX's CPU kernels take ~6; docs/performance.md). It is an
+`mx.custom_function` whose gradient comes from the MLX blocks, so autodiff stays right; it evaluates its inputs, so
+it cannot run inside `mx.compile` or `mx.vmap` (`set_numpy_attention(False)` or KVPRED_NUMPY_ATTENTION=0 keeps it in
+MLX; KVPRED_C_KERNELS=0 takes numpy over C). SwiGLU over many rows runs in C too (`cpu_kernels.swiglu`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import blas
+from . import blas, cpu_kernels
 from .switch import Switch
 
 _LOG2E = 1.4426950408889634
@@ -95,9 +97,17 @@ def _swiglu_kernel(gate: mx.array, x: mx.array) -> mx.array:
     return gate / (1.0 + _exp2_of(mx.clip(-gate, -87.0, 88.0) * _LOG2E)) * x
 
 
+# From this many elements (a prefill chunk's MLP), SwiGLU goes to the C kernel on all cores.
+_C_SWIGLU_MIN_SIZE = 1 << 16
+
+
 @mx.custom_function
 def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
-    """silu(gate) * x, as mlx-lm's `swiglu`, in one kernel."""
+    """silu(gate) * x, as mlx-lm's `swiglu`, in one kernel (C on all cores for prefill-sized float32 inputs: it
+    evaluates them, so `cpu_kernels.C_KERNELS.off()` around mx.compile of prefill-sized calls)."""
+    if (gate.size >= _C_SWIGLU_MIN_SIZE and gate.shape == x.shape and gate.dtype == x.dtype == mx.float32
+            and cpu_kernels.C_KERNELS.enabled()):
+        return mx.array(cpu_kernels.swiglu(np.asarray(gate), np.asarray(x)))
     return _swiglu_kernel(gate, x)
 
 
@@ -189,15 +199,30 @@ def _blocked_attention(queries: mx.array, keys: mx.array, values: mx.array, scal
     return out.reshape(B, n_q, L, D)
 
 
-NUMPY_ATTENTION_ENV = "KVPRED_NUMPY_ATTENTION"  # "0": causal prefill attention in MLX ops, not numpy
+NUMPY_ATTENTION_ENV = "KVPRED_NUMPY_ATTENTION"  # "0": causal prefill attention in MLX ops, not C or numpy
 # On where mlx_kvpred.blas loaded a BLAS whose sgemm it can call (Linux).
-NUMPY_ATTENTION = Switch(NUMPY_ATTENTION_ENV, blas.has_sgemm, "numpy, products by the loaded BLAS", "MLX ops",
+NUMPY_ATTENTION = Switch(NUMPY_ATTENTION_ENV, blas.has_sgemm, "outside MLX", "MLX ops",
                          "no BLAS loaded by mlx_kvpred.blas to run its products")
 _numpy_attention_enabled = NUMPY_ATTENTION.enabled
 set_numpy_attention = NUMPY_ATTENTION.set  # True, False or None (the default); returns the previous state
-numpy_attention_note = NUMPY_ATTENTION.note
 # Attention in MLX ops inside the block: what training uses (autodiff records its graph, no recomputation).
 mlx_attention = NUMPY_ATTENTION.off
+
+
+@contextmanager
+def mlx_ops() -> Iterator[None]:
+    """Every op in MLX inside the block (no C kernels, no numpy): what training uses."""
+    with NUMPY_ATTENTION.off(), cpu_kernels.C_KERNELS.off():
+        yield
+
+
+def numpy_attention_note() -> str:
+    """Where causal prefill attention runs (doctor's "C kernels" row says why not in C)."""
+    if not _numpy_attention_enabled():
+        return NUMPY_ATTENTION.note()
+    if cpu_kernels.C_KERNELS.enabled():
+        return f"C kernel on {cpu_kernels.threads()} threads, products by the loaded BLAS"
+    return "numpy, products by the loaded BLAS"
 
 
 _NUMPY_BLOCK_ROWS = 128  # query rows per block (64-256 within noise at 1024 tokens)
@@ -241,11 +266,14 @@ def _numpy_diagonal_mask(rows: int) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _numpy_attention_fn(scale: float):
-    """numpy_causal_attention on MLX arrays (one per attention scale), differentiable through the MLX blocks."""
+    """The C kernel's or numpy_causal_attention on MLX arrays (one per attention scale), differentiable through the
+    MLX blocks."""
 
     @mx.custom_function
     def attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
         arrays = [np.asarray(a) for a in (queries, keys, values)]  # evaluates them
+        if cpu_kernels.C_KERNELS.enabled():
+            return mx.array(cpu_kernels.causal_attention(*arrays, scale, rows=_NUMPY_BLOCK_ROWS))
         return mx.array(numpy_causal_attention(*arrays, scale))
 
     @attention.vjp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 
 @dataclass
@@ -14,7 +14,7 @@ class Switch:
     default: Callable[[], bool]  # read at each check (e.g. the default device, a loaded BLAS)
     on_text: str  # what doctor prints when on
     off_text: str  # ... when off, followed by why
-    default_off_reason: str  # why `default` may say off
+    default_off_reason: Union[str, Callable[[], str]]  # why `default` may say off (or a function that says why)
     _set: bool | None = None  # set(): True/False in code, None: env var and default
 
     def enabled(self) -> bool:
@@ -45,4 +45,5 @@ class Switch:
             return f"{self.off_text} (switched off in code)"
         if os.environ.get(self.env_var, "") == "0":
             return f"{self.off_text} ({self.env_var}=0)"
-        return f"{self.off_text} ({self.default_off_reason})"
+        reason = self.default_off_reason
+        return f"{self.off_text} ({reason() if callable(reason) else reason})"

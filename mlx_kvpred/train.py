@@ -26,7 +26,7 @@ from .attention import backbone, swapped, tap_kv
 from .atomic import atomic_write
 from .auxiliary import shared_base_layers
 from .bundle import Bundle, save_bundle
-from .cpu_ops import fast_exp, fast_logsumexp, mlx_attention
+from .cpu_ops import fast_exp, fast_logsumexp, mlx_ops
 from .errors import KVPredError
 from .loading import LoadedModel
 from .predictor import PredictorConfig, previous_positions
@@ -408,7 +408,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
     skip = shared_base_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
 
     def loss_fn(tokens, inputs):
-        with mlx_attention():  # autodiff records the MLX attention graph (numpy's would be recomputed)
+        with mlx_ops():  # autodiff records the MLX graph (C and numpy ops evaluate their inputs mid-graph)
             return step_loss(bundle, model, tokens, inputs, cfg=cfg, l1_weight=l1_weight, skip=skip)
 
     loss_and_grad = nn.value_and_grad(trainable, loss_fn)

@@ -4,11 +4,12 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
 
 from conftest import tiny_model
-from mlx_kvpred import cpu_ops
+from mlx_kvpred import cpu_kernels, cpu_ops
 from mlx_kvpred.blas import keep_freed_memory
 from mlx_kvpred.cpu_ops import (fast_exp, fast_logsumexp, fast_scaled_dot_product_attention, fast_softmax,
                                 fast_swiglu, stock_mlx_ops, use_fast_cpu_ops)
@@ -42,6 +43,28 @@ def test_softmax_logsumexp_swiglu_match_with_gradients():
     assert close(g1, g2, 1e-5)
 
 
+def test_prefill_sized_swiglu_runs_in_c_with_mlx_values_and_gradients(monkeypatch):
+    """From _C_SWIGLU_MIN_SIZE elements fast_swiglu runs the C kernel (its values equal the MLX kernel's and
+    mlx-lm's silu, gradients too); smaller inputs and C_KERNELS.off() stay in MLX."""
+    if not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    calls, original = [], cpu_kernels.swiglu
+    monkeypatch.setattr(cpu_kernels, "swiglu", lambda *a: calls.append(a[0].shape) or original(*a))
+    x = mx.concatenate([mx.random.normal((2, 40, 1000)) * 10, mx.full((1, 40, 1000), 100.0),
+                        mx.full((1, 40, 1000), -100.0)])  # the clamps of exp
+    up = mx.random.normal(x.shape)
+    out = fast_swiglu(x, up)
+    assert calls == [(4, 40, 1000)]
+    assert close(out, cpu_ops._swiglu_kernel(x, up), 1e-6) and close(out, nn.silu(x) * up, 1e-5)
+    g1 = mx.grad(lambda v: fast_swiglu(v, up).sum())(x)
+    assert close(g1, mx.grad(lambda v: (nn.silu(v) * up).sum())(x), 1e-5)
+    calls.clear()
+    mx.eval(fast_swiglu(x[:1, :10], up[:1, :10]))
+    with cpu_kernels.C_KERNELS.off():
+        mx.eval(fast_swiglu(x, up))
+    assert calls == []
+
+
 MASKS = {
     "causal": lambda L, S: "causal",
     "none": lambda L, S: None,
@@ -69,24 +92,33 @@ def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
     assert close(g1, g2, 1e-4)
 
 
+@pytest.mark.parametrize("path", ["c", "numpy"])
 @pytest.mark.parametrize("L,S", [(96, 96), (80, 112), (2, 600)])
-def test_numpy_causal_attention_equals_the_mlx_blocks(L, S, monkeypatch):
-    """Causal prefill runs in numpy (blocks of 7 rows here: a ragged last one); values and the gradients of q, k
-    and v equal the MLX blocks' (set_numpy_attention(False)), and mlx_attention() keeps it in MLX."""
+def test_causal_attention_outside_mlx_equals_the_mlx_blocks(L, S, path, monkeypatch):
+    """Causal prefill runs in the C kernel or in numpy (blocks of 7 rows here: a ragged last one); values and the
+    gradients of q, k and v equal the MLX blocks' (set_numpy_attention(False)), and mlx_attention() keeps it in MLX."""
+    if path == "c" and not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
     monkeypatch.setattr(cpu_ops, "_NUMPY_BLOCK_ROWS", 7)
     q, k, v = mx.random.normal((2, 6, L, 16)), mx.random.normal((2, 2, S, 16)), mx.random.normal((2, 2, S, 16))
     loss = lambda q, k, v: (fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal") ** 2).sum()  # noqa
-    calls, original = [], cpu_ops.numpy_causal_attention
-    monkeypatch.setattr(cpu_ops, "numpy_causal_attention", lambda *a: calls.append(1) or original(*a))
+    calls = []
+    for module, name in ((cpu_ops, "numpy_causal_attention"), (cpu_kernels, "causal_attention")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=original, n=name, **kw: calls.append(n) or f(*a, **kw))
     results = []
-    for numpy in (True, False):
-        was = cpu_ops.set_numpy_attention(numpy)
-        try:
-            out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
-            results.append((out, mx.grad(loss, argnums=(0, 1, 2))(q, k, v)))
-        finally:
-            cpu_ops.set_numpy_attention(was)
-    assert calls  # the numpy path ran
+    c_was = cpu_kernels.C_KERNELS.set(path == "c")
+    try:
+        for outside in (True, False):
+            was = cpu_ops.set_numpy_attention(outside)
+            try:
+                out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal")
+                results.append((out, mx.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+            finally:
+                cpu_ops.set_numpy_attention(was)
+    finally:
+        cpu_kernels.C_KERNELS.set(c_was)
+    assert set(calls) == {"causal_attention" if path == "c" else "numpy_causal_attention"}
     (a, grads_a), (b, grads_b) = results
     assert close(a, b, 1e-5)
     for ga, gb in zip(grads_a, grads_b):
@@ -95,6 +127,21 @@ def test_numpy_causal_attention_equals_the_mlx_blocks(L, S, monkeypatch):
     with cpu_ops.mlx_attention():
         mx.eval(fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal"))
     assert not calls
+
+
+def test_c_attention_takes_strided_inputs_and_rejects_bad_shapes():
+    """The C kernel reads keys as a cache holds them (a slice of a longer buffer) and transposed queries; shapes
+    that are not grouped-head attention are a ValueError."""
+    if not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 20, 4, 8), dtype=np.float32).transpose(0, 2, 1, 3)  # (2, 4, 20, 8), strided
+    buffer = rng.standard_normal((2, 2, 64, 8), dtype=np.float32)
+    k, v = buffer[:, :, :30], buffer[:, :, 10:40] * 2
+    ref = cpu_ops.numpy_causal_attention(q, k, v, 0.3)
+    assert np.abs(cpu_kernels.causal_attention(q, k, v, 0.3, rows=6) - ref).max() < 1e-5
+    with pytest.raises(ValueError, match="causal_attention"):
+        cpu_kernels.causal_attention(q, k[:, :, :10], v[:, :, :10], 0.3)  # fewer keys than queries
 
 
 def test_patched_model_gives_mlx_lm_logits_and_restores():

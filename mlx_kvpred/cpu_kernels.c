@@ -1,0 +1,202 @@
+/* Prefill kernels on all cores for MLX's CPU build (Linux), called through ctypes by mlx_kvpred.cpu_kernels.
+
+MLX's CPU ops run on one thread, and its exp is scalar. Causal attention over many query rows runs in tasks
+shared by worker threads (one per core), each task a block of query rows of one head: scores by the BLAS's sgemm
+(one thread per call), softmax in vectorized C, P V by sgemm again. SwiGLU gives each thread a share of the
+floats. kernels_init loads the BLAS MLX uses. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+typedef void (*set_threads_fn)(int);
+typedef int (*get_threads_fn)(void);
+
+static sgemm_fn sgemm;
+static set_threads_fn blas_set_threads;
+static get_threads_fn blas_get_threads;
+
+/* Load the BLAS at `path` (already loaded by mlx_kvpred.blas); 0 on success. Without openblas_set_num_threads
+   (not OpenBLAS) the kernels run on the calling thread alone and the BLAS threads as it likes. */
+int kernels_init(const char *path) {
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) return 1;
+    sgemm = (sgemm_fn)dlsym(lib, "cblas_sgemm");
+    blas_set_threads = (set_threads_fn)dlsym(lib, "openblas_set_num_threads");
+    blas_get_threads = (get_threads_fn)dlsym(lib, "openblas_get_num_threads");
+    if (!blas_set_threads || !blas_get_threads) blas_set_threads = NULL, blas_get_threads = NULL;
+    return sgemm ? 0 : 2;
+}
+
+/* How many threads the kernels use: the BLAS's own thread count (1 if it cannot be set per call). */
+int kernels_threads(void) { return blas_get_threads ? blas_get_threads() : 1; }
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* Minimax coefficients of 2**f on [-0.5, 0.5], highest power first (MLX's own exp, as cpu_ops._EXP2_POLY). */
+#define C6 1.535336188319500e-4f
+#define C5 1.339887440266574e-3f
+#define C4 9.618437357674640e-3f
+#define C3 5.550332471162809e-2f
+#define C2 2.402264791363012e-1f
+#define C1 6.931472028550421e-1f
+#define C0 1.0f
+#define LOG2E 1.4426950408889634f
+#define ROUND 12582912.0f /* 1.5 * 2**23: (y + ROUND) - ROUND rounds y to an integer */
+
+/* x[i] = exp(x[i] - m) for i < n (m >= every x[i]), returns their sum; cpu_ops._exp_shifted's arithmetic. */
+VECTOR_CLONES static float exp_shifted_sum(float *x, int n, float m) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) {
+        float y = (x[i] - m) * LOG2E;
+        y = y > -87.0f * LOG2E ? y : -87.0f * LOG2E;
+        float r = (y + ROUND) - ROUND;
+        float f = y - r, f2 = f * f;
+        float p = (C0 + C1 * f) + f2 * (C2 + C3 * f) + (f2 * f2) * ((C4 + C5 * f) + f2 * C6);
+        int32_t bits = ((int32_t)r + 127) << 23;
+        float scale;
+        memcpy(&scale, &bits, sizeof scale);
+        x[i] = p * scale;
+        sum += x[i];
+    }
+    return sum;
+}
+
+VECTOR_CLONES static float row_max(const float *x, int n) {
+    float m = x[0];
+#pragma omp simd reduction(max : m)
+    for (int i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+typedef struct {
+    const float *q, *k, *v;
+    float *out;
+    long q_head, q_row, k_head, k_row, v_head, v_row; /* strides in floats; batches are heads here */
+    int n_q, n_kv, L, S, D, rows;
+    float scale;
+    int blocks, tasks;
+    atomic_int next, done;
+} attention_job;
+
+/* One task: query rows [start, end) of query head `h` (over all batches: h counts batch * n_q + head). */
+static void attention_task(attention_job *j, int task, float *scores, float *pv) {
+    int block = j->blocks - 1 - task / (j->tasks / j->blocks); /* the longest blocks first */
+    int h = task % (j->tasks / j->blocks);
+    int b = h / j->n_q, head = h % j->n_q, kv = b * j->n_kv + head / (j->n_q / j->n_kv);
+    int start = block * j->rows, end = start + j->rows < j->L ? start + j->rows : j->L;
+    int rows = end - start, seen = j->S - j->L + end;
+    const float *q = j->q + h * j->q_head + start * j->q_row;
+    const float *k = j->k + kv * j->k_head, *v = j->v + kv * j->v_head;
+    sgemm(RowMajor, NoTrans, Trans, rows, seen, j->D, j->scale, q, (int)j->q_row, k, (int)j->k_row, 0.0f, scores,
+          seen);
+    float sums[rows];
+    for (int r = 0; r < rows; r++) { /* row r sees keys [0, seen - rows + r]: the rest of its scores become 0 */
+        float *row = scores + (long)r * seen;
+        int n = seen - rows + r + 1;
+        sums[r] = exp_shifted_sum(row, n, row_max(row, n));
+        memset(row + n, 0, (size_t)(seen - n) * sizeof(float));
+    }
+    sgemm(RowMajor, NoTrans, NoTrans, rows, j->D, seen, 1.0f, scores, seen, v, (int)j->v_row, 0.0f, pv, j->D);
+    float *out = j->out + ((long)h * j->L + start) * j->D;
+    for (int r = 0; r < rows; r++) {
+        float inv = 1.0f / sums[r];
+        for (int d = 0; d < j->D; d++) out[(long)r * j->D + d] = pv[(long)r * j->D + d] * inv;
+    }
+}
+
+static void *attention_worker(void *arg) {
+    attention_job *j = arg;
+    float *scores = malloc(sizeof(float) * (size_t)j->rows * j->S), *pv = malloc(sizeof(float) * j->rows * j->D);
+    if (scores && pv)
+        for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->tasks;) {
+            attention_task(j, t, scores, pv);
+            atomic_fetch_add(&j->done, 1);
+        }
+    free(scores);
+    free(pv);
+    return NULL;
+}
+
+/* Causal attention ("causal" aligned to the end of the keys) of q (B, n_q, L, D) against k and v (B, n_kv, S, D),
+   grouped heads, rows of each array contiguous, strides given in floats (per head and per row; batches must
+   follow heads at the same stride); out is (B, n_q, L, D) contiguous. Query rows go in blocks of `rows`. 0 on
+   success; 1 if no thread got its scratch memory (out is then not all written), 2 before kernels_init. */
+int causal_attention(const float *q, long q_head, long q_row, const float *k, long k_head, long k_row,
+                     const float *v, long v_head, long v_row, float *out, int B, int n_q, int n_kv, int L, int S,
+                     int D, float scale, int rows) {
+    if (!sgemm) return 2;
+    attention_job j = {q, k, v, out, q_head, q_row, k_head, k_row, v_head, v_row, n_q, n_kv, L, S, D, rows, scale};
+    j.blocks = (L + rows - 1) / rows;
+    j.tasks = j.blocks * B * n_q;
+    atomic_init(&j.next, 0);
+    atomic_init(&j.done, 0);
+    int threads = kernels_threads();
+    if (threads > 64) threads = 64;
+    if (threads > 1) blas_set_threads(1); /* each worker's sgemm runs on its own thread */
+    pthread_t ids[64];
+    int started = 0;
+    for (; started < threads - 1; started++) /* fewer threads if the system gives fewer */
+        if (pthread_create(&ids[started], NULL, attention_worker, &j) != 0) break;
+    attention_worker(&j);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    if (threads > 1) blas_set_threads(threads);
+    return atomic_load(&j.done) == j.tasks ? 0 : 1;
+}
+
+/* out = silu(gate) * x = gate / (1 + exp(-gate)) * x, cpu_ops._swiglu_kernel's arithmetic. */
+VECTOR_CLONES static void swiglu_range(const float *gate, const float *x, float *out, long n) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) {
+        float y = -gate[i] * LOG2E;
+        y = y > -87.0f * LOG2E ? y : -87.0f * LOG2E;
+        y = y < 88.0f * LOG2E ? y : 88.0f * LOG2E;
+        float r = (y + ROUND) - ROUND;
+        float f = y - r, f2 = f * f;
+        float p = (C0 + C1 * f) + f2 * (C2 + C3 * f) + (f2 * f2) * ((C4 + C5 * f) + f2 * C6);
+        int32_t bits = ((int32_t)r + 127) << 23;
+        float scale;
+        memcpy(&scale, &bits, sizeof scale);
+        out[i] = gate[i] / (1.0f + p * scale) * x[i];
+    }
+}
+
+typedef struct {
+    const float *gate, *x;
+    float *out;
+    long n;
+    int threads, index;
+} swiglu_share;
+
+static void *swiglu_worker(void *arg) {
+    swiglu_share *s = arg;
+    long per = (s->n + s->threads - 1) / s->threads, lo = s->index * per, hi = lo + per < s->n ? lo + per : s->n;
+    if (lo < hi) swiglu_range(s->gate + lo, s->x + lo, s->out + lo, hi - lo);
+    return NULL;
+}
+
+/* out = silu(gate) * x over n floats, one contiguous share per thread. */
+void swiglu(const float *gate, const float *x, float *out, long n) {
+    int threads = n < 16384 ? 1 : kernels_threads(); /* small inputs: not worth a thread */
+    if (threads > 64) threads = 64;
+    swiglu_share shares[64];
+    pthread_t ids[64];
+    int started = 0;
+    for (int i = 0; i < threads; i++) shares[i] = (swiglu_share){gate, x, out, n, threads, i};
+    for (; started < threads - 1; started++)
+        if (pthread_create(&ids[started], NULL, swiglu_worker, &shares[started + 1]) != 0) break;
+    swiglu_worker(&shares[0]);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    for (int i = started + 1; i < threads; i++) swiglu_worker(&shares[i]); /* threads not had */
+}

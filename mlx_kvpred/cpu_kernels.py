@@ -1,0 +1,115 @@
+"""The prefill kernels in C (cpu_kernels.c, built at install on Linux), on numpy arrays and on all cores: causal
+attention and SwiGLU. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says whether
+they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention and MLX's SwiGLU instead)."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+from . import blas
+from .switch import Switch
+
+_lib: ctypes.CDLL | None = None
+_note = ""
+
+
+def library_path() -> str | None:
+    """The built kernels next to this file, if the install compiled them."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_cpu_kernels*.so")))
+    return found[0] if found else None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _note
+    if _lib is not None or _note:
+        return _lib
+    st = blas.load_fast_blas()
+    path = library_path()
+    if st.path is None:
+        _note = "no BLAS loaded by mlx_kvpred.blas"
+    elif path is None:
+        _note = "not built (install a C compiler, e.g. apt-get install gcc, then reinstall kvpred-mlx)"
+    else:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            _note = f"{path} did not load: {e}"
+        else:
+            if lib.kernels_init(st.path.encode()) != 0:
+                _note = f"{st.path} has no cblas_sgemm"
+            else:
+                f, i, l, p = ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p
+                lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i]
+                lib.causal_attention.restype = i
+                lib.swiglu.argtypes = [p, p, p, l]
+                lib.swiglu.restype = None
+                _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """The kernels are built and loaded."""
+    return _load() is not None
+
+
+def note() -> str:
+    """Why the kernels are not available ("" when they are)."""
+    _load()
+    return _note
+
+
+C_KERNELS = Switch("KVPRED_C_KERNELS", available, "on: causal prefill attention and SwiGLU",
+                   "off: numpy prefill attention, MLX SwiGLU", note)
+
+
+def threads() -> int:
+    """Threads the kernels run on (the BLAS's thread count)."""
+    return int(_load().kernels_threads()) if available() else 1
+
+
+def _require() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the C kernels are not available: {_note}")
+    return lib
+
+
+def _rows_contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` (B, H, N, D) as float32 whose rows are contiguous and whose batches follow its heads (as the kernel reads)."""
+    if a.dtype != np.float32 or a.strides[3] != 4 or a.strides[0] != a.shape[1] * a.strides[1]:
+        return np.ascontiguousarray(a, np.float32)
+    return a
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, *, rows: int = 128) -> np.ndarray:
+    """Causal attention ("causal" aligned to the end of the keys): q (B, Hq, L, D), k and v (B, Hkv, S, D), grouped
+    heads, float32; blocks of `rows` query rows per task, tasks shared by `threads()` threads."""
+    lib = _require()
+    B, n_q, L, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or n_q % n_kv or S < L:
+        raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}")
+    q, k, v = (_rows_contiguous(a) for a in (q, k, v))
+    out = np.empty((B, n_q, L, D), np.float32)
+    strides = [s // 4 for a in (q, k, v) for s in a.strides[1:3]]
+    status = lib.causal_attention(q.ctypes.data, *strides[0:2], k.ctypes.data, *strides[2:4], v.ctypes.data,
+                                  *strides[4:6], out.ctypes.data, B, n_q, n_kv, L, S, D, scale, rows)
+    if status != 0:
+        raise MemoryError(f"causal_attention: no thread got its {rows} x {S} scratch scores")
+    return out
+
+
+def swiglu(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """silu(gate) * x of two float32 arrays of one shape (cpu_ops.fast_swiglu's arithmetic), on all cores."""
+    lib = _require()
+    if gate.shape != x.shape:
+        raise ValueError(f"swiglu: gate {gate.shape} and x {x.shape} differ")
+    gate, x = (np.ascontiguousarray(a, np.float32) for a in (gate, x))
+    out = np.empty(gate.shape, np.float32)
+    lib.swiglu(gate.ctypes.data, x.ctypes.data, out.ctypes.data, out.size)
+    return out
+
