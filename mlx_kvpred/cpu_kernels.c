@@ -2,8 +2,8 @@
 
 MLX's CPU ops run on one thread, and its exp is scalar. Causal attention over many query rows runs in tasks
 shared by worker threads (one per core), each task a block of query rows of one head: scores by the BLAS's sgemm
-(one thread per call), softmax in vectorized C, P V by sgemm again. SwiGLU gives each thread a share of the
-floats. kernels_init loads the BLAS MLX uses. */
+(one thread per call), softmax in vectorized C, P V by sgemm again. SwiGLU and RoPE give each thread a share of
+the floats or rows. kernels_init loads the BLAS MLX uses. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -172,31 +172,76 @@ VECTOR_CLONES static void swiglu_range(const float *gate, const float *x, float 
     }
 }
 
+/* Runs work(arg, lo, hi) over [0, n) in one contiguous share per thread. */
+typedef void (*range_fn)(const void *arg, long lo, long hi);
 typedef struct {
-    const float *gate, *x;
-    float *out;
+    range_fn work;
+    const void *arg;
     long n;
     int threads, index;
-} swiglu_share;
+} share;
 
-static void *swiglu_worker(void *arg) {
-    swiglu_share *s = arg;
+static void *share_worker(void *p) {
+    share *s = p;
     long per = (s->n + s->threads - 1) / s->threads, lo = s->index * per, hi = lo + per < s->n ? lo + per : s->n;
-    if (lo < hi) swiglu_range(s->gate + lo, s->x + lo, s->out + lo, hi - lo);
+    if (lo < hi) s->work(s->arg, lo, hi);
     return NULL;
 }
 
-/* out = silu(gate) * x over n floats, one contiguous share per thread. */
-void swiglu(const float *gate, const float *x, float *out, long n) {
-    int threads = n < 16384 ? 1 : kernels_threads(); /* small inputs: not worth a thread */
+static void run_split(range_fn work, const void *arg, long n, long floats) {
+    int threads = floats < 16384 ? 1 : kernels_threads(); /* small inputs: not worth a thread */
     if (threads > 64) threads = 64;
-    swiglu_share shares[64];
+    share shares[64];
     pthread_t ids[64];
     int started = 0;
-    for (int i = 0; i < threads; i++) shares[i] = (swiglu_share){gate, x, out, n, threads, i};
+    for (int i = 0; i < threads; i++) shares[i] = (share){work, arg, n, threads, i};
     for (; started < threads - 1; started++)
-        if (pthread_create(&ids[started], NULL, swiglu_worker, &shares[started + 1]) != 0) break;
-    swiglu_worker(&shares[0]);
+        if (pthread_create(&ids[started], NULL, share_worker, &shares[started + 1]) != 0) break;
+    share_worker(&shares[0]);
     for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    for (int i = started + 1; i < threads; i++) swiglu_worker(&shares[i]); /* threads not had */
+    for (int i = started + 1; i < threads; i++) share_worker(&shares[i]); /* threads not had */
+}
+
+typedef struct {
+    const float *gate, *x;
+    float *out;
+} swiglu_args;
+
+static void swiglu_part(const void *arg, long lo, long hi) {
+    const swiglu_args *a = arg;
+    swiglu_range(a->gate + lo, a->x + lo, a->out + lo, hi - lo);
+}
+
+/* out = silu(gate) * x over n floats, on all cores. */
+void swiglu(const float *gate, const float *x, float *out, long n) {
+    swiglu_args a = {gate, x, out};
+    run_split(swiglu_part, &a, n, n);
+}
+
+typedef struct {
+    const float *x, *cos, *sin;
+    const int *partner;
+    float *out;
+    long x_head, x_row;
+    int L, d;
+} rope_args;
+
+VECTOR_CLONES static void rope_part(const void *arg, long lo, long hi) {
+    const rope_args *a = arg;
+    int d = a->d;
+    for (long r = lo; r < hi; r++) { /* r counts (head, position) rows */
+        long h = r / a->L, l = r % a->L;
+        const float *x = a->x + h * a->x_head + l * a->x_row, *c = a->cos + l * d, *s = a->sin + l * d;
+        float *out = a->out + r * d;
+#pragma omp simd
+        for (int i = 0; i < d; i++) out[i] = x[i] * c[i] + x[a->partner[i]] * s[i];
+    }
+}
+
+/* RoPE from tables: out (heads, L, d) contiguous, out[h, l, i] = x[h, l, i] cos[l, i] + x[h, l, partner[i]]
+   sin[l, i] (sin's sign folded in per entry: mlx_kvpred.rope_layout), x's heads and rows at the given strides. */
+void rope(const float *x, long x_head, long x_row, const float *cos, const float *sin, const int *partner,
+          float *out, int heads, int L, int d) {
+    rope_args a = {x, cos, sin, partner, out, x_head, x_row, L, d};
+    run_split(rope_part, &a, (long)heads * L, (long)heads * L * d);
 }

@@ -1,6 +1,6 @@
 """The prefill kernels in C (cpu_kernels.c, built at install on Linux), on numpy arrays and on all cores: causal
-attention and SwiGLU. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says whether
-they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention and MLX's SwiGLU instead)."""
+attention, SwiGLU and RoPE. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says whether
+they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention, MLX's SwiGLU and RoPE)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i]
                 lib.causal_attention.restype = i
                 lib.swiglu.argtypes = [p, p, p, l]
-                lib.swiglu.restype = None
+                lib.rope.argtypes = [p, l, l, p, p, p, p, i, i, i]
+                lib.swiglu.restype = lib.rope.restype = None
                 _lib = lib
     return _lib
 
@@ -62,8 +63,8 @@ def note() -> str:
     return _note
 
 
-C_KERNELS = Switch("KVPRED_C_KERNELS", available, "on: causal prefill attention and SwiGLU",
-                   "off: numpy prefill attention, MLX SwiGLU", note)
+C_KERNELS = Switch("KVPRED_C_KERNELS", available, "on: causal prefill attention, SwiGLU and RoPE",
+                   "off: numpy prefill attention, MLX SwiGLU and RoPE", note)
 
 
 def threads() -> int:
@@ -113,3 +114,20 @@ def swiglu(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     lib.swiglu(gate.ctypes.data, x.ctypes.data, out.ctypes.data, out.size)
     return out
 
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray) -> np.ndarray:
+    """x (1, H, L, D) rotated by tables: out[..., l, i] = x[..., l, i] cos[l, i] + x[..., l, partner[i]] sin[l, i]
+    (cos and sin (L, D) float32, partner (D,) int32: rope_layout's rotation), on all cores."""
+    lib = _require()
+    _, H, L, D = x.shape
+    if x.shape[0] != 1 or cos.shape != (L, D) or sin.shape != (L, D) or partner.shape != (D,):
+        raise ValueError(f"rope: x {x.shape}, tables {cos.shape} {sin.shape}, partner {partner.shape}")
+    if x.dtype != np.float32 or x.strides[3] != 4:
+        x = np.ascontiguousarray(x, np.float32)
+    cos, sin = (np.ascontiguousarray(t, np.float32) for t in (cos, sin))
+    partner = np.ascontiguousarray(partner, np.int32)
+    out = np.empty(x.shape, np.float32)
+    lib.rope(x.ctypes.data, x.strides[1] // 4, x.strides[2] // 4, cos.ctypes.data, sin.ctypes.data,
+             partner.ctypes.data, out.ctypes.data, H, L, D)
+    return out

@@ -26,6 +26,9 @@ import mlx.nn as nn
 import numpy as np
 
 from . import blas, cpu_kernels
+from .attention import attention_of, backbone
+from .errors import KVPredError
+from .rope_layout import rope_key, rotation_layout
 from .switch import Switch
 
 _LOG2E = 1.4426950408889634
@@ -304,11 +307,63 @@ def _mlx_lm_sdpa(*args, **kwargs):
 
 _PATCHES = {"swiglu": fast_swiglu, "scaled_dot_product_attention": fast_scaled_dot_product_attention}
 
+# From this many floats of q or k (a prefill chunk), RoPE goes to the C kernel with tables made once per chunk.
+_C_ROPE_MIN_SIZE = 1 << 15
+_c_rope_classes: dict[type, type] = {}
+_rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _c_rope_call(self, x: mx.array, offset=0, **kwargs) -> mx.array:
+    """The rope module's call; prefill-sized float32 (1, H, L, D) inputs at an int offset run the C kernel."""
+    if (not kwargs and isinstance(offset, int) and x.ndim == 4 and x.shape[0] == 1 and x.size >= _C_ROPE_MIN_SIZE
+            and x.dtype == mx.float32 and cpu_kernels.C_KERNELS.enabled()):
+        cos, sin, partner = _prefill_rope_tables(self, x.shape[-1], offset, x.shape[2])
+        return mx.array(cpu_kernels.rope(np.asarray(x), cos, sin, partner))
+    return self._kvpred_stock.__call__(self, x, offset=offset, **kwargs)
+
+
+def _prefill_rope_tables(rope: nn.Module, head_dim: int, offset: int, L: int):
+    """cos and sin (L, head_dim) at positions offset.. and the pair partners, read back from the module itself on
+    a unit input; kept for the chunk's other layers."""
+    key = (repr(rope_key(rope)), head_dim, offset, L)  # repr: the key holds lists and sets
+    made = _rope_tables.get(key)
+    if made is None:
+        unit, partner, cos_at, sin_at, sign = rotation_layout(rope, head_dim)
+        r = rope._kvpred_stock.__call__(rope, mx.repeat(unit[None, None, None], L, axis=2), offset=offset)[0, 0]
+        if len(_rope_tables) >= 8:
+            _rope_tables.clear()
+        made = _rope_tables[key] = (np.array(r[:, cos_at]), np.array(r[:, sin_at] * sign),
+                                    np.array(partner.astype(mx.int32)))
+    return made
+
+
+def _c_rope_class(cls: type) -> type:
+    """`cls` with its call over prefill-sized inputs in C (one class per rope class)."""
+    made = _c_rope_classes.get(cls)
+    if made is None:
+        made = _c_rope_classes[cls] = type(cls.__name__, (cls,), {"__call__": _c_rope_call, "_kvpred_stock": cls})
+    return made
+
+
+def _rope_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention's rope modules of `model` that rotate entry pairs (none for unknown architectures)."""
+    try:
+        layers = backbone(model).layers
+        found = [attention_of(layer).get("rope") for layer in layers]
+    except (KVPredError, AttributeError):
+        return []
+    return [r for r in found if isinstance(r, nn.Module) and hasattr(r, "dims") and hasattr(r, "traditional")]
+
 
 def use_fast_cpu_ops(model: nn.Module, enabled: bool = True) -> list[str]:
-    """Make the mlx-lm module that defines `model`'s class call the fast ops (or the originals again).
-    This affects every model of that architecture in the process. Returns the names it set."""
+    """Make the mlx-lm module that defines `model`'s class call the fast ops (or the originals again): this affects
+    every model of that architecture in the process; and `model`'s rope modules run prefill in C (or not).
+    Returns the names it set ("rope" for the rope modules)."""
     module = sys.modules[type(model).__module__]
+    ropes = _rope_modules(model)
+    for rope in ropes:
+        stock = getattr(type(rope), "_kvpred_stock", type(rope))
+        rope.__class__ = _c_rope_class(stock) if enabled else stock
     originals = module.__dict__.setdefault("_kvpred_originals", {})
     done = []
     for name, fast in _PATCHES.items():
@@ -318,7 +373,15 @@ def use_fast_cpu_ops(model: nn.Module, enabled: bool = True) -> list[str]:
             originals[name] = module.__dict__[name]
         setattr(module, name, fast if enabled else originals[name])
         done.append(name)
-    return done
+    return done + (["rope"] if ropes else [])
+
+
+def copy_rope_classes(model: nn.Module, like: nn.Module) -> None:
+    """Give `model`'s rope modules the classes of `like`'s where they are of one rope class (an aux model gets its
+    base's C prefill RoPE)."""
+    for rope, twin in zip(_rope_modules(model), _rope_modules(like)):
+        if type(rope) in (type(twin), getattr(type(twin), "_kvpred_stock", None)):
+            rope.__class__ = type(twin)
 
 
 @contextmanager
@@ -326,9 +389,13 @@ def stock_mlx_ops(model: nn.Module) -> Iterator[None]:
     """Run `model`'s architecture with mlx-lm's own functions inside the block (e.g. to time stock mlx-lm)."""
     module = sys.modules[type(model).__module__]
     current = {name: module.__dict__[name] for name in _PATCHES if name in module.__dict__}
+    ropes = [(rope, type(rope)) for rope in _rope_modules(model)]
     use_fast_cpu_ops(model, enabled=False)
     try:
-        yield
+        with cpu_kernels.C_KERNELS.off():  # nor C kernels in other models (an aux's rope modules)
+            yield
     finally:
         for name, fn in current.items():
             setattr(module, name, fn)
+        for rope, cls in ropes:
+            rope.__class__ = cls

@@ -21,6 +21,7 @@ import mlx.nn as nn
 
 from .attention import backbone, lm_head_of
 from .cpu_ops import _exp_shifted, _swiglu_kernel
+from .rope_layout import rope_key, rotation_layout
 from .switch import Switch
 
 ENV_VAR = "KVPRED_COMPILED_DECODE"  # "0": decode with the model's own code
@@ -102,30 +103,6 @@ def _block_output(x: mx.array, pv: mx.array, row_sums: mx.array, w: BlockWeights
     return h + (down + w["mlp_bias"][2] if w["mlp_bias"] else down)
 
 
-def _rope_key(rope: nn.Module) -> tuple:
-    """What makes two rope modules rotate alike: their class, attributes and arrays (llama3's frequencies)."""
-    items = sorted(vars(rope).items()) + sorted(rope.items())
-    return (type(rope),) + tuple((k, v.tolist() if isinstance(v, mx.array) else v) for k, v in items)
-
-
-def _rotation_layout(rope: nn.Module, head_dim: int) -> tuple[mx.array, ...]:
-    """For one head: the unit vector u whose RoPE gives (cos, sin) at every rotated pair, the pair partner of each
-    entry (perm) and where each entry takes cos and sin from in rope(u) (cos_at, sin_at; sin's sign in sign)."""
-    dims, half = rope.dims, rope.dims // 2
-    idx = list(range(head_dim))
-    if rope.traditional:  # pairs (2i, 2i + 1)
-        first = [i % 2 == 0 for i in range(dims)]
-        partner = [i + 1 if i % 2 == 0 else i - 1 for i in range(dims)]
-    else:  # pairs (i, i + half)
-        first = [i < half for i in range(dims)]
-        partner = [i + half if i < half else i - half for i in range(dims)]
-    unit = [1.0 if f else 0.0 for f in first] + [1.0] * (head_dim - dims)
-    cos_at = [i if f else partner[i] for i, f in enumerate(first)] + idx[dims:]
-    sin_at = [partner[i] if f else i for i, f in enumerate(first)] + idx[dims:]
-    sign = [-1.0 if f else 1.0 for f in first] + [0.0] * (head_dim - dims)
-    return (mx.array(unit), mx.array(partner + idx[dims:]), mx.array(cos_at), mx.array(sin_at), mx.array(sign))
-
-
 class CompiledDecoder:
     """Called like the model (`decoder(tokens, cache=cache)` -> logits) by mlx-lm's generate_step: one token with
     plain K/V caches takes the compiled step, anything else (several tokens, quantized caches) the model itself."""
@@ -139,7 +116,7 @@ class CompiledDecoder:
         n_q, n_kv = attn.n_heads, attn.n_kv_heads
         head_dim = attn.q_proj.weight.shape[0] // n_q
         self.rope = attn.rope
-        unit, partner, cos_at, sin_at, sign = _rotation_layout(self.rope, head_dim)
+        unit, partner, cos_at, sin_at, sign = rotation_layout(self.rope, head_dim)
         self.unit = unit.reshape(1, 1, 1, head_dim)
         heads = n_q + 2 * n_kv
         offsets = mx.arange(heads)[:, None] * head_dim
@@ -227,4 +204,4 @@ def supports(model: nn.Module) -> bool:
     rope = blocks[0].self_attn.rope
     if not all(hasattr(rope, a) for a in ("dims", "traditional")):
         return False
-    return all(_rope_key(b.self_attn.rope) == _rope_key(rope) for b in blocks)
+    return all(rope_key(b.self_attn.rope) == rope_key(rope) for b in blocks)

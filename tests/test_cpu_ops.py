@@ -11,8 +11,8 @@ from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
 from conftest import tiny_model
 from mlx_kvpred import cpu_kernels, cpu_ops
 from mlx_kvpred.blas import keep_freed_memory
-from mlx_kvpred.cpu_ops import (fast_exp, fast_logsumexp, fast_scaled_dot_product_attention, fast_softmax,
-                                fast_swiglu, stock_mlx_ops, use_fast_cpu_ops)
+from mlx_kvpred.cpu_ops import (copy_rope_classes, fast_exp, fast_logsumexp, fast_scaled_dot_product_attention,
+                                fast_softmax, fast_swiglu, stock_mlx_ops, use_fast_cpu_ops)
 
 
 def close(a: mx.array, b: mx.array, tol: float) -> bool:
@@ -152,16 +152,64 @@ def test_patched_model_gives_mlx_lm_logits_and_restores():
         use_fast_cpu_ops(model, enabled=False)
         original = module.scaled_dot_product_attention
         ref = model(tokens)
-        assert use_fast_cpu_ops(model) == ["swiglu", "scaled_dot_product_attention"]
+        rope = model.layers[0].self_attn.rope
+        assert type(rope) is nn.RoPE
+        assert use_fast_cpu_ops(model) == ["swiglu", "scaled_dot_product_attention", "rope"]
         assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
+        assert isinstance(rope, nn.RoPE) and type(rope) is not nn.RoPE  # its prefill runs in C
         assert close(model(tokens), ref, 1e-4)
         with stock_mlx_ops(model):  # bench's mlx-lm mode
-            assert module.scaled_dot_product_attention is original
+            assert module.scaled_dot_product_attention is original and type(rope) is nn.RoPE
         assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
+        assert type(rope) is not nn.RoPE
         use_fast_cpu_ops(model, enabled=False)
-        assert module.scaled_dot_product_attention is original
+        assert module.scaled_dot_product_attention is original and type(rope) is nn.RoPE
     finally:
         use_fast_cpu_ops(model)  # what load_model leaves on the CPU
+
+
+ROPES = {
+    "plain": {},
+    "traditional": dict(rope_traditional=True),
+    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_c_rope_equals_the_rope_module(kind, monkeypatch):
+    """A rope module after use_fast_cpu_ops runs prefill-sized inputs in C (tables read back from the module itself)
+    with the stock module's values, at any offset and on strided q; small inputs, C_KERNELS.off() and array
+    offsets stay in MLX. An aux built beside the model takes its rope classes (copy_rope_classes)."""
+    if not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    model = tiny_model("llama", **ROPES[kind]).model
+    stock_type = type(model.layers[0].self_attn.rope)
+    calls, original = [], cpu_kernels.rope
+    monkeypatch.setattr(cpu_kernels, "rope", lambda *a: calls.append(a[0].shape) or original(*a))
+    monkeypatch.setattr(cpu_ops, "_C_ROPE_MIN_SIZE", 1000)
+    try:
+        use_fast_cpu_ops(model)
+        attn = model.layers[0].self_attn
+        rope, head_dim = attn.rope, attn.q_proj.weight.shape[0] // attn.n_heads
+        assert type(rope).__mro__[1] is stock_type
+        x = mx.random.normal((1, 40, 4, head_dim)).transpose(0, 2, 1, 3)  # (1, H, L, D) as attention hands it over
+        for offset in (0, 37, 37):  # the second 37 reads its tables back from the cache
+            out = rope(x, offset=offset)
+            assert close(out, stock_type.__call__(rope, x, offset=offset), 1e-6)
+        assert len(calls) == 3
+        calls.clear()
+        with cpu_kernels.C_KERNELS.off():
+            mx.eval(rope(x, offset=3))
+        mx.eval(rope(x[:, :1, :2], offset=3), rope(x, offset=mx.array(3)))  # under _C_ROPE_MIN_SIZE; array offset
+        assert calls == []
+        aux = tiny_model("llama", **ROPES[kind]).model
+        copy_rope_classes(aux, model)
+        assert all(type(a.self_attn.rope) is type(rope) for a in aux.layers)
+    finally:
+        use_fast_cpu_ops(model, enabled=False)
+    assert type(model.layers[0].self_attn.rope) is stock_type
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
