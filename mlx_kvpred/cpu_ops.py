@@ -4,14 +4,15 @@ MLX's x86 CPU build evaluates `mx.exp` at ~15 ns per element (scalar code), so S
 much as all of a layer's matmuls. `fast_exp` is MLX's own polynomial for 2**f (within 3e-7 of `mx.exp`) in one
 compiled kernel that the JIT's compiler vectorizes: rounding by adding 1.5 * 2**23 instead of `floor` (not
 vectorizable without SSE4.1) and Estrin's scheme (shallow enough for MLX to fuse the whole chain): ~8x faster.
-`use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these.
+`use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these, and gives
+a model's rope modules a prefill path in C.
 
 Causal attention over more than one query row (prefill) runs outside MLX's one-threaded ops: in C on all cores
 (`cpu_kernels.causal_attention`) where the install built it, else in numpy (`numpy_causal_attention`, whose SIMD
 exp, max and sum take ~1.5 ns a score where MLX's CPU kernels take ~6; docs/performance.md). It is an
 `mx.custom_function` whose gradient comes from the MLX blocks, so autodiff stays right; it evaluates its inputs, so
 it cannot run inside `mx.compile` or `mx.vmap` (`set_numpy_attention(False)` or KVPRED_NUMPY_ATTENTION=0 keeps it in
-MLX; KVPRED_C_KERNELS=0 takes numpy over C). SwiGLU over many rows runs in C too (`cpu_kernels.swiglu`).
+MLX; KVPRED_C_KERNELS=0 takes numpy over C). SwiGLU and RoPE over many rows run in C too (`cpu_kernels`).
 """
 
 from __future__ import annotations

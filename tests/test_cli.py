@@ -203,7 +203,11 @@ def test_chat_data_documents(tmp_path):
 def test_doctor_names_the_cpu_paths_and_why_they_are_off(monkeypatch):
     """doctor shows where prefill attention and decoding run, and which switch turned a speed-up off."""
     r = cli("doctor")
-    assert "prefill attn" in r.stdout and "decode" in r.stdout, r.stdout
+    assert "prefill attn" in r.stdout and "decode" in r.stdout and "C kernels" in r.stdout, r.stdout
+    monkeypatch.setenv("KVPRED_C_KERNELS", "0")
+    r = cli("doctor")
+    assert "off: numpy prefill attention, MLX SwiGLU and RoPE (KVPRED_C_KERNELS=0)" in r.stdout, r.stdout
+    assert "numpy, products by the loaded BLAS" in r.stdout, r.stdout
     monkeypatch.setenv("KVPRED_NUMPY_ATTENTION", "0")
     monkeypatch.setenv("KVPRED_COMPILED_DECODE", "0")
     r = cli("doctor")
