@@ -4,7 +4,7 @@ The mlx-lm mode is stock mlx-lm: its generate_step with MLX's own attention and 
 one-row matmuls as sgemm (the gemv_forward shim off). base-sgemm and kvp-sgemm are base and kvp with the shim off,
 base-eager and kvp-eager with the model's own decode step instead of the compiled one (decode.py), base-mlx-attn
 and kvp-mlx-attn with causal prefill attention in MLX ops instead of C (cpu_ops), base-no-c and kvp-no-c with the C
-kernels off (numpy attention, MLX SwiGLU; cpu_kernels), to time each side by side."""
+kernels off (numpy attention, MLX SwiGLU and RoPE; cpu_kernels), to time each side by side."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from mlx_kvpred.predictor import layer_pruned_map
 
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-attn: causal
-# prefill attention in MLX ops, not C or numpy; -no-c: the C kernels off (numpy attention, MLX SwiGLU)
+# prefill attention in MLX ops, not C or numpy; -no-c: the C kernels off (numpy attention, MLX SwiGLU and RoPE)
 SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
 SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
 MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(

@@ -608,7 +608,7 @@ def bench(
                                                    "kvp-eager (decode with the model's own code, not the compiled "
                                                    "step), base-mlx-attn / kvp-mlx-attn (causal prefill attention in "
                                                    "MLX ops, not C), base-no-c / kvp-no-c (the C kernels off: numpy "
-                                                   "attention, MLX SwiGLU). Default "
+                                                   "attention, MLX SwiGLU and RoPE). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

@@ -54,20 +54,24 @@ int kernels_threads(void) { return blas_get_threads ? blas_get_threads() : 1; }
 #define LOG2E 1.4426950408889634f
 #define ROUND 12582912.0f /* 1.5 * 2**23: (y + ROUND) - ROUND rounds y to an integer */
 
+/* 2**y for y in [-87, 88] / ln 2, as cpu_ops._exp2_of: inlined into the vectorized loops below. */
+static inline float exp2_of(float y) {
+    float r = (y + ROUND) - ROUND;
+    float f = y - r, f2 = f * f;
+    float p = (C0 + C1 * f) + f2 * (C2 + C3 * f) + (f2 * f2) * ((C4 + C5 * f) + f2 * C6);
+    int32_t bits = ((int32_t)r + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* x[i] = exp(x[i] - m) for i < n (m >= every x[i]), returns their sum; cpu_ops._exp_shifted's arithmetic. */
 VECTOR_CLONES static float exp_shifted_sum(float *x, int n, float m) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int i = 0; i < n; i++) {
         float y = (x[i] - m) * LOG2E;
-        y = y > -87.0f * LOG2E ? y : -87.0f * LOG2E;
-        float r = (y + ROUND) - ROUND;
-        float f = y - r, f2 = f * f;
-        float p = (C0 + C1 * f) + f2 * (C2 + C3 * f) + (f2 * f2) * ((C4 + C5 * f) + f2 * C6);
-        int32_t bits = ((int32_t)r + 127) << 23;
-        float scale;
-        memcpy(&scale, &bits, sizeof scale);
-        x[i] = p * scale;
+        x[i] = exp2_of(y > -87.0f * LOG2E ? y : -87.0f * LOG2E);
         sum += x[i];
     }
     return sum;
@@ -162,13 +166,7 @@ VECTOR_CLONES static void swiglu_range(const float *gate, const float *x, float 
         float y = -gate[i] * LOG2E;
         y = y > -87.0f * LOG2E ? y : -87.0f * LOG2E;
         y = y < 88.0f * LOG2E ? y : 88.0f * LOG2E;
-        float r = (y + ROUND) - ROUND;
-        float f = y - r, f2 = f * f;
-        float p = (C0 + C1 * f) + f2 * (C2 + C3 * f) + (f2 * f2) * ((C4 + C5 * f) + f2 * C6);
-        int32_t bits = ((int32_t)r + 127) << 23;
-        float scale;
-        memcpy(&scale, &bits, sizeof scale);
-        out[i] = gate[i] / (1.0f + p * scale) * x[i];
+        out[i] = gate[i] / (1.0f + exp2_of(y)) * x[i];
     }
 }
 

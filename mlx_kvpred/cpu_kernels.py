@@ -1,6 +1,7 @@
 """The prefill kernels in C (cpu_kernels.c, built at install on Linux), on numpy arrays and on all cores: causal
-attention, SwiGLU and RoPE. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says whether
-they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention, MLX's SwiGLU and RoPE)."""
+attention, SwiGLU and RoPE. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says
+whether they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention, MLX's SwiGLU and
+RoPE)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _require() -> ctypes.CDLL:
 
 
 def _rows_contiguous(a: np.ndarray) -> np.ndarray:
-    """`a` (B, H, N, D) as float32 whose rows are contiguous and whose batches follow its heads (as the kernel reads)."""
+    """`a` (B, H, N, D) as float32 with contiguous rows and its batches after its heads (as the kernel reads it)."""
     if a.dtype != np.float32 or a.strides[3] != 4 or a.strides[0] != a.shape[1] * a.strides[1]:
         return np.ascontiguousarray(a, np.float32)
     return a
@@ -113,7 +114,6 @@ def swiglu(gate: np.ndarray, x: np.ndarray) -> np.ndarray:
     out = np.empty(gate.shape, np.float32)
     lib.swiglu(gate.ctypes.data, x.ctypes.data, out.ctypes.data, out.size)
     return out
-
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray) -> np.ndarray:
