@@ -54,7 +54,7 @@ int kernels_threads(void) { return blas_get_threads ? blas_get_threads() : 1; }
 #define LOG2E 1.4426950408889634f
 #define ROUND 12582912.0f /* 1.5 * 2**23: (y + ROUND) - ROUND rounds y to an integer */
 
-/* 2**y for y in [-87, 88] / ln 2, as cpu_ops._exp2_of: inlined into the vectorized loops below. */
+/* 2**y for y in [-87 log2(e), 88 log2(e)], as cpu_ops._exp2_of: inlined into the vectorized loops below. */
 static inline float exp2_of(float y) {
     float r = (y + ROUND) - ROUND;
     float f = y - r, f2 = f * f;
