@@ -37,6 +37,43 @@ int kernels_init(const char *path) {
 /* How many threads the kernels use: the BLAS's own thread count (1 if it cannot be set per call). */
 int kernels_threads(void) { return blas_get_threads ? blas_get_threads() : 1; }
 
+/* Threads a kernel runs on: the BLAS's thread count, at most 64 ... */
+static int max_threads(void) {
+    int threads = kernels_threads();
+    return threads > 64 ? 64 : threads;
+}
+
+/* ... and one for an elementwise kernel under 16384 floats (not worth a thread). */
+static int threads_for(long floats) { return floats < 16384 ? 1 : max_threads(); }
+
+/* Runs work(arg, lo, hi) over [0, n) in one contiguous share per thread, the calling thread's included. */
+typedef void (*range_fn)(void *arg, long lo, long hi);
+typedef struct {
+    range_fn work;
+    void *arg;
+    long n;
+    int threads, index;
+} share;
+
+static void *share_worker(void *p) {
+    share *s = p;
+    long per = (s->n + s->threads - 1) / s->threads, lo = s->index * per, hi = lo + per < s->n ? lo + per : s->n;
+    if (lo < hi) s->work(s->arg, lo, hi);
+    return NULL;
+}
+
+static void run_split(range_fn work, void *arg, long n, int threads) {
+    share shares[64];
+    pthread_t ids[64];
+    int started = 0;
+    for (int i = 0; i < threads; i++) shares[i] = (share){work, arg, n, threads, i};
+    for (; started < threads - 1; started++) /* fewer threads if the system gives fewer */
+        if (pthread_create(&ids[started], NULL, share_worker, &shares[started + 1]) != 0) break;
+    share_worker(&shares[0]);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    for (int i = started + 1; i < threads; i++) share_worker(&shares[i]); /* threads not had */
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -120,8 +157,10 @@ static void attention_task(attention_job *j, int task, float *scores, float *pv)
     }
 }
 
-static void *attention_worker(void *arg) {
+/* One thread's part: tasks from the shared queue until it is empty (its share of [0, threads) is itself). */
+static void attention_worker(void *arg, long lo, long hi) {
     attention_job *j = arg;
+    (void)lo, (void)hi;
     float *scores = malloc(sizeof(float) * (size_t)j->rows * j->S), *pv = malloc(sizeof(float) * j->rows * j->D);
     if (scores && pv)
         for (int t; (t = atomic_fetch_add(&j->next, 1)) < j->tasks;) {
@@ -130,7 +169,6 @@ static void *attention_worker(void *arg) {
         }
     free(scores);
     free(pv);
-    return NULL;
 }
 
 /* Causal attention ("causal" aligned to the end of the keys) of q (B, n_q, L, D) against k and v (B, n_kv, S, D),
@@ -146,16 +184,10 @@ int causal_attention(const float *q, long q_head, long q_row, const float *k, lo
     j.tasks = j.blocks * B * n_q;
     atomic_init(&j.next, 0);
     atomic_init(&j.done, 0);
-    int threads = kernels_threads();
-    if (threads > 64) threads = 64;
+    int blas_threads = kernels_threads(), threads = max_threads();
     if (threads > 1) blas_set_threads(1); /* each worker's sgemm runs on its own thread */
-    pthread_t ids[64];
-    int started = 0;
-    for (; started < threads - 1; started++) /* fewer threads if the system gives fewer */
-        if (pthread_create(&ids[started], NULL, attention_worker, &j) != 0) break;
-    attention_worker(&j);
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    if (threads > 1) blas_set_threads(threads);
+    run_split(attention_worker, &j, threads, threads);
+    if (threads > 1) blas_set_threads(blas_threads);
     return atomic_load(&j.done) == j.tasks ? 0 : 1;
 }
 
@@ -170,42 +202,12 @@ VECTOR_CLONES static void swiglu_range(const float *gate, const float *x, float 
     }
 }
 
-/* Runs work(arg, lo, hi) over [0, n) in one contiguous share per thread. */
-typedef void (*range_fn)(const void *arg, long lo, long hi);
-typedef struct {
-    range_fn work;
-    const void *arg;
-    long n;
-    int threads, index;
-} share;
-
-static void *share_worker(void *p) {
-    share *s = p;
-    long per = (s->n + s->threads - 1) / s->threads, lo = s->index * per, hi = lo + per < s->n ? lo + per : s->n;
-    if (lo < hi) s->work(s->arg, lo, hi);
-    return NULL;
-}
-
-static void run_split(range_fn work, const void *arg, long n, long floats) {
-    int threads = floats < 16384 ? 1 : kernels_threads(); /* small inputs: not worth a thread */
-    if (threads > 64) threads = 64;
-    share shares[64];
-    pthread_t ids[64];
-    int started = 0;
-    for (int i = 0; i < threads; i++) shares[i] = (share){work, arg, n, threads, i};
-    for (; started < threads - 1; started++)
-        if (pthread_create(&ids[started], NULL, share_worker, &shares[started + 1]) != 0) break;
-    share_worker(&shares[0]);
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    for (int i = started + 1; i < threads; i++) share_worker(&shares[i]); /* threads not had */
-}
-
 typedef struct {
     const float *gate, *x;
     float *out;
 } swiglu_args;
 
-static void swiglu_part(const void *arg, long lo, long hi) {
+static void swiglu_part(void *arg, long lo, long hi) {
     const swiglu_args *a = arg;
     swiglu_range(a->gate + lo, a->x + lo, a->out + lo, hi - lo);
 }
@@ -213,7 +215,7 @@ static void swiglu_part(const void *arg, long lo, long hi) {
 /* out = silu(gate) * x over n floats, on all cores. */
 void swiglu(const float *gate, const float *x, float *out, long n) {
     swiglu_args a = {gate, x, out};
-    run_split(swiglu_part, &a, n, n);
+    run_split(swiglu_part, &a, n, threads_for(n));
 }
 
 typedef struct {
@@ -224,7 +226,7 @@ typedef struct {
     int L, d;
 } rope_args;
 
-VECTOR_CLONES static void rope_part(const void *arg, long lo, long hi) {
+VECTOR_CLONES static void rope_part(void *arg, long lo, long hi) {
     const rope_args *a = arg;
     int d = a->d;
     for (long r = lo; r < hi; r++) { /* r counts (head, position) rows */
@@ -241,5 +243,5 @@ VECTOR_CLONES static void rope_part(const void *arg, long lo, long hi) {
 void rope(const float *x, long x_head, long x_row, const float *cos, const float *sin, const int *partner,
           float *out, int heads, int L, int d) {
     rope_args a = {x, cos, sin, partner, out, x_head, x_row, L, d};
-    run_split(rope_part, &a, (long)heads * L, (long)heads * L * d);
+    run_split(rope_part, &a, (long)heads * L, threads_for((long)heads * L * d));
 }
