@@ -282,11 +282,11 @@ def doctor():
     if st.path:
         row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
     from .cpu_kernels import C_KERNELS
-    from .cpu_ops import numpy_attention_note
+    from .cpu_ops import prefill_attention_note
     from .decode import compiled_decode_note
 
     row("C kernels", C_KERNELS.note())
-    row("prefill attn", numpy_attention_note())
+    row("prefill attn", prefill_attention_note())
     row("decode", compiled_decode_note())
     slow = platform.system() == "Linux" and gflops < 50
     row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",

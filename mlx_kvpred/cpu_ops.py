@@ -152,7 +152,7 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         e = _exp_shifted(scores, mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
         return ((e @ values) / e.sum(axis=-1, keepdims=True)).reshape(B, n_q, 1, D)
     if causal and _numpy_attention_enabled():
-        return _numpy_attention_fn(float(scale))(queries, keys, values)
+        return _outside_mlx_attention_fn(float(scale))(queries, keys, values)
     return _blocked_attention(queries, keys, values, scale, mask)
 
 
@@ -220,7 +220,7 @@ def mlx_ops() -> Iterator[None]:
         yield
 
 
-def numpy_attention_note() -> str:
+def prefill_attention_note() -> str:
     """Where causal prefill attention runs (doctor's "C kernels" row says why not in C)."""
     if not _numpy_attention_enabled():
         return NUMPY_ATTENTION.note()
@@ -229,7 +229,7 @@ def numpy_attention_note() -> str:
     return "numpy, products by the loaded BLAS"
 
 
-_NUMPY_BLOCK_ROWS = 128  # query rows per block (64-256 within noise at 1024 tokens)
+_OUTSIDE_MLX_BLOCK_ROWS = 128  # query rows per block, C and numpy (64-256 within noise at 1024 tokens)
 _numpy_masks: dict[int, np.ndarray] = {}
 
 
@@ -246,8 +246,8 @@ def numpy_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: f
             keys, values, heads = k[b, h], v[b, h], slice(h * group, (h + 1) * group)
             if keys.strides[-1] != 4 or values.strides[-1] != 4:  # blas.sgemm reads rows as they are laid out
                 keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
-            for start in range(0, L, _NUMPY_BLOCK_ROWS):
-                end = min(start + _NUMPY_BLOCK_ROWS, L)
+            for start in range(0, L, _OUTSIDE_MLX_BLOCK_ROWS):
+                end = min(start + _OUTSIDE_MLX_BLOCK_ROWS, L)
                 rows, seen = end - start, S - L + end
                 rows_q = (q[b, heads, start:end] * np.float32(scale)).reshape(group * rows, D)
                 scores = blas.sgemm(rows_q, keys[:seen], transpose_b=True)
@@ -269,7 +269,7 @@ def _numpy_diagonal_mask(rows: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _numpy_attention_fn(scale: float):
+def _outside_mlx_attention_fn(scale: float):
     """The C kernel's or numpy_causal_attention on MLX arrays (one per attention scale), differentiable through the
     MLX blocks."""
 
@@ -277,7 +277,7 @@ def _numpy_attention_fn(scale: float):
     def attention(queries: mx.array, keys: mx.array, values: mx.array) -> mx.array:
         arrays = [np.asarray(a) for a in (queries, keys, values)]  # evaluates them
         if cpu_kernels.C_KERNELS.enabled():
-            return mx.array(cpu_kernels.causal_attention(*arrays, scale, rows=_NUMPY_BLOCK_ROWS))
+            return mx.array(cpu_kernels.causal_attention(*arrays, scale, rows=_OUTSIDE_MLX_BLOCK_ROWS))
         return mx.array(numpy_causal_attention(*arrays, scale))
 
     @attention.vjp

@@ -99,7 +99,7 @@ def test_causal_attention_outside_mlx_equals_the_mlx_blocks(L, S, path, monkeypa
     gradients of q, k and v equal the MLX blocks' (set_numpy_attention(False)), and mlx_attention() keeps it in MLX."""
     if path == "c" and not cpu_kernels.available():
         pytest.skip(f"C kernels: {cpu_kernels.note()}")
-    monkeypatch.setattr(cpu_ops, "_NUMPY_BLOCK_ROWS", 7)
+    monkeypatch.setattr(cpu_ops, "_OUTSIDE_MLX_BLOCK_ROWS", 7)
     q, k, v = mx.random.normal((2, 6, L, 16)), mx.random.normal((2, 2, S, 16)), mx.random.normal((2, 2, S, 16))
     loss = lambda q, k, v: (fast_scaled_dot_product_attention(q, k, v, None, 0.25, "causal") ** 2).sum()  # noqa
     calls = []
