@@ -606,9 +606,11 @@ def bench(
                                                    "on the same GGUF, if installed), base-sgemm / kvp-sgemm (one-row "
                                                    "matmuls as sgemm: the gemv_forward shim off), base-eager / "
                                                    "kvp-eager (decode with the model's own code, not the compiled "
-                                                   "step), base-mlx-attn / kvp-mlx-attn (causal prefill attention in "
-                                                   "MLX ops, not C), base-no-c / kvp-no-c (the C kernels off: numpy "
-                                                   "attention, MLX SwiGLU and RoPE). Default "
+                                                   "step), base-mlx-decode / kvp-mlx-decode (the compiled MLX "
+                                                   "decode step, not the C one), base-mlx-attn / kvp-mlx-attn "
+                                                   "(causal prefill attention in MLX ops, not C), base-no-c / "
+                                                   "kvp-no-c (the prefill C kernels off: numpy attention, MLX SwiGLU "
+                                                   "and RoPE). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

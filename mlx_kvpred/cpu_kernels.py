@@ -1,7 +1,7 @@
-"""The prefill kernels in C (cpu_kernels.c, built at install on Linux), on numpy arrays and on all cores: causal
-attention, SwiGLU and RoPE. Loaded through ctypes beside the BLAS that mlx_kvpred.blas loaded; `available()` says
-whether they are, `C_KERNELS` whether cpu_ops uses them (KVPRED_C_KERNELS=0: numpy attention, MLX's SwiGLU and
-RoPE)."""
+"""The kernels in C (cpu_kernels.c and decode_step.c, built at install on Linux), on numpy arrays and on all cores:
+prefill's causal attention, SwiGLU and RoPE, and a whole decode step. Loaded through ctypes beside the BLAS that
+mlx_kvpred.blas loaded; `available()` says whether they are, `C_KERNELS` whether cpu_ops uses them
+(KVPRED_C_KERNELS=0: numpy attention, MLX's SwiGLU and RoPE); decode.C_DECODE says whether decoding does."""
 
 from __future__ import annotations
 
@@ -13,6 +13,24 @@ import numpy as np
 
 from . import blas
 from .switch import Switch
+
+_P = ctypes.c_void_p
+_LAYER_ARRAYS = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
+                 "o_bias", "gate_bias", "up_bias", "down_bias", "q_norm", "k_norm", "keys", "values")
+
+
+class StepLayer(ctypes.Structure):
+    """decode_step.c's step_layer: one block's array addresses (weights (out, in) row-major, None: no such array),
+    the cache's keys and values (n_kv, capacity, head_dim) and the floats between its heads."""
+    _fields_ = [(name, _P) for name in _LAYER_ARRAYS] + [("cache_head", ctypes.c_long)]
+
+
+class StepModel(ctypes.Structure):
+    """decode_step.c's step_model: the shapes, the norms' eps, the final norm, the LM head (vocab, dim), the blocks."""
+    _fields_ = ([(name, ctypes.c_int) for name in ("n_layers", "dim", "n_q", "n_kv", "head_dim", "hidden", "vocab")]
+                + [("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("final_norm", _P), ("head", _P),
+                   ("layers", ctypes.POINTER(StepLayer))])
+
 
 _lib: ctypes.CDLL | None = None
 _note = ""
@@ -49,6 +67,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.argtypes = [p, p, p, l]
                 lib.rope.argtypes = [p, l, l, p, p, p, p, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
+                lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
+                lib.decode_step.restype = i
                 _lib = lib
     return _lib
 
@@ -131,3 +151,15 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray) -
     lib.rope(x.ctypes.data, x.strides[1] // 4, x.strides[2] // 4, cos.ctypes.data, sin.ctypes.data,
              partner.ctypes.data, out.ctypes.data, H, L, D)
     return out
+
+
+def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,
+                new_k: np.ndarray, new_v: np.ndarray, logits: np.ndarray) -> None:
+    """One token's decode step (decode_step.c) on all cores: x (dim,) its embedding, `past` cached positions, RoPE
+    tables cos and sin ((n_q + n_kv) head_dim, the attention's scale folded into q's) and partner (int32) at
+    position `past`. Writes the new keys and values (n_layers, n_kv, head_dim) and the logits (vocab,); all
+    float32 and contiguous, which the caller guarantees (decode.CDecoder)."""
+    status = _require().decode_step(ctypes.byref(model), x.ctypes.data, past, cos.ctypes.data, sin.ctypes.data,
+                                    partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data, logits.ctypes.data)
+    if status != 0:
+        raise MemoryError("decode_step: no scratch memory for the step")

