@@ -197,31 +197,123 @@ typedef struct {
     atomic_int go;
 } step_job;
 
-/* Thread t's part of attention for layer `l`: query heads `q` (scaled, roped) over keys [lo, hi) of the cache's
-   `past` and the new key and value (position `past`). */
+/* Scores of `group` query heads (rows of D floats) against n keys: scores[i * stride + j] = q_i . K_j. */
+static void group_scores_c(const float *K, long n, const float *q, int group, int D, float *scores, long stride) {
+    for (int i = 0; i < group; i++) gemv_rows(K, D, q + i * D, NULL, scores + i * stride, 0, n);
+}
+
+/* out_i += sum_j p[i * stride + j] V_j for the group's heads (rows of D floats). */
+static void group_pv_c(const float *V, long n, const float *p, long stride, int group, int D, float *out) {
+    for (int i = 0; i < group; i++)
+        for (long j = 0; j < n; j++) axpy(out + i * D, p[i * stride + j], V + j * D, D);
+}
+
+#ifdef HAVE_X86_ROWS
+/* s[k] = the sum of a[k]'s 16 floats, for 16 vectors at once: pairs of vectors, then quads, then 128-bit lanes
+   added into one another (45 instructions for what 16 horizontal sums take ~130 for). */
+static inline __attribute__((always_inline, target("avx512f"))) __m512 sums_of_16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: (x0 + x2, y0 + y2, x1 + x3, y1 + y3) of a[2i] = x, a[2i+1] = y */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per lane: that lane's sums of a[4i .. 4i+3] */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* lanes 0+1 and 2+3 of c[2i], then of c[2i+1] */
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* The same for D = 64, sixteen keys at a time, each key row read once for the whole group (from L1 after the
+   first head). */
+__attribute__((target("avx512f"))) static void group_scores_64(const float *K, long n, const float *q, int group,
+                                                                int D, float *scores, long stride) {
+    long j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < group; i++) {
+            const float *qi = q + i * 64, *k = K + j * 64;
+            __m512 q0 = _mm512_loadu_ps(qi), q1 = _mm512_loadu_ps(qi + 16), q2 = _mm512_loadu_ps(qi + 32),
+                   q3 = _mm512_loadu_ps(qi + 48), a[16];
+            for (int r = 0; r < 16; r++, k += 64) {
+                a[r] = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
+                a[r] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16), a[r]);
+                a[r] = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a[r]);
+                a[r] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), a[r]);
+            }
+            _mm512_storeu_ps(scores + i * stride + j, sums_of_16(a));
+        }
+    if (j < n)
+        for (int i = 0; i < group; i++) gemv_rows(K, D, q + i * D, NULL, scores + i * stride, j, n);
+}
+
+/* Up to four heads at a time, their sums in registers (m is a constant where this is inlined). */
+static inline __attribute__((always_inline, target("avx512f"))) void pv_64(const float *V, long n, const float *p,
+                                                                          long stride, int m, float *out) {
+    __m512 acc[4][4];
+    for (int i = 0; i < m; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_loadu_ps(out + i * 64 + c * 16);
+    for (long j = 0; j < n; j++) {
+        const float *v = V + j * 64;
+        __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
+               v3 = _mm512_loadu_ps(v + 48);
+        for (int i = 0; i < m; i++) {
+            __m512 w = _mm512_set1_ps(p[i * stride + j]);
+            acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]), acc[i][1] = _mm512_fmadd_ps(w, v1, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(w, v2, acc[i][2]), acc[i][3] = _mm512_fmadd_ps(w, v3, acc[i][3]);
+        }
+    }
+    for (int i = 0; i < m; i++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + i * 64 + c * 16, acc[i][c]);
+}
+
+__attribute__((target("avx512f"))) static void group_pv_64(const float *V, long n, const float *p, long stride,
+                                                            int group, int D, float *out) {
+    (void)D;
+    for (int i = 0; i < group; i += 4) {
+        switch (group - i < 4 ? group - i : 4) {
+        case 1: pv_64(V, n, p + i * stride, stride, 1, out + i * 64); break;
+        case 2: pv_64(V, n, p + i * stride, stride, 2, out + i * 64); break;
+        case 3: pv_64(V, n, p + i * stride, stride, 3, out + i * 64); break;
+        default: pv_64(V, n, p + i * stride, stride, 4, out + i * 64);
+        }
+    }
+}
+#endif
+
+typedef void (*group_scores_fn)(const float *, long, const float *, int, int, float *, long);
+typedef void (*group_pv_fn)(const float *, long, const float *, long, int, int, float *);
+
+/* Thread t's part of attention for one layer: query heads `q` (scaled, roped) over keys [lo, hi) of the cache's
+   `past` and the new key and value (position `past`); writes each head's running max and sum and its P V. */
 static void attention_share(step_job *j, const step_layer *L, const float *q, const float *k_new,
                             const float *v_new, long lo, long hi, float *scores, int t) {
     const step_model *m = j->m;
     int D = m->head_dim, group = m->n_q / m->n_kv;
+    long cached = (hi < j->past ? hi : j->past) - lo, n = hi - lo; /* cached: keys in [lo, hi) before the new one */
+    group_scores_fn scores_of = group_scores_c;
+    group_pv_fn pv_of = group_pv_c;
+#ifdef HAVE_X86_ROWS
+    if (D == 64 && dot_rows == dot_rows_avx512) scores_of = group_scores_64, pv_of = group_pv_64;
+#endif
     for (int g = 0; g < m->n_kv; g++) {
-        const float *K = L->keys + g * L->cache_head, *V = L->values + g * L->cache_head;
-        for (int i = 0; i < group; i++) {
-            int h = g * group + i;
-            running *r = &j->partial[t * m->n_q + h];
-            float *pv = j->partial_pv + ((long)t * m->n_q + h) * D;
-            memset(pv, 0, sizeof(float) * D);
-            if (lo >= hi) {
-                r->max = -INFINITY, r->sum = 0.0f;
-                continue;
-            }
-            long cached_hi = hi < j->past ? hi : j->past, n = hi - lo;
-            if (lo < cached_hi) gemv_rows(K + lo * D, D, q + h * D, NULL, scores, 0, cached_hi - lo);
-            if (hi > j->past) gemv_rows(k_new + g * D, D, q + h * D, NULL, scores + (j->past - lo), 0, 1);
-            r->max = row_max(scores, (int)n);
-            r->sum = exp_shifted_sum(scores, (int)n, r->max);
-            for (long p = lo; p < cached_hi; p++) axpy(pv, scores[p - lo], V + p * D, D);
-            if (hi > j->past) axpy(pv, scores[j->past - lo], v_new + g * D, D);
+        const float *K = L->keys + g * L->cache_head + lo * D, *V = L->values + g * L->cache_head + lo * D;
+        const float *qg = q + g * group * D;
+        running *r = &j->partial[t * m->n_q + g * group];
+        float *pv = j->partial_pv + ((long)t * m->n_q + g * group) * D;
+        memset(pv, 0, sizeof(float) * group * D);
+        if (n <= 0) {
+            for (int i = 0; i < group; i++) r[i].max = -INFINITY, r[i].sum = 0.0f;
+            continue;
         }
+        if (cached > 0) scores_of(K, cached, qg, group, D, scores, n);
+        if (n > cached) group_scores_c(k_new + g * D, 1, qg, group, D, scores + cached, n);
+        for (int i = 0; i < group; i++) {
+            r[i].max = row_max(scores + i * n, (int)n);
+            r[i].sum = exp_shifted_sum(scores + i * n, (int)n, r[i].max);
+        }
+        if (cached > 0) pv_of(V, cached, scores, n, group, D, pv);
+        if (n > cached) group_pv_c(v_new + g * D, 1, scores + cached, n, group, D, pv);
     }
 }
 
@@ -291,7 +383,7 @@ static void step_thread(step_job *j, int t, float *scratch) {
 
 static long scratch_floats(const step_model *m, long keys) {
     int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
-    return m->dim + wide + 2L * n_qk + (long)m->n_q * m->head_dim + m->hidden + keys;
+    return m->dim + wide + 2L * n_qk + (long)m->n_q * m->head_dim + m->hidden + keys * (m->n_q / m->n_kv);
 }
 
 typedef struct {

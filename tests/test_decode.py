@@ -25,6 +25,10 @@ VARIANTS = {
     "llama-biases": dict(attention_bias=True, mlp_bias=True),  # biases on every projection
     "qwen2": dict(model_type="qwen2"),  # q/k/v biases
     "qwen3": {},  # q_norm / k_norm
+    # the C step's AVX-512 attention takes 64-wide heads, four query heads at a time: groups of 3 and 5
+    "llama-heads-64-group-3": dict(head_dim=64, num_attention_heads=6, num_key_value_heads=2),
+    "llama-heads-64-group-5": dict(head_dim=64, num_attention_heads=10, num_key_value_heads=2),
+    "llama-odd-widths": dict(intermediate_size=100),  # rows of 100 floats: not a whole number of vectors
 }
 
 
