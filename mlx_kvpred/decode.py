@@ -199,6 +199,9 @@ def _watch(module: nn.Module | list) -> list[tuple[Any, Any, Any]]:
     return watched
 
 
+TABLE_ROWS = 64  # CDecoder makes RoPE tables for this many positions at once
+
+
 class CDecoder(CompiledDecoder):
     """The whole decode step as one C call on all cores (cpu_kernels.decode_step), for one token over plain KV
     caches and float32 weights; anything else takes the compiled step. The C step reads the weights and the caches
@@ -222,6 +225,7 @@ class CDecoder(CompiledDecoder):
         self.logits_out: np.ndarray | None = None
         self.c_watched: list[tuple[Any, Any, Any]] = []  # (container, key, value) of what c_layers/c_model read
         self.embedding: np.ndarray | None = None
+        self.table_start, self.cos, self.sin = -1, None, None  # RoPE tables of positions table_start + [0, TABLE_ROWS)
 
     def _head_weight(self) -> mx.array:
         return self.inner.embed_tokens.weight if self.head == getattr(self.inner.embed_tokens, "as_linear", None) \
@@ -283,11 +287,13 @@ class CDecoder(CompiledDecoder):
                 or not self._set_weights() or not self._set_caches(cache)):
             return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
         past = cache[0].offset
-        tables = self.tables(self.unit, mx.array(past))
-        mx.eval(tables)
-        cos, sin = (np.array(t, copy=False).reshape(-1)[:self.partner.size] for t in tables)
-        cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, cos, sin, self.partner,
-                                self.new_k, self.new_v, self.logits_out)
+        start = past - past % TABLE_ROWS
+        if start != self.table_start:  # RoPE tables for the next TABLE_ROWS positions, q and k heads
+            units = mx.broadcast_to(self.unit, self.unit.shape[:2] + (TABLE_ROWS, self.head_dim))
+            self.cos, self.sin = (np.array(t[:, :self.partner.size]) for t in self.tables(units, mx.array(start)))
+            self.table_start = start
+        cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, self.cos[past - start],
+                                self.sin[past - start], self.partner, self.new_k, self.new_v, self.logits_out)
         new_k, new_v = mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None]
         for i, c in enumerate(cache):
             if past < c.keys.shape[2] if c.keys is not None else False:  # room: KVCache.update_and_fetch's write
@@ -303,12 +309,14 @@ class CDecoder(CompiledDecoder):
 
 def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: mx.array, sin_at: mx.array,
                  sign: mx.array, scale: mx.array, rotated: mx.array) -> tuple[mx.array, mx.array]:
-    """C and S (1, (n_q + 2 n_kv) D) at position `offset`: rope(u) holds each pair's cos and sin (any rope module
-    that rotates pairs: plain, llama3, yarn); C is 1 and S 0 over v and past the rotated dims."""
-    r = rope(unit, offset=offset).reshape(-1)
-    cos, sin = r[cos_at], r[sin_at] * sign
+    """C and S (L, (n_q + 2 n_kv) D) at positions offset .. offset + L - 1 for `unit` (1, 1, L, D): rope(u) holds
+    each pair's cos and sin (any rope module that rotates pairs: plain, llama3, yarn); C is 1 and S 0 over v and
+    past the rotated dims."""
+    rows = unit.shape[-2]
+    r = rope(unit, offset=offset).reshape(rows, 1, -1)
+    cos, sin = r[..., cos_at], r[..., sin_at] * sign
     C = mx.where(rotated > 0, cos, 1.0) * scale
-    return C.reshape(1, -1), (sin * rotated * scale).reshape(1, -1)
+    return C.reshape(rows, -1), (sin * rotated * scale).reshape(rows, -1)
 
 
 def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
