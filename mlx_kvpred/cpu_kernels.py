@@ -15,20 +15,27 @@ from . import blas
 from .switch import Switch
 
 _P = ctypes.c_void_p
-_LAYER_ARRAYS = ("input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
-                 "o_bias", "gate_bias", "up_bias", "down_bias", "q_norm", "k_norm", "keys", "values")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class Weight(ctypes.Structure):
+    """decode_step.c's weight: a float32 matrix (out, in) row-major at `w`, or (w None) MLX's affine quantized
+    form: `bits`-bit values packed in uint32s, float16 scales and biases per group of 32."""
+    _fields_ = [("w", _P), ("packed", _P), ("scales", _P), ("biases", _P), ("bits", ctypes.c_int)]
 
 
 class StepLayer(ctypes.Structure):
-    """decode_step.c's step_layer: one block's array addresses (weights (out, in) row-major, None: no such array),
-    the cache's keys and values (n_kv, capacity, head_dim) and the floats between its heads."""
-    _fields_ = [(name, _P) for name in _LAYER_ARRAYS] + [("cache_head", ctypes.c_long)]
+    """decode_step.c's step_layer: one block's norms, projections, biases and q/k norms (None: none), the cache's
+    keys and values (n_kv, capacity, head_dim) and the floats between its heads."""
+    _fields_ = ([("input_norm", _P), ("post_norm", _P)] + [(name, Weight) for name in PROJECTIONS]
+                + [(f"{name}_bias", _P) for name in PROJECTIONS]
+                + [(name, _P) for name in ("q_norm", "k_norm", "keys", "values")] + [("cache_head", ctypes.c_long)])
 
 
 class StepModel(ctypes.Structure):
     """decode_step.c's step_model: the shapes, the norms' eps, the final norm, the LM head (vocab, dim), the blocks."""
     _fields_ = ([(name, ctypes.c_int) for name in ("n_layers", "dim", "n_q", "n_kv", "head_dim", "hidden", "vocab")]
-                + [("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("final_norm", _P), ("head", _P),
+                + [("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("final_norm", _P), ("head", Weight),
                    ("layers", ctypes.POINTER(StepLayer))])
 
 
@@ -68,7 +75,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.rope.argtypes = [p, l, l, p, p, p, p, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
-                lib.decode_step.restype = i
+                lib.decode_step.restype = lib.decode_quantized_supported.restype = i
                 _lib = lib
     return _lib
 
@@ -161,5 +168,12 @@ def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
     float32 and contiguous, which the caller guarantees (decode.CDecoder)."""
     status = _require().decode_step(ctypes.byref(model), x.ctypes.data, past, cos.ctypes.data, sin.ctypes.data,
                                     partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data, logits.ctypes.data)
+    if status == 2:
+        raise ValueError("decode_step: quantized weights on a CPU without AVX-512 (see quantized_decode())")
     if status != 0:
         raise MemoryError("decode_step: no scratch memory for the step")
+
+
+def quantized_decode() -> bool:
+    """decode_step reads quantized weights on this CPU (AVX-512 and F16C)."""
+    return available() and bool(_load().decode_quantized_supported())

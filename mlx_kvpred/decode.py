@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from . import cpu_kernels
@@ -46,11 +47,19 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
                   lambda: f"C kernels: {cpu_kernels.note()}")
 
 
+# On where decode_step reads quantized weights (AVX-512): the GGUF's own bytes for the weights keep_quantized kept.
+QUANTIZED_DECODE = Switch("KVPRED_QUANTIZED_DECODE", cpu_kernels.quantized_decode,
+                          "reads the GGUF's quantized weights", "reads float32 weights",
+                          lambda: "no AVX-512" if cpu_kernels.available() else f"C kernels: {cpu_kernels.note()}")
+
+
 def compiled_decode_note() -> str:
     """What decodes a token (doctor's "decode" row)."""
     if not COMPILED_DECODE.enabled():
         return COMPILED_DECODE.note()
-    return f"{C_DECODE.note()} (llama/qwen2/qwen3 models)"
+    if not C_DECODE.enabled():
+        return f"{C_DECODE.note()} (llama/qwen2/qwen3 models)"
+    return f"{C_DECODE.note()}, {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 models)"
 
 
 BlockWeights = dict[str, Any]
@@ -177,14 +186,33 @@ class CompiledDecoder:
         return self.logits(x)[None]
 
 
-def _address(a: mx.array | None) -> int | None:
-    """Where a float32 array's data starts (None for None); ValueError unless its elements are contiguous."""
+def _address(a: mx.array | None, dtype: type = np.float32) -> int | None:
+    """Where an array's data starts (None for None); ValueError unless it is of `dtype` and contiguous."""
     if a is None:
         return None
     view = np.array(a, copy=False)
-    if view.dtype != np.float32 or not view.flags.c_contiguous:
+    if view.dtype != dtype or not view.flags.c_contiguous:
         raise ValueError(f"{view.dtype} array of strides {view.strides}")
     return view.ctypes.data
+
+
+QuantizedWeight = tuple[mx.array, mx.array, mx.array, int]
+"""A weight as MLX's affine quantization stores it (GGUF's Q4_0/Q4_1/Q8_0 as mx.load gives them): packed
+values (uint32), scales and biases (float16) per group of 32, bits (4 or 8)."""
+
+
+def keep_quantized(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+    """Keep the quantized form of some of `model`'s float32 weights (parameter name -> QuantizedWeight, the float32
+    weight being exactly its dequantization, as gguf.load_gguf makes it): CDecoder's step reads those bytes instead
+    (5 or 9 bits a weight instead of 32) while they are the model's weights (not after a model.update)."""
+    params = dict(tree_flatten(model.parameters()))
+    kept = {id(params[name]): (params[name], *q) for name, q in weights.items()}
+    object.__setattr__(model, "_kvpred_quantized", kept)
+
+
+def _quantized_of(model: nn.Module, w: mx.array) -> QuantizedWeight | None:
+    kept = model.__dict__.get("_kvpred_quantized", {}).get(id(w))
+    return kept[1:] if kept is not None and kept[0] is w else None
 
 
 def _watch(module: nn.Module | list) -> list[tuple[Any, Any, Any]]:
@@ -224,6 +252,7 @@ class CDecoder(CompiledDecoder):
         self.new_v = np.empty_like(self.new_k)
         self.logits_out: np.ndarray | None = None
         self.c_watched: list[tuple[Any, Any, Any]] = []  # (container, key, value) of what c_layers/c_model read
+        self.c_quantized = False  # whether they point at quantized weights where the model has them
         self.embedding: np.ndarray | None = None
         self.table_start, self.cos, self.sin = -1, None, None  # RoPE tables of positions table_start + [0, TABLE_ROWS)
 
@@ -231,10 +260,26 @@ class CDecoder(CompiledDecoder):
         return self.inner.embed_tokens.weight if self.head == getattr(self.inner.embed_tokens, "as_linear", None) \
             else self.model.lm_head.weight
 
+    def _set_weight(self, into: cpu_kernels.Weight, w: mx.array) -> None:
+        """Point `into` at w, or at its quantized form where keep_quantized kept one and QUANTIZED_DECODE is on."""
+        quantized = _quantized_of(self.model, w) if QUANTIZED_DECODE.enabled() else None
+        if quantized is not None and quantized[3] in (4, 8) and w.shape[1] % 32 == 0:
+            packed, scales, biases, bits = quantized
+            try:
+                into.packed, into.bits = _address(packed, np.uint32), bits
+                into.scales, into.biases = _address(scales, np.float16), _address(biases, np.float16)
+                into.w = None
+                return
+            except ValueError:  # not as GGUF files load: the float32 weight, which is the same numbers
+                pass
+        into.w, into.packed, into.scales, into.biases, into.bits = _address(w), None, None, None, 32
+
     def _set_weights(self) -> bool:
         """Point the C step at the model's arrays (again if any changed since); False if the C step cannot read
-        them (not float32, not contiguous, quantized, a biased LM head)."""
-        if self.c_watched and all(container[key] is value for container, key, value in self.c_watched):
+        them (not float32, not contiguous, quantized modules, a biased LM head)."""
+        quantized = QUANTIZED_DECODE.enabled()
+        if self.c_watched and self.c_quantized == quantized and all(
+                container[key] is value for container, key, value in self.c_watched):
             return True
         self.c_watched = []
         inner = self.inner
@@ -247,14 +292,14 @@ class CDecoder(CompiledDecoder):
                 mods = dict(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj, gate=mlp.gate_proj,
                             up=mlp.up_proj, down=mlp.down_proj)
                 for name, m in mods.items():
-                    setattr(layer, name, _address(m.weight))
+                    self._set_weight(getattr(layer, name), m.weight)
                     setattr(layer, f"{name}_bias", _address(m.bias) if "bias" in m else None)
                 layer.input_norm = _address(b.input_layernorm.weight)
                 layer.post_norm = _address(b.post_attention_layernorm.weight)
                 layer.q_norm = _address(attn.q_norm.weight) if "q_norm" in attn else None
                 layer.k_norm = _address(attn.k_norm.weight) if "k_norm" in attn else None
             self.c_model.final_norm = _address(inner.norm.weight)
-            self.c_model.head = _address(self._head_weight())
+            self._set_weight(self.c_model.head, self._head_weight())
             self.embedding = np.array(inner.embed_tokens.weight, copy=False)
             if self.embedding.dtype != np.float32:
                 raise ValueError(self.embedding.dtype)
@@ -262,7 +307,7 @@ class CDecoder(CompiledDecoder):
             return False
         self.c_model.vocab = self._head_weight().shape[0]
         self.logits_out = np.empty(self.c_model.vocab, np.float32)
-        self.c_watched = _watch(self.model)
+        self.c_watched, self.c_quantized = _watch(self.model), quantized
         return True
 
     def _set_caches(self, cache: Sequence[Any]) -> bool:

@@ -15,9 +15,20 @@
 
 #include "kernels.h"
 
-/* One block's arrays. Weights are (out, in), row-major; a NULL bias or q/k norm is none. */
+/* A weight matrix (out, in), row-major: float32, or quantized as MLX's affine format (GGUF's Q4_0/Q4_1/Q8_0 as
+   mx.load gives them): `bits`-bit unsigned values packed in uint32s from the low bits up, and per group of 32
+   values of a row a float16 scale and bias (value = scale * q + bias). */
 typedef struct {
-    const float *input_norm, *q, *k, *v, *o, *post_norm, *gate, *up, *down;
+    const float *w;                  /* float32, or NULL: quantized */
+    const uint32_t *packed;          /* (out, in * bits / 32) */
+    const uint16_t *scales, *biases; /* (out, in / 32) float16 */
+    int bits;                        /* 4 or 8 */
+} weight;
+
+/* One block's arrays; a NULL bias or q/k norm is none. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    weight q, k, v, o, gate, up, down;
     const float *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
     const float *q_norm, *k_norm; /* RMSNorm over each q and k head before RoPE (qwen3) */
     const float *keys, *values;   /* the cache: head h's position j at h * cache_head + j * head_dim */
@@ -27,7 +38,8 @@ typedef struct {
 typedef struct {
     int n_layers, dim, n_q, n_kv, head_dim, hidden, vocab;
     float eps, qk_eps;
-    const float *final_norm, *head; /* head (vocab, dim): the LM head or the tied embedding */
+    const float *final_norm;
+    weight head; /* (vocab, dim): the LM head or the tied embedding */
     const step_layer *layers;
 } step_model;
 
@@ -141,20 +153,109 @@ static void gemv_rows(const float *W, int K, const float *x, const float *bias, 
         for (long r = lo; r < hi; r++) y[r] += bias[r];
 }
 
+/* An input vector as the quantized products read it: per group of 32, its even entries then its odd ones (the
+   order in which a group's 4-bit values unpack) and the group's sum (for the biases). */
+typedef struct {
+    const float *x;
+    float *paired, *sums;
+} product_input;
+
+static void prepare_input(product_input *in, int K) {
+    for (int g = 0; g < K / 32; g++) {
+        const float *x = in->x + g * 32;
+        float sum = 0.0f;
+        for (int i = 0; i < 16; i++) {
+            in->paired[g * 32 + i] = x[2 * i], in->paired[g * 32 + 16 + i] = x[2 * i + 1];
+            sum += x[2 * i] + x[2 * i + 1];
+        }
+        in->sums[g] = sum;
+    }
+}
+
+#ifdef HAVE_X86_ROWS
+/* Quantized rows, four at a time: sum over groups of scale * (q . x) + bias * sum(x). The values are unpacked to
+   floats in registers; the weights read are 5 (4-bit) or 9 (8-bit) bits a value instead of 32. */
+__attribute__((target("avx512f,f16c"))) static void quantized_rows_avx512(const weight *W, int K,
+                                                                            const product_input *in, float *y,
+                                                                            long lo, long hi) {
+    int G = K / 32;
+    long row_bytes = (long)K * W->bits / 8;
+    const uint8_t *Q = (const uint8_t *)W->packed;
+    __m128i low = _mm_set1_epi8(0x0F);
+    for (long r = lo; r < hi;) {
+        int n = hi - r < 4 ? (int)(hi - r) : 4;
+        __m512 acc[4];
+        float bias_sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+        for (int g = 0; g < G; g++) {
+            const float *xg = (W->bits == 4 ? in->paired : in->x) + g * 32;
+            __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
+            for (int i = 0; i < n; i++) {
+                const uint8_t *q = Q + (r + i) * row_bytes + (long)g * 4 * W->bits;
+                __m512 a, b;
+                if (W->bits == 4) { /* low nibbles: the group's even values, high nibbles: its odd ones */
+                    __m128i p = _mm_loadu_si128((const __m128i *)q);
+                    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(p, low)));
+                    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(p, 4), low)));
+                } else {
+                    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)));
+                    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+                }
+                __m512 t = _mm512_fmadd_ps(b, x1, _mm512_mul_ps(a, x0));
+                long at = (r + i) * G + g;
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(W->scales[at])), t, acc[i]);
+                bias_sum[i] += _cvtsh_ss(W->biases[at]) * in->sums[g];
+            }
+        }
+        for (int i = 0; i < n; i++) y[r + i] = _mm512_reduce_add_ps(acc[i]) + bias_sum[i];
+        r += n;
+    }
+}
+#endif
+
+static int quantized_supported(void) {
+#ifdef HAVE_X86_ROWS
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* Whether decode_step reads quantized weights (AVX-512 here); mlx_kvpred.decode passes float32 ones otherwise. */
+int decode_quantized_supported(void) { return quantized_supported(); }
+
+/* y[r] = W[r] . x (+ bias[r]) for rows [lo, hi) of a weight of K columns. */
+static void weight_rows(const weight *W, int K, const product_input *in, const float *bias, float *y, long lo,
+                        long hi) {
+#ifdef HAVE_X86_ROWS
+    if (!W->w) {
+        quantized_rows_avx512(W, K, in, y, lo, hi);
+        if (bias)
+            for (long r = lo; r < hi; r++) y[r] += bias[r];
+        return;
+    }
+#endif
+    gemv_rows(W->w, K, in->x, bias, y, lo, hi);
+}
+
 /* Products with one input stacked in rows: thread t of T takes its share of all of them. */
 typedef struct {
-    const float *w, *bias;
+    const weight *w;
+    const float *bias;
     float *y;
     long rows;
 } product;
 
-static void products_share(const product *p, int n, int K, const float *x, int t, int T) {
+static void products_share(const product *p, int n, int K, product_input *in, int t, int T) {
     long total = 0;
-    for (int i = 0; i < n; i++) total += p[i].rows;
+    int quantized = 0;
+    for (int i = 0; i < n; i++) total += p[i].rows, quantized |= !p[i].w->w;
+    if (quantized) prepare_input(in, K);
     long lo = total * t / T, hi = total * (t + 1) / T, base = 0;
     for (int i = 0; i < n; base += p[i].rows, i++) {
         long a = lo > base ? lo - base : 0, b = hi - base < p[i].rows ? hi - base : p[i].rows;
-        if (a < b) gemv_rows(p[i].w, K, x, p[i].bias, p[i].y, a, b);
+        if (a < b) weight_rows(p[i].w, K, in, p[i].bias, p[i].y, a, b);
     }
 }
 
@@ -323,16 +424,19 @@ static void step_thread(step_job *j, int t, float *scratch) {
     int T = j->threads, D = m->head_dim, n_q = m->n_q, n_kv = m->n_kv, dim = m->dim, hidden = m->hidden;
     int n_qk = (n_q + n_kv) * D, wide = dim > n_q * D ? dim : n_q * D;
     float *x = scratch, *h = x + dim, *qk = h + wide, *normed = qk + n_qk, *attn = normed + n_qk;
-    float *act = attn + n_q * D, *scores = act + hidden;
+    float *act = attn + n_q * D, *scores = act + hidden, *paired = scores + (j->past + 1) * (n_q / n_kv);
+    int widest = wide > hidden ? wide : hidden;
+    product_input normed_in = {h, paired, paired + widest}, attn_in = {attn, paired, paired + widest},
+                  act_in = {act, paired, paired + widest};
     long total = j->past + 1, lo = total * t / T, hi = total * (t + 1) / T;
     memcpy(x, j->x_in, sizeof(float) * dim);
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];
         rms_norm(x, L->input_norm, m->eps, h, dim);
-        product qkv[3] = {{L->q, L->q_bias, j->qkv, (long)n_q * D},
-                          {L->k, L->k_bias, j->qkv + n_q * D, (long)n_kv * D},
-                          {L->v, L->v_bias, j->qkv + n_qk, (long)n_kv * D}};
-        products_share(qkv, 3, dim, h, t, T);
+        product qkv[3] = {{&L->q, L->q_bias, j->qkv, (long)n_q * D},
+                          {&L->k, L->k_bias, j->qkv + n_q * D, (long)n_kv * D},
+                          {&L->v, L->v_bias, j->qkv + n_qk, (long)n_kv * D}};
+        products_share(qkv, 3, dim, &normed_in, t, T);
         barrier_wait(&j->barrier);
         const float *qk_in = j->qkv;
         if (L->q_norm) { /* qwen3 */
@@ -361,29 +465,31 @@ static void step_thread(step_job *j, int t, float *scratch) {
             }
             for (int d = 0; d < D; d++) out[d] /= sum;
         }
-        product o = {L->o, L->o_bias, j->o, dim};
-        products_share(&o, 1, n_q * D, attn, t, T);
+        product o = {&L->o, L->o_bias, j->o, dim};
+        products_share(&o, 1, n_q * D, &attn_in, t, T);
         barrier_wait(&j->barrier);
         add_into(x, j->o, dim);
         rms_norm(x, L->post_norm, m->eps, h, dim);
-        product gate_up[2] = {{L->gate, L->gate_bias, j->gate_up, hidden},
-                              {L->up, L->up_bias, j->gate_up + hidden, hidden}};
-        products_share(gate_up, 2, dim, h, t, T);
+        product gate_up[2] = {{&L->gate, L->gate_bias, j->gate_up, hidden},
+                              {&L->up, L->up_bias, j->gate_up + hidden, hidden}};
+        products_share(gate_up, 2, dim, &normed_in, t, T);
         barrier_wait(&j->barrier);
         for (int i = 0; i < hidden; i++) act[i] = silu_times(j->gate_up[i], j->gate_up[hidden + i]);
-        product down = {L->down, L->down_bias, j->down, dim};
-        products_share(&down, 1, hidden, act, t, T);
+        product down = {&L->down, L->down_bias, j->down, dim};
+        products_share(&down, 1, hidden, &act_in, t, T);
         barrier_wait(&j->barrier);
         add_into(x, j->down, dim);
     }
     rms_norm(x, m->final_norm, m->eps, h, dim);
-    product head = {m->head, NULL, j->logits, m->vocab};
-    products_share(&head, 1, dim, h, t, T);
+    product head = {&m->head, NULL, j->logits, m->vocab};
+    products_share(&head, 1, dim, &normed_in, t, T);
 }
 
 static long scratch_floats(const step_model *m, long keys) {
     int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
-    return m->dim + wide + 2L * n_qk + (long)m->n_q * m->head_dim + m->hidden + keys * (m->n_q / m->n_kv);
+    long widest = wide > m->hidden ? wide : m->hidden; /* the widest product input, paired (and its sums) */
+    return m->dim + wide + 2L * n_qk + (long)m->n_q * m->head_dim + m->hidden + keys * (m->n_q / m->n_kv) +
+           widest + widest / 32 + 1;
 }
 
 typedef struct {
@@ -402,10 +508,17 @@ static void *step_worker(void *p) {
 /* One decode step: x_in the token's embedding (dim), `past` cached positions, cos and sin the RoPE tables of the
    q and k heads at position `past` ((n_q + n_kv) * head_dim, the attention's scale folded into q's), partner the
    rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and values ((n_layers, n_kv,
-   head_dim) each) and the logits (vocab). 0 on success, 1 if scratch memory was not had (nothing written). */
+   head_dim) each) and the logits (vocab). 0 on success, 1 if scratch memory was not had, 2 for quantized weights
+   where decode_quantized_supported() is 0 (nothing written either way). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
                 const int *partner, float *new_k, float *new_v, float *logits) {
     if (!dot_rows) dot_rows = pick_dot_rows();
+    int quantized = !m->head.w;
+    for (int l = 0; l < m->n_layers; l++) {
+        const step_layer *L = &m->layers[l];
+        quantized |= !L->q.w || !L->k.w || !L->v.w || !L->o.w || !L->gate.w || !L->up.w || !L->down.w;
+    }
+    if (quantized && !quantized_supported()) return 2;
     int threads = max_threads();
     long shared = (m->n_q + 2L * m->n_kv) * m->head_dim + 2L * m->dim + 2L * m->hidden +
                   (long)threads * m->n_q * m->head_dim, own = scratch_floats(m, past + 1L);

@@ -5,14 +5,15 @@ import ctypes
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
 from mlx_kvpred import blas, cpu_kernels, decode
-from mlx_kvpred.decode import C_DECODE, CDecoder, CompiledDecoder, compiled_decoder, set_compiled_decode
+from mlx_kvpred.decode import (C_DECODE, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
+                               keep_quantized, set_compiled_decode)
 from mlx_kvpred.loading import default_model_path
 
 VARIANTS = {
@@ -43,6 +44,25 @@ def c_steps(monkeypatch):
     step = cpu_kernels.decode_step
     monkeypatch.setattr(cpu_kernels, "decode_step", lambda *a: calls.append(a[2]) or step(*a))
     return calls
+
+
+def quantized_like_gguf(model, bits: int, head_bits: int = 8):
+    """Give every projection (`bits`) and the embedding (`head_bits`) weights that are exactly the dequantization
+    of MLX's affine form with float16 scales and biases, as gguf.load_gguf loads Q4_1/Q8_0, and keep that form."""
+    kept, new = {}, []
+    for name, w in tree_flatten(model.parameters()):
+        if w.ndim != 2 or w.shape[1] % 32:
+            continue
+        b = head_bits if "embed" in name else bits
+        packed, scales, biases = mx.quantize(w, group_size=32, bits=b)
+        scales, biases = scales.astype(mx.float16), biases.astype(mx.float16)
+        new.append((name, mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                        group_size=32, bits=b)))
+        kept[name] = (packed, scales, biases, b)
+    model.load_weights(new, strict=False)
+    mx.eval(model.parameters())
+    keep_quantized(model, kept)
+    return model
 
 
 def variant(name: str):
@@ -80,6 +100,46 @@ def test_step_equals_the_model(name, kind, c_steps, monkeypatch):
         for mine, its in zip(x.state[:2], y.state[:2]):
             assert mx.allclose(mine[..., :41, :], its[..., :41, :], atol=1e-4).item()
     assert c_steps == (list(range(21, 41)) if kind is CDecoder else [])
+
+
+needs_quantized = pytest.mark.skipif(not cpu_kernels.quantized_decode(), reason="no AVX-512: float32 weights only")
+
+
+@needs_quantized
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-heads-64-group-3", "llama-odd-widths"])
+def test_c_step_on_quantized_weights_equals_the_model(name, bits, c_steps, monkeypatch):
+    """Weights kept in quantized form (as GGUF loads them): the C step reads those bytes, and its logits and caches
+    equal the model's own float32 step (the same numbers, summed in another order)."""
+    model = quantized_like_gguf(variant(name).model, bits)
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 21)
+    for i in range(12):
+        y = mx.array([[(5 * i) % 97]])
+        a, b = decoder(y, cache=ours), model(y, cache=theirs)
+        assert mx.allclose(a, b, atol=1e-4).item(), (i, mx.abs(a - b).max().item())
+    layer = decoder.c_layers[0]
+    assert layer.q.w is None and layer.q.bits == bits and decoder.c_model.head.bits == 8
+    assert (layer.down.w is None) == (name != "llama-odd-widths")  # rows of 100 values: not whole groups of 32
+    with QUANTIZED_DECODE.off():  # the float32 weights, side by side
+        y = mx.array([[3]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+        assert decoder.c_layers[0].q.w is not None
+    assert len(c_steps) == 13
+
+
+@needs_quantized
+def test_quantized_weights_are_dropped_once_the_model_changes():
+    """After a model.update the kept quantized bytes no longer describe the weights: the step reads the new ones."""
+    model = quantized_like_gguf(variant("llama").model, 4)
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 8)
+    y = mx.array([[5]])
+    mx.eval(decoder(y, cache=ours), model(y, cache=theirs))
+    assert decoder.c_layers[0].q.w is None
+    model.update(tree_map(lambda p: p * 0.5, model.parameters()))
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    assert decoder.c_layers[0].q.w is not None
 
 
 @needs_c
