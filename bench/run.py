@@ -25,7 +25,7 @@ from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_kernels import C_KERNELS
 from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
-from mlx_kvpred.decode import C_DECODE, COMPILED_DECODE
+from mlx_kvpred.decode import C_DECODE, COMPILED_DECODE, QUANTIZED_DECODE
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
@@ -34,11 +34,11 @@ from mlx_kvpred.predictor import layer_pruned_map
 
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-decode: the
-# compiled MLX step, not the C one; -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the
+# compiled MLX step, not the C one; -fp32-decode: the C step on float32 weights, not the GGUF's quantized ones; -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the
 # prefill C kernels off (numpy attention, MLX SwiGLU and RoPE)
 SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
-MLX_DECODE_SUFFIX = "-mlx-decode"
-SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
+MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX = "-mlx-decode", "-fp32-decode"
+SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
 MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(
     f"{m}{suffix}" for suffix in SUFFIXES for m in ("base", "kvp"))
 
@@ -132,6 +132,8 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stack.enter_context(COMPILED_DECODE.off())
         if mode.endswith(MLX_DECODE_SUFFIX):
             stack.enter_context(C_DECODE.off())
+        if mode.endswith(FP32_DECODE_SUFFIX):
+            stack.enter_context(QUANTIZED_DECODE.off())
         if mode.endswith(MLX_ATTN_SUFFIX):
             stack.enter_context(mlx_attention())
         if mode.endswith(NO_C_SUFFIX):
