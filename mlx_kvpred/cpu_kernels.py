@@ -26,10 +26,12 @@ class Weight(ctypes.Structure):
 
 class StepLayer(ctypes.Structure):
     """decode_step.c's step_layer: one block's norms, projections, biases and q/k norms (None: none), the cache's
-    keys and values (n_kv, capacity, head_dim) and the floats between its heads."""
+    keys and values (n_kv, capacity, head_dim, rows of head_dim floats) and the floats between their heads and
+    between their positions."""
     _fields_ = ([("input_norm", _P), ("post_norm", _P)] + [(name, Weight) for name in PROJECTIONS]
                 + [(f"{name}_bias", _P) for name in PROJECTIONS]
-                + [(name, _P) for name in ("q_norm", "k_norm", "keys", "values")] + [("cache_head", ctypes.c_long)])
+                + [(name, _P) for name in ("q_norm", "k_norm", "keys", "values")]
+                + [(name, ctypes.c_long) for name in ("k_head", "k_row", "v_head", "v_row")])
 
 
 class StepModel(ctypes.Structure):

@@ -312,18 +312,17 @@ class CDecoder(CompiledDecoder):
 
     def _set_caches(self, cache: Sequence[Any]) -> bool:
         """Point the C step at each cache's keys and values; False if one is not float32 (1, n_kv, S, head_dim)
-        with contiguous rows."""
+        with each position's head_dim floats contiguous (any strides between heads and positions)."""
         for layer, c in zip(self.c_layers, cache):
             if c.keys is None:
                 layer.keys = layer.values = None
-                layer.cache_head = 0
                 continue
             k, v = np.array(c.keys, copy=False), np.array(c.values, copy=False)
-            if (k.dtype != np.float32 or v.dtype != np.float32 or k.shape[0] != 1 or k.shape != v.shape
-                    or k.shape[1] != self.n_kv or k.shape[3] != self.head_dim or k.strides[2:] != (4 * self.head_dim, 4)
-                    or k.strides != v.strides):
+            if any(a.dtype != np.float32 or a.shape[:2] != (1, self.n_kv) or a.shape[3] != self.head_dim
+                   or a.strides[3] != 4 or a.strides[1] % 4 or a.strides[2] % 4 for a in (k, v)) or k.shape != v.shape:
                 return False
-            layer.keys, layer.values, layer.cache_head = k.ctypes.data, v.ctypes.data, k.strides[1] // 4
+            layer.keys, layer.k_head, layer.k_row = k.ctypes.data, k.strides[1] // 4, k.strides[2] // 4
+            layer.values, layer.v_head, layer.v_row = v.ctypes.data, v.strides[1] // 4, v.strides[2] // 4
         return True
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):

@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +32,8 @@ typedef struct {
     weight q, k, v, o, gate, up, down;
     const float *q_bias, *k_bias, *v_bias, *o_bias, *gate_bias, *up_bias, *down_bias;
     const float *q_norm, *k_norm; /* RMSNorm over each q and k head before RoPE (qwen3) */
-    const float *keys, *values;   /* the cache: head h's position j at h * cache_head + j * head_dim */
-    long cache_head;
+    const float *keys, *values; /* the cache: head h's position j at h * k_head + j * k_row (values: v_...) */
+    long k_head, k_row, v_head, v_row;
 } step_layer;
 
 typedef struct {
@@ -61,14 +62,17 @@ static void barrier_wait(spin_barrier *b) {
     if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == b->threads - 1) {
         atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
         atomic_store_explicit(&b->generation, generation + 1, memory_order_release);
-    } else
-        while (atomic_load_explicit(&b->generation, memory_order_acquire) == generation) spin_pause();
+    } else /* spin, then give the core away: another process's spinning thread (a BLAS's, after its last call)
+              may hold the core this barrier waits for */
+        for (int spins = 0; atomic_load_explicit(&b->generation, memory_order_acquire) == generation; spins++)
+            if (spins < 2000) spin_pause();
+            else sched_yield();
 }
 
-/* y[r] = W[r] . x for rows [lo, hi) of W (rows of K floats), portable C. */
-VECTOR_CLONES static void dot_rows_c(const float *W, int K, const float *x, float *y, long lo, long hi) {
+/* y[r] = W[r] . x for rows [lo, hi) of W (K floats a row, rows `ld` floats apart), portable C. */
+VECTOR_CLONES static void dot_rows_c(const float *W, int K, long ld, const float *x, float *y, long lo, long hi) {
     for (long r = lo; r < hi; r++) {
-        const float *w = W + r * K;
+        const float *w = W + r * ld;
         float a = 0.0f;
 #pragma omp simd reduction(+ : a)
         for (int k = 0; k < K; k++) a += w[k] * x[k];
@@ -81,27 +85,27 @@ VECTOR_CLONES static void dot_rows_c(const float *W, int K, const float *x, floa
 #define HAVE_X86_ROWS 1
 /* Eight rows per pass over x, a register of partial sums each: 33-36 GB/s on two cores of a Xeon where the
    portable loop (four rows) streams 27-32 (docs/performance.md). K's tail by masked loads. */
-__attribute__((target("avx512f"))) static void dot_rows_avx512(const float *W, int K, const float *x, float *y,
-                                                                long lo, long hi) {
+__attribute__((target("avx512f"))) static void dot_rows_avx512(const float *W, int K, long ld, const float *x,
+                                                                float *y, long lo, long hi) {
     __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
     int body = K - K % 16;
     long r = lo;
     for (; r + 8 <= hi; r += 8) {
-        const float *w = W + r * K;
+        const float *w = W + r * ld;
         __m512 a[8];
         for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
         for (int k = 0; k < body; k += 16) {
             __m512 xv = _mm512_loadu_ps(x + k);
-            for (int i = 0; i < 8; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (long)i * K + k), xv, a[i]);
+            for (int i = 0; i < 8; i++) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(w + i * ld + k), xv, a[i]);
         }
         if (tail) {
             __m512 xv = _mm512_maskz_loadu_ps(tail, x + body);
             for (int i = 0; i < 8; i++)
-                a[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + (long)i * K + body), xv, a[i]);
+                a[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + i * ld + body), xv, a[i]);
         }
         for (int i = 0; i < 8; i++) y[r + i] = _mm512_reduce_add_ps(a[i]);
     }
-    dot_rows_c(W, K, x, y, r, hi);
+    dot_rows_c(W, K, ld, x, y, r, hi);
 }
 
 static float sum8(__m256 v) __attribute__((target("avx2")));
@@ -111,29 +115,29 @@ static float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *W, int K, const float *x, float *y,
-                                                              long lo, long hi) {
+__attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *W, int K, long ld, const float *x,
+                                                              float *y, long lo, long hi) {
     int body = K - K % 8;
     long r = lo;
     for (; r + 8 <= hi; r += 8) {
-        const float *w = W + r * K;
+        const float *w = W + r * ld;
         __m256 a[8];
         for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
         for (int k = 0; k < body; k += 8) {
             __m256 xv = _mm256_loadu_ps(x + k);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (long)i * K + k), xv, a[i]);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(_mm256_loadu_ps(w + i * ld + k), xv, a[i]);
         }
         for (int i = 0; i < 8; i++) {
             float t = sum8(a[i]);
-            for (int k = body; k < K; k++) t += w[(long)i * K + k] * x[k];
+            for (int k = body; k < K; k++) t += w[i * ld + k] * x[k];
             y[r + i] = t;
         }
     }
-    dot_rows_c(W, K, x, y, r, hi);
+    dot_rows_c(W, K, ld, x, y, r, hi);
 }
 #endif
 
-typedef void (*dot_rows_fn)(const float *, int, const float *, float *, long, long);
+typedef void (*dot_rows_fn)(const float *, int, long, const float *, float *, long, long);
 
 static dot_rows_fn pick_dot_rows(void) {
 #ifdef HAVE_X86_ROWS
@@ -148,7 +152,7 @@ static dot_rows_fn dot_rows;
 
 /* y[r] = W[r] . x (+ bias[r]) for rows [lo, hi) of W (rows of K floats). */
 static void gemv_rows(const float *W, int K, const float *x, const float *bias, float *y, long lo, long hi) {
-    dot_rows(W, K, x, y, lo, hi);
+    dot_rows(W, K, K, x, y, lo, hi);
     if (bias)
         for (long r = lo; r < hi; r++) y[r] += bias[r];
 }
@@ -298,15 +302,18 @@ typedef struct {
     atomic_int go;
 } step_job;
 
-/* Scores of `group` query heads (rows of D floats) against n keys: scores[i * stride + j] = q_i . K_j. */
-static void group_scores_c(const float *K, long n, const float *q, int group, int D, float *scores, long stride) {
-    for (int i = 0; i < group; i++) gemv_rows(K, D, q + i * D, NULL, scores + i * stride, 0, n);
+/* Scores of `group` query heads (rows of D floats) against n keys (`row` floats apart):
+   scores[i * stride + j] = q_i . K_j. */
+static void group_scores_c(const float *K, long row, long n, const float *q, int group, int D, float *scores,
+                           long stride) {
+    for (int i = 0; i < group; i++) dot_rows(K, D, row, q + i * D, scores + i * stride, 0, n);
 }
 
-/* out_i += sum_j p[i * stride + j] V_j for the group's heads (rows of D floats). */
-static void group_pv_c(const float *V, long n, const float *p, long stride, int group, int D, float *out) {
+/* out_i += sum_j p[i * stride + j] V_j for the group's heads (rows of D floats, `row` floats apart). */
+static void group_pv_c(const float *V, long row, long n, const float *p, long stride, int group, int D,
+                       float *out) {
     for (int i = 0; i < group; i++)
-        for (long j = 0; j < n; j++) axpy(out + i * D, p[i * stride + j], V + j * D, D);
+        for (long j = 0; j < n; j++) axpy(out + i * D, p[i * stride + j], V + j * row, D);
 }
 
 #ifdef HAVE_X86_ROWS
@@ -328,15 +335,15 @@ static inline __attribute__((always_inline, target("avx512f"))) __m512 sums_of_1
 
 /* The same for D = 64, sixteen keys at a time, each key row read once for the whole group (from L1 after the
    first head). */
-__attribute__((target("avx512f"))) static void group_scores_64(const float *K, long n, const float *q, int group,
-                                                                int D, float *scores, long stride) {
+__attribute__((target("avx512f"))) static void group_scores_64(const float *K, long row, long n, const float *q,
+                                                                int group, int D, float *scores, long stride) {
     long j = 0;
     for (; j + 16 <= n; j += 16)
         for (int i = 0; i < group; i++) {
-            const float *qi = q + i * 64, *k = K + j * 64;
+            const float *qi = q + i * 64, *k = K + j * row;
             __m512 q0 = _mm512_loadu_ps(qi), q1 = _mm512_loadu_ps(qi + 16), q2 = _mm512_loadu_ps(qi + 32),
                    q3 = _mm512_loadu_ps(qi + 48), a[16];
-            for (int r = 0; r < 16; r++, k += 64) {
+            for (int r = 0; r < 16; r++, k += row) {
                 a[r] = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
                 a[r] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16), a[r]);
                 a[r] = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a[r]);
@@ -345,17 +352,18 @@ __attribute__((target("avx512f"))) static void group_scores_64(const float *K, l
             _mm512_storeu_ps(scores + i * stride + j, sums_of_16(a));
         }
     if (j < n)
-        for (int i = 0; i < group; i++) gemv_rows(K, D, q + i * D, NULL, scores + i * stride, j, n);
+        for (int i = 0; i < group; i++) dot_rows(K, D, row, q + i * D, scores + i * stride, j, n);
 }
 
 /* Up to four heads at a time, their sums in registers (m is a constant where this is inlined). */
-static inline __attribute__((always_inline, target("avx512f"))) void pv_64(const float *V, long n, const float *p,
-                                                                          long stride, int m, float *out) {
+static inline __attribute__((always_inline, target("avx512f"))) void pv_64(const float *V, long row, long n,
+                                                                          const float *p, long stride, int m,
+                                                                          float *out) {
     __m512 acc[4][4];
     for (int i = 0; i < m; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = _mm512_loadu_ps(out + i * 64 + c * 16);
     for (long j = 0; j < n; j++) {
-        const float *v = V + j * 64;
+        const float *v = V + j * row;
         __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16), v2 = _mm512_loadu_ps(v + 32),
                v3 = _mm512_loadu_ps(v + 48);
         for (int i = 0; i < m; i++) {
@@ -368,22 +376,22 @@ static inline __attribute__((always_inline, target("avx512f"))) void pv_64(const
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + i * 64 + c * 16, acc[i][c]);
 }
 
-__attribute__((target("avx512f"))) static void group_pv_64(const float *V, long n, const float *p, long stride,
-                                                            int group, int D, float *out) {
+__attribute__((target("avx512f"))) static void group_pv_64(const float *V, long row, long n, const float *p,
+                                                            long stride, int group, int D, float *out) {
     (void)D;
     for (int i = 0; i < group; i += 4) {
         switch (group - i < 4 ? group - i : 4) {
-        case 1: pv_64(V, n, p + i * stride, stride, 1, out + i * 64); break;
-        case 2: pv_64(V, n, p + i * stride, stride, 2, out + i * 64); break;
-        case 3: pv_64(V, n, p + i * stride, stride, 3, out + i * 64); break;
-        default: pv_64(V, n, p + i * stride, stride, 4, out + i * 64);
+        case 1: pv_64(V, row, n, p + i * stride, stride, 1, out + i * 64); break;
+        case 2: pv_64(V, row, n, p + i * stride, stride, 2, out + i * 64); break;
+        case 3: pv_64(V, row, n, p + i * stride, stride, 3, out + i * 64); break;
+        default: pv_64(V, row, n, p + i * stride, stride, 4, out + i * 64);
         }
     }
 }
 #endif
 
-typedef void (*group_scores_fn)(const float *, long, const float *, int, int, float *, long);
-typedef void (*group_pv_fn)(const float *, long, const float *, long, int, int, float *);
+typedef void (*group_scores_fn)(const float *, long, long, const float *, int, int, float *, long);
+typedef void (*group_pv_fn)(const float *, long, long, const float *, long, int, int, float *);
 
 /* Thread t's part of attention for one layer: query heads `q` (scaled, roped) over keys [lo, hi) of the cache's
    `past` and the new key and value (position `past`); writes each head's running max and sum and its P V. */
@@ -398,7 +406,7 @@ static void attention_share(step_job *j, const step_layer *L, const float *q, co
     if (D == 64 && dot_rows == dot_rows_avx512) scores_of = group_scores_64, pv_of = group_pv_64;
 #endif
     for (int g = 0; g < m->n_kv; g++) {
-        const float *K = L->keys + g * L->cache_head + lo * D, *V = L->values + g * L->cache_head + lo * D;
+        const float *K = L->keys + g * L->k_head + lo * L->k_row, *V = L->values + g * L->v_head + lo * L->v_row;
         const float *qg = q + g * group * D;
         running *r = &j->partial[t * m->n_q + g * group];
         float *pv = j->partial_pv + ((long)t * m->n_q + g * group) * D;
@@ -407,14 +415,14 @@ static void attention_share(step_job *j, const step_layer *L, const float *q, co
             for (int i = 0; i < group; i++) r[i].max = -INFINITY, r[i].sum = 0.0f;
             continue;
         }
-        if (cached > 0) scores_of(K, cached, qg, group, D, scores, n);
-        if (n > cached) group_scores_c(k_new + g * D, 1, qg, group, D, scores + cached, n);
+        if (cached > 0) scores_of(K, L->k_row, cached, qg, group, D, scores, n);
+        if (n > cached) group_scores_c(k_new + g * D, D, 1, qg, group, D, scores + cached, n);
         for (int i = 0; i < group; i++) {
             r[i].max = row_max(scores + i * n, (int)n);
             r[i].sum = exp_shifted_sum(scores + i * n, (int)n, r[i].max);
         }
-        if (cached > 0) pv_of(V, cached, scores, n, group, D, pv);
-        if (n > cached) group_pv_c(v_new + g * D, 1, scores + cached, n, group, D, pv);
+        if (cached > 0) pv_of(V, L->v_row, cached, scores, n, group, D, pv);
+        if (n > cached) group_pv_c(v_new + g * D, D, 1, scores + cached, n, group, D, pv);
     }
 }
 
@@ -500,7 +508,7 @@ typedef struct {
 
 static void *step_worker(void *p) {
     worker_arg *a = p;
-    while (!atomic_load_explicit(&a->job->go, memory_order_acquire)) spin_pause();
+    while (!atomic_load_explicit(&a->job->go, memory_order_acquire)) sched_yield();
     step_thread(a->job, a->index, a->scratch);
     return NULL;
 }
