@@ -4,6 +4,7 @@ models, and the real 135M model."""
 import ctypes
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import generate_step
@@ -164,6 +165,27 @@ def test_c_step_from_an_empty_cache_and_on_one_thread(c_steps, monkeypatch):
     finally:
         openblas.openblas_set_num_threads(was)
     assert mx.allclose(on_all, on_one, atol=1e-5).item()
+
+
+@needs_c
+def test_c_step_reads_caches_at_any_strides(c_steps):
+    """A cache whose values are a transposed view ((1, S, n_kv, D) stored, as mlx-lm leaves one when a prompt
+    fills its steps exactly) and whose keys are a slice of a longer buffer: read in place, as the model reads them."""
+    model = variant("llama-heads-64-group-3").model
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 32)
+    for c in ours:
+        n = c.offset
+        keys, values = c.state[0][..., :n, :], c.state[1][..., :n, :]
+        wide = mx.concatenate([keys, mx.zeros_like(keys)], axis=2)[..., :n, :]  # head stride 2n positions
+        transposed = mx.contiguous(values.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        c.state = (wide, transposed, n)
+        mx.eval(c.state)
+    assert np.array(ours[0].values, copy=False).strides[1] == 4 * 64  # heads 64 floats apart: transposed
+    for i in range(4):
+        y = mx.array([[i + 1]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    assert c_steps == [32, 33, 34, 35]
 
 
 @needs_c
