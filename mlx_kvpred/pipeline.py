@@ -157,8 +157,11 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     unshared base layer."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
+    # fresh caches: the shared layers' base caches become the aux's own (the same K/V, already RoPE'd) at the end
+    take_aux = aux_caches is None and caches[0].offset == 0
     aux_caches = make_prompt_cache(bundle.aux) if aux_caches is None else aux_caches
     shared = shared_base_layers(bundle, base_model) if tail else 0
+    take_aux = take_aux and shared > 0 and all(type(a) is type(c) for a, c in zip(aux_caches, caches[:shared]))
     if tail and shared != len(bundle.aux.layers):
         raise KVPredError("an exact tail in the aux's pass needs an aux of base layers 0..k-1 (shared_base_layers)")
     predicted_end = tokens.size - tail
@@ -190,11 +193,13 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
                                                                 hidden[:, :keep], prev_hidden)
                 write_predicted_kv(base_model.layers[shared:], caches[shared:], [k[:, drop:] for k in pred_k[shared:]],
                                    [v[:, drop:] for v in pred_v[shared:]])
-            if shared and stop - start > drop:  # the shared layers' exact K/V, the tail's included
+            if shared and stop - start > drop and not take_aux:  # the shared layers' exact K/V, the tail's included
                 write_predicted_kv(base_model.layers[:shared], caches[:shared], [k[:, drop:] for k in keys],
                                    [v[:, drop:] for v in values])
             prev_hidden = hidden[:, -1:]
             mx.eval([c.state for c in caches], [c.state for c in aux_caches], streams)
+    for c, a in zip(caches[:shared] if take_aux else [], aux_caches):
+        c.state = a.state  # the exact head's K/V included: the aux computed the same layers at the same positions
     return mx.concatenate(streams, axis=1) if len(streams) > 1 else (streams[0] if streams else None)
 
 
