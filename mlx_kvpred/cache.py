@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import finish_keys, kv_heads, split_heads
+from .cpu_ops import append_kv_in_c
 
 
 def write_predicted_kv(base_layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
@@ -19,5 +20,7 @@ def write_predicted_kv(base_layers: Sequence[nn.Module], caches: Sequence[Any], 
     """
     for layer, cache, k, v in zip(base_layers, caches, keys, values):
         n_kv, _ = kv_heads(layer)
+        if append_kv_in_c(layer, cache, k, v, n_kv):
+            continue
         k = finish_keys(layer, split_heads(k, n_kv), cache.offset)
         cache.update_and_fetch(k, split_heads(v, n_kv))

@@ -172,7 +172,7 @@ typedef struct {
     const float *x, *cos, *sin;
     const int *partner;
     float *out;
-    long x_head, x_row;
+    long x_head, x_row, out_head, out_row;
     int L, d;
 } rope_args;
 
@@ -181,17 +181,23 @@ VECTOR_CLONES static void rope_part(void *arg, long lo, long hi) {
     int d = a->d;
     for (long r = lo; r < hi; r++) { /* r counts (head, position) rows */
         long h = r / a->L, l = r % a->L;
-        const float *x = a->x + h * a->x_head + l * a->x_row, *c = a->cos + l * d, *s = a->sin + l * d;
-        float *out = a->out + r * d;
+        const float *x = a->x + h * a->x_head + l * a->x_row;
+        float *out = a->out + h * a->out_head + l * a->out_row;
+        if (!a->cos) {
+            memcpy(out, x, sizeof(float) * d);
+            continue;
+        }
+        const float *c = a->cos + l * d, *s = a->sin + l * d;
 #pragma omp simd
         for (int i = 0; i < d; i++) out[i] = x[i] * c[i] + x[a->partner[i]] * s[i];
     }
 }
 
-/* RoPE from tables: out (heads, L, d) contiguous, out[h, l, i] = x[h, l, i] cos[l, i] + x[h, l, partner[i]]
-   sin[l, i] (sin's sign folded in per entry: mlx_kvpred.rope_layout), x's heads and rows at the given strides. */
+/* RoPE from tables: out[h, l, i] = x[h, l, i] cos[l, i] + x[h, l, partner[i]] sin[l, i] (sin's sign folded in per
+   entry: mlx_kvpred.rope_layout), x's and out's heads and rows at the given strides (in floats; rows of d floats
+   contiguous). With cos NULL, a copy (values written into a cache beside their keys). */
 void rope(const float *x, long x_head, long x_row, const float *cos, const float *sin, const int *partner,
-          float *out, int heads, int L, int d) {
-    rope_args a = {x, cos, sin, partner, out, x_head, x_row, L, d};
+          float *out, long out_head, long out_row, int heads, int L, int d) {
+    rope_args a = {x, cos, sin, partner, out, x_head, x_row, out_head, out_row, L, d};
     run_split(rope_part, &a, (long)heads * L, threads_for((long)heads * L * d));
 }

@@ -74,7 +74,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i]
                 lib.causal_attention.restype = i
                 lib.swiglu.argtypes = [p, p, p, l]
-                lib.rope.argtypes = [p, l, l, p, p, p, p, i, i, i]
+                lib.rope.argtypes = [p, l, l, p, p, p, p, l, l, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
                 lib.decode_step.restype = lib.decode_quantized_supported.restype = i
@@ -158,8 +158,24 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray) -
     partner = np.ascontiguousarray(partner, np.int32)
     out = np.empty(x.shape, np.float32)
     lib.rope(x.ctypes.data, x.strides[1] // 4, x.strides[2] // 4, cos.ctypes.data, sin.ctypes.data,
-             partner.ctypes.data, out.ctypes.data, H, L, D)
+             partner.ctypes.data, out.ctypes.data, L * D, D, H, L, D)
     return out
+
+
+def write_rows(x: np.ndarray, out: np.ndarray, tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+    """x (1, H, L, D) written into out (1, H, L, D, e.g. a slice of a cache buffer) in place, RoPE'd by tables
+    (cos, sin, partner as rope takes them) or copied (None); both float32 with rows of D floats contiguous."""
+    lib = _require()
+    _, H, L, D = x.shape
+    if out.shape != x.shape or x.dtype != np.float32 or out.dtype != np.float32 or x.strides[3] != 4 \
+            or out.strides[3] != 4 or not out.flags.writeable:
+        raise ValueError(f"write_rows: x {x.shape} {x.dtype} {x.strides}, out {out.shape} {out.dtype} {out.strides}")
+    cos, sin, partner = (np.ascontiguousarray(t) for t in tables) if tables is not None else (None, None, None)
+    if tables is not None and (cos.shape != (L, D) or sin.shape != (L, D) or partner.shape != (D,)):
+        raise ValueError(f"write_rows: tables {cos.shape} {sin.shape} {partner.shape} for x {x.shape}")
+    addr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    lib.rope(x.ctypes.data, x.strides[1] // 4, x.strides[2] // 4, addr(cos), addr(sin), addr(partner),
+             out.ctypes.data, out.strides[1] // 4, out.strides[2] // 4, H, L, D)
 
 
 def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,

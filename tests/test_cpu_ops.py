@@ -212,6 +212,55 @@ def test_c_rope_equals_the_rope_module(kind, monkeypatch):
     assert type(model.layers[0].self_attn.rope) is stock_type
 
 
+@pytest.mark.parametrize("kind", ["plain", "traditional", "llama3"])
+def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
+    """write_predicted_kv's C path (cpu_ops.append_kv_in_c: new buffers, keys RoPE'd and values copied in one C
+    pass from strided predictor outputs) leaves the caches MLX's path leaves: empty caches, one exact-head position
+    already there, and a second append; a cache with room, a k-norm or C_KERNELS.off() take MLX's path."""
+    if not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_kvpred.cache import write_predicted_kv
+
+    monkeypatch.setattr(cpu_ops, "_C_ROPE_MIN_SIZE", 1000)
+    model = tiny_model("llama", **ROPES[kind]).model
+    use_fast_cpu_ops(model)
+    calls, original = [], cpu_ops.append_kv_in_c
+    monkeypatch.setattr(cpu_ops, "append_kv_in_c", lambda *a: calls.append(original(*a)) or calls[-1])
+    import mlx_kvpred.cache as cache_module
+    monkeypatch.setattr(cache_module, "append_kv_in_c", cpu_ops.append_kv_in_c)
+    try:
+        layers = model.layers
+        width = layers[0].self_attn.k_proj.weight.shape[0]
+        wide = mx.random.normal((1, 300, 5 * width))  # columns of one wide product, as predict_fused gives them
+        keys = [wide[..., i * width:(i + 1) * width] for i in range(len(layers))]
+        values = [wide[..., (i + 1) * width:(i + 2) * width] for i in range(len(layers))]
+        for head in (0, 1):
+            ours, theirs = [[KVCache() for _ in layers] for _ in range(2)]
+            for caches in (ours, theirs):
+                if head:
+                    write_predicted_kv(layers, caches, [k[:, :1] for k in keys], [v[:, :1] for v in values])
+            with cpu_kernels.C_KERNELS.off():
+                write_predicted_kv(layers, theirs, keys, values)
+                write_predicted_kv(layers, theirs, [k[:, :40] for k in keys], [v[:, :40] for v in values])
+            calls.clear()
+            write_predicted_kv(layers, ours, keys, values)
+            assert calls == [True] * len(layers)
+            write_predicted_kv(layers, ours, [k[:, :40] for k in keys], [v[:, :40] for v in values])
+            assert calls[len(layers):] == [False] * len(layers)  # room left in the 512-position buffers
+            for a, b in zip(ours, theirs):
+                assert a.offset == b.offset == 340 + head
+                for x, y in zip(a.state[:2], b.state[:2]):
+                    assert close(x[..., :a.offset, :], y[..., :a.offset, :], 1e-6)
+        qwen3 = tiny_model("qwen3").model
+        use_fast_cpu_ops(qwen3)
+        assert not cpu_ops.append_kv_in_c(qwen3.layers[0], KVCache(), keys[0], values[0], 2)  # k-norm: MLX
+        use_fast_cpu_ops(qwen3, enabled=False)
+    finally:
+        use_fast_cpu_ops(model, enabled=False)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True
