@@ -48,6 +48,43 @@ int max_threads(void) {
 /* ... and one for an elementwise kernel under 16384 floats (not worth a thread). */
 static int threads_for(long floats) { return floats < 16384 ? 1 : max_threads(); }
 
+void pins_start(thread_pins *p, int threads) {
+    p->pinned = 0;
+#ifdef __linux__
+    int cpu = sched_getcpu(), n = 0;
+    if (threads < 2 || cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof p->was, &p->was) != 0) return;
+    int others[CPU_SETSIZE];
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (c != cpu && CPU_ISSET(c, &p->was)) others[n++] = c;
+    if (n == 0) return;
+    for (int i = 1; i < threads && i < 64; i++) {
+        CPU_ZERO(&p->cpus[i]);
+        CPU_SET(others[(i - 1) % n], &p->cpus[i]);
+    }
+    CPU_ZERO(&p->cpus[0]);
+    CPU_SET(cpu, &p->cpus[0]);
+    p->pinned = pthread_setaffinity_np(pthread_self(), sizeof p->cpus[0], &p->cpus[0]) == 0;
+#else
+    (void)threads;
+#endif
+}
+
+void pins_for_worker(thread_pins *p, int worker, pthread_attr_t *attr) {
+#ifdef __linux__
+    if (p->pinned && worker < 64) pthread_attr_setaffinity_np(attr, sizeof p->cpus[worker], &p->cpus[worker]);
+#else
+    (void)p, (void)worker, (void)attr;
+#endif
+}
+
+void pins_end(thread_pins *p) {
+#ifdef __linux__
+    if (p->pinned) pthread_setaffinity_np(pthread_self(), sizeof p->was, &p->was);
+#else
+    (void)p;
+#endif
+}
+
 /* Runs work(arg, lo, hi) over [0, n) in one contiguous share per thread, the calling thread's included. */
 typedef void (*range_fn)(void *arg, long lo, long hi);
 typedef struct {
@@ -69,10 +106,19 @@ static void run_split(range_fn work, void *arg, long n, int threads) {
     pthread_t ids[64];
     int started = 0;
     for (int i = 0; i < threads; i++) shares[i] = (share){work, arg, n, threads, i};
-    for (; started < threads - 1; started++) /* fewer threads if the system gives fewer */
-        if (pthread_create(&ids[started], NULL, share_worker, &shares[started + 1]) != 0) break;
+    thread_pins pins;
+    pins_start(&pins, threads);
+    for (; started < threads - 1; started++) { /* fewer threads if the system gives fewer */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pins_for_worker(&pins, started + 1, &attr);
+        int failed = pthread_create(&ids[started], &attr, share_worker, &shares[started + 1]);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+    }
     share_worker(&shares[0]);
     for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    pins_end(&pins);
     for (int i = started + 1; i < threads; i++) share_worker(&shares[i]); /* threads not had */
 }
 

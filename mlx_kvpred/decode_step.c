@@ -547,9 +547,16 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
     pthread_t ids[64];
     worker_arg args[64];
     int started = 0;
+    thread_pins pins;
+    pins_start(&pins, threads);
     for (; started < threads - 1; started++) { /* fewer threads if the system gives fewer */
         args[started] = (worker_arg){&j, started + 1, buffer + shared + (started + 1) * own};
-        if (pthread_create(&ids[started], NULL, step_worker, &args[started]) != 0) break;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pins_for_worker(&pins, started + 1, &attr);
+        int failed = pthread_create(&ids[started], &attr, step_worker, &args[started]);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
     }
     j.threads = started + 1;
     j.barrier = (spin_barrier){.threads = j.threads};
@@ -558,6 +565,7 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
     atomic_store_explicit(&j.go, 1, memory_order_release);
     step_thread(&j, 0, buffer + shared);
     for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    pins_end(&pins);
     free(buffer), free(partial);
     return 0;
 }

@@ -63,4 +63,20 @@ VECTOR_CLONES static float row_max(const float *x, int n) {
 /* Threads a kernel runs on: the BLAS's thread count, at most 64 (cpu_kernels.c). */
 int max_threads(void);
 
+/* Where a kernel's threads run (cpu_kernels.c): the caller stays on its CPU and each worker gets another allowed
+   one. Left to the scheduler, a new worker often started on the caller's CPU and shared it for milliseconds while
+   the other core idled (decode steps of twice their time). Linux only; elsewhere nothing is pinned. */
+#include <pthread.h>
+#include <sched.h>
+typedef struct {
+    int pinned;
+#ifdef __linux__
+    cpu_set_t was, cpus[64];
+#endif
+} thread_pins;
+
+void pins_start(thread_pins *p, int threads);
+void pins_for_worker(thread_pins *p, int worker, pthread_attr_t *attr); /* worker counts from 1 */
+void pins_end(thread_pins *p);
+
 #endif
