@@ -215,6 +215,15 @@ def _quantized_of(model: nn.Module, w: mx.array) -> QuantizedWeight | None:
     return kept[1:] if kept is not None and kept[0] is w else None
 
 
+def _drop_replaced_quantized(model: nn.Module) -> None:
+    """Forget the quantized forms of weights the model no longer has (and so the old float32 arrays)."""
+    kept = model.__dict__.get("_kvpred_quantized")
+    if kept:
+        live = {id(a): a for _, a in tree_flatten(model.parameters())}
+        for key in [key for key, record in kept.items() if live.get(key) is not record[0]]:
+            del kept[key]
+
+
 def _watch(module: nn.Module | list) -> list[tuple[Any, Any, Any]]:
     """(container, key, value) of every module, list and array under `module`: a step checks them all with
     dict/list lookups (`container[key] is value`), which catches a model.update or a swapped module cheaply."""
@@ -282,6 +291,7 @@ class CDecoder(CompiledDecoder):
                 container[key] is value for container, key, value in self.c_watched):
             return True
         self.c_watched = []
+        _drop_replaced_quantized(self.model)
         inner = self.inner
         if type(inner.embed_tokens) is not nn.Embedding or ("lm_head" in self.model and (
                 type(self.model.lm_head) is not nn.Linear or "bias" in self.model.lm_head)):
@@ -340,7 +350,7 @@ class CDecoder(CompiledDecoder):
                                 self.sin[past - start], self.partner, self.new_k, self.new_v, self.logits_out)
         new_k, new_v = mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None]
         for i, c in enumerate(cache):
-            if past < c.keys.shape[2] if c.keys is not None else False:  # room: KVCache.update_and_fetch's write
+            if c.keys is not None and past < c.keys.shape[2]:  # room: KVCache.update_and_fetch's write
                 c.keys[:, :, past:past + 1] = new_k[:, i]
                 c.values[:, :, past:past + 1] = new_v[:, i]
                 c.offset += 1

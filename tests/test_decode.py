@@ -141,6 +141,7 @@ def test_quantized_weights_are_dropped_once_the_model_changes():
     model.update(tree_map(lambda p: p * 0.5, model.parameters()))
     assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
     assert decoder.c_layers[0].q.w is not None
+    assert model._kvpred_quantized == {}  # nor kept: the old weights are not held on to
 
 
 @needs_c
