@@ -277,9 +277,10 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple
         raise KVPredError(f"{path}: tensors do not match the llama config ({str(e).splitlines()[0]})") from e
     mx.eval(model.parameters())
     model.eval()
-    if dtype is not None and dtype == mx.float32 and quantized:  # the decode step in C reads these bytes instead (decode.keep_quantized)
-        from .decode import keep_quantized
+    if dtype is not None and dtype == mx.float32 and quantized:
+        from .decode import keep_quantized  # the decode step in C reads these bytes instead
 
-        keep_quantized(model, {f"{mlx_names[n]}.weight": (*(weights[f"{n}.{p}"] for p in ("weight", "scales", "biases")),
+        parts = ("weight", "scales", "biases")
+        keep_quantized(model, {f"{mlx_names[n]}.weight": (*(weights[f"{n}.{p}"] for p in parts),
                                                           _bits(weights, n, types.get(n), path)) for n in quantized})
     return model, build_tokenizer(meta, path), config
