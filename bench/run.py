@@ -34,8 +34,9 @@ from mlx_kvpred.predictor import layer_pruned_map
 
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-decode: the
-# compiled MLX step, not the C one; -fp32-decode: the C step on float32 weights, not the GGUF's quantized ones; -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the
-# prefill C kernels off (numpy attention, MLX SwiGLU and RoPE)
+# compiled MLX step, not the C one; -fp32-decode: the C step on float32 weights, not the GGUF's quantized ones;
+# -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the prefill C kernels off (numpy
+# attention, MLX SwiGLU and RoPE)
 SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
 MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX = "-mlx-decode", "-fp32-decode"
 SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
