@@ -53,6 +53,12 @@ QUANTIZED_DECODE = Switch("KVPRED_QUANTIZED_DECODE", cpu_kernels.quantized_decod
                           lambda: "no AVX-512" if cpu_kernels.available() else f"C kernels: {cpu_kernels.note()}")
 
 
+def keeps_quantized() -> bool:
+    """Whether a model loaded now keeps its quantized weights beside the float32 ones (gguf.load_gguf): only where
+    the C step would read them (+96 MB for SmolLM2-135M)."""
+    return COMPILED_DECODE.enabled() and C_DECODE.enabled() and QUANTIZED_DECODE.enabled()
+
+
 def compiled_decode_note() -> str:
     """What decodes a token (doctor's "decode" row)."""
     if not COMPILED_DECODE.enabled():

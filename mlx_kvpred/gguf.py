@@ -12,6 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .decode import keep_quantized, keeps_quantized
 from .errors import KVPredError
 
 if TYPE_CHECKING:  # importing mlx_lm.tokenizer_utils pulls in transformers (seconds): only when used
@@ -277,9 +278,7 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple
         raise KVPredError(f"{path}: tensors do not match the llama config ({str(e).splitlines()[0]})") from e
     mx.eval(model.parameters())
     model.eval()
-    if dtype is not None and dtype == mx.float32 and quantized:
-        from .decode import keep_quantized  # the decode step in C reads these bytes instead
-
+    if dtype is not None and dtype == mx.float32 and quantized and keeps_quantized():  # the C decode step reads them
         parts = ("weight", "scales", "biases")
         keep_quantized(model, {f"{mlx_names[n]}.weight": (*(weights[f"{n}.{p}"] for p in parts),
                                                           _bits(weights, n, types.get(n), path)) for n in quantized})

@@ -150,6 +150,35 @@ def test_tiny_quantized_layers_match_dequantized(tmp_path):
     assert mx.allclose(a, b.astype(mx.float32), atol=2e-2).item(), mx.abs(a - b).max().item()
 
 
+def test_quantized_tensors_kept_for_the_c_decode_step(tmp_path):
+    """The CPU load keeps each Q4_1/Q8_0 tensor beside its fp32 dequantization; the C decode step reads those (4 and
+    8 bits here, the fp16 o_proj in fp32) and decodes what the model does. Nothing is kept where the step would
+    not read it (KVPRED_QUANTIZED_DECODE=0)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_kvpred import cpu_kernels
+    from mlx_kvpred.decode import QUANTIZED_DECODE, CDecoder
+
+    tiny_gguf(tmp_path / "tiny.gguf")
+    with QUANTIZED_DECODE.off():
+        plain, _, _ = load_gguf(tmp_path / "tiny.gguf")
+    assert "_kvpred_quantized" not in plain.__dict__
+    if not cpu_kernels.quantized_decode():
+        pytest.skip("no AVX-512: the C step reads fp32 weights")
+    model, _, _ = load_gguf(tmp_path / "tiny.gguf")
+    assert len(model._kvpred_quantized) == 2 + 6 * len(model.layers)  # embedding, LM head, all but o_proj (fp16)
+    decoder = CDecoder(model)
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+    for c in (ours, theirs):
+        mx.eval(model(mx.array([[3, 4, 5, 6, 7]]), cache=c))
+    for token in (8, 9, 10):
+        y = mx.array([[token]])
+        a, b = decoder(y, cache=ours), model(y, cache=theirs)
+        assert mx.allclose(a, b, atol=1e-4).item(), mx.abs(a - b).max().item()
+    layer = decoder.c_layers[0]
+    assert (layer.q.bits, layer.v.bits, layer.o.bits, decoder.c_model.head.bits) == (4, 8, 32, 4)
+
+
 def test_tiny_tied_embeddings_and_tokenizer(tmp_path):
     tiny_gguf(tmp_path / "tiny.gguf", tied=True, **{"tokenizer.ggml.add_bos_token": True})
     model, tok, config = load_gguf(tmp_path / "tiny.gguf")
