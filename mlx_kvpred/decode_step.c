@@ -4,8 +4,9 @@
    (one-row products read each weight once: the step is a stream of weight reads), with a spin barrier where one
    thread's rows are another's input. Attention over the cache is split by key range, each thread keeping a
    running max, sum and P V per head, merged after. Elementwise work (norms, RoPE, SwiGLU) is small and done by
-   every thread on its own copy of the residual stream. The cache is only read: the new keys and values are
-   returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
+   every thread on its own copy of the residual stream. Weights are float32 or, with AVX-512, the GGUF's own 4- and
+   8-bit tensors (unpacked in registers; 5 or 9 bits read a weight instead of 32). The cache is only read: the new
+   keys and values are returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
