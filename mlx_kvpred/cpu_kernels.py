@@ -78,6 +78,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
                 lib.decode_step.restype = lib.decode_quantized_supported.restype = i
+                lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i
                 _lib = lib
     return _lib
 
@@ -187,11 +188,20 @@ def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
     status = _require().decode_step(ctypes.byref(model), x.ctypes.data, past, cos.ctypes.data, sin.ctypes.data,
                                     partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data, logits.ctypes.data)
     if status == 2:
-        raise ValueError("decode_step: quantized weights on a CPU without AVX-512 (see quantized_decode())")
+        raise ValueError("decode_step: quantized weights on a CPU without AVX2 or AVX-512 (see quantized_decode())")
     if status != 0:
         raise MemoryError("decode_step: no scratch memory for the step")
 
 
 def quantized_decode() -> bool:
-    """decode_step reads quantized weights on this CPU (AVX-512 and F16C)."""
+    """decode_step reads quantized weights on this CPU (AVX-512, or AVX2 with FMA; and F16C)."""
     return available() and bool(_load().decode_quantized_supported())
+
+
+DECODE_ISAS = ("portable", "avx2", "avx512")
+
+
+def decode_isa(wanted: str | None = None) -> str:
+    """The instruction set decode_step uses (one of DECODE_ISAS); `wanted` sets it, at most what the CPU has
+    (lower ones for side-by-side timing and tests). Not while a step runs."""
+    return DECODE_ISAS[_require().decode_isa(-1 if wanted is None else DECODE_ISAS.index(wanted))]

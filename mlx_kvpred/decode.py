@@ -47,10 +47,11 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
                   lambda: f"C kernels: {cpu_kernels.note()}")
 
 
-# On where decode_step reads quantized weights (AVX-512): the GGUF's own bytes for the weights keep_quantized kept.
+# On where decode_step reads quantized weights (AVX2 or AVX-512): the GGUF's own bytes for the weights keep_quantized
+# kept.
 QUANTIZED_DECODE = Switch("KVPRED_QUANTIZED_DECODE", cpu_kernels.quantized_decode,
                           "reads the GGUF's quantized weights", "reads float32 weights",
-                          lambda: "no AVX-512" if cpu_kernels.available() else f"C kernels: {cpu_kernels.note()}")
+                          lambda: "no AVX2 or AVX-512" if cpu_kernels.available() else f"C kernels: {cpu_kernels.note()}")
 
 
 def keeps_quantized() -> bool:

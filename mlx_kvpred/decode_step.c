@@ -4,7 +4,7 @@
    (one-row products read each weight once: the step is a stream of weight reads), with a spin barrier where one
    thread's rows are another's input. Attention over the cache is split by key range, each thread keeping a
    running max, sum and P V per head, merged after. Elementwise work (norms, RoPE, SwiGLU) is small and done by
-   every thread on its own copy of the residual stream. Weights are float32 or, with AVX-512, the GGUF's own 4- and
+   every thread on its own copy of the residual stream. Weights are float32 or, with AVX2 or AVX-512, the GGUF's own 4- and
    8-bit tensors (unpacked in registers; 5 or 9 bits read a weight instead of 32). The cache is only read: the new
    keys and values are returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
 #define _GNU_SOURCE
@@ -140,16 +140,31 @@ __attribute__((target("avx2,fma"))) static void dot_rows_avx2(const float *W, in
 
 typedef void (*dot_rows_fn)(const float *, int, long, const float *, float *, long, long);
 
-static dot_rows_fn pick_dot_rows(void) {
+/* The instruction sets the step uses: 2 AVX-512 (and F16C), 1 AVX2 with FMA and F16C, 0 portable C. */
+static int supported_isa(void) {
 #ifdef HAVE_X86_ROWS
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return dot_rows_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_rows_avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
 #endif
-    return dot_rows_c;
+    return 0;
 }
 
 static dot_rows_fn dot_rows;
+static int isa = -1;
+
+/* The level in use (see supported_isa), set to min(wanted, supported) first unless wanted is -1: lower levels
+   for side-by-side timing and tests on a CPU that has the higher ones. Not to be called during a step. */
+int decode_isa(int wanted) {
+    int supported = supported_isa();
+    if (isa < 0 || wanted >= 0) isa = wanted >= 0 && wanted < supported ? wanted : supported;
+#ifdef HAVE_X86_ROWS
+    dot_rows = isa == 2 ? dot_rows_avx512 : isa == 1 ? dot_rows_avx2 : dot_rows_c;
+#else
+    dot_rows = dot_rows_c;
+#endif
+    return isa;
+}
 
 /* y[r] = W[r] . x (+ bias[r]) for rows [lo, hi) of W (rows of K floats). */
 static void gemv_rows(const float *W, int K, const float *x, const float *bias, float *y, long lo, long hi) {
@@ -218,16 +233,51 @@ __attribute__((target("avx512f,f16c"))) static void quantized_rows_avx512(const 
 }
 #endif
 
-static int quantized_supported(void) {
 #ifdef HAVE_X86_ROWS
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
+/* The same with AVX2: a group's 32 values as four vectors of 8. */
+__attribute__((target("avx2,fma,f16c"))) static void quantized_rows_avx2(const weight *W, int K,
+                                                                          const product_input *in, float *y,
+                                                                          long lo, long hi) {
+    int G = K / 32;
+    long row_bytes = (long)K * W->bits / 8;
+    const uint8_t *Q = (const uint8_t *)W->packed;
+    __m128i low = _mm_set1_epi8(0x0F);
+    for (long r = lo; r < hi;) {
+        int n = hi - r < 4 ? (int)(hi - r) : 4;
+        __m256 acc[4];
+        float bias_sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
+        for (int g = 0; g < G; g++) {
+            const float *xg = (W->bits == 4 ? in->paired : in->x) + g * 32;
+            __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8), x2 = _mm256_loadu_ps(xg + 16),
+                   x3 = _mm256_loadu_ps(xg + 24);
+            for (int i = 0; i < n; i++) {
+                const uint8_t *q = Q + (r + i) * row_bytes + (long)g * 4 * W->bits;
+                __m128i a, b; /* 16 values each, one a byte */
+                if (W->bits == 4) {
+                    __m128i p = _mm_loadu_si128((const __m128i *)q);
+                    a = _mm_and_si128(p, low), b = _mm_and_si128(_mm_srli_epi16(p, 4), low);
+                } else {
+                    a = _mm_loadu_si128((const __m128i *)q), b = _mm_loadu_si128((const __m128i *)(q + 16));
+                }
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), x0);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), x1, t);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), x2, t);
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))), x3, t);
+                long at = (r + i) * G + g;
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(W->scales[at])), t, acc[i]);
+                bias_sum[i] += _cvtsh_ss(W->biases[at]) * in->sums[g];
+            }
+        }
+        for (int i = 0; i < n; i++) y[r + i] = sum8(acc[i]) + bias_sum[i];
+        r += n;
+    }
 }
+#endif
 
-/* Whether decode_step reads quantized weights (AVX-512 here); mlx_kvpred.decode passes float32 ones otherwise. */
+static int quantized_supported(void) { return decode_isa(-1) >= 1; }
+
+/* Whether decode_step reads quantized weights (AVX-512 or AVX2); mlx_kvpred.decode passes float32 ones otherwise. */
 int decode_quantized_supported(void) { return quantized_supported(); }
 
 /* y[r] = W[r] . x (+ bias[r]) for rows [lo, hi) of a weight of K columns. */
@@ -235,7 +285,8 @@ static void weight_rows(const weight *W, int K, const product_input *in, const f
                         long hi) {
 #ifdef HAVE_X86_ROWS
     if (!W->w) {
-        quantized_rows_avx512(W, K, in, y, lo, hi);
+        if (isa == 2) quantized_rows_avx512(W, K, in, y, lo, hi);
+        else quantized_rows_avx2(W, K, in, y, lo, hi);
         if (bias)
             for (long r = lo; r < hi; r++) y[r] += bias[r];
         return;
@@ -404,7 +455,7 @@ static void attention_share(step_job *j, const step_layer *L, const float *q, co
     group_scores_fn scores_of = group_scores_c;
     group_pv_fn pv_of = group_pv_c;
 #ifdef HAVE_X86_ROWS
-    if (D == 64 && dot_rows == dot_rows_avx512) scores_of = group_scores_64, pv_of = group_pv_64;
+    if (D == 64 && isa == 2) scores_of = group_scores_64, pv_of = group_pv_64;
 #endif
     for (int g = 0; g < m->n_kv; g++) {
         const float *K = L->keys + g * L->k_head + lo * L->k_row, *V = L->values + g * L->v_head + lo * L->v_row;
@@ -521,7 +572,7 @@ static void *step_worker(void *p) {
    where decode_quantized_supported() is 0 (nothing written either way). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
                 const int *partner, float *new_k, float *new_v, float *logits) {
-    if (!dot_rows) dot_rows = pick_dot_rows();
+    decode_isa(-1);
     int quantized = !m->head.w;
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];

@@ -103,15 +103,42 @@ def test_step_equals_the_model(name, kind, c_steps, monkeypatch):
     assert c_steps == (list(range(21, 41)) if kind is CDecoder else [])
 
 
-needs_quantized = pytest.mark.skipif(not cpu_kernels.quantized_decode(), reason="no AVX-512: float32 weights only")
+def isas(lowest: str) -> list[str]:
+    """The instruction sets the C step can use on this CPU, from `lowest` up."""
+    if not cpu_kernels.available():
+        return []
+    names = cpu_kernels.DECODE_ISAS
+    return list(names[names.index(lowest):names.index(cpu_kernels.decode_isa()) + 1])
 
 
-@needs_quantized
+@pytest.fixture
+def isa(request):
+    """The C step on the instruction set the test is parametrized with, the CPU's best again after."""
+    best = cpu_kernels.decode_isa()
+    cpu_kernels.decode_isa(request.param)
+    yield request.param
+    cpu_kernels.decode_isa(best)
+
+
+@pytest.mark.parametrize("isa", isas("portable"), indirect=True)
+@pytest.mark.parametrize("name", ["llama", "llama-heads-64-group-3", "llama-odd-widths"])
+def test_c_step_on_each_instruction_set(name, isa, c_steps):
+    """The portable C, AVX2 and AVX-512 versions of the step (those this CPU has) all give the model's logits."""
+    model = variant(name).model
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 21)
+    for i in range(4):
+        y = mx.array([[(7 * i) % 97]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item(), isa
+    assert c_steps == [21, 22, 23, 24]
+
+
+@pytest.mark.parametrize("isa", isas("avx2"), indirect=True)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama-heads-64-group-3", "llama-odd-widths"])
-def test_c_step_on_quantized_weights_equals_the_model(name, bits, c_steps, monkeypatch):
-    """Weights kept in quantized form (as GGUF loads them): the C step reads those bytes, and its logits and caches
-    equal the model's own float32 step (the same numbers, summed in another order)."""
+def test_c_step_on_quantized_weights_equals_the_model(name, bits, isa, c_steps, monkeypatch):
+    """Weights kept in quantized form (as GGUF loads them): the C step reads those bytes (AVX2 or AVX-512), and its
+    logits and caches equal the model's own float32 step (the same numbers, summed in another order)."""
     model = quantized_like_gguf(variant(name).model, bits)
     decoder = CDecoder(model)
     ours, theirs = prefilled_caches(model, 21)
@@ -129,7 +156,7 @@ def test_c_step_on_quantized_weights_equals_the_model(name, bits, c_steps, monke
     assert len(c_steps) == 13
 
 
-@needs_quantized
+@pytest.mark.skipif(not cpu_kernels.quantized_decode(), reason="no AVX2 or AVX-512: float32 weights only")
 def test_quantized_weights_are_dropped_once_the_model_changes():
     """After a model.update the kept quantized bytes no longer describe the weights: the step reads the new ones."""
     model = quantized_like_gguf(variant("llama").model, 4)
