@@ -66,7 +66,7 @@ def compiled_decode_note() -> str:
         return COMPILED_DECODE.note()
     if not C_DECODE.enabled():
         return f"{C_DECODE.note()} (llama/qwen2/qwen3 models)"
-    return f"{C_DECODE.note()}, {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 models)"
+    return f"{C_DECODE.note()} ({cpu_kernels.decode_isa()}), {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 models)"
 
 
 BlockWeights = dict[str, Any]
