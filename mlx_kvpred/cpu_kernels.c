@@ -48,40 +48,46 @@ int max_threads(void) {
 /* ... and one for an elementwise kernel under 16384 floats (not worth a thread). */
 static int threads_for(long floats) { return floats < 16384 ? 1 : max_threads(); }
 
-void pins_start(thread_pins *p, int threads) {
-    p->pinned = 0;
+static void pin_caller(worker_threads *w, int threads) {
+    w->pinned = 0;
 #ifdef __linux__
     int cpu = sched_getcpu(), n = 0;
-    if (threads < 2 || cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof p->was, &p->was) != 0) return;
+    if (threads < 2 || cpu < 0 || pthread_getaffinity_np(pthread_self(), sizeof w->was, &w->was) != 0) return;
     int others[CPU_SETSIZE];
     for (int c = 0; c < CPU_SETSIZE; c++)
-        if (c != cpu && CPU_ISSET(c, &p->was)) others[n++] = c;
+        if (c != cpu && CPU_ISSET(c, &w->was)) others[n++] = c;
     if (n == 0) return;
     for (int i = 1; i < threads && i < 64; i++) {
-        CPU_ZERO(&p->cpus[i]);
-        CPU_SET(others[(i - 1) % n], &p->cpus[i]);
+        CPU_ZERO(&w->cpus[i]);
+        CPU_SET(others[(i - 1) % n], &w->cpus[i]);
     }
-    CPU_ZERO(&p->cpus[0]);
-    CPU_SET(cpu, &p->cpus[0]);
-    p->pinned = pthread_setaffinity_np(pthread_self(), sizeof p->cpus[0], &p->cpus[0]) == 0;
+    CPU_ZERO(&w->cpus[0]);
+    CPU_SET(cpu, &w->cpus[0]);
+    w->pinned = pthread_setaffinity_np(pthread_self(), sizeof w->cpus[0], &w->cpus[0]) == 0;
 #else
     (void)threads;
 #endif
 }
 
-void pins_for_worker(thread_pins *p, int worker, pthread_attr_t *attr) {
+int start_workers(worker_threads *w, int threads, void *(*fn)(void *), void *args, size_t arg_size) {
+    pin_caller(w, threads);
+    for (w->started = 0; w->started < threads - 1 && w->started < 63; w->started++) {
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
 #ifdef __linux__
-    if (p->pinned && worker < 64) pthread_attr_setaffinity_np(attr, sizeof p->cpus[worker], &p->cpus[worker]);
-#else
-    (void)p, (void)worker, (void)attr;
+        if (w->pinned) pthread_attr_setaffinity_np(&attr, sizeof w->cpus[0], &w->cpus[w->started + 1]);
 #endif
+        int failed = pthread_create(&w->ids[w->started], &attr, fn, (char *)args + w->started * arg_size);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+    }
+    return w->started;
 }
 
-void pins_end(thread_pins *p) {
+void join_workers(worker_threads *w) {
+    for (int i = 0; i < w->started; i++) pthread_join(w->ids[i], NULL);
 #ifdef __linux__
-    if (p->pinned) pthread_setaffinity_np(pthread_self(), sizeof p->was, &p->was);
-#else
-    (void)p;
+    if (w->pinned) pthread_setaffinity_np(pthread_self(), sizeof w->was, &w->was);
 #endif
 }
 
@@ -103,22 +109,11 @@ static void *share_worker(void *p) {
 
 static void run_split(range_fn work, void *arg, long n, int threads) {
     share shares[64];
-    pthread_t ids[64];
-    int started = 0;
     for (int i = 0; i < threads; i++) shares[i] = (share){work, arg, n, threads, i};
-    thread_pins pins;
-    pins_start(&pins, threads);
-    for (; started < threads - 1; started++) { /* fewer threads if the system gives fewer */
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pins_for_worker(&pins, started + 1, &attr);
-        int failed = pthread_create(&ids[started], &attr, share_worker, &shares[started + 1]);
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-    }
+    worker_threads w;
+    int started = start_workers(&w, threads, share_worker, &shares[1], sizeof(share));
     share_worker(&shares[0]);
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    pins_end(&pins);
+    join_workers(&w);
     for (int i = started + 1; i < threads; i++) share_worker(&shares[i]); /* threads not had */
 }
 

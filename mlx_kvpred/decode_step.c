@@ -4,9 +4,9 @@
    (one-row products read each weight once: the step is a stream of weight reads), with a spin barrier where one
    thread's rows are another's input. Attention over the cache is split by key range, each thread keeping a
    running max, sum and P V per head, merged after. Elementwise work (norms, RoPE, SwiGLU) is small and done by
-   every thread on its own copy of the residual stream. Weights are float32 or, with AVX2 or AVX-512, the GGUF's own 4- and
-   8-bit tensors (unpacked in registers; 5 or 9 bits read a weight instead of 32). The cache is only read: the new
-   keys and values are returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
+   every thread on its own copy of the residual stream. Weights are float32 or, with AVX2 or AVX-512, the GGUF's
+   own 4- and 8-bit tensors (unpacked in registers; 5 or 9 bits read a weight instead of 32). The cache is only
+   read: the new keys and values are returned, and mlx_kvpred.decode appends them to mlx-lm's caches. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
@@ -156,8 +156,9 @@ static int isa = -1;
 /* The level in use (see supported_isa), set to min(wanted, supported) first unless wanted is -1: lower levels
    for side-by-side timing and tests on a CPU that has the higher ones. Not to be called during a step. */
 int decode_isa(int wanted) {
+    if (wanted < 0 && isa >= 0) return isa; /* each step asks: chosen once */
     int supported = supported_isa();
-    if (isa < 0 || wanted >= 0) isa = wanted >= 0 && wanted < supported ? wanted : supported;
+    isa = wanted >= 0 && wanted < supported ? wanted : supported;
 #ifdef HAVE_X86_ROWS
     dot_rows = isa == 2 ? dot_rows_avx512 : isa == 1 ? dot_rows_avx2 : dot_rows_c;
 #else
@@ -193,6 +194,17 @@ static void prepare_input(product_input *in, int K) {
 }
 
 #ifdef HAVE_X86_ROWS
+/* A row's group of 32 quantized values as two vectors of 16 bytes: the 4-bit group's low nibbles (its even values)
+   and high nibbles (its odd ones), or the 8-bit group's first and last 16. Both kernels below widen these. */
+static inline void unpack_group(const uint8_t *q, int bits, __m128i *a, __m128i *b) {
+    if (bits == 4) {
+        __m128i p = _mm_loadu_si128((const __m128i *)q), low = _mm_set1_epi8(0x0F);
+        *a = _mm_and_si128(p, low), *b = _mm_and_si128(_mm_srli_epi16(p, 4), low);
+    } else {
+        *a = _mm_loadu_si128((const __m128i *)q), *b = _mm_loadu_si128((const __m128i *)(q + 16));
+    }
+}
+
 /* Quantized rows, four at a time: sum over groups of scale * (q . x) + bias * sum(x). The values are unpacked to
    floats in registers; the weights read are 5 (4-bit) or 9 (8-bit) bits a value instead of 32. */
 __attribute__((target("avx512f,f16c"))) static void quantized_rows_avx512(const weight *W, int K,
@@ -201,7 +213,6 @@ __attribute__((target("avx512f,f16c"))) static void quantized_rows_avx512(const 
     int G = K / 32;
     long row_bytes = (long)K * W->bits / 8;
     const uint8_t *Q = (const uint8_t *)W->packed;
-    __m128i low = _mm_set1_epi8(0x0F);
     for (long r = lo; r < hi;) {
         int n = hi - r < 4 ? (int)(hi - r) : 4;
         __m512 acc[4];
@@ -211,16 +222,10 @@ __attribute__((target("avx512f,f16c"))) static void quantized_rows_avx512(const 
             const float *xg = (W->bits == 4 ? in->paired : in->x) + g * 32;
             __m512 x0 = _mm512_loadu_ps(xg), x1 = _mm512_loadu_ps(xg + 16);
             for (int i = 0; i < n; i++) {
-                const uint8_t *q = Q + (r + i) * row_bytes + (long)g * 4 * W->bits;
-                __m512 a, b;
-                if (W->bits == 4) { /* low nibbles: the group's even values, high nibbles: its odd ones */
-                    __m128i p = _mm_loadu_si128((const __m128i *)q);
-                    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(p, low)));
-                    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(p, 4), low)));
-                } else {
-                    a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)));
-                    b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-                }
+                __m128i qa, qb;
+                unpack_group(Q + (r + i) * row_bytes + (long)g * 4 * W->bits, W->bits, &qa, &qb);
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qa));
+                __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qb));
                 __m512 t = _mm512_fmadd_ps(b, x1, _mm512_mul_ps(a, x0));
                 long at = (r + i) * G + g;
                 acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(W->scales[at])), t, acc[i]);
@@ -241,7 +246,6 @@ __attribute__((target("avx2,fma,f16c"))) static void quantized_rows_avx2(const w
     int G = K / 32;
     long row_bytes = (long)K * W->bits / 8;
     const uint8_t *Q = (const uint8_t *)W->packed;
-    __m128i low = _mm_set1_epi8(0x0F);
     for (long r = lo; r < hi;) {
         int n = hi - r < 4 ? (int)(hi - r) : 4;
         __m256 acc[4];
@@ -252,14 +256,8 @@ __attribute__((target("avx2,fma,f16c"))) static void quantized_rows_avx2(const w
             __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8), x2 = _mm256_loadu_ps(xg + 16),
                    x3 = _mm256_loadu_ps(xg + 24);
             for (int i = 0; i < n; i++) {
-                const uint8_t *q = Q + (r + i) * row_bytes + (long)g * 4 * W->bits;
-                __m128i a, b; /* 16 values each, one a byte */
-                if (W->bits == 4) {
-                    __m128i p = _mm_loadu_si128((const __m128i *)q);
-                    a = _mm_and_si128(p, low), b = _mm_and_si128(_mm_srli_epi16(p, 4), low);
-                } else {
-                    a = _mm_loadu_si128((const __m128i *)q), b = _mm_loadu_si128((const __m128i *)(q + 16));
-                }
+                __m128i a, b;
+                unpack_group(Q + (r + i) * row_bytes + (long)g * 4 * W->bits, W->bits, &a, &b);
                 __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a)), x0);
                 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8))), x1, t);
                 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), x2, t);
@@ -596,28 +594,17 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
     j.partial_pv = j.down + m->dim;
     j.partial = partial;
     atomic_init(&j.go, 0);
-    pthread_t ids[64];
     worker_arg args[64];
-    int started = 0;
-    thread_pins pins;
-    pins_start(&pins, threads);
-    for (; started < threads - 1; started++) { /* fewer threads if the system gives fewer */
-        args[started] = (worker_arg){&j, started + 1, buffer + shared + (started + 1) * own};
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pins_for_worker(&pins, started + 1, &attr);
-        int failed = pthread_create(&ids[started], &attr, step_worker, &args[started]);
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-    }
+    for (int i = 1; i < threads; i++) args[i - 1] = (worker_arg){&j, i, buffer + shared + i * own};
+    worker_threads w;
+    int started = start_workers(&w, threads, step_worker, args, sizeof(worker_arg));
     j.threads = started + 1;
     j.barrier = (spin_barrier){.threads = j.threads};
     atomic_init(&j.barrier.arrived, 0);
     atomic_init(&j.barrier.generation, 0);
     atomic_store_explicit(&j.go, 1, memory_order_release);
     step_thread(&j, 0, buffer + shared);
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
-    pins_end(&pins);
+    join_workers(&w);
     free(buffer), free(partial);
     return 0;
 }

@@ -63,20 +63,22 @@ VECTOR_CLONES static float row_max(const float *x, int n) {
 /* Threads a kernel runs on: the BLAS's thread count, at most 64 (cpu_kernels.c). */
 int max_threads(void);
 
-/* Where a kernel's threads run (cpu_kernels.c): the caller stays on its CPU and each worker gets another allowed
-   one. Left to the scheduler, a new worker often started on the caller's CPU and shared it for milliseconds while
-   the other core idled (decode steps of twice their time). Linux only; elsewhere nothing is pinned. */
+/* Worker threads for one kernel call (cpu_kernels.c). The caller stays on its CPU and each worker is pinned to
+   another allowed one: left to the scheduler, a new worker often started on the caller's CPU and shared it for
+   milliseconds while the other core idled (decode steps of twice their time). Linux only pins. */
 #include <pthread.h>
 #include <sched.h>
 typedef struct {
-    int pinned;
+    int pinned, started;
+    pthread_t ids[64];
 #ifdef __linux__
     cpu_set_t was, cpus[64];
 #endif
-} thread_pins;
+} worker_threads;
 
-void pins_start(thread_pins *p, int threads);
-void pins_for_worker(thread_pins *p, int worker, pthread_attr_t *attr); /* worker counts from 1 */
-void pins_end(thread_pins *p);
+/* Starts up to threads - 1 workers, worker i (from 1) running fn(args + (i - 1) * arg_size), and pins the caller;
+   returns how many started (fewer if the system gives fewer). End with join_workers. */
+int start_workers(worker_threads *w, int threads, void *(*fn)(void *), void *args, size_t arg_size);
+void join_workers(worker_threads *w);
 
 #endif
