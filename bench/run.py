@@ -25,7 +25,7 @@ from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
 from mlx_kvpred.cpu_kernels import C_KERNELS
 from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
-from mlx_kvpred.decode import C_DECODE, COMPILED_DECODE, QUANTIZED_DECODE
+from mlx_kvpred.decode import C_DECODE, C_ROWS, COMPILED_DECODE, QUANTIZED_DECODE
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
@@ -36,10 +36,11 @@ from mlx_kvpred.predictor import layer_pruned_map
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-decode: the
 # compiled MLX step, not the C one; -fp32-decode: the C step on float32 weights, not the GGUF's quantized ones;
 # -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the prefill C kernels off (numpy
-# attention, MLX SwiGLU and RoPE)
+# attention, MLX SwiGLU and RoPE); -mlx-rows: a short prompt's last rows (kvp's exact tail) in MLX, not one C call
 SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
-MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX = "-mlx-decode", "-fp32-decode"
-SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX)
+MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ROWS_SUFFIX = "-mlx-decode", "-fp32-decode", "-mlx-rows"
+SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX,
+            MLX_ROWS_SUFFIX)
 MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(
     f"{m}{suffix}" for suffix in SUFFIXES for m in ("base", "kvp"))
 
@@ -139,6 +140,8 @@ def time_one(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact
             stack.enter_context(mlx_attention())
         if mode.endswith(NO_C_SUFFIX):
             stack.enter_context(C_KERNELS.off())
+        if mode.endswith(MLX_ROWS_SUFFIX):
+            stack.enter_context(C_ROWS.off())
         tic = time.perf_counter()
         ttft, stamps = None, []
         for token, _ in token_stream(pipe, mode, prompt, gen_tokens, exact_tail):

@@ -283,11 +283,12 @@ def doctor():
         row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
     from .cpu_kernels import C_KERNELS
     from .cpu_ops import prefill_attention_note
-    from .decode import compiled_decode_note
+    from .decode import C_ROWS, compiled_decode_note
 
     row("C kernels", C_KERNELS.note())
     row("prefill attn", prefill_attention_note())
     row("decode", compiled_decode_note())
+    row("short prompts", C_ROWS.note())
     slow = platform.system() == "Linux" and gflops < 50
     row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",
         "this is reference-BLAS speed: " + blas.FIX_HINT if slow else "")
@@ -612,7 +613,8 @@ def bench(
                                                    "quantized ones), base-mlx-attn / kvp-mlx-attn "
                                                    "(causal prefill attention in MLX ops, not C), base-no-c / "
                                                    "kvp-no-c (the prefill C kernels off: numpy attention, MLX SwiGLU "
-                                                   "and RoPE). Default "
+                                                   "and RoPE), base-mlx-rows / kvp-mlx-rows (a short prompt's last "
+                                                   "rows and kvp's exact tail in MLX, not one C call). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

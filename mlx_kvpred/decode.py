@@ -17,6 +17,7 @@ and values to the caches. `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE
 
 from __future__ import annotations
 
+import ctypes
 from functools import partial
 from typing import Any, Sequence
 
@@ -46,6 +47,13 @@ set_compiled_decode = COMPILED_DECODE.set  # True, False or None (the default); 
 C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores", "compiled MLX step",
                   lambda: f"C kernels: {cpu_kernels.note()}")
 
+
+# On where the C decode step is: a prompt's last rows (up to C_ROWS_MAX; kvp's exact tail) as one C call, products of
+# all rows reading each weight once. Faster than MLX's prefill up to ~256 rows here (docs/performance.md).
+C_ROWS_MAX = 256
+C_ROWS = Switch("KVPRED_C_ROWS", lambda: C_DECODE.enabled() and COMPILED_DECODE.enabled(),
+                f"prompts of up to {C_ROWS_MAX} tokens, and kvp's exact tail, in C", "in MLX",
+                "the C decode step is off")
 
 # On where decode_step reads quantized weights (AVX2 or AVX-512): the GGUF's own bytes for the weights keep_quantized
 # kept.
@@ -327,10 +335,11 @@ class CDecoder(CompiledDecoder):
         self.c_watched, self.c_quantized = _watch(self.model), quantized
         return True
 
-    def _set_caches(self, cache: Sequence[Any]) -> bool:
-        """Point the C step at each cache's keys and values; False if one is not float32 (1, n_kv, S, head_dim)
-        with each position's head_dim floats contiguous (any strides between heads and positions)."""
-        for layer, c in zip(self.c_layers, cache):
+    def _set_caches(self, cache: Sequence[Any], first_layer: int = 0) -> bool:
+        """Point the C step at each cache's keys and values (cache[i] of block first_layer + i); False if one is not
+        float32 (1, n_kv, S, head_dim) with each position's head_dim floats contiguous (any strides between heads
+        and positions)."""
+        for layer, c in zip(self.c_layers[first_layer:], cache):
             if c.keys is None:
                 layer.keys = layer.values = None
                 continue
@@ -342,30 +351,89 @@ class CDecoder(CompiledDecoder):
             layer.values, layer.v_head, layer.v_row = v.ctypes.data, v.strides[1] // 4, v.strides[2] // 4
         return True
 
+    def _takes(self, cache: Sequence[Any], first_layer: int = 0) -> bool:
+        """The C step can run blocks first_layer.. over `cache` (theirs): plain KV caches at one offset, weights and
+        caches it can read."""
+        return (len(cache) == len(self.c_layers) - first_layer and all(type(c) is KVCache for c in cache)
+                and len({c.offset for c in cache}) == 1 and self._set_weights() and self._set_caches(cache, first_layer))
+
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
-        if (inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs
-                or any(type(c) is not KVCache for c in cache) or len({c.offset for c in cache}) != 1
-                or not self._set_weights() or not self._set_caches(cache)):
+        if inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs or not self._takes(cache):
             return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
         past = cache[0].offset
         start = past - past % TABLE_ROWS
         if start != self.table_start:  # RoPE tables for the next TABLE_ROWS positions, q and k heads
-            units = mx.broadcast_to(self.unit, self.unit.shape[:2] + (TABLE_ROWS, self.head_dim))
-            self.cos, self.sin = (np.array(t[:, :self.partner.size]) for t in self.tables(units, mx.array(start)))
+            self.cos, self.sin = self._tables(start, TABLE_ROWS)
             self.table_start = start
         cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, self.cos[past - start],
                                 self.sin[past - start], self.partner, self.new_k, self.new_v, self.logits_out)
-        new_k, new_v = mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None]
-        for i, c in enumerate(cache):
-            if c.keys is not None and past < c.keys.shape[2]:  # room: KVCache.update_and_fetch's write
-                c.keys[:, :, past:past + 1] = new_k[:, i]
-                c.values[:, :, past:past + 1] = new_v[:, i]
-                c.offset += 1
-            else:  # the cache grows as mlx-lm's does
-                c.update_and_fetch(new_k[:, i], new_v[:, i])
+        _append(cache, mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None])
         logits = mx.array(self.logits_out)[None, None]
         mx.eval(logits, [(c.keys, c.values) for c in cache])
         return logits
+
+    def _tables(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1."""
+        units = mx.broadcast_to(self.unit, self.unit.shape[:2] + (rows, self.head_dim))
+        return tuple(np.array(t[:, :self.partner.size]) for t in self.tables(units, mx.array(start)))
+
+    def run_rows(self, cache: Sequence[Any], *, tokens: mx.array | None = None, stream: mx.array | None = None,
+                 first_layer: int = 0) -> mx.array | None:
+        """Several positions through blocks first_layer.. in one C call (decode_rows): `tokens` (1, R), or `stream`
+        (1, R, dim) their residual stream entering block first_layer; `cache` those blocks' caches, which get the R
+        new keys and values. Returns the last position's logits (1, vocab), or None (nothing done) where the C step
+        cannot run it (see __call__): the caller then runs the model."""
+        if (tokens is None) == (stream is None) or not self._takes(cache, first_layer):
+            return None
+        if tokens is not None:
+            if tokens.ndim != 2 or tokens.shape[0] != 1 or first_layer:
+                return None
+            x = self.embedding[np.array(tokens[0])]
+        else:
+            if stream.ndim != 3 or stream.shape[0] != 1 or stream.dtype != mx.float32:
+                return None
+            x = np.ascontiguousarray(np.array(stream[0]), np.float32)
+        rows, past, n_layers = x.shape[0], cache[0].offset, len(cache)
+        model = cpu_kernels.StepModel.from_buffer_copy(self.c_model)
+        model.n_layers = n_layers
+        model.layers = ctypes.cast(ctypes.byref(self.c_layers, first_layer * ctypes.sizeof(cpu_kernels.StepLayer)),
+                                   ctypes.POINTER(cpu_kernels.StepLayer))
+        cos, sin = self._tables(past, rows)
+        new_k = np.empty((n_layers, self.n_kv, rows, self.head_dim), np.float32)
+        new_v = np.empty_like(new_k)
+        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, new_k, new_v, self.logits_out)
+        _append(cache, mx.array(new_k)[None], mx.array(new_v)[None])
+        logits = mx.array(self.logits_out)[None]
+        mx.eval(logits, [(c.keys, c.values) for c in cache])
+        return logits
+
+
+def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
+                      stream: mx.array | None = None, first_layer: int = 0) -> mx.array | None:
+    """A prompt's last rows (at most C_ROWS_MAX: `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
+    first_layer) through the blocks as one C call where C_ROWS is on and the model has a C decoder
+    (CDecoder.run_rows): the last row's logits (1, vocab), the caches extended; else None and nothing done."""
+    rows = (tokens if tokens is not None else stream).shape[1]
+    if rows > C_ROWS_MAX or not C_ROWS.enabled():
+        return None
+    decoder = compiled_decoder(model)
+    if not isinstance(decoder, CDecoder):
+        return None
+    return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer)
+
+
+def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:
+    """Append new keys and values (1, n_layers, n_kv, R, head_dim) to each layer's KVCache: in place where the
+    buffer has room (KVCache.update_and_fetch's write), else grown as mlx-lm grows it."""
+    rows = new_k.shape[3]
+    for i, c in enumerate(cache):
+        past = c.offset
+        if c.keys is not None and past + rows <= c.keys.shape[2]:
+            c.keys[:, :, past:past + rows] = new_k[:, i]
+            c.values[:, :, past:past + rows] = new_v[:, i]
+            c.offset += rows
+        else:
+            c.update_and_fetch(new_k[:, i], new_v[:, i])
 
 
 def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: mx.array, sin_at: mx.array,

@@ -293,12 +293,172 @@ static void weight_rows(const weight *W, int K, const product_input *in, const f
     gemv_rows(W->w, K, in->x, bias, y, lo, hi);
 }
 
-/* Products with one input stacked in rows: thread t of T takes its share of all of them. */
+/* Several rows at once (a prompt's last tokens, a short chat turn): Y[r][n] = W[n] . X[r] for r < R, with X given
+   transposed, Xt (K, ldx) (columns read up to R rounded up to 16, which ldx must cover), so that one weight value times a vector of 16 rows' inputs
+   is one FMA (a broadcast operand). Weights are read in place, BLOCK_ROWS rows at a time, and each block is used for
+   all R rows before the next, which is prefetched meanwhile; quantized blocks are first unpacked to float32 scratch.
+   No packing of the weight, which is what makes OpenBLAS's sgemm slow at a few rows (docs/performance.md). */
+#define BLOCK_ROWS 12
+
+/* Y[r * ldy + i] = w[i] . X[r] for i < nb (rows ldw floats apart), r < R; portable C. */
+VECTOR_CLONES static void block_product_c(const float *w, long ldw, int nb, int K, const float *Xt, int ldx, int R,
+                                          float *Y, long ldy, const char *next, long next_bytes) {
+    (void)next, (void)next_bytes;
+    for (int i = 0; i < nb; i++)
+        for (int r0 = 0; r0 < R; r0 += 16) {
+            float acc[16] = {0.0f};
+            for (int k = 0; k < K; k++) {
+                float a = w[i * ldw + k];
+                const float *x = Xt + (long)k * ldx + r0;
+#pragma omp simd
+                for (int r = 0; r < 16; r++) acc[r] += a * x[r];
+            }
+            for (int r = r0; r < R && r < r0 + 16; r++) Y[r * ldy + i] = acc[r - r0];
+        }
+}
+
+#ifdef HAVE_X86_ROWS
+/* The same with AVX-512: BLOCK_ROWS x 32 rows of sums in registers (24 of 32), one broadcast weight value and two
+   vectors of inputs a step. `next` (next_bytes: the next block) is prefetched a line a step, on the first pass. */
+__attribute__((target("avx512f"))) static void block_product_avx512(const float *w, long ldw, int nb, int K,
+                                                                     const float *Xt, int ldx, int R, float *Y,
+                                                                     long ldy, const char *next, long next_bytes) {
+    long off[BLOCK_ROWS];
+    for (int i = 0; i < BLOCK_ROWS; i++) off[i] = (i < nb ? i : 0) * ldw; /* rows past nb: row 0 again, unstored */
+    for (int v0 = 0; v0 < R; v0 += 32) {
+        __m512 a[BLOCK_ROWS][2];
+        for (int i = 0; i < BLOCK_ROWS; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+        const float *x = Xt + v0;
+        long prefetch = v0 == 0 && next ? next_bytes : 0;
+        if (R - v0 > 16)
+            for (int k = 0; k < K; k++, x += ldx) {
+                if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
+                __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+                for (int i = 0; i < BLOCK_ROWS; i++) {
+                    __m512 b = _mm512_set1_ps(w[off[i] + k]);
+                    a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
+                }
+            }
+        else
+            for (int k = 0; k < K; k++, x += ldx) {
+                if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
+                __m512 x0 = _mm512_loadu_ps(x);
+                for (int i = 0; i < BLOCK_ROWS; i++) a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(w[off[i] + k]), x0, a[i][0]);
+            }
+        float t[32];
+        for (int i = 0; i < nb; i++) {
+            _mm512_storeu_ps(t, a[i][0]), _mm512_storeu_ps(t + 16, a[i][1]);
+            for (int r = v0; r < R && r < v0 + 32; r++) Y[r * ldy + i] = t[r - v0];
+        }
+    }
+}
+
+/* Rows [r0, r0 + nb) of a quantized weight of K columns as float32 rows of K (scale * q + bias, in order). */
+__attribute__((target("avx512f,f16c"))) static void unpack_rows_avx512(const weight *W, int K, long r0, int nb,
+                                                                        float *out) {
+    int G = K / 32;
+    long row_bytes = (long)K * W->bits / 8;
+    const uint8_t *Q = (const uint8_t *)W->packed;
+    for (int i = 0; i < nb; i++)
+        for (int g = 0; g < G; g++) {
+            __m128i a, b;
+            unpack_group(Q + (r0 + i) * row_bytes + (long)g * 4 * W->bits, W->bits, &a, &b);
+            if (W->bits == 4) { /* even and odd values back in order */
+                __m128i lo = _mm_unpacklo_epi8(a, b);
+                b = _mm_unpackhi_epi8(a, b), a = lo;
+            }
+            long at = (r0 + i) * G + g;
+            __m512 scale = _mm512_set1_ps(_cvtsh_ss(W->scales[at])), bias = _mm512_set1_ps(_cvtsh_ss(W->biases[at]));
+            float *o = out + (long)i * K + g * 32;
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a)), bias));
+            _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), bias));
+        }
+}
+#endif
+
+/* An IEEE half's value (F16C's conversion, in portable C). */
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    float f;
+    if (exp == 0) { /* zero or subnormal: man * 2**-24 */
+        f = (float)man * (1.0f / 16777216.0f);
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    } else if (exp == 31)
+        bits = sign | 0x7F800000u | (man << 13);
+    else
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The same, one value at a time (uint32 words, low bits first). */
+static void unpack_rows_c(const weight *W, int K, long r0, int nb, float *out) {
+    int G = K / 32, per_word = 32 / W->bits;
+    uint32_t mask = (1u << W->bits) - 1;
+    for (int i = 0; i < nb; i++)
+        for (int k = 0; k < K; k++) {
+            long r = r0 + i, at = r * G + k / 32;
+            uint32_t word = W->packed[(r * K + k) / per_word];
+            float q = (float)((word >> (W->bits * (k % per_word))) & mask);
+            out[(long)i * K + k] = half_to_float(W->scales[at]) * q + half_to_float(W->biases[at]);
+        }
+}
+
+typedef void (*block_fn)(const float *, long, int, int, const float *, int, int, float *, long, const char *, long);
+
+static block_fn block_kernel(void) {
+#ifdef HAVE_X86_ROWS
+    if (isa == 2) return block_product_avx512;
+#endif
+    return block_product_c;
+}
+
+/* Y[c * ldy + i] = W[i] . (column c of Xt) for W's n rows (ldw floats apart, K of each read), c < cols: BLOCK_ROWS
+   rows at a time, each block prefetching the next. */
+static void rows_times_columns(const float *W, long ldw, long n, int K, const float *Xt, int ldx, int cols, float *Y,
+                               long ldy) {
+    block_fn block = block_kernel();
+    for (long n0 = 0; n0 < n; n0 += BLOCK_ROWS) {
+        int nb = n - n0 < BLOCK_ROWS ? (int)(n - n0) : BLOCK_ROWS;
+        long next = n - n0 - nb < BLOCK_ROWS ? n - n0 - nb : BLOCK_ROWS;
+        block(W + n0 * ldw, ldw, nb, K, Xt, ldx, cols, Y + n0, ldy, (const char *)(W + (n0 + nb) * ldw), next * ldw * 4);
+    }
+}
+
+/* Y[r * ldy + n] = W[n] . X[r] (+ bias[n]) for rows [lo, hi) of W (K columns), r < R; `scratch` holds
+   BLOCK_ROWS x K floats (a quantized block unpacked). */
+static void weight_rows_multi(const weight *W, int K, const float *Xt, int ldx, int R, const float *bias, float *Y,
+                              long ldy, long lo, long hi, float *scratch) {
+    if (W->w)
+        rows_times_columns(W->w + lo * K, K, hi - lo, K, Xt, ldx, R, Y + lo, ldy);
+    else {
+        block_fn block = block_kernel();
+        long row_bytes = (long)K * W->bits / 8;
+        for (long n0 = lo; n0 < hi; n0 += BLOCK_ROWS) {
+            int nb = hi - n0 < BLOCK_ROWS ? (int)(hi - n0) : BLOCK_ROWS;
+#ifdef HAVE_X86_ROWS
+            if (isa == 2) unpack_rows_avx512(W, K, n0, nb, scratch);
+            else
+#endif
+                unpack_rows_c(W, K, n0, nb, scratch);
+            long next = hi - n0 - nb < BLOCK_ROWS ? hi - n0 - nb : BLOCK_ROWS;
+            block(scratch, K, nb, K, Xt, ldx, R, Y + n0, ldy, (const char *)W->packed + (n0 + nb) * row_bytes,
+                  next * row_bytes);
+        }
+    }
+    if (bias)
+        for (int r = 0; r < R; r++)
+            for (long n = lo; n < hi; n++) Y[r * ldy + n] += bias[n];
+}
+
+/* Products with one input stacked in rows: thread t of T takes its share of all of them. For several input rows,
+   row r of product i is written at y + r * ldy. */
 typedef struct {
     const weight *w;
     const float *bias;
     float *y;
-    long rows;
+    long rows, ldy;
 } product;
 
 static void products_share(const product *p, int n, int K, product_input *in, int t, int T) {
@@ -310,6 +470,18 @@ static void products_share(const product *p, int n, int K, product_input *in, in
     for (int i = 0; i < n; base += p[i].rows, i++) {
         long a = lo > base ? lo - base : 0, b = hi - base < p[i].rows ? hi - base : p[i].rows;
         if (a < b) weight_rows(p[i].w, K, in, p[i].bias, p[i].y, a, b);
+    }
+}
+
+/* products_share for R input rows, given transposed (Xt: K x ldx). */
+static void products_share_multi(const product *p, int n, int K, const float *Xt, int ldx, int R, float *scratch,
+                                 int t, int T) {
+    long total = 0;
+    for (int i = 0; i < n; i++) total += p[i].rows;
+    long lo = total * t / T, hi = total * (t + 1) / T, base = 0;
+    for (int i = 0; i < n; base += p[i].rows, i++) {
+        long a = lo > base ? lo - base : 0, b = hi - base < p[i].rows ? hi - base : p[i].rows;
+        if (a < b) weight_rows_multi(p[i].w, K, Xt, ldx, R, p[i].bias, p[i].y, p[i].ldy, a, b, scratch);
     }
 }
 
@@ -343,9 +515,11 @@ typedef struct {
     const step_model *m;
     const float *x_in, *cos, *sin;
     const int *partner;
-    int past, threads;
+    int past, threads, rows, ldx; /* rows: positions past .. past + rows - 1; ldx: their transposed inputs' width */
     float *new_k, *new_v, *logits;
-    float *qkv, *o, *gate_up, *down; /* products shared by the threads */
+    float *qkv, *o, *gate_up, *down; /* products shared by the threads, (rows, width) */
+    float *attn_rows;                /* several rows: the attention's output (rows, n_q * head_dim) */
+    long ld_qkv, ld_dim, ld_gate_up, ld_attn; /* several rows: the shared buffers' row strides (row_stride) */
     running *partial;                /* (threads, n_q) */
     float *partial_pv;               /* (threads, n_q, head_dim) */
     spin_barrier barrier;
@@ -543,6 +717,208 @@ static void step_thread(step_job *j, int t, float *scratch) {
     products_share(&head, 1, dim, &normed_in, t, T);
 }
 
+/* Several rows: thread t's query rows [lo, hi) of one layer, row r (position past + r) over the cache's `past`
+   keys and the new rows 0..r (keys RoPE'd in qk, rows of n_qk; values in j->qkv), written into j->attn_rows. */
+static void attention_rows(step_job *j, const step_layer *L, const float *qk, long lo, long hi, float *scores,
+                           float *out) {
+    const step_model *m = j->m;
+    int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
+    long past = j->past;
+    group_scores_fn scores_of = group_scores_c;
+    group_pv_fn pv_of = group_pv_c;
+#ifdef HAVE_X86_ROWS
+    if (D == 64 && isa == 2) scores_of = group_scores_64, pv_of = group_pv_64;
+#endif
+    for (long r = lo; r < hi; r++) {
+        long n = past + r + 1;
+        for (int g = 0; g < m->n_kv; g++) {
+            const float *qg = qk + r * n_qk + g * group * D;
+            if (past > 0) scores_of(L->keys + g * L->k_head, L->k_row, past, qg, group, D, scores, n);
+            scores_of(qk + m->n_q * D + g * D, n_qk, r + 1, qg, group, D, scores + past, n);
+            float sums[64];
+            for (int i = 0; i < group; i++) {
+                float top = row_max(scores + i * n, (int)n);
+                sums[i] = exp_shifted_sum(scores + i * n, (int)n, top);
+            }
+            memset(out, 0, sizeof(float) * group * D);
+            if (past > 0) pv_of(L->values + g * L->v_head, L->v_row, past, scores, n, group, D, out);
+            pv_of(j->qkv + n_qk + g * D, j->ld_qkv, r + 1, scores + past, n, group, D, out);
+            float *o = j->attn_rows + r * j->ld_attn + g * group * D;
+            for (int i = 0; i < group; i++)
+                for (int d = 0; d < D; d++) o[i * D + d] = out[i * D + d] / sums[i];
+        }
+    }
+}
+
+VECTOR_CLONES static void swiglu_row(const float *gate, const float *up, float *out, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = silu_times(gate[i], up[i]);
+}
+
+/* rows (R, n; rows ld floats apart) written transposed into Xt (n, ldx): 16 columns at a time, so that the writes stay in a
+   few cache lines and the reads are R sequential streams (element by element, the writes missed L1 ~70k times a
+   layer). */
+static void transpose_into(const float *rows, long ld, int R, int n, float *Xt, int ldx) {
+    for (int k0 = 0; k0 < n; k0 += 16) {
+        int k1 = k0 + 16 < n ? k0 + 16 : n;
+        for (int r = 0; r < R; r++)
+            for (int k = k0; k < k1; k++) Xt[(long)k * ldx + r] = rows[r * ld + k];
+    }
+}
+
+/* out[i] = in[i] cos[i] + in[partner[i]] sin[i]: the step's RoPE of q and k (rope_layout). */
+VECTOR_CLONES static void rope_row(const float *in, const float *cos, const float *sin, const int *partner,
+                                   float *out, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = in[i] * cos[i] + in[partner[i]] * sin[i];
+}
+
+/* The row stride of a shared buffer of rows n floats wide: whole cache lines, and off multiples of 1 KB. Rows 4 KB
+   apart all fall in one L1 set, and a weight block's stores to 32 rows evicted one another (SmolLM2's gate|up rows
+   of 3072 floats: 10.7 ms against 8.2 for the tail's gate and up products). */
+static long row_stride(long n) {
+    n = (n + 15) / 16 * 16;
+    return n % 256 ? n : n + 16;
+}
+
+/* A thread's scratch for several rows, each array 64-byte aligned (the products' vector loads of split cache
+   lines cost twice). */
+typedef struct {
+    float *x, *xt, *qk, *normed, *row, *unpacked, *rows, *scores, *paired;
+    float *qt, *ot, *sums; /* attention_rows_blocked's queries (head_dim, ldq) and outputs (2, head_dim, ldq) */
+} row_scratch;
+
+/* The next n floats from base + *at, rounded up to whole cache lines (NULL where base is: only counting). */
+static float *carve(float *base, long *at, long n) {
+    float *p = base ? base + *at : NULL;
+    *at += (n + 15) / 16 * 16;
+    return p;
+}
+
+/* Carves `s` from `base` (NULL: only counts); returns the floats it takes. */
+static long carve_rows_scratch(const step_model *m, long keys, int R, int ldx, float *base, row_scratch *s) {
+    int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
+    long widest = wide > m->hidden ? wide : m->hidden, at = 0;
+    s->x = carve(base, &at, (long)R * m->dim), s->xt = carve(base, &at, widest * ldx);
+    s->qk = carve(base, &at, (long)R * n_qk), s->normed = carve(base, &at, (long)R * n_qk);
+    s->row = carve(base, &at, widest), s->unpacked = carve(base, &at, BLOCK_ROWS * widest);
+    long ldq = ((long)R * (m->n_q / m->n_kv) + 15) / 16 * 16; /* query vectors of one kv head, all rows */
+    s->rows = carve(base, &at, R * widest), s->scores = carve(base, &at, ldq * row_stride(keys));
+    s->qt = carve(base, &at, ldq * m->head_dim), s->ot = carve(base, &at, 2 * ldq * m->head_dim);
+    s->sums = carve(base, &at, ldq);
+    s->paired = carve(base, &at, widest + widest / 32 + 1);
+    return at;
+}
+
+/* attention_rows as products, for head_dim a multiple of 16: per kv head, the scores of all the thread's query
+   vectors (its rows times the group's heads) against the keys read in place, 12 keys at a time (rows_times_columns
+   with the queries transposed), then P V likewise with P's rows as the weight rows. Row by row, each query row read
+   every key again: 32 rows after 2048 cached positions took 146 ms against 197 in MLX; this is the prefill
+   attention's GEMM form. `a` holds the thread's queries, scores and outputs. */
+static void attention_rows_blocked(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
+                                   const row_scratch *a) {
+    const step_model *m = j->m;
+    int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
+    int nq = (int)(hi - lo) * group, ldq = (nq + 15) / 16 * 16;
+    long past = j->past, keys = past + hi, ls = row_stride(keys);
+    float *Qt = a->qt, *S = a->scores, *OT = a->ot, *OT2 = OT + (long)D * ldq, *sums = a->sums;
+    for (int g = 0; g < m->n_kv; g++) {
+        for (long r = lo; r < hi; r++)
+            for (int i = 0; i < group; i++) {
+                const float *q = qk + r * n_qk + (g * group + i) * D;
+                int c = (int)(r - lo) * group + i;
+                for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
+            }
+        if (past > 0) rows_times_columns(L->keys + g * L->k_head, L->k_row, past, D, Qt, ldq, nq, S, ls);
+        rows_times_columns(qk + m->n_q * D + g * D, n_qk, hi, D, Qt, ldq, nq, S + past, ls);
+        for (int c = 0; c < nq; c++) { /* row lo + c / group sees keys [0, past + row] */
+            float *p = S + c * ls;
+            long n = past + lo + c / group + 1;
+            sums[c] = exp_shifted_sum(p, (int)n, row_max(p, (int)n));
+            memset(p + n, 0, sizeof(float) * (keys - n));
+        }
+        if (past > 0) rows_times_columns(S, ls, nq, (int)past, L->values + g * L->v_head, (int)L->v_row, D, OT, ldq);
+        else memset(OT, 0, sizeof(float) * D * ldq);
+        rows_times_columns(S + past, ls, nq, (int)hi, j->qkv + n_qk + g * D, (int)j->ld_qkv, D, OT2, ldq);
+        for (int c = 0; c < nq; c++) {
+            float *o = j->attn_rows + (lo + c / group) * j->ld_attn + (g * group + c % group) * D;
+            for (int d = 0; d < D; d++) o[d] = (OT[(long)d * ldq + c] + OT2[(long)d * ldq + c]) / sums[c];
+        }
+    }
+}
+
+/* The step over j->rows rows as thread t runs it. Each thread keeps its own residual stream of every row and
+   does the elementwise work on all rows; products share out weight rows, attention query rows. */
+static void step_thread_rows(step_job *j, int t, float *scratch) {
+    const step_model *m = j->m;
+    int T = j->threads, D = m->head_dim, n_q = m->n_q, n_kv = m->n_kv, dim = m->dim, hidden = m->hidden;
+    int R = j->rows, ldx = j->ldx, n_qk = (n_q + n_kv) * D;
+    int wide = dim > n_q * D ? dim : n_q * D, widest = wide > hidden ? wide : hidden;
+    row_scratch sc;
+    carve_rows_scratch(m, j->past + R, R, ldx, scratch, &sc);
+    float *x = sc.x, *xt = sc.xt, *qk = sc.qk, *normed = sc.normed, *row = sc.row, *unpacked = sc.unpacked;
+    float *rows = sc.rows, *scores = sc.scores, *paired = sc.paired;
+    long lo = (long)R * t / T, hi = (long)R * (t + 1) / T;
+    memcpy(x, j->x_in, sizeof(float) * R * dim);
+    for (int l = 0; l < m->n_layers; l++) {
+        const step_layer *L = &m->layers[l];
+        for (int r = 0; r < R; r++) rms_norm(x + (long)r * dim, L->input_norm, m->eps, rows + (long)r * dim, dim);
+        transpose_into(rows, dim, R, dim, xt, ldx);
+        product qkv[3] = {{&L->q, L->q_bias, j->qkv, (long)n_q * D, j->ld_qkv},
+                          {&L->k, L->k_bias, j->qkv + n_q * D, (long)n_kv * D, j->ld_qkv},
+                          {&L->v, L->v_bias, j->qkv + n_qk, (long)n_kv * D, j->ld_qkv}};
+        products_share_multi(qkv, 3, dim, xt, ldx, R, unpacked, t, T);
+        barrier_wait(&j->barrier);
+        for (int r = 0; r < R; r++) {
+            const float *in = j->qkv + r * j->ld_qkv, *cos = j->cos + (long)r * n_qk, *sin = j->sin + (long)r * n_qk;
+            float *out = qk + (long)r * n_qk;
+            if (L->q_norm) { /* qwen3 */
+                for (int i = 0; i < n_q + n_kv; i++)
+                    rms_norm(in + i * D, i < n_q ? L->q_norm : L->k_norm, m->qk_eps, normed + (long)r * n_qk + i * D, D);
+                in = normed + (long)r * n_qk;
+            }
+            rope_row(in, cos, sin, j->partner, out, n_qk);
+        }
+        if (t == 0)
+            for (int g = 0; g < n_kv; g++)
+                for (int r = 0; r < R; r++) {
+                    long at = (((long)l * n_kv + g) * R + r) * D;
+                    memcpy(j->new_k + at, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
+                    memcpy(j->new_v + at, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
+                }
+        if (D % 16 == 0) attention_rows_blocked(j, L, qk, lo, hi, &sc);
+        else attention_rows(j, L, qk, lo, hi, scores, row);
+        barrier_wait(&j->barrier);
+        transpose_into(j->attn_rows, j->ld_attn, R, n_q * D, xt, ldx);
+        product o = {&L->o, L->o_bias, j->o, dim, j->ld_dim};
+        products_share_multi(&o, 1, n_q * D, xt, ldx, R, unpacked, t, T);
+        barrier_wait(&j->barrier);
+        for (int r = 0; r < R; r++) {
+            add_into(x + (long)r * dim, j->o + r * j->ld_dim, dim);
+            rms_norm(x + (long)r * dim, L->post_norm, m->eps, rows + (long)r * dim, dim);
+        }
+        transpose_into(rows, dim, R, dim, xt, ldx);
+        product gate_up[2] = {{&L->gate, L->gate_bias, j->gate_up, hidden, j->ld_gate_up},
+                              {&L->up, L->up_bias, j->gate_up + hidden, hidden, j->ld_gate_up}};
+        products_share_multi(gate_up, 2, dim, xt, ldx, R, unpacked, t, T);
+        barrier_wait(&j->barrier);
+        for (int r = 0; r < R; r++) {
+            const float *gu = j->gate_up + r * j->ld_gate_up;
+            swiglu_row(gu, gu + hidden, rows + (long)r * hidden, hidden);
+        }
+        transpose_into(rows, hidden, R, hidden, xt, ldx);
+        product down = {&L->down, L->down_bias, j->down, dim, j->ld_dim};
+        products_share_multi(&down, 1, hidden, xt, ldx, R, unpacked, t, T);
+        barrier_wait(&j->barrier);
+        for (int r = 0; r < R; r++) add_into(x + (long)r * dim, j->down + r * j->ld_dim, dim);
+    }
+    /* logits of the last row only */
+    rms_norm(x + (long)(R - 1) * dim, m->final_norm, m->eps, row, dim);
+    product_input last = {row, paired, paired + widest};
+    product head = {&m->head, NULL, j->logits, m->vocab};
+    products_share(&head, 1, dim, &last, t, T);
+}
+
 static long scratch_floats(const step_model *m, long keys) {
     int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
     long widest = wide > m->hidden ? wide : m->hidden; /* the widest product input, paired (and its sums) */
@@ -559,16 +935,33 @@ typedef struct {
 static void *step_worker(void *p) {
     worker_arg *a = p;
     while (!atomic_load_explicit(&a->job->go, memory_order_acquire)) sched_yield();
-    step_thread(a->job, a->index, a->scratch);
+    if (a->job->rows > 1) step_thread_rows(a->job, a->index, a->scratch);
+    else step_thread(a->job, a->index, a->scratch);
     return NULL;
 }
 
-/* One decode step: x_in the token's embedding (dim), `past` cached positions, cos and sin the RoPE tables of the
-   q and k heads at position `past` ((n_q + n_kv) * head_dim, the attention's scale folded into q's), partner the
-   rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and values ((n_layers, n_kv,
-   head_dim) each) and the logits (vocab). 0 on success, 1 if scratch memory was not had, 2 for quantized weights
-   where decode_quantized_supported() is 0 (nothing written either way). */
-int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
+
+/* The products' buffers the threads share, carved from `base` (NULL: only counts); returns the floats they take. */
+static long carve_shared(step_job *j, float *base) {
+    const step_model *m = j->m;
+    long at = 0, rows = j->rows, n_q = (long)m->n_q * m->head_dim;
+    j->ld_qkv = row_stride(n_q + 2L * m->n_kv * m->head_dim), j->ld_dim = row_stride(m->dim);
+    j->ld_gate_up = row_stride(2L * m->hidden), j->ld_attn = row_stride(n_q);
+    j->qkv = carve(base, &at, rows * j->ld_qkv);
+    j->o = carve(base, &at, rows * j->ld_dim), j->gate_up = carve(base, &at, rows * j->ld_gate_up);
+    j->down = carve(base, &at, rows * j->ld_dim);
+    j->partial_pv = j->attn_rows = carve(base, &at, rows > 1 ? rows * j->ld_attn : j->threads * n_q);
+    return at;
+}
+
+/* The step over `rows` positions past .. past + rows - 1: x_in their residual streams entering m's first layer
+   ((rows, dim): token embeddings, or a stream from an earlier model's layers), `past` cached positions, cos and
+   sin the RoPE tables of the q and k heads at each position ((rows, (n_q + n_kv) * head_dim), the attention's scale
+   folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
+   values ((n_layers, n_kv, rows, head_dim) each) and the last row's logits (vocab). 0 on success, 1 if scratch
+   memory was not had, 2 for quantized weights where decode_quantized_supported() is 0 (nothing written either
+   way). One row is a decode step: attention split by key range, one-row products. */
+int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
                 const int *partner, float *new_k, float *new_v, float *logits) {
     decode_isa(-1);
     int quantized = !m->head.w;
@@ -577,25 +970,25 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
         quantized |= !L->q.w || !L->k.w || !L->v.w || !L->o.w || !L->gate.w || !L->up.w || !L->down.w;
     }
     if (quantized && !quantized_supported()) return 2;
-    int threads = max_threads();
-    long shared = (m->n_q + 2L * m->n_kv) * m->head_dim + 2L * m->dim + 2L * m->hidden +
-                  (long)threads * m->n_q * m->head_dim, own = scratch_floats(m, past + 1L);
-    float *buffer = malloc(sizeof(float) * (shared + threads * own));
+    if (rows < 1) return 1;
+    int threads = max_threads(), ldx = rows == 1 ? 1 : (rows + 15) / 16 * 16;
+    row_scratch counted;
+    long own = rows > 1 ? carve_rows_scratch(m, past + (long)rows, rows, ldx, NULL, &counted) : scratch_floats(m, past + 1L);
+    own = (own + 15) / 16 * 16;
+    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, new_k, new_v, logits};
+    long shared = carve_shared(&j, NULL);
+    float *buffer = aligned_alloc(64, sizeof(float) * (shared + threads * own)), *scratch = buffer + shared;
+    if (!buffer) return 1;
+    carve_shared(&j, buffer);
     running *partial = malloc(sizeof(running) * threads * m->n_q);
-    if (!buffer || !partial) {
-        free(buffer), free(partial);
+    if (!partial) {
+        free(buffer);
         return 1;
     }
-    step_job j = {m, x_in, cos, sin, partner, past, threads, new_k, new_v, logits};
-    j.qkv = buffer;
-    j.o = j.qkv + (m->n_q + 2L * m->n_kv) * m->head_dim;
-    j.gate_up = j.o + m->dim;
-    j.down = j.gate_up + 2L * m->hidden;
-    j.partial_pv = j.down + m->dim;
     j.partial = partial;
     atomic_init(&j.go, 0);
     worker_arg args[64];
-    for (int i = 1; i < threads; i++) args[i - 1] = (worker_arg){&j, i, buffer + shared + i * own};
+    for (int i = 1; i < threads; i++) args[i - 1] = (worker_arg){&j, i, scratch + i * own};
     worker_threads w;
     int started = start_workers(&w, threads, step_worker, args, sizeof(worker_arg));
     j.threads = started + 1;
@@ -603,8 +996,15 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
     atomic_init(&j.barrier.arrived, 0);
     atomic_init(&j.barrier.generation, 0);
     atomic_store_explicit(&j.go, 1, memory_order_release);
-    step_thread(&j, 0, buffer + shared);
+    if (rows > 1) step_thread_rows(&j, 0, scratch);
+    else step_thread(&j, 0, scratch);
     join_workers(&w);
     free(buffer), free(partial);
     return 0;
+}
+
+/* One decode step: decode_rows of one row (x_in the token's embedding; tables, new keys and values of one row). */
+int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
+                const int *partner, float *new_k, float *new_v, float *logits) {
+    return decode_rows(m, x_in, 1, past, cos, sin, partner, new_k, new_v, logits);
 }

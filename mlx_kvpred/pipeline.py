@@ -23,7 +23,7 @@ from .attention import backbone, lm_head_of, swapped, tap_kv
 from .auxiliary import shared_base_layers
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
-from .decode import compiled_decoder
+from .decode import compiled_decoder, prefill_rows_in_c
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, choose_auto
@@ -305,15 +305,20 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
     inner = backbone(model)
     with mx.stream(generation_stream):
         if stream is not None:
-            with swapped(inner, "layers", inner.layers[first_layer:]):
-                hidden = inner(prompt[None], cache=cache[first_layer:], input_embeddings=stream)
-            logits = head(hidden[:, -1, :])
+            logits = prefill_rows_in_c(model, cache[first_layer:], stream=stream, first_layer=first_layer)
+            if logits is None:
+                with swapped(inner, "layers", inner.layers[first_layer:]):
+                    hidden = inner(prompt[None], cache=cache[first_layer:], input_embeddings=stream)
+                logits = head(hidden[:, -1, :])
         else:
             starts = list(range(0, prompt.size, prefill_step_size))
             for start in starts[:-1]:
                 inner(prompt[None, start:start + prefill_step_size], cache=cache)
                 mx.eval([c.state for c in cache])
-            logits = head(inner(prompt[None, starts[-1]:], cache=cache)[:, -1, :])
+            last = prompt[None, starts[-1]:]  # the last chunk: in C if short (prefill_rows_in_c)
+            logits = prefill_rows_in_c(model, cache, tokens=last)
+            if logits is None:
+                logits = head(inner(last, cache=cache)[:, -1, :])
         for processor in logits_processors or ():
             logits = processor(prompt, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)

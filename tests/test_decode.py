@@ -13,8 +13,8 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
 from mlx_kvpred import blas, cpu_kernels, decode
-from mlx_kvpred.decode import (C_DECODE, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
-                               keep_quantized, set_compiled_decode)
+from mlx_kvpred.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
+                               keep_quantized, prefill_rows_in_c, set_compiled_decode)
 from mlx_kvpred.loading import default_model_path
 
 VARIANTS = {
@@ -31,6 +31,8 @@ VARIANTS = {
     "llama-heads-64-group-3": dict(head_dim=64, num_attention_heads=6, num_key_value_heads=2),
     "llama-heads-64-group-5": dict(head_dim=64, num_attention_heads=10, num_key_value_heads=2),
     "llama-odd-widths": dict(intermediate_size=100),  # rows of 100 floats: not a whole number of vectors
+    # heads of 24 floats: several rows' attention row by row (the blocked form takes multiples of 16)
+    "llama-heads-24": dict(head_dim=24, num_attention_heads=4, num_key_value_heads=2),
 }
 
 
@@ -169,6 +171,76 @@ def test_quantized_weights_are_dropped_once_the_model_changes():
     assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
     assert decoder.c_layers[0].q.w is not None
     assert model._kvpred_quantized == {}  # nor kept: the old weights are not held on to
+
+
+def assert_rows_equal_the_model(model, decoder, past: int, rows: int, *, first_layer: int = 0):
+    """decoder.run_rows of `rows` tokens after `past` cached ones: the last row's logits and every cache equal the
+    model's own prefill (from block first_layer on, given the model's residual stream entering it)."""
+    ours, theirs = prefilled_caches(model, past) if past else [make_prompt_cache(model) for _ in range(2)]
+    tokens = mx.random.randint(0, 97, (1, rows), key=mx.random.key(rows + 1))
+    expected = model(tokens, cache=theirs)[:, -1]
+    if first_layer:
+        x = model.model.embed_tokens(tokens)
+        for layer, c in zip(model.layers[:first_layer], ours[:first_layer]):
+            x = layer(x, mask="causal" if rows > 1 else None, cache=c)
+        got = decoder.run_rows(ours[first_layer:], stream=x, first_layer=first_layer)
+    else:
+        got = decoder.run_rows(ours, tokens=tokens)
+    assert got is not None and got.shape == expected.shape
+    assert mx.allclose(got, expected, atol=1e-4).item(), (past, rows, mx.abs(got - expected).max().item())
+    for x, y in zip(ours, theirs):
+        assert x.offset == y.offset == past + rows
+        for mine, its in zip(x.state[:2], y.state[:2]):
+            assert mx.allclose(mine[..., :past + rows, :], its[..., :past + rows, :], atol=1e-4).item()
+
+
+@needs_c
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_several_rows_in_one_c_call_equal_the_model(name, monkeypatch):
+    """A prompt's last rows as one C call (decode_rows): from empty caches and after cached ones, row counts across
+    the 16- and 32-row widths of the products, 2 rows on two threads (one each), and across the caches' growth."""
+    monkeypatch.setattr(KVCache, "step", 8)
+    model = variant(name).model
+    decoder = CDecoder(model)
+    for past, rows in ((0, 2), (0, 17), (21, 7), (21, 33), (40, 64)):
+        assert_rows_equal_the_model(model, decoder, past, rows)
+
+
+@pytest.mark.parametrize("isa", isas("portable"), indirect=True)
+@pytest.mark.parametrize("name", ["llama", "llama-heads-64-group-3", "llama-odd-widths"])
+def test_several_rows_on_each_instruction_set(name, isa):
+    model = variant(name).model
+    assert_rows_equal_the_model(model, CDecoder(model), 21, 20)
+
+
+@pytest.mark.parametrize("isa", isas("avx2"), indirect=True)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama-odd-widths"])
+def test_several_rows_on_quantized_weights(name, bits, isa):
+    """Quantized weights are unpacked a block of rows at a time for all the rows' products."""
+    model = quantized_like_gguf(variant(name).model, bits)
+    decoder = CDecoder(model)
+    assert_rows_equal_the_model(model, decoder, 21, 40)
+    assert decoder.c_layers[0].q.w is None
+
+
+@needs_c
+def test_rows_from_a_middle_layer():
+    """kvp's exact tail: the residual stream entering block k, through blocks k.. only."""
+    model = variant("llama").model
+    assert_rows_equal_the_model(model, CDecoder(model), 21, 12, first_layer=2)
+
+
+@needs_c
+def test_prefill_rows_in_c_takes_short_prompts_only():
+    model = variant("llama").model
+    cache = make_prompt_cache(model)
+    long = mx.zeros((1, decode.C_ROWS_MAX + 1), mx.int32)
+    assert prefill_rows_in_c(model, cache, tokens=long) is None and cache[0].offset == 0
+    with C_ROWS.off():
+        assert prefill_rows_in_c(model, cache, tokens=long[:, :4]) is None
+    assert prefill_rows_in_c(model, cache, tokens=long[:, :4]).shape == (1, 97) and cache[0].offset == 4
+    assert CDecoder(model).run_rows(cache[1:], tokens=long[:, :4], first_layer=1) is None  # tokens enter block 0
 
 
 @needs_c
