@@ -13,6 +13,8 @@ Outputs equal the model's own to fp32 rounding.
 `CDecoder` goes further where the C kernels are built (cpu_kernels): the whole step is one C call
 (decode_step.c) on all cores, reading the same weights and caches in place; MLX only appends the step's new keys
 and values to the caches. `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
+`CDecoder.run_rows` runs several positions the same way (decode_rows: products of all rows reading each weight
+once), which `prefill_rows_in_c` uses for a prompt's last rows and kvp's exact tail (C_ROWS).
 """
 
 from __future__ import annotations
