@@ -506,6 +506,18 @@ VECTOR_CLONES static void axpy(float *acc, float p, const float *v, int D) {
     for (int d = 0; d < D; d++) acc[d] += p * v[d];
 }
 
+VECTOR_CLONES static void swiglu_row(const float *gate, const float *up, float *out, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = silu_times(gate[i], up[i]);
+}
+
+/* out[i] = in[i] cos[i] + in[partner[i]] sin[i]: the step's RoPE of q and k (rope_layout). */
+VECTOR_CLONES static void rope_row(const float *in, const float *cos, const float *sin, const int *partner,
+                                   float *out, int n) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = in[i] * cos[i] + in[partner[i]] * sin[i];
+}
+
 /* What a thread keeps of one query head's attention over its key range. */
 typedef struct {
     float max, sum;
@@ -676,7 +688,7 @@ static void step_thread(step_job *j, int t, float *scratch) {
                 rms_norm(j->qkv + i * D, i < n_q ? L->q_norm : L->k_norm, m->qk_eps, normed + i * D, D);
             qk_in = normed;
         }
-        for (int i = 0; i < n_qk; i++) qk[i] = qk_in[i] * j->cos[i] + qk_in[j->partner[i]] * j->sin[i];
+        rope_row(qk_in, j->cos, j->sin, j->partner, qk, n_qk);
         if (t == 0) {
             memcpy(j->new_k + (long)l * n_kv * D, qk + n_q * D, sizeof(float) * n_kv * D);
             memcpy(j->new_v + (long)l * n_kv * D, j->qkv + n_qk, sizeof(float) * n_kv * D);
@@ -706,7 +718,7 @@ static void step_thread(step_job *j, int t, float *scratch) {
                               {&L->up, L->up_bias, j->gate_up + hidden, hidden}};
         products_share(gate_up, 2, dim, &normed_in, t, T);
         barrier_wait(&j->barrier);
-        for (int i = 0; i < hidden; i++) act[i] = silu_times(j->gate_up[i], j->gate_up[hidden + i]);
+        swiglu_row(j->gate_up, j->gate_up + hidden, act, hidden);
         product down = {&L->down, L->down_bias, j->down, dim};
         products_share(&down, 1, hidden, &act_in, t, T);
         barrier_wait(&j->barrier);
@@ -750,11 +762,6 @@ static void attention_rows(step_job *j, const step_layer *L, const float *qk, lo
     }
 }
 
-VECTOR_CLONES static void swiglu_row(const float *gate, const float *up, float *out, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) out[i] = silu_times(gate[i], up[i]);
-}
-
 /* rows (R, n; rows ld floats apart) written transposed into Xt (n, ldx): 16 columns at a time, so that the writes stay in a
    few cache lines and the reads are R sequential streams (element by element, the writes missed L1 ~70k times a
    layer). */
@@ -764,13 +771,6 @@ static void transpose_into(const float *rows, long ld, int R, int n, float *Xt, 
         for (int r = 0; r < R; r++)
             for (int k = k0; k < k1; k++) Xt[(long)k * ldx + r] = rows[r * ld + k];
     }
-}
-
-/* out[i] = in[i] cos[i] + in[partner[i]] sin[i]: the step's RoPE of q and k (rope_layout). */
-VECTOR_CLONES static void rope_row(const float *in, const float *cos, const float *sin, const int *partner,
-                                   float *out, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) out[i] = in[i] * cos[i] + in[partner[i]] * sin[i];
 }
 
 /* The row stride of a shared buffer of rows n floats wide: whole cache lines, and off multiples of 1 KB. Rows 4 KB
