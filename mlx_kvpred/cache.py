@@ -18,9 +18,10 @@ def write_predicted_kv(base_layers: Sequence[nn.Module], caches: Sequence[Any], 
     Keys get the base layer's k-norm (if any) and RoPE at the cache's current offset, as the base itself
     would have done; values are stored as predicted. Works for KVCache and RotatingKVCache alike.
     """
-    for layer, cache, k, v in zip(base_layers, caches, keys, values):
-        n_kv, _ = kv_heads(layer)
-        if append_kv_in_c(layer, cache, k, v, n_kv):
+    in_c = append_kv_in_c(base_layers, caches, keys, values)
+    for layer, cache, k, v, done in zip(base_layers, caches, keys, values, in_c):
+        if done:
             continue
+        n_kv, _ = kv_heads(layer)
         k = finish_keys(layer, split_heads(k, n_kv), cache.offset)
         cache.update_and_fetch(k, split_heads(v, n_kv))

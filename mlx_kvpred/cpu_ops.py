@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,7 +28,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from . import blas, cpu_kernels
-from .attention import attention_of, backbone
+from .attention import attention_of, backbone, kv_heads
 from .errors import KVPredError
 from .rope_layout import rope_key, rotation_layout
 from .switch import Switch
@@ -311,6 +311,7 @@ _PATCHES = {"swiglu": fast_swiglu, "scaled_dot_product_attention": fast_scaled_d
 
 # From this many floats of q or k (a prefill chunk), RoPE goes to the C kernel with tables made once per chunk.
 _C_ROPE_MIN_SIZE = 1 << 15
+_NUMPY_COPY_ROWS = 64  # append_kv_in_c copies this many cached positions or fewer with numpy
 _c_rope_classes: dict[type, type] = {}
 _rope_tables: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -339,39 +340,57 @@ def _prefill_rope_tables(rope: nn.Module, head_dim: int, offset: int, L: int):
     return made
 
 
-def append_kv_in_c(layer: nn.Module, cache, keys: mx.array, values: mx.array, n_kv: int) -> bool:
-    """Append pre-RoPE keys and values (1, L, n_kv * D) to an mlx-lm KVCache that must grow for them anyway: new
-    cache buffers, the old positions copied, and keys RoPE'd (the layer's rope module, from its tables) and values
-    copied into them by the C kernel in one pass each, instead of MLX's RoPE, transposes and slice updates (~3x
-    faster). False, with nothing done, where this does not apply (then the caller appends with MLX)."""
+def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
+                   values: Sequence[mx.array]) -> list[bool]:
+    """Append pre-RoPE keys and values (1, L, n_kv * D) to mlx-lm KVCaches that must grow for them anyway, or hold
+    fewer positions than L (kvp's exact head): new cache buffers (made and evaluated together for all layers), the
+    old positions copied, and keys RoPE'd (the layer's rope module, from its tables) by the C kernel and values
+    copied, instead of MLX's RoPE, transposes and slice updates (~3x faster). Returns, per layer, whether it was
+    appended; the caller appends the others with MLX."""
+    plans = [_c_append_plan(*args) for args in zip(layers, caches, keys, values)]
+    todo = [i for i, plan in enumerate(plans) if plan is not None]
+    if not todo:
+        return [False] * len(plans)
+    buffers = {i: [mx.zeros((1, plans[i][0], plans[i][2], plans[i][1]), mx.float32) for _ in range(2)] for i in todo}
+    mx.eval(list(buffers.values()), [keys[i] for i in todo], [values[i] for i in todo])
+    done = [False] * len(plans)
+    for i in todo:
+        n_kv, D, _, rope = plans[i]
+        cache, L, offset = caches[i], keys[i].shape[1], caches[i].offset
+        views = [np.array(b, copy=False) for b in buffers[i]]  # fresh buffers, referenced only here: written in place
+        if not all(v.flags.c_contiguous and v.flags.writeable for v in views):
+            continue
+        for out, old in zip(views, (cache.keys, cache.values) if offset else ()):
+            old = np.array(old, copy=False)[:, :, :offset]  # the positions already cached
+            if offset <= _NUMPY_COPY_ROWS:  # (kvp's exact head) a threaded C call would cost more than the copy
+                out[:, :, :offset] = old
+            else:
+                cpu_kernels.write_rows(old if old.strides[3] == 4 else np.ascontiguousarray(old), out[:, :, :offset],
+                                       None)
+        tables = _prefill_rope_tables(rope, D, offset, L)
+        for src, out, rotation in zip((keys[i], values[i]), views, (tables, None)):
+            rows = np.array(src, copy=False).reshape(1, L, n_kv, D).transpose(0, 2, 1, 3)
+            cpu_kernels.write_rows(rows, out[:, :, offset:offset + L], rotation)
+        cache.keys, cache.values = buffers[i]
+        cache.offset = offset + L
+        done[i] = True
+    return done
+
+
+def _c_append_plan(layer: nn.Module, cache, keys: mx.array, values: mx.array) -> tuple | None:
+    """(n_kv, head_dim, the new buffers' positions, the rope module) where append_kv_in_c takes this layer."""
     attn = attention_of(layer)
     rope = attn.get("rope") if isinstance(attn, nn.Module) else None
+    n_kv, _ = kv_heads(layer)
     if (not cpu_kernels.C_KERNELS.enabled() or type(cache) is not KVCache or "k_norm" in attn
             or not hasattr(rope, "_kvpred_stock") or keys.dtype != mx.float32 or values.dtype != mx.float32
             or keys.ndim != 3 or keys.shape[0] != 1 or keys.shape != values.shape or keys.size < _C_ROPE_MIN_SIZE
             or keys.shape[2] % n_kv):
-        return False
+        return None
     L, D, offset = keys.shape[1], keys.shape[2] // n_kv, cache.offset
-    if cache.keys is not None and (offset + L <= cache.keys.shape[2] or cache.keys.shape[3] != D):
-        return False  # room in the buffer: MLX's slice update writes in place
-    capacity = -(-(offset + L) // cache.step) * cache.step
-    buffers = [mx.zeros((1, n_kv, capacity, D), mx.float32) for _ in range(2)]
-    mx.eval(buffers, keys, values)
-    views = [np.array(b, copy=False) for b in buffers]  # fresh buffers, referenced only here: written in place
-    if not all(v.flags.c_contiguous and v.flags.writeable for v in views):
-        return False
-    for out, old in zip(views, (cache.keys, cache.values)):
-        if offset:  # the positions already cached
-            old = np.array(old, copy=False)[:, :, :offset]
-            cpu_kernels.write_rows(old if old.strides[3] == 4 else np.ascontiguousarray(old), out[:, :, :offset],
-                                   None)
-    tables = _prefill_rope_tables(rope, D, offset, L)
-    for src, out, rotation in zip((keys, values), views, (tables, None)):
-        rows = np.array(src, copy=False).reshape(1, L, n_kv, D).transpose(0, 2, 1, 3)
-        cpu_kernels.write_rows(rows, out[:, :, offset:offset + L], rotation)
-    cache.keys, cache.values = buffers
-    cache.offset = offset + L
-    return True
+    if cache.keys is not None and ((offset + L <= cache.keys.shape[2] and offset > L) or cache.keys.shape[3] != D):
+        return None  # room in the buffer for many more positions than held: MLX's slice update writes in place
+    return n_kv, D, -(-(offset + L) // cache.step) * cache.step, rope
 
 
 def _c_rope_class(cls: type) -> type:

@@ -353,10 +353,12 @@ class CDecoder(CompiledDecoder):
             layer.values, layer.v_head, layer.v_row = v.ctypes.data, v.strides[1] // 4, v.strides[2] // 4
         return True
 
-    def _takes(self, cache: Sequence[Any], first_layer: int = 0) -> bool:
-        """The C step can run blocks first_layer.. over `cache` (theirs): plain KV caches at one offset, weights and
-        caches it can read."""
-        return (len(cache) == len(self.c_layers) - first_layer and all(type(c) is KVCache for c in cache)
+    def _takes(self, cache: Sequence[Any], first_layer: int = 0, stop_layer: int | None = None) -> bool:
+        """The C step can run blocks first_layer..stop_layer - 1 (default: to the last) over `cache` (theirs): plain
+        KV caches at one offset, weights and caches it can read."""
+        stop = len(self.c_layers) if stop_layer is None else stop_layer
+        return (0 <= first_layer < stop <= len(self.c_layers) and len(cache) == stop - first_layer
+                and all(type(c) is KVCache for c in cache)
                 and len({c.offset for c in cache}) == 1 and self._set_weights() and self._set_caches(cache, first_layer))
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
@@ -380,12 +382,14 @@ class CDecoder(CompiledDecoder):
         return tuple(np.array(t[:, :self.partner.size]) for t in self.tables(units, mx.array(start)))
 
     def run_rows(self, cache: Sequence[Any], *, tokens: mx.array | None = None, stream: mx.array | None = None,
-                 first_layer: int = 0) -> mx.array | None:
-        """Several positions through blocks first_layer.. in one C call (decode_rows): `tokens` (1, R), or `stream`
-        (1, R, dim) their residual stream entering block first_layer; `cache` those blocks' caches, which get the R
-        new keys and values. Returns the last position's logits (1, vocab), or None (nothing done) where the C step
-        cannot run it (see __call__): the caller then runs the model."""
-        if (tokens is None) == (stream is None) or not self._takes(cache, first_layer):
+                 first_layer: int = 0, stop_layer: int | None = None) -> mx.array | None:
+        """Several positions through blocks first_layer..stop_layer - 1 (default: to the last) in one C call
+        (decode_rows): `tokens` (1, R), or `stream` (1, R, dim) their residual stream entering block first_layer;
+        `cache` those blocks' caches, which get the R new keys and values. Returns the last position's logits
+        (1, vocab) when the blocks run to the model's last, else the residual stream leaving block stop_layer - 1
+        (1, R, dim); None (nothing done) where the C step cannot run it (see __call__): the caller then runs the
+        model."""
+        if (tokens is None) == (stream is None) or not self._takes(cache, first_layer, stop_layer):
             return None
         if tokens is not None:
             if tokens.ndim != 2 or tokens.shape[0] != 1 or first_layer:
@@ -403,25 +407,31 @@ class CDecoder(CompiledDecoder):
         cos, sin = self._tables(past, rows)
         new_k = np.empty((n_layers, self.n_kv, rows, self.head_dim), np.float32)
         new_v = np.empty_like(new_k)
-        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, new_k, new_v, self.logits_out)
+        to_end = first_layer + n_layers == len(self.c_layers)
+        stream_out = None if to_end else np.empty((rows, self.c_model.dim), np.float32)
+        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, new_k, new_v,
+                                self.logits_out if to_end else None, stream_out)
         _append(cache, mx.array(new_k)[None], mx.array(new_v)[None])
-        logits = mx.array(self.logits_out)[None]
-        mx.eval(logits, [(c.keys, c.values) for c in cache])
-        return logits
+        out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
+        mx.eval(out, [(c.keys, c.values) for c in cache])
+        return out
 
 
 def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
-                      stream: mx.array | None = None, first_layer: int = 0) -> mx.array | None:
+                      stream: mx.array | None = None, first_layer: int = 0,
+                      stop_layer: int | None = None) -> mx.array | None:
     """A prompt's last rows (at most C_ROWS_MAX: `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
-    first_layer) through the blocks as one C call where C_ROWS is on and the model has a C decoder
-    (CDecoder.run_rows): the last row's logits (1, vocab), the caches extended; else None and nothing done."""
+    first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
+    and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
+    `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended. Else None and nothing
+    done."""
     rows = (tokens if tokens is not None else stream).shape[1]
     if rows > C_ROWS_MAX or not C_ROWS.enabled():
         return None
     decoder = compiled_decoder(model)
     if not isinstance(decoder, CDecoder):
         return None
-    return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer)
+    return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer, stop_layer=stop_layer)
 
 
 def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:

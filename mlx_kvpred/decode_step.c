@@ -528,7 +528,7 @@ typedef struct {
     const float *x_in, *cos, *sin;
     const int *partner;
     int past, threads, rows, ldx; /* rows: positions past .. past + rows - 1; ldx: their transposed inputs' width */
-    float *new_k, *new_v, *logits;
+    float *new_k, *new_v, *logits, *stream_out; /* logits, stream_out: NULL for none */
     float *qkv, *o, *gate_up, *down; /* products shared by the threads, (rows, width) */
     float *attn_rows;                /* several rows: the attention's output (rows, n_q * head_dim) */
     long ld_qkv, ld_dim, ld_gate_up, ld_attn; /* several rows: the shared buffers' row strides (row_stride) */
@@ -724,6 +724,8 @@ static void step_thread(step_job *j, int t, float *scratch) {
         barrier_wait(&j->barrier);
         add_into(x, j->down, dim);
     }
+    if (j->stream_out && t == 0) memcpy(j->stream_out, x, sizeof(float) * dim);
+    if (!j->logits) return;
     rms_norm(x, m->final_norm, m->eps, h, dim);
     product head = {&m->head, NULL, j->logits, m->vocab};
     products_share(&head, 1, dim, &normed_in, t, T);
@@ -912,6 +914,8 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
         barrier_wait(&j->barrier);
         for (int r = 0; r < R; r++) add_into(x + (long)r * dim, j->down + r * j->ld_dim, dim);
     }
+    if (j->stream_out && t == 0) memcpy(j->stream_out, x, sizeof(float) * R * dim);
+    if (!j->logits) return;
     /* logits of the last row only */
     rms_norm(x + (long)(R - 1) * dim, m->final_norm, m->eps, row, dim);
     product_input last = {row, paired, paired + widest};
@@ -958,13 +962,14 @@ static long carve_shared(step_job *j, float *base) {
    ((rows, dim): token embeddings, or a stream from an earlier model's layers), `past` cached positions, cos and
    sin the RoPE tables of the q and k heads at each position ((rows, (n_q + n_kv) * head_dim), the attention's scale
    folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
-   values ((n_layers, n_kv, rows, head_dim) each) and the last row's logits (vocab). 0 on success, 1 if scratch
+   values ((n_layers, n_kv, rows, head_dim) each), the last row's logits (vocab) where `logits` is not NULL, and
+   the residual streams leaving the last layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch
    memory was not had, 2 for quantized weights where decode_quantized_supported() is 0 (nothing written either
    way). One row is a decode step: attention split by key range, one-row products. */
 int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
-                const int *partner, float *new_k, float *new_v, float *logits) {
+                const int *partner, float *new_k, float *new_v, float *logits, float *stream_out) {
     decode_isa(-1);
-    int quantized = !m->head.w;
+    int quantized = logits && !m->head.w;
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];
         quantized |= !L->q.w || !L->k.w || !L->v.w || !L->o.w || !L->gate.w || !L->up.w || !L->down.w;
@@ -975,7 +980,7 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
     row_scratch counted;
     long own = rows > 1 ? carve_rows_scratch(m, past + (long)rows, rows, ldx, NULL, &counted) : scratch_floats(m, past + 1L);
     own = (own + 15) / 16 * 16;
-    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, new_k, new_v, logits};
+    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, new_k, new_v, logits, stream_out};
     long shared = carve_shared(&j, NULL);
     float *buffer = aligned_alloc(64, sizeof(float) * (shared + threads * own)), *scratch = buffer + shared;
     if (!buffer) return 1;
@@ -1006,5 +1011,5 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
 /* One decode step: decode_rows of one row (x_in the token's embedding; tables, new keys and values of one row). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
                 const int *partner, float *new_k, float *new_v, float *logits) {
-    return decode_rows(m, x_in, 1, past, cos, sin, partner, new_k, new_v, logits);
+    return decode_rows(m, x_in, 1, past, cos, sin, partner, new_k, new_v, logits, NULL);
 }

@@ -171,25 +171,33 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
         write_exact_head(pipe, tokens[skip:skip + head], caches)
         skip += head
     aux_backbone = backbone(bundle.aux)
+    # the aux's blocks are the base's blocks 0..k-1 and their base K/V its caches': chunks can run as those blocks in
+    # C (prefill_rows_in_c), unless the predictor reads the aux's K/V, which only the MLX pass records
+    base_blocks = take_aux and shared == len(bundle.aux.layers) and (
+        bundle.predictor.config.input == "hidden" or not bundle.predictor.linear_layers)
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     streams = []  # the tail's residual stream, per chunk
-    # with a tail, the backbone's final norm is applied here, so the stream before it can be kept
-    norm = aux_backbone.norm if tail else None
+    norm = aux_backbone.norm  # applied here, so the stream before it can be kept
     with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record, \
-            swapped(aux_backbone, "norm", nn.Identity() if tail else aux_backbone.norm):
+            swapped(aux_backbone, "norm", nn.Identity()):
         for start in range(0, tokens.size, prefill_step_size):
             stop = min(start + prefill_step_size, tokens.size)
-            hidden = aux_backbone(tokens[None, start:stop], cache=aux_caches)
-            if tail:
-                if stop > predicted_end:
-                    streams.append(hidden[:, max(predicted_end - start, 0):])
-                hidden = norm(hidden)
-            keys = [calls.pop() for calls in record.keys]
-            values = [calls.pop() for calls in record.values]
+            chunk = tokens[None, start:stop]
+            stream = prefill_rows_in_c(base_model, aux_caches, tokens=chunk, stop_layer=shared) if base_blocks \
+                else None
+            if stream is None:
+                stream = aux_backbone(chunk, cache=aux_caches)
+                keys = [calls.pop() for calls in record.keys]
+                values = [calls.pop() for calls in record.values]
+            else:  # not read: the predictor reads the hidden state, the shared layers' caches are the aux's
+                keys = values = [None] * len(bundle.aux.layers)
+            if tail and stop > predicted_end:
+                streams.append(stream[:, max(predicted_end - start, 0):])
+            hidden = norm(stream)
             drop = min(max(skip - start, 0), stop - start)  # positions of this chunk only catching up
             keep = min(max(predicted_end - start, 0), stop - start)  # ... and those before the tail
             if keep > drop:
-                pred_k, pred_v = bundle.predictor.predict_fused([k[:, :keep] for k in keys], [v[:, :keep] for v in values],
+                pred_k, pred_v = bundle.predictor.predict_fused(_leading(keys, keep), _leading(values, keep),
                                                                 hidden[:, :keep], prev_hidden)
                 write_predicted_kv(base_model.layers[shared:], caches[shared:], [k[:, drop:] for k in pred_k[shared:]],
                                    [v[:, drop:] for v in pred_v[shared:]])
@@ -201,6 +209,11 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     for c, a in zip(caches[:shared] if take_aux else [], aux_caches):
         c.state = a.state  # the exact head's K/V included: the aux computed the same layers at the same positions
     return mx.concatenate(streams, axis=1) if len(streams) > 1 else (streams[0] if streams else None)
+
+
+def _leading(arrays: list[mx.array | None], n: int) -> list[mx.array | None]:
+    """Each (1, L, ...) array's first n positions; None (K/V not recorded) stays None."""
+    return [None if a is None else a[:, :n] for a in arrays]
 
 
 def first_predicted(pipe: Pipeline, start: int, end: int) -> int:

@@ -216,7 +216,8 @@ def test_c_rope_equals_the_rope_module(kind, monkeypatch):
 def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
     """write_predicted_kv's C path (cpu_ops.append_kv_in_c: new buffers, keys RoPE'd and values copied in one C
     pass from strided predictor outputs) leaves the caches MLX's path leaves: empty caches, one exact-head position
-    already there, and a second append; a cache with room, a k-norm or C_KERNELS.off() take MLX's path."""
+    already there, and a second append; a cache with room for the new positions that holds more than them, a k-norm
+    or C_KERNELS.off() take MLX's path."""
     if not cpu_kernels.available():
         pytest.skip(f"C kernels: {cpu_kernels.note()}")
     from mlx_lm.models.cache import KVCache
@@ -227,7 +228,7 @@ def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
     model = tiny_model("llama", **ROPES[kind]).model
     use_fast_cpu_ops(model)
     calls, original = [], cpu_ops.append_kv_in_c
-    monkeypatch.setattr(cpu_ops, "append_kv_in_c", lambda *a: calls.append(original(*a)) or calls[-1])
+    monkeypatch.setattr(cpu_ops, "append_kv_in_c", lambda *a: calls.extend(original(*a)) or calls[-len(a[0]):])
     import mlx_kvpred.cache as cache_module
     monkeypatch.setattr(cache_module, "append_kv_in_c", cpu_ops.append_kv_in_c)
     try:
@@ -253,9 +254,22 @@ def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
                 assert a.offset == b.offset == 340 + head
                 for x, y in zip(a.state[:2], b.state[:2]):
                     assert close(x[..., :a.offset, :], y[..., :a.offset, :], 1e-6)
+        # room in the buffer, but it holds fewer positions than come (kvp's exact head): new buffers too
+        ours, theirs = [[KVCache() for _ in layers] for _ in range(2)]
+        for caches in (ours, theirs):
+            write_predicted_kv(layers, caches, [k[:, :1] for k in keys], [v[:, :1] for v in values])
+        with cpu_kernels.C_KERNELS.off():
+            write_predicted_kv(layers, theirs, [k[:, 1:101] for k in keys], [v[:, 1:101] for v in values])
+        calls.clear()
+        write_predicted_kv(layers, ours, [k[:, 1:101] for k in keys], [v[:, 1:101] for v in values])
+        assert calls == [True] * len(layers)
+        for a, b in zip(ours, theirs):
+            assert a.offset == b.offset == 101
+            for x, y in zip(a.state[:2], b.state[:2]):
+                assert close(x, y, 1e-6)
         qwen3 = tiny_model("qwen3").model
         use_fast_cpu_ops(qwen3)
-        assert not cpu_ops.append_kv_in_c(qwen3.layers[0], KVCache(), keys[0], values[0], 2)  # k-norm: MLX
+        assert cpu_ops.append_kv_in_c(qwen3.layers[:1], [KVCache()], keys[:1], values[:1]) == [False]  # k-norm: MLX
         use_fast_cpu_ops(qwen3, enabled=False)
     finally:
         use_fast_cpu_ops(model, enabled=False)

@@ -232,6 +232,30 @@ def test_rows_from_a_middle_layer():
 
 
 @needs_c
+@pytest.mark.parametrize("name", ["llama", "qwen3", "llama-odd-widths"])
+def test_rows_through_the_first_blocks_return_their_stream(name):
+    """kvp's aux pass (an aux of base blocks 0..k-1): tokens through blocks 0..k-1 only, as several rows or one,
+    give the residual stream leaving block k-1 (no final norm, no LM head) and those blocks' caches."""
+    model = variant(name).model
+    decoder = CDecoder(model)
+    for past, rows in ((0, 20), (21, 7), (21, 1)):
+        ours, theirs = prefilled_caches(model, past) if past else [make_prompt_cache(model) for _ in range(2)]
+        tokens = mx.random.randint(0, 97, (1, rows), key=mx.random.key(rows))
+        expected = model.model.embed_tokens(tokens)
+        for layer, c in zip(model.layers[:2], theirs):
+            expected = layer(expected, mask="causal" if rows > 1 else None, cache=c)
+        got = decoder.run_rows(ours[:2], tokens=tokens, stop_layer=2)
+        assert got is not None and got.shape == expected.shape
+        assert mx.allclose(got, expected, atol=1e-4).item(), (past, rows, mx.abs(got - expected).max().item())
+        for x, y in zip(ours[:2], theirs[:2]):
+            assert x.offset == y.offset == past + rows
+            for mine, its in zip(x.state[:2], y.state[:2]):
+                assert mx.allclose(mine, its, atol=1e-4).item()
+        assert ours[2].offset == past  # later blocks untouched
+    assert decoder.run_rows(ours[:2], tokens=tokens, stop_layer=3) is None  # caches of other blocks than run
+
+
+@needs_c
 def test_prefill_rows_in_c_takes_short_prompts_only():
     model = variant("llama").model
     cache = make_prompt_cache(model)

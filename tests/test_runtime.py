@@ -9,7 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred import pipeline
+from mlx_kvpred import cpu_kernels, pipeline
 from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
 from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
@@ -215,9 +215,17 @@ def test_exact_tail_through_the_shared_layers_in_the_aux_pass(predictor_input, s
                         prev_token_dim=4 if predictor_input == "hidden" else 0)
     assert shared_base_layers(bundle, base.model) == 2
     prompt = mx.random.randint(0, 97, (19,), key=mx.random.key(3))
-    calls = []
+    calls, in_c = [], []
     monkeypatch.setattr(pipeline, "predict_cache_with_tail",
                         lambda *a, **k: calls.append(1) or predict_cache_with_tail(*a, **k))
+    rows_in_c = pipeline.prefill_rows_in_c
+
+    def recorded(*args, **kwargs):
+        out = rows_in_c(*args, **kwargs)
+        in_c.append((kwargs.get("stop_layer"), out is not None))
+        return out
+
+    monkeypatch.setattr(pipeline, "prefill_rows_in_c", recorded)
     for exact_head in (0, 1):
         pipe = Pipeline(base, bundle, exact_head=exact_head)
         fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
@@ -227,6 +235,8 @@ def test_exact_tail_through_the_shared_layers_in_the_aux_pass(predictor_input, s
         for (_, a), (_, b) in zip(fast, slow):
             assert mx.allclose(a, b, atol=1e-5).item()
     assert len(calls) == 2  # generate_tokens took the shared-layers path
+    # the aux's pass as the base's blocks 0-1 in C where the predictor reads only the hidden state
+    assert ((2, True) in in_c) == (cpu_kernels.available() and predictor_input == "hidden")
     cache, stream = predict_cache_with_tail(pipe, prompt, 5, prefill_step_size=step)
     assert [c.offset for c in cache] == [19, 19, 14, 14, 14, 14] and stream.shape == (1, 5, 64)
 
