@@ -764,13 +764,55 @@ static void attention_rows(step_job *j, const step_layer *L, const float *qk, lo
     }
 }
 
-/* rows (R, n; rows ld floats apart) written transposed into Xt (n, ldx): 16 columns at a time, so that the writes stay in a
-   few cache lines and the reads are R sequential streams (element by element, the writes missed L1 ~70k times a
-   layer). */
+#ifdef HAVE_X86_ROWS
+/* A 16 x 16 block of floats transposed in registers: src's rows (ld apart) become dst's columns (rows ldd apart). */
+static inline __attribute__((always_inline, target("avx512f"))) void transpose_16x16(const float *src, long ld,
+                                                                                      float *dst, long ldd) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * ld);
+    for (int i = 0; i < 16; i += 2) { /* per 128-bit lane: pairs of rows interleaved */
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* lane j of r[i + c]: column 4j + c of rows i..i+3 */
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) { /* then the lanes: rows 0-7 and 8-15, columns c, c + 8 and c + 4, c + 12 */
+        t[c] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0x88), t[c + 4] = _mm512_shuffle_f32x4(r[c], r[c + 4], 0xDD);
+        t[c + 8] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0x88);
+        t[c + 12] = _mm512_shuffle_f32x4(r[c + 8], r[c + 12], 0xDD);
+    }
+    for (int c = 0; c < 8; c++) {
+        _mm512_storeu_ps(dst + c * ldd, _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88));
+        _mm512_storeu_ps(dst + (c + 8) * ldd, _mm512_shuffle_f32x4(t[c], t[c + 8], 0xDD));
+    }
+}
+
+__attribute__((target("avx512f"))) static void transpose_blocks_avx512(const float *rows, long ld, int R, int n,
+                                                                       float *Xt, int ldx) {
+    for (int r0 = 0; r0 + 16 <= R; r0 += 16)
+        for (int k0 = 0; k0 + 16 <= n; k0 += 16) transpose_16x16(rows + r0 * ld + k0, ld, Xt + (long)k0 * ldx + r0, ldx);
+}
+#endif
+
+/* rows (R, n; rows ld floats apart) written transposed into Xt (n, ldx). With AVX-512, whole 16 x 16 blocks in
+   registers (the aux's 256 rows over 12 layers: SwiGLU and its transpose 7.4 -> 6.3 ms); the rest 16 columns at a
+   time, so that the writes stay in a few cache lines and the reads are sequential streams (element by element,
+   the writes missed L1 ~70k times a layer). */
 static void transpose_into(const float *rows, long ld, int R, int n, float *Xt, int ldx) {
+    int R16 = 0, n16 = 0; /* rows below R16 and columns below n16 done in blocks */
+#ifdef HAVE_X86_ROWS
+    if (isa == 2) {
+        transpose_blocks_avx512(rows, ld, R, n, Xt, ldx);
+        R16 = R / 16 * 16, n16 = n / 16 * 16;
+    }
+#endif
     for (int k0 = 0; k0 < n; k0 += 16) {
         int k1 = k0 + 16 < n ? k0 + 16 : n;
-        for (int r = 0; r < R; r++)
+        for (int r = k0 < n16 ? R16 : 0; r < R; r++)
             for (int k = k0; k < k1; k++) Xt[(long)k * ldx + r] = rows[r * ld + k];
     }
 }
@@ -831,6 +873,7 @@ static void attention_rows_blocked(step_job *j, const step_layer *L, const float
                 int c = (int)(r - lo) * group + i;
                 for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
             }
+        for (int d = 0; d < D; d++) memset(Qt + (long)d * ldq + nq, 0, sizeof(float) * (ldq - nq)); /* read, unused */
         if (past > 0) rows_times_columns(L->keys + g * L->k_head, L->k_row, past, D, Qt, ldq, nq, S, ls);
         rows_times_columns(qk + m->n_q * D + g * D, n_qk, hi, D, Qt, ldq, nq, S + past, ls);
         for (int c = 0; c < nq; c++) { /* row lo + c / group sees keys [0, past + row] */
@@ -849,6 +892,30 @@ static void attention_rows_blocked(step_job *j, const step_layer *L, const float
     }
 }
 
+/* The first of thread t's T shares of R query rows after `past` cached positions. attention_rows_blocked costs a
+   share of rows [lo, hi) about (hi - lo) (past + hi) (all its rows against the keys up to its last), so shares are
+   made of about equal such costs: the largest cost c for which the threads, from the last one down, each take as
+   many rows as fit in c, still cover all R rows (bisected). By equal rows, the last thread's share cost twice the
+   first's from an empty cache. */
+static long attention_split(long past, int R, int t, int T) {
+    if (t <= 0) return 0;
+    if (t >= T) return R;
+    double lo_c = 0.0, hi_c = (double)R * (past + R);
+    for (int it = 0; it < 40; it++) {
+        double c = 0.5 * (lo_c + hi_c);
+        long b = R;
+        for (int i = T - 1; i >= 0 && b > 0; i--) b -= (long)(c / (past + b)) > 0 ? (long)(c / (past + b)) : 1;
+        if (b > 0) lo_c = c;
+        else hi_c = c;
+    }
+    long b = R; /* the boundaries at cost hi_c, from the last thread down to thread t */
+    for (int i = T - 1; i >= t; i--) {
+        long take = (long)(hi_c / (past + b));
+        b -= take > 0 ? take : 1;
+    }
+    return b > 0 ? b : 0;
+}
+
 /* The step over j->rows rows as thread t runs it. Each thread keeps its own residual stream of every row and
    does the elementwise work on all rows; products share out weight rows, attention query rows. */
 static void step_thread_rows(step_job *j, int t, float *scratch) {
@@ -860,8 +927,11 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
     carve_rows_scratch(m, j->past + R, R, ldx, scratch, &sc);
     float *x = sc.x, *xt = sc.xt, *qk = sc.qk, *normed = sc.normed, *row = sc.row, *unpacked = sc.unpacked;
     float *rows = sc.rows, *scores = sc.scores, *paired = sc.paired;
-    long lo = (long)R * t / T, hi = (long)R * (t + 1) / T;
+    long lo = attention_split(j->past, R, t, T), hi = attention_split(j->past, R, t + 1, T);
     memcpy(x, j->x_in, sizeof(float) * R * dim);
+    /* the products read the inputs' columns up to ldx: zeros past R, not whatever the scratch held (denormal garbage
+       made a thread's attention 2-3x slower) */
+    for (long k = 0; k < widest; k++) memset(xt + k * ldx + R, 0, sizeof(float) * (ldx - R));
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];
         for (int r = 0; r < R; r++) rms_norm(x + (long)r * dim, L->input_norm, m->eps, rows + (long)r * dim, dim);
