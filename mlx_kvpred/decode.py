@@ -253,7 +253,8 @@ def _watch(module: nn.Module | list) -> list[tuple[Any, Any, Any]]:
     return watched
 
 
-TABLE_ROWS = 64  # CDecoder makes RoPE tables for this many positions at once
+TABLE_ROWS = 256  # CDecoder makes RoPE tables for blocks of this many positions ...
+TABLE_BLOCKS = 8  # ... and keeps this many blocks (2 MB each for SmolLM2-135M)
 
 
 class CDecoder(CompiledDecoder):
@@ -280,7 +281,7 @@ class CDecoder(CompiledDecoder):
         self.c_watched: list[tuple[Any, Any, Any]] = []  # (container, key, value) of what c_layers/c_model read
         self.c_quantized = False  # whether they point at quantized weights where the model has them
         self.embedding: np.ndarray | None = None
-        self.table_start, self.cos, self.sin = -1, None, None  # RoPE tables of positions table_start + [0, TABLE_ROWS)
+        self.table_blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block b: RoPE tables of b * TABLE_ROWS..
 
     def _head_weight(self) -> mx.array:
         return self.inner.embed_tokens.weight if self.head == getattr(self.inner.embed_tokens, "as_linear", None) \
@@ -365,21 +366,33 @@ class CDecoder(CompiledDecoder):
         if inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs or not self._takes(cache):
             return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
         past = cache[0].offset
-        start = past - past % TABLE_ROWS
-        if start != self.table_start:  # RoPE tables for the next TABLE_ROWS positions, q and k heads
-            self.cos, self.sin = self._tables(start, TABLE_ROWS)
-            self.table_start = start
-        cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, self.cos[past - start],
-                                self.sin[past - start], self.partner, self.new_k, self.new_v, self.logits_out)
+        cos, sin = self._tables(past, 1)
+        cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, cos[0], sin[0], self.partner,
+                                self.new_k, self.new_v, self.logits_out)
         _append(cache, mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None])
         logits = mx.array(self.logits_out)[None, None]
         mx.eval(logits, [(c.keys, c.values) for c in cache])
         return logits
 
     def _tables(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1."""
-        units = mx.broadcast_to(self.unit, self.unit.shape[:2] + (rows, self.head_dim))
-        return tuple(np.array(t[:, :self.partner.size]) for t in self.tables(units, mx.array(start)))
+        """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1, from blocks of
+        TABLE_ROWS positions made once (1.7 ms for 256 positions)."""
+        first, last = start // TABLE_ROWS, (start + rows - 1) // TABLE_ROWS
+        blocks = [self._table_block(b) for b in range(first, last + 1)]
+        at = start - first * TABLE_ROWS
+        if len(blocks) == 1:
+            return blocks[0][0][at:at + rows], blocks[0][1][at:at + rows]
+        return tuple(np.concatenate([b[i] for b in blocks])[at:at + rows] for i in range(2))
+
+    def _table_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        made = self.table_blocks.get(b)
+        if made is None:
+            if len(self.table_blocks) >= TABLE_BLOCKS:
+                self.table_blocks.pop(next(iter(self.table_blocks)))
+            units = mx.broadcast_to(self.unit, self.unit.shape[:2] + (TABLE_ROWS, self.head_dim))
+            made = self.table_blocks[b] = tuple(np.array(t[:, :self.partner.size])
+                                                for t in self.tables(units, mx.array(b * TABLE_ROWS)))
+        return made
 
     def run_rows(self, cache: Sequence[Any], *, tokens: mx.array | None = None, stream: mx.array | None = None,
                  first_layer: int = 0, stop_layer: int | None = None) -> mx.array | None:

@@ -256,6 +256,23 @@ def test_rows_through_the_first_blocks_return_their_stream(name):
 
 
 @needs_c
+def test_rope_tables_from_blocks(monkeypatch):
+    """CDecoder's RoPE tables come from blocks of TABLE_ROWS positions made once: spans inside one block, across
+    blocks and after the oldest blocks were dropped equal tables made for the span itself."""
+    monkeypatch.setattr(decode, "TABLE_BLOCKS", 2)
+    decoder = CDecoder(variant("llama3-rope").model)
+
+    def made_for(start, rows):
+        units = mx.broadcast_to(decoder.unit, decoder.unit.shape[:2] + (rows, decoder.head_dim))
+        return [np.array(t[:, :decoder.partner.size]) for t in decoder.tables(units, mx.array(start))]
+
+    for start, rows in ((0, 1), (5, 40), (250, 20), (300, 1), (700, 300), (3, 7)):
+        for ours, theirs in zip(decoder._tables(start, rows), made_for(start, rows)):
+            assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-6), (start, rows)
+    assert len(decoder.table_blocks) == 2
+
+
+@needs_c
 def test_prefill_rows_in_c_takes_short_prompts_only():
     model = variant("llama").model
     cache = make_prompt_cache(model)
