@@ -614,7 +614,7 @@ def bench(
                                                    "(causal prefill attention in MLX ops, not C), base-no-c / "
                                                    "kvp-no-c (the prefill C kernels off: numpy attention, MLX SwiGLU "
                                                    "and RoPE), base-mlx-rows / kvp-mlx-rows (a short prompt's last "
-                                                   "rows and kvp's exact tail in MLX, not one C call). Default "
+                                                   "rows, kvp's exact tail and short aux pass in MLX, not C). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),

@@ -14,7 +14,8 @@ Outputs equal the model's own to fp32 rounding.
 (decode_step.c) on all cores, reading the same weights and caches in place; MLX only appends the step's new keys
 and values to the caches. `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
 `CDecoder.run_rows` runs several positions the same way (decode_rows: products of all rows reading each weight
-once), which `prefill_rows_in_c` uses for a prompt's last rows and kvp's exact tail (C_ROWS).
+once), which `prefill_rows_in_c` uses for a prompt's last rows, kvp's exact tail and (stopping at a block, the residual
+stream out) kvp's aux pass where the aux is the base's first blocks (C_ROWS).
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
                   lambda: f"C kernels: {cpu_kernels.note()}")
 
 
-# On where the C decode step is: a prompt's last rows (up to C_ROWS_MAX; kvp's exact tail) as one C call, products of
-# all rows reading each weight once. Faster than MLX's prefill up to ~256 rows here (docs/performance.md).
+# On where the C decode step is: a prompt's last rows (up to C_ROWS_MAX; kvp's exact tail and aux pass) as one C
+# call, products of all rows reading each weight once. Faster than MLX's prefill up to ~256 rows here
+# (docs/performance.md).
 C_ROWS_MAX = 256
 C_ROWS = Switch("KVPRED_C_ROWS", lambda: C_DECODE.enabled() and COMPILED_DECODE.enabled(),
-                f"prompts of up to {C_ROWS_MAX} tokens, and kvp's exact tail, in C", "in MLX",
+                f"prompts of up to {C_ROWS_MAX} tokens, and kvp's exact tail and aux pass, in C", "in MLX",
                 "the C decode step is off")
 
 # On where decode_step reads quantized weights (AVX2 or AVX-512): the GGUF's own bytes for the weights keep_quantized
