@@ -387,6 +387,7 @@ class CDecoder(CompiledDecoder):
         return tuple(np.concatenate([b[i] for b in blocks])[at:at + rows] for i in range(2))
 
     def _table_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """The tables of positions b * TABLE_ROWS .. (b + 1) * TABLE_ROWS - 1, made on first use."""
         made = self.table_blocks.get(b)
         if made is None:
             if len(self.table_blocks) >= TABLE_BLOCKS:

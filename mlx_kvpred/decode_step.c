@@ -294,8 +294,8 @@ static void weight_rows(const weight *W, int K, const product_input *in, const f
 }
 
 /* Several rows at once (a prompt's last tokens, a short chat turn): Y[r][n] = W[n] . X[r] for r < R, with X given
-   transposed, Xt (K, ldx) (columns read up to R rounded up to 16, which ldx must cover), so that one weight value times a vector of 16 rows' inputs
-   is one FMA (a broadcast operand). Weights are read in place, BLOCK_ROWS rows at a time, and each block is used for
+   transposed, Xt (K, ldx) (columns past R not read), so that one weight value times a vector of 16 rows' inputs is one
+   FMA (a broadcast operand). Weights are read in place, BLOCK_ROWS rows at a time, and each block is used for
    all R rows before the next, which is prefetched meanwhile; quantized blocks are first unpacked to float32 scratch.
    No packing of the weight, which is what makes OpenBLAS's sgemm slow at a few rows (docs/performance.md). */
 #define BLOCK_ROWS 12
@@ -307,11 +307,12 @@ VECTOR_CLONES static void block_product_c(const float *w, long ldw, int nb, int 
     for (int i = 0; i < nb; i++)
         for (int r0 = 0; r0 < R; r0 += 16) {
             float acc[16] = {0.0f};
+            int n = R - r0 < 16 ? R - r0 : 16;
             for (int k = 0; k < K; k++) {
                 float a = w[i * ldw + k];
                 const float *x = Xt + (long)k * ldx + r0;
 #pragma omp simd
-                for (int r = 0; r < 16; r++) acc[r] += a * x[r];
+                for (int r = 0; r < n; r++) acc[r] += a * x[r];
             }
             for (int r = r0; r < R && r < r0 + 16; r++) Y[r * ldy + i] = acc[r - r0];
         }
@@ -330,7 +331,8 @@ __attribute__((target("avx512f"))) static void block_product_avx512(const float 
         for (int i = 0; i < BLOCK_ROWS; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
         const float *x = Xt + v0;
         long prefetch = v0 == 0 && next ? next_bytes : 0;
-        if (R - v0 > 16)
+        int left = R - v0; /* columns past R are not read (masked): padding need not hold numbers */
+        if (left >= 32)
             for (int k = 0; k < K; k++, x += ldx) {
                 if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
                 __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
@@ -339,12 +341,24 @@ __attribute__((target("avx512f"))) static void block_product_avx512(const float 
                     a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
                 }
             }
-        else
+        else if (left > 16) { /* the last block: masked loads (in every block they cost 1.5x, docs/performance.md) */
+            __mmask16 m1 = (__mmask16)((1u << (left - 16)) - 1);
             for (int k = 0; k < K; k++, x += ldx) {
                 if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
-                __m512 x0 = _mm512_loadu_ps(x);
+                __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_maskz_loadu_ps(m1, x + 16);
+                for (int i = 0; i < BLOCK_ROWS; i++) {
+                    __m512 b = _mm512_set1_ps(w[off[i] + k]);
+                    a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
+                }
+            }
+        } else {
+            __mmask16 m0 = left == 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+            for (int k = 0; k < K; k++, x += ldx) {
+                if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
+                __m512 x0 = _mm512_maskz_loadu_ps(m0, x);
                 for (int i = 0; i < BLOCK_ROWS; i++) a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(w[off[i] + k]), x0, a[i][0]);
             }
+        }
         float t[32];
         for (int i = 0; i < nb; i++) {
             _mm512_storeu_ps(t, a[i][0]), _mm512_storeu_ps(t + 16, a[i][1]);
@@ -731,39 +745,6 @@ static void step_thread(step_job *j, int t, float *scratch) {
     products_share(&head, 1, dim, &normed_in, t, T);
 }
 
-/* Several rows: thread t's query rows [lo, hi) of one layer, row r (position past + r) over the cache's `past`
-   keys and the new rows 0..r (keys RoPE'd in qk, rows of n_qk; values in j->qkv), written into j->attn_rows. */
-static void attention_rows(step_job *j, const step_layer *L, const float *qk, long lo, long hi, float *scores,
-                           float *out) {
-    const step_model *m = j->m;
-    int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
-    long past = j->past;
-    group_scores_fn scores_of = group_scores_c;
-    group_pv_fn pv_of = group_pv_c;
-#ifdef HAVE_X86_ROWS
-    if (D == 64 && isa == 2) scores_of = group_scores_64, pv_of = group_pv_64;
-#endif
-    for (long r = lo; r < hi; r++) {
-        long n = past + r + 1;
-        for (int g = 0; g < m->n_kv; g++) {
-            const float *qg = qk + r * n_qk + g * group * D;
-            if (past > 0) scores_of(L->keys + g * L->k_head, L->k_row, past, qg, group, D, scores, n);
-            scores_of(qk + m->n_q * D + g * D, n_qk, r + 1, qg, group, D, scores + past, n);
-            float sums[64];
-            for (int i = 0; i < group; i++) {
-                float top = row_max(scores + i * n, (int)n);
-                sums[i] = exp_shifted_sum(scores + i * n, (int)n, top);
-            }
-            memset(out, 0, sizeof(float) * group * D);
-            if (past > 0) pv_of(L->values + g * L->v_head, L->v_row, past, scores, n, group, D, out);
-            pv_of(j->qkv + n_qk + g * D, j->ld_qkv, r + 1, scores + past, n, group, D, out);
-            float *o = j->attn_rows + r * j->ld_attn + g * group * D;
-            for (int i = 0; i < group; i++)
-                for (int d = 0; d < D; d++) o[i * D + d] = out[i * D + d] / sums[i];
-        }
-    }
-}
-
 #ifdef HAVE_X86_ROWS
 /* A 16 x 16 block of floats transposed in registers: src's rows (ld apart) become dst's columns (rows ldd apart). */
 static inline __attribute__((always_inline, target("avx512f"))) void transpose_16x16(const float *src, long ld,
@@ -829,7 +810,7 @@ static long row_stride(long n) {
    lines cost twice). */
 typedef struct {
     float *x, *xt, *qk, *normed, *row, *unpacked, *rows, *scores, *paired;
-    float *qt, *ot, *sums; /* attention_rows_blocked's queries (head_dim, ldq) and outputs (2, head_dim, ldq) */
+    float *qt, *ot, *sums; /* attention_rows' queries (head_dim, ldq) and outputs (2, head_dim, ldq) */
 } row_scratch;
 
 /* The next n floats from base + *at, rounded up to whole cache lines (NULL where base is: only counting). */
@@ -854,12 +835,13 @@ static long carve_rows_scratch(const step_model *m, long keys, int R, int ldx, f
     return at;
 }
 
-/* attention_rows as products, for head_dim a multiple of 16: per kv head, the scores of all the thread's query
-   vectors (its rows times the group's heads) against the keys read in place, 12 keys at a time (rows_times_columns
-   with the queries transposed), then P V likewise with P's rows as the weight rows. Row by row, each query row read
-   every key again: 32 rows after 2048 cached positions took 146 ms against 197 in MLX; this is the prefill
-   attention's GEMM form. `a` holds the thread's queries, scores and outputs. */
-static void attention_rows_blocked(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
+/* Several rows: thread t's query rows [lo, hi) of one layer (row r: position past + r) over the cache's `past` keys
+   and the new rows 0..r (keys RoPE'd in qk, rows of n_qk; values in j->qkv), written into j->attn_rows. Per kv head,
+   the scores of all the thread's query vectors (its rows times the group's heads) against the keys read in place, 12
+   keys at a time (rows_times_columns with the queries transposed), then P V likewise with P's rows as the weight
+   rows. Row by row, each query row read every key again: 32 rows after 2048 cached positions took 146 ms against 94
+   this way. `a` holds the thread's queries, scores and outputs. */
+static void attention_rows(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
                                    const row_scratch *a) {
     const step_model *m = j->m;
     int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
@@ -873,7 +855,6 @@ static void attention_rows_blocked(step_job *j, const step_layer *L, const float
                 int c = (int)(r - lo) * group + i;
                 for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
             }
-        for (int d = 0; d < D; d++) memset(Qt + (long)d * ldq + nq, 0, sizeof(float) * (ldq - nq)); /* read, unused */
         if (past > 0) rows_times_columns(L->keys + g * L->k_head, L->k_row, past, D, Qt, ldq, nq, S, ls);
         rows_times_columns(qk + m->n_q * D + g * D, n_qk, hi, D, Qt, ldq, nq, S + past, ls);
         for (int c = 0; c < nq; c++) { /* row lo + c / group sees keys [0, past + row] */
@@ -892,7 +873,7 @@ static void attention_rows_blocked(step_job *j, const step_layer *L, const float
     }
 }
 
-/* The first of thread t's T shares of R query rows after `past` cached positions. attention_rows_blocked costs a
+/* The first of thread t's T shares of R query rows after `past` cached positions. attention_rows costs a
    share of rows [lo, hi) about (hi - lo) (past + hi) (all its rows against the keys up to its last), so shares are
    made of about equal such costs: the largest cost c for which the threads, from the last one down, each take as
    many rows as fit in c, still cover all R rows (bisected). By equal rows, the last thread's share cost twice the
@@ -926,12 +907,9 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
     row_scratch sc;
     carve_rows_scratch(m, j->past + R, R, ldx, scratch, &sc);
     float *x = sc.x, *xt = sc.xt, *qk = sc.qk, *normed = sc.normed, *row = sc.row, *unpacked = sc.unpacked;
-    float *rows = sc.rows, *scores = sc.scores, *paired = sc.paired;
+    float *rows = sc.rows, *paired = sc.paired;
     long lo = attention_split(j->past, R, t, T), hi = attention_split(j->past, R, t + 1, T);
     memcpy(x, j->x_in, sizeof(float) * R * dim);
-    /* the products read the inputs' columns up to ldx: zeros past R, not whatever the scratch held (denormal garbage
-       made a thread's attention 2-3x slower) */
-    for (long k = 0; k < widest; k++) memset(xt + k * ldx + R, 0, sizeof(float) * (ldx - R));
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];
         for (int r = 0; r < R; r++) rms_norm(x + (long)r * dim, L->input_norm, m->eps, rows + (long)r * dim, dim);
@@ -958,8 +936,7 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
                     memcpy(j->new_k + at, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
                     memcpy(j->new_v + at, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
                 }
-        if (D % 16 == 0) attention_rows_blocked(j, L, qk, lo, hi, &sc);
-        else attention_rows(j, L, qk, lo, hi, scores, row);
+        attention_rows(j, L, qk, lo, hi, &sc);
         barrier_wait(&j->barrier);
         transpose_into(j->attn_rows, j->ld_attn, R, n_q * D, xt, ldx);
         product o = {&L->o, L->o_bias, j->o, dim, j->ld_dim};

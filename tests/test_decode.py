@@ -207,7 +207,7 @@ def test_several_rows_in_one_c_call_equal_the_model(name, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", isas("portable"), indirect=True)
-@pytest.mark.parametrize("name", ["llama", "llama-heads-64-group-3", "llama-odd-widths"])
+@pytest.mark.parametrize("name", ["llama", "llama-heads-64-group-3", "llama-heads-24", "llama-odd-widths"])
 def test_several_rows_on_each_instruction_set(name, isa):
     model = variant(name).model
     assert_rows_equal_the_model(model, CDecoder(model), 21, 20)
