@@ -18,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 
 from mlx_kvpred import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
@@ -55,15 +55,21 @@ def pipeline_mode(mode: str) -> str:
 @contextmanager
 def sgemm_only():
     """One-row matmuls as sgemm inside the block (the gemv_forward shim's forwarding off; stock mlx-lm has none).
-    The switch is read when an op runs, so work still queued on MLX's stream is finished at both ends."""
-    mx.synchronize()
+    The switch is read when an op runs, so work still queued on MLX's streams is finished at both ends: the default
+    one and generate_step's own (a decode step still running there when the block ended was counted as forwarded)."""
+    _finish_queued_work()
     was = blas.set_gemv_forward(False)
     try:
         yield
     finally:
-        mx.synchronize()
+        _finish_queued_work()
         if was:
             blas.set_gemv_forward(True)
+
+
+def _finish_queued_work() -> None:
+    mx.synchronize()
+    mx.synchronize(generation_stream)
 
 
 def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
