@@ -36,7 +36,8 @@ from mlx_kvpred.predictor import layer_pruned_map
 # gemv_forward shim off); -eager: decode with the model's own code, not the compiled step; -mlx-decode: the
 # compiled MLX step, not the C one; -fp32-decode: the C step on float32 weights, not the GGUF's quantized ones;
 # -mlx-attn: causal prefill attention in MLX ops, not C or numpy; -no-c: the prefill C kernels off (numpy
-# attention, MLX SwiGLU and RoPE); -mlx-rows: a short prompt's last rows (kvp's exact tail) in MLX, not one C call
+# attention, MLX SwiGLU and RoPE); -mlx-rows: a short prompt's last rows, kvp's exact tail and short aux pass in
+# MLX, not C
 SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "-mlx-attn", "-no-c"
 MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ROWS_SUFFIX = "-mlx-decode", "-fp32-decode", "-mlx-rows"
 SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX,

@@ -45,8 +45,8 @@ int max_threads(void) {
     return threads > 64 ? 64 : threads;
 }
 
-/* ... and one for an elementwise kernel under 131072 floats: starting a thread cost more than it saved (kvp's
-   predicted K/V of 256 positions, 43k floats a layer: 110 us a call on two threads, 60 on one). */
+/* ... and one for an elementwise kernel under 131072 floats: below that, starting a thread cost more than it saved
+   (docs/performance.md). */
 static int threads_for(long floats) { return floats < (1L << 17) ? 1 : max_threads(); }
 
 static void pin_caller(worker_threads *w, int threads) {

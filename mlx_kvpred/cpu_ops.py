@@ -351,7 +351,10 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
     todo = [i for i, plan in enumerate(plans) if plan is not None]
     if not todo:
         return [False] * len(plans)
-    buffers = {i: [mx.zeros((1, plans[i][0], plans[i][2], plans[i][1]), mx.float32) for _ in range(2)] for i in todo}
+    buffers = {}
+    for i in todo:
+        n_kv, D, capacity, _ = plans[i]
+        buffers[i] = [mx.zeros((1, n_kv, capacity, D), mx.float32) for _ in range(2)]
     mx.eval(list(buffers.values()), [keys[i] for i in todo], [values[i] for i in todo])
     done = [False] * len(plans)
     for i in todo:

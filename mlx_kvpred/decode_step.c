@@ -319,6 +319,16 @@ VECTOR_CLONES static void block_product_c(const float *w, long ldw, int nb, int 
 }
 
 #ifdef HAVE_X86_ROWS
+/* One step k of block_product_avx512 over two vectors of inputs: a[i] += w[off[i] + k] * (x0, x1). */
+static inline __attribute__((always_inline, target("avx512f"))) void block_step_2(__m512 a[BLOCK_ROWS][2],
+                                                                                   const float *w, const long *off,
+                                                                                   int k, __m512 x0, __m512 x1) {
+    for (int i = 0; i < BLOCK_ROWS; i++) {
+        __m512 b = _mm512_set1_ps(w[off[i] + k]);
+        a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
+    }
+}
+
 /* The same with AVX-512: BLOCK_ROWS x 32 rows of sums in registers (24 of 32), one broadcast weight value and two
    vectors of inputs a step. `next` (next_bytes: the next block) is prefetched a line a step, on the first pass. */
 __attribute__((target("avx512f"))) static void block_product_avx512(const float *w, long ldw, int nb, int K,
@@ -335,21 +345,13 @@ __attribute__((target("avx512f"))) static void block_product_avx512(const float 
         if (left >= 32)
             for (int k = 0; k < K; k++, x += ldx) {
                 if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
-                __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-                for (int i = 0; i < BLOCK_ROWS; i++) {
-                    __m512 b = _mm512_set1_ps(w[off[i] + k]);
-                    a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
-                }
+                block_step_2(a, w, off, k, _mm512_loadu_ps(x), _mm512_loadu_ps(x + 16));
             }
-        else if (left > 16) { /* the last block: masked loads (in every block they cost 1.5x, docs/performance.md) */
+        else if (left > 16) { /* the last block: masked loads (slower in every block, docs/performance.md) */
             __mmask16 m1 = (__mmask16)((1u << (left - 16)) - 1);
             for (int k = 0; k < K; k++, x += ldx) {
                 if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
-                __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_maskz_loadu_ps(m1, x + 16);
-                for (int i = 0; i < BLOCK_ROWS; i++) {
-                    __m512 b = _mm512_set1_ps(w[off[i] + k]);
-                    a[i][0] = _mm512_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm512_fmadd_ps(b, x1, a[i][1]);
-                }
+                block_step_2(a, w, off, k, _mm512_loadu_ps(x), _mm512_maskz_loadu_ps(m1, x + 16));
             }
         } else {
             __mmask16 m0 = left == 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
@@ -780,9 +782,8 @@ __attribute__((target("avx512f"))) static void transpose_blocks_avx512(const flo
 #endif
 
 /* rows (R, n; rows ld floats apart) written transposed into Xt (n, ldx). With AVX-512, whole 16 x 16 blocks in
-   registers (the aux's 256 rows over 12 layers: SwiGLU and its transpose 7.4 -> 6.3 ms); the rest 16 columns at a
-   time, so that the writes stay in a few cache lines and the reads are sequential streams (element by element,
-   the writes missed L1 ~70k times a layer). */
+   registers; the rest 16 columns at a time, so that the writes stay in a few cache lines and the reads are
+   sequential streams (element by element, the writes missed L1 ~70k times a layer). */
 static void transpose_into(const float *rows, long ld, int R, int n, float *Xt, int ldx) {
     int R16 = 0, n16 = 0; /* rows below R16 and columns below n16 done in blocks */
 #ifdef HAVE_X86_ROWS
@@ -841,8 +842,7 @@ static long carve_rows_scratch(const step_model *m, long keys, int R, int ldx, f
    keys at a time (rows_times_columns with the queries transposed), then P V likewise with P's rows as the weight
    rows. Row by row, each query row read every key again: 32 rows after 2048 cached positions took 146 ms against 94
    this way. `a` holds the thread's queries, scores and outputs. */
-static void attention_rows(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
-                                   const row_scratch *a) {
+static void attention_rows(step_job *j, const step_layer *L, const float *qk, long lo, long hi, const row_scratch *a) {
     const step_model *m = j->m;
     int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
     int nq = (int)(hi - lo) * group, ldq = (nq + 15) / 16 * 16;
