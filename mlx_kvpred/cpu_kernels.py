@@ -41,6 +41,19 @@ class StepModel(ctypes.Structure):
                    ("layers", ctypes.POINTER(StepLayer))])
 
 
+class KVPredictor(ctypes.Structure):
+    """decode_step.c's kv_predictor: the stacked transforms of a "hidden"-input predictor (n_parts * n_kv * head_dim,
+    dim + prev_dim) with their bias, the aux's final norm and the previous row's projection (None: prev_dim 0)."""
+    _fields_ = ([(name, ctypes.c_int) for name in ("dim", "prev_dim", "head_dim", "n_kv", "n_parts")]
+                + [("eps", ctypes.c_float)] + [(name, _P) for name in ("norm", "prev_proj", "weight", "bias")])
+
+
+class KVTarget(ctypes.Structure):
+    """decode_step.c's kv_target: where one part's heads go (out + h * head_stride + r * head_dim) and its RoPE
+    tables (None for values)."""
+    _fields_ = [("out", _P), ("head_stride", ctypes.c_long), ("cos", _P), ("sin", _P), ("partner", _P)]
+
+
 _lib: ctypes.CDLL | None = None
 _note = ""
 
@@ -78,7 +91,9 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
                 lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, p, p, p, p]
+                lib.predict_kv_rows.argtypes = [ctypes.POINTER(KVPredictor), p, p, i, ctypes.POINTER(KVTarget)]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
+                lib.predict_kv_rows.restype = i
                 lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i
                 _lib = lib
     return _lib
@@ -202,6 +217,16 @@ def decode_rows(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
                                        sin.ctypes.data, partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data,
                                        None if logits is None else logits.ctypes.data,
                                        None if stream_out is None else stream_out.ctypes.data))
+
+
+def predict_kv_rows(predictor: KVPredictor, stream: np.ndarray, prev: np.ndarray | None,
+                    targets: ctypes.Array) -> None:
+    """Predicted keys and values of R positions (decode_step.c's predict_kv_rows) into `targets` (one KVTarget per
+    part, the caller's buffers and tables kept alive by the caller): `stream` (R, dim) the aux's residual streams
+    before its final norm, `prev` (dim,) the normed stream of the position before (None: zeros); float32 and
+    contiguous, which the caller guarantees (cpu_ops.predict_kv_in_c)."""
+    _check_step(_require().predict_kv_rows(ctypes.byref(predictor), stream.ctypes.data,
+                                           None if prev is None else prev.ctypes.data, stream.shape[0], targets))
 
 
 def _check_step(status: int) -> None:

@@ -347,22 +347,60 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
     old positions copied, and keys RoPE'd (the layer's rope module, from its tables) by the C kernel and values
     copied, instead of MLX's RoPE, transposes and slice updates (~3x faster). Returns, per layer, whether it was
     appended; the caller appends the others with MLX."""
-    plans = [_c_append_plan(*args) for args in zip(layers, caches, keys, values)]
-    todo = [i for i, plan in enumerate(plans) if plan is not None]
-    if not todo:
-        return [False] * len(plans)
-    buffers = {}
-    for i in todo:
-        n_kv, D, capacity, _ = plans[i]
-        buffers[i] = [mx.zeros((1, n_kv, capacity, D), mx.float32) for _ in range(2)]
-    mx.eval(list(buffers.values()), [keys[i] for i in todo], [values[i] for i in todo])
+    plans = [_c_append_plan(layer, cache, k.shape[1], k.shape[2]) if _c_appendable(k, v) else None
+             for layer, cache, k, v in zip(layers, caches, keys, values)]
+    grown = _grown_buffers(caches, plans, also=[a for k, v, plan in zip(keys, values, plans) if plan for a in (k, v)])
     done = [False] * len(plans)
-    for i in todo:
+    for i, (buffers, views) in grown.items():
         n_kv, D, _, rope = plans[i]
-        cache, L, offset = caches[i], keys[i].shape[1], caches[i].offset
-        views = [np.array(b, copy=False) for b in buffers[i]]  # fresh buffers, referenced only here: written in place
+        L, offset = keys[i].shape[1], caches[i].offset
+        tables = _prefill_rope_tables(rope, D, offset, L)
+        for src, out, rotation in zip((keys[i], values[i]), views, (tables, None)):
+            rows = np.array(src, copy=False).reshape(1, L, n_kv, D).transpose(0, 2, 1, 3)
+            cpu_kernels.write_rows(rows, out[:, :, offset:offset + L], rotation)
+        _take_buffers(caches[i], buffers, L)
+        done[i] = True
+    return done
+
+
+def _c_appendable(keys: mx.array, values: mx.array) -> bool:
+    """Whether append_kv_in_c takes these keys and values: float32 (1, L, width), enough of them for C to pay."""
+    return (keys.dtype == mx.float32 and values.dtype == mx.float32 and keys.ndim == 3 and keys.shape[0] == 1
+            and keys.shape == values.shape and keys.size >= _C_ROPE_MIN_SIZE)
+
+
+def _c_append_plan(layer: nn.Module, cache, L: int, width: int, room: int = 0) -> tuple | None:
+    """(n_kv, head_dim, the new buffers' positions, the rope module) where `cache` of `layer` can take L positions of
+    keys and values `width` wide in new buffers written in C, with `room` more positions after them."""
+    attn = attention_of(layer)
+    rope = attn.get("rope") if isinstance(attn, nn.Module) else None
+    n_kv, _ = kv_heads(layer)
+    if (not cpu_kernels.C_KERNELS.enabled() or type(cache) is not KVCache or "k_norm" in attn
+            or not hasattr(rope, "_kvpred_stock") or width % n_kv):
+        return None
+    D, offset = width // n_kv, cache.offset
+    if cache.keys is not None and ((offset + L <= cache.keys.shape[2] and offset > L) or cache.keys.shape[3] != D):
+        return None  # room in the buffer for many more positions than held: MLX's slice update writes in place
+    return n_kv, D, -(-(offset + L + room) // cache.step) * cache.step, rope
+
+
+def _grown_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also: Sequence[mx.array] = ()
+                   ) -> dict[int, tuple[list[mx.array], list[np.ndarray]]]:
+    """For each cache with a plan: new key and value buffers of the plan's positions (made and evaluated together,
+    with `also` and the caches' own buffers) and writable numpy views of them, the cached positions copied in. Caches whose buffers numpy
+    cannot write in place are left out."""
+    buffers = {i: [mx.zeros((1, plan[0], plan[2], plan[1]), mx.float32) for _ in range(2)]
+               for i, plan in enumerate(plans) if plan is not None}
+    if not buffers:
+        return {}
+    old = [(caches[i].keys, caches[i].values) for i in buffers if caches[i].offset]  # copied in below
+    mx.eval(list(buffers.values()), list(also), old)
+    grown = {}
+    for i, pair in buffers.items():
+        views = [np.array(b, copy=False) for b in pair]  # fresh buffers, referenced only here: written in place
         if not all(v.flags.c_contiguous and v.flags.writeable for v in views):
             continue
+        cache, offset = caches[i], caches[i].offset
         for out, old in zip(views, (cache.keys, cache.values) if offset else ()):
             old = np.array(old, copy=False)[:, :, :offset]  # the positions already cached
             if offset <= _NUMPY_COPY_ROWS:  # (kvp's exact head) a threaded C call would cost more than the copy
@@ -370,30 +408,66 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
             else:
                 cpu_kernels.write_rows(old if old.strides[3] == 4 else np.ascontiguousarray(old), out[:, :, :offset],
                                        None)
-        tables = _prefill_rope_tables(rope, D, offset, L)
-        for src, out, rotation in zip((keys[i], values[i]), views, (tables, None)):
-            rows = np.array(src, copy=False).reshape(1, L, n_kv, D).transpose(0, 2, 1, 3)
-            cpu_kernels.write_rows(rows, out[:, :, offset:offset + L], rotation)
-        cache.keys, cache.values = buffers[i]
-        cache.offset = offset + L
-        done[i] = True
-    return done
+        grown[i] = pair, views
+    return grown
 
 
-def _c_append_plan(layer: nn.Module, cache, keys: mx.array, values: mx.array) -> tuple | None:
-    """(n_kv, head_dim, the new buffers' positions, the rope module) where append_kv_in_c takes this layer."""
-    attn = attention_of(layer)
-    rope = attn.get("rope") if isinstance(attn, nn.Module) else None
-    n_kv, _ = kv_heads(layer)
-    if (not cpu_kernels.C_KERNELS.enabled() or type(cache) is not KVCache or "k_norm" in attn
-            or not hasattr(rope, "_kvpred_stock") or keys.dtype != mx.float32 or values.dtype != mx.float32
-            or keys.ndim != 3 or keys.shape[0] != 1 or keys.shape != values.shape or keys.size < _C_ROPE_MIN_SIZE
-            or keys.shape[2] % n_kv):
-        return None
-    L, D, offset = keys.shape[1], keys.shape[2] // n_kv, cache.offset
-    if cache.keys is not None and ((offset + L <= cache.keys.shape[2] and offset > L) or cache.keys.shape[3] != D):
-        return None  # room in the buffer for many more positions than held: MLX's slice update writes in place
-    return n_kv, D, -(-(offset + L) // cache.step) * cache.step, rope
+def _take_buffers(cache: KVCache, buffers: list[mx.array], L: int) -> None:
+    """`cache` holds its new buffers, written L positions past its offset."""
+    cache.keys, cache.values = buffers
+    cache.offset += L
+
+
+PREDICT_ROWS_MAX = 256  # predict_kv_in_c's positions at most: each thread's transposed inputs stay in L2
+
+
+def predict_kv_in_c(predictor: nn.Module, norm: nn.Module, stream: mx.array, prev: mx.array | None,
+                    layers: Sequence[nn.Module], caches: Sequence[Any], *, room: int = 0) -> bool:
+    """The predicted K/V of the R positions of `stream` (1, R, dim: the aux's residual streams before its final
+    RMSNorm `norm`) appended to `caches`, those of the base `layers` whose transforms `predictor` learned (its
+    linear_layers, in order), in one C call (cpu_kernels.predict_kv_rows): the norm, the previous position's
+    projection (`prev` (1, 1, dim) the normed stream before the first position, None: zeros), the stacked product,
+    and each head's rows written into new cache buffers (append_kv_in_c's), keys RoPE'd. That replaces predict_fused's
+    GEMM and split and write_predicted_kv's pass. The buffers have `room` for that many positions more (kvp's exact
+    tail, appended next, then grows no buffer). False (nothing done) where it cannot run: a predictor that does not
+    stack (KVPredictor.stacks_hidden), float32 weights and streams only, at most PREDICT_ROWS_MAX positions, caches
+    that append_kv_in_c would not take."""
+    R, dim = stream.shape[1], norm.weight.shape[0]
+    if (not cpu_kernels.C_KERNELS.enabled() or not predictor.stacks_hidden() or type(norm) is not nn.RMSNorm
+            or stream.dtype != mx.float32 or stream.shape != (1, R, dim) or not 0 < R <= PREDICT_ROWS_MAX
+            or len(layers) != len(predictor.linear_layers) or len(caches) != len(layers)):
+        return False
+    cfg = predictor.config
+    weight, bias, _ = predictor.stacked_transforms()
+    proj = predictor.prev_token_proj.weight if cfg.prev_token_dim else None
+    arrays = [norm.weight, proj, weight, bias]  # kv_predictor's order
+    if any(a is not None and a.dtype != mx.float32 for a in arrays) or weight.shape[1] != dim + cfg.prev_token_dim:
+        return False
+    plans = [_c_append_plan(layer, cache, R, cfg.base_kv_dims[i], room)
+             for layer, cache, i in zip(layers, caches, predictor.linear_layers)]
+    if any(plan is None for plan in plans) or len({plan[:2] for plan in plans}) != 1:
+        return False
+    grown = _grown_buffers(caches, plans, also=[stream] + ([] if prev is None else [prev]))
+    if len(grown) != len(plans):
+        return False
+    n_kv, D = plans[0][:2]
+    kept = [None if a is None else np.array(a, copy=False) for a in arrays]  # alive until the call returns
+    c_predictor = cpu_kernels.KVPredictor(dim, cfg.prev_token_dim, D, n_kv, 2 * len(plans), norm.eps,
+                                          *(None if a is None else a.ctypes.data for a in kept))
+    targets = (cpu_kernels.KVTarget * (2 * len(plans)))()
+    for i, (plan, cache) in enumerate(zip(plans, caches)):
+        tables = _prefill_rope_tables(plan[3], D, cache.offset, R)
+        kept.append(tables)
+        for part, (view, rotation) in enumerate(zip(grown[i][1], (tables, (None, None, None)))):
+            at = view.ctypes.data + cache.offset * D * 4  # head 0's first new position
+            targets[2 * i + part] = cpu_kernels.KVTarget(at, view.shape[2] * D,
+                                                         *(None if t is None else t.ctypes.data for t in rotation))
+    rows = np.ascontiguousarray(np.array(stream[0], copy=False))
+    before = None if prev is None else np.ascontiguousarray(np.array(prev, copy=False).reshape(dim))
+    cpu_kernels.predict_kv_rows(c_predictor, rows, before, targets)
+    for i, cache in enumerate(caches):
+        _take_buffers(cache, grown[i][0], R)
+    return True
 
 
 def _c_rope_class(cls: type) -> type:

@@ -1060,3 +1060,116 @@ int decode_step(const step_model *m, const float *x_in, int past, const float *c
                 const int *partner, float *new_k, float *new_v, float *logits) {
     return decode_rows(m, x_in, 1, past, cos, sin, partner, new_k, new_v, logits, NULL);
 }
+
+/* KV prediction of several rows (predictor.py, input "hidden": every learned transform stacked in one weight),
+   written straight into cache buffers: the aux's residual streams are normed, the previous row's normed stream
+   projected (prev_dim > 0) and appended, the stacked product taken BLOCK_ROWS weight rows at a time (as the several
+   rows' products above), and each head's rows stored in place, keys RoPE'd on the way. */
+typedef struct {
+    int dim, prev_dim, head_dim, n_kv, n_parts; /* the weight's rows: n_parts parts (a layer's keys or values) */
+    float eps;
+    const float *norm;      /* the aux's final RMSNorm weight (dim) */
+    const float *prev_proj; /* (prev_dim, dim), or NULL for prev_dim 0 */
+    const float *weight;    /* (n_parts * n_kv * head_dim, dim + prev_dim), float32 */
+    const float *bias;      /* (n_parts * n_kv * head_dim) */
+} kv_predictor;
+
+/* Where a part goes: head h's row r at out + h * head_stride + r * head_dim; keys have RoPE tables ((rows,
+   head_dim) cos and sin, partner (head_dim), as rope_row takes them), values NULL ones (copied). */
+typedef struct {
+    float *out;
+    long head_stride;
+    const float *cos, *sin;
+    const int *partner;
+} kv_target;
+
+typedef struct {
+    const kv_predictor *p;
+    const float *stream, *prev; /* (rows, dim) the aux's residual streams; (dim) the row before's normed, or NULL */
+    int rows, threads, ldx;
+    const kv_target *targets;
+    atomic_int go;
+} predict_job;
+
+#define PREDICT_UNITS 6 /* heads (of head_dim weight rows) per product: their rows of outputs stay in L2 */
+
+static long carve_predict_scratch(const kv_predictor *p, int R, int ldx, float *base, float **normed, float **xt,
+                                  float **shifted, float **projected, float **y) {
+    long at = 0;
+    *normed = carve(base, &at, (long)(R + 1) * p->dim), *xt = carve(base, &at, (long)(p->dim + p->prev_dim) * ldx);
+    *shifted = carve(base, &at, (long)p->dim * ldx), *projected = carve(base, &at, (long)R * p->prev_dim);
+    *y = carve(base, &at, (long)R * row_stride((long)PREDICT_UNITS * p->head_dim));
+    return at;
+}
+
+/* Thread t's heads of all parts (whole heads, so that RoPE's partners are its own): every thread norms and
+   transposes all rows itself (as step_thread_rows does), then takes PREDICT_UNITS heads at a time. */
+static void predict_thread(predict_job *j, int t, float *scratch) {
+    const kv_predictor *p = j->p;
+    int R = j->rows, dim = p->dim, D = p->head_dim, ldx = j->ldx, in = dim + p->prev_dim;
+    long units = (long)p->n_parts * p->n_kv, lo = units * t / j->threads, hi = units * (t + 1) / j->threads;
+    int ldy = (int)row_stride((long)PREDICT_UNITS * D);
+    float *normed, *xt, *shifted, *projected, *y;
+    carve_predict_scratch(p, R, ldx, scratch, &normed, &xt, &shifted, &projected, &y);
+    if (j->prev) memcpy(normed, j->prev, sizeof(float) * dim);
+    else memset(normed, 0, sizeof(float) * dim);
+    for (int r = 0; r < R; r++) rms_norm(j->stream + (long)r * dim, p->norm, p->eps, normed + (long)(r + 1) * dim, dim);
+    transpose_into(normed + dim, dim, R, dim, xt, ldx);
+    if (p->prev_dim) { /* the previous row's projection, below the rows' own inputs */
+        transpose_into(normed, dim, R, dim, shifted, ldx);
+        rows_times_columns(p->prev_proj, dim, p->prev_dim, dim, shifted, ldx, R, projected, p->prev_dim);
+        transpose_into(projected, p->prev_dim, R, p->prev_dim, xt + (long)dim * ldx, ldx);
+    }
+    for (long u0 = lo; u0 < hi; u0 += PREDICT_UNITS) {
+        long u1 = hi - u0 < PREDICT_UNITS ? hi : u0 + PREDICT_UNITS, n = (u1 - u0) * D;
+        rows_times_columns(p->weight + u0 * D * in, in, n, in, xt, ldx, R, y, ldy);
+        for (long u = u0; u < u1; u++) {
+            const kv_target *g = &j->targets[u / p->n_kv];
+            const float *bias = p->bias + u * D;
+            float *out = g->out + (u % p->n_kv) * g->head_stride;
+            for (int r = 0; r < R; r++) {
+                float *src = y + (long)r * ldy + (u - u0) * D;
+                add_into(src, bias, D);
+                if (g->cos) rope_row(src, g->cos + (long)r * D, g->sin + (long)r * D, g->partner, out + (long)r * D, D);
+                else memcpy(out + (long)r * D, src, sizeof(float) * D);
+            }
+        }
+    }
+}
+
+typedef struct {
+    predict_job *job;
+    int index;
+    float *scratch;
+} predict_arg;
+
+static void *predict_worker(void *a) {
+    predict_arg *arg = a;
+    while (!atomic_load_explicit(&arg->job->go, memory_order_acquire)) sched_yield();
+    predict_thread(arg->job, arg->index, arg->scratch);
+    return NULL;
+}
+
+/* The predicted keys and values of `rows` positions from the aux's residual streams `stream` ((rows, dim) before its
+   final norm), `prev` the normed stream of the position before (NULL: none, zeros), into p->n_parts targets on all
+   cores. 0 on success, 1 if scratch memory was not had. */
+int predict_kv_rows(const kv_predictor *p, const float *stream, const float *prev, int rows, const kv_target *targets) {
+    decode_isa(-1);
+    if (rows < 1) return 1;
+    int threads = max_threads(), ldx = (rows + 15) / 16 * 16;
+    float *unused[5];
+    long own = carve_predict_scratch(p, rows, ldx, NULL, &unused[0], &unused[1], &unused[2], &unused[3], &unused[4]);
+    float *scratch = aligned_alloc(64, sizeof(float) * threads * own);
+    if (!scratch) return 1;
+    predict_job j = {p, stream, prev, rows, threads, ldx, targets};
+    atomic_init(&j.go, 0);
+    predict_arg args[64];
+    for (int i = 1; i < threads; i++) args[i - 1] = (predict_arg){&j, i, scratch + i * own};
+    worker_threads w;
+    j.threads = start_workers(&w, threads, predict_worker, args, sizeof(predict_arg)) + 1;
+    atomic_store_explicit(&j.go, 1, memory_order_release);
+    predict_thread(&j, 0, scratch);
+    join_workers(&w);
+    free(scratch);
+    return 0;
+}

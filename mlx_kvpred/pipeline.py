@@ -17,16 +17,18 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .attention import backbone, lm_head_of, swapped, tap_kv
 from .auxiliary import shared_base_layers
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
+from .cpu_ops import predict_kv_in_c
 from .decode import compiled_decoder, prefill_rows_in_c
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, choose_auto
+from .predictor import KVPredictor
 
 MODES = ("auto", "kvp", "base", "aux")
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp12"  # for the default model
@@ -167,14 +169,14 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     predicted_end = tokens.size - tail
     offset = caches[0].offset  # the position of tokens[skip]
     head = first_predicted(pipe, offset, offset + predicted_end - skip) - offset
-    if head > 0:
-        write_exact_head(pipe, tokens[skip:skip + head], caches)
-        skip += head
     aux_backbone = backbone(bundle.aux)
     # the aux's blocks are the base's blocks 0..k-1 and their base K/V its caches': chunks can run as those blocks in
     # C (prefill_rows_in_c), unless the predictor reads the aux's K/V, which only the MLX pass records
     base_blocks = take_aux and shared == len(bundle.aux.layers) and (
         bundle.predictor.config.input == "hidden" or not bundle.predictor.linear_layers)
+    if head > 0:  # held: the shared layers' buffers become the aux's, the others' grow (predict_kv_in_c)
+        write_exact_head(pipe, tokens[skip:skip + head], caches, hold=base_blocks)
+        skip += head
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     streams = []  # the tail's residual stream, per chunk
     norm = aux_backbone.norm  # applied here, so the stream before it can be kept
@@ -197,10 +199,8 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
             drop = min(max(skip - start, 0), stop - start)  # positions of this chunk only catching up
             keep = min(max(predicted_end - start, 0), stop - start)  # ... and those before the tail
             if keep > drop:
-                pred_k, pred_v = bundle.predictor.predict_fused(_leading(keys, keep), _leading(values, keep),
-                                                                hidden[:, :keep], prev_hidden)
-                write_predicted_kv(base_model.layers[shared:], caches[shared:], [k[:, drop:] for k in pred_k[shared:]],
-                                   [v[:, drop:] for v in pred_v[shared:]])
+                _write_predictions(bundle.predictor, base_model, caches, shared, norm, stream, hidden, keys, values,
+                                   prev_hidden, drop, keep, room=tokens.size - start - keep)
             if shared and stop - start > drop and not take_aux:  # the shared layers' exact K/V, the tail's included
                 write_predicted_kv(base_model.layers[:shared], caches[:shared], [k[:, drop:] for k in keys],
                                    [v[:, drop:] for v in values])
@@ -209,6 +209,27 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     for c, a in zip(caches[:shared] if take_aux else [], aux_caches):
         c.state = a.state  # the exact head's K/V included: the aux computed the same layers at the same positions
     return mx.concatenate(streams, axis=1) if len(streams) > 1 else (streams[0] if streams else None)
+
+
+def _write_predictions(predictor: KVPredictor, base_model: nn.Module, caches: list[Any], shared: int, norm: nn.Module,
+                       stream: mx.array, hidden: mx.array, keys: list[mx.array | None], values: list[mx.array | None],
+                       prev_hidden: mx.array | None, drop: int, keep: int, room: int) -> None:
+    """The predicted K/V of a chunk's positions drop..keep - 1 appended to the caches of base layers shared.. (the
+    exact layers' K/V the aux's own): `stream` the aux's residual streams of the chunk and `hidden` them normed,
+    `keys` and `values` the aux's (None: not recorded), `prev_hidden` the normed stream before the chunk. The
+    learned layers' in one C call (predict_kv_in_c, its buffers with `room` for the positions after) where it runs."""
+    learned = predictor.linear_layers
+    in_c = bool(learned) and learned[0] >= shared and predict_kv_in_c(
+        predictor, norm, stream[:, drop:keep], hidden[:, drop - 1:drop] if drop else prev_hidden,
+        [base_model.layers[i] for i in learned], [caches[i] for i in learned], room=room)
+    if in_c:  # what is left are the exact layers: the aux's K/V
+        pred_k, pred_v = [keys[j] for j in predictor.config.layer_map], [values[j] for j in predictor.config.layer_map]
+    else:
+        pred_k, pred_v = predictor.predict_fused(_leading(keys, keep), _leading(values, keep), hidden[:, :keep],
+                                                 prev_hidden)
+    rest = [i for i in range(shared, len(caches)) if not (in_c and i in learned)]
+    write_predicted_kv([base_model.layers[i] for i in rest], [caches[i] for i in rest],
+                       [pred_k[i][:, drop:keep] for i in rest], [pred_v[i][:, drop:keep] for i in rest])
 
 
 def _leading(arrays: list[mx.array | None], n: int) -> list[mx.array | None]:
@@ -222,13 +243,18 @@ def first_predicted(pipe: Pipeline, start: int, end: int) -> int:
     return max(start, min(pipe.exact_head, end))
 
 
-def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any]) -> None:
+def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any], *, hold: bool = False) -> None:
     """The base's own K/V for `tokens` appended to `caches`. From offset 0 they depend on the tokens alone and are
-    kept in `pipe.head_kv` (a chat template's first tokens are the same every time)."""
+    kept in `pipe.head_kv` (a chat template's first tokens are the same every time). `hold`: fresh KVCaches hold
+    those kept arrays as they are, for a caller that replaces the buffers next anyway (a buffer of a whole step
+    of positions, made and filled, would only be copied from)."""
     key = tuple(tokens.tolist()) if caches[0].offset == 0 else None
     if key is not None and key in pipe.head_kv:
         for c, (k, v) in zip(caches, pipe.head_kv[key]):
-            c.update_and_fetch(k, v)
+            if hold and type(c) is KVCache:
+                c.state = k, v, k.shape[2]
+            else:
+                c.update_and_fetch(k, v)
         return
     start = caches[0].offset
     with mx.stream(generation_stream):

@@ -138,31 +138,37 @@ class KVPredictor(nn.Module):
     def predict_fused(self, aux_keys: list[mx.array], aux_values: list[mx.array], aux_hidden: mx.array | None = None,
                       prev_hidden: mx.array | None = None) -> tuple[list[mx.array], list[mx.array]]:
         """What __call__ returns, for inference: input "hidden" runs every learned transform as one GEMM (one
-        read of the input, one large matmul instead of two per layer). The stacked weights are rebuilt whenever
-        a transform's weights are replaced (training, set_identity)."""
-        layers = self.linear_layers
-        if self.config.input != "hidden" or len(layers) < 2 or not all(
-                type(self.key_transforms[i]) is nn.Linear and type(self.value_transforms[i]) is nn.Linear
-                for i in layers):
+        read of the input, one large matmul instead of two per layer; stacks_hidden)."""
+        if not self.stacks_hidden():
             return self(aux_keys, aux_values, aux_hidden, prev_hidden)
         if aux_hidden is None:
             raise ValueError("this predictor reads the aux hidden state: pass aux_hidden")
-        weight, bias, splits = self._stacked(layers)
-        y = mx.addmm(bias, self.hidden_input(aux_hidden, prev_hidden), weight)
+        weight, bias, splits = self.stacked_transforms()
+        y = mx.addmm(bias, self.hidden_input(aux_hidden, prev_hidden), weight.T)
         parts = mx.split(y, splits, axis=-1)
         exact = set(self.config.exact_layers)
         keys = [aux_keys[j] if i in exact else None for i, j in enumerate(self.config.layer_map)]
         values = [aux_values[j] if i in exact else None for i, j in enumerate(self.config.layer_map)]
-        for n, i in enumerate(layers):
+        for n, i in enumerate(self.linear_layers):
             keys[i], values[i] = parts[2 * n], parts[2 * n + 1]
         return keys, values
 
-    def _stacked(self, layers: list[int]) -> tuple[mx.array, mx.array, list[int]]:
-        mods = [m for i in layers for m in (self.key_transforms[i], self.value_transforms[i])]
+    def stacks_hidden(self) -> bool:
+        """Whether the learned transforms run as one stacked product (stacked_transforms): input "hidden", two or
+        more plain Linear layers."""
+        layers = self.linear_layers
+        return self.config.input == "hidden" and len(layers) >= 2 and all(
+            type(self.key_transforms[i]) is nn.Linear and type(self.value_transforms[i]) is nn.Linear for i in layers)
+
+    def stacked_transforms(self) -> tuple[mx.array, mx.array, list[int]]:
+        """The learned transforms stacked: weight (sum of outs, in) and bias, each learned base layer's keys then
+        values in layer order, and the split points of their outputs. Rebuilt whenever a transform's weights are
+        replaced (training, set_identity)."""
+        mods = [m for i in self.linear_layers for m in (self.key_transforms[i], self.value_transforms[i])]
         key = tuple(id(m.weight) for m in mods) + tuple(id(m.bias) for m in mods)
         cached = self.__dict__.get("_stacked_cache")
         if cached is None or cached[0] != key:
-            weight = mx.concatenate([m.weight.T for m in mods], axis=1)  # (in, sum of outs)
+            weight = mx.concatenate([m.weight for m in mods], axis=0)
             bias = mx.concatenate([m.bias for m in mods])
             splits = list(accumulate(m.weight.shape[0] for m in mods))[:-1]
             mx.eval(weight, bias)

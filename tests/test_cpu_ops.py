@@ -275,6 +275,64 @@ def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
         use_fast_cpu_ops(model, enabled=False)
 
 
+@pytest.mark.parametrize("kind", ["plain", "traditional", "llama3"])
+def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
+    """cpu_ops.predict_kv_in_c (norm, previous-position projection, stacked product and the writes into new cache
+    buffers with keys RoPE'd, in one C call) leaves the caches that predict_fused + write_predicted_kv leave: from
+    empty caches and after exact-head positions (held as they are, or in a step's buffer), with and without the
+    normed stream before, and with room for positions after; predictors that do not stack, too many positions and
+    C_KERNELS.off() are declined with nothing done."""
+    if not cpu_kernels.available():
+        pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_kvpred.cache import write_predicted_kv
+    from mlx_kvpred.predictor import KVPredictor, PredictorConfig
+
+    model = tiny_model("llama", num_hidden_layers=6, **ROPES[kind]).model
+    use_fast_cpu_ops(model)
+    try:
+        n, width, dim = len(model.layers), model.layers[0].self_attn.k_proj.weight.shape[0], 64
+        config = PredictorConfig(aux_kv_dims=(width,), base_kv_dims=(width,) * n, layer_map=(0,) * n, input="hidden",
+                                 aux_hidden_dim=dim, exact_layers=(0,), prev_token_dim=4)
+        mx.random.seed(1)
+        predictor, norm = KVPredictor(config), nn.RMSNorm(dim)
+        norm.weight = mx.random.uniform(0.5, 1.5, (dim,))
+        learned = predictor.linear_layers
+        layers = [model.layers[i] for i in learned]
+        for rows, head, held, before, room in ((37, 0, False, False, 0), (37, 1, True, True, 5),
+                                               (256, 3, True, True, 300), (9, 2, False, False, 0)):
+            stream = mx.random.normal((1, rows, dim)) * 3
+            prev = norm(mx.random.normal((1, 1, dim))) if before else None
+            old = [(mx.random.normal((1, 2, head, width // 2)), mx.random.normal((1, 2, head, width // 2)))
+                   for _ in layers]
+            ours, theirs = [[KVCache() for _ in layers] for _ in range(2)]
+            for i, (k, v) in enumerate(old if head else ()):
+                if held:  # as write_exact_head(hold=True) leaves them
+                    ours[i].state = k, v, head
+                else:
+                    ours[i].update_and_fetch(k, v)
+                theirs[i].update_and_fetch(k, v)
+            keys, values = predictor.predict_fused([None], [None], norm(stream), prev)
+            with cpu_kernels.C_KERNELS.off():
+                write_predicted_kv(layers, theirs, [keys[i] for i in learned], [values[i] for i in learned])
+            assert cpu_ops.predict_kv_in_c(predictor, norm, stream, prev, layers, ours, room=room)
+            for a, b in zip(ours, theirs):
+                assert a.offset == b.offset == head + rows and a.keys.shape[2] >= head + rows + room
+                for x, y in zip(a.state[:2], b.state[:2]):
+                    assert close(x[..., :a.offset, :], y[..., :a.offset, :], 1e-5)
+        fresh = [KVCache() for _ in layers]
+        stream = mx.random.normal((1, cpu_ops.PREDICT_ROWS_MAX + 1, dim))
+        assert not cpu_ops.predict_kv_in_c(predictor, norm, stream, None, layers, fresh)
+        with cpu_kernels.C_KERNELS.off():
+            assert not cpu_ops.predict_kv_in_c(predictor, norm, stream[:, :8], None, layers, fresh)
+        kv_input = KVPredictor(PredictorConfig(aux_kv_dims=(width,), base_kv_dims=(width,) * n, layer_map=(0,) * n))
+        assert not cpu_ops.predict_kv_in_c(kv_input, norm, stream[:, :8], None, layers, fresh)
+        assert all(c.offset == 0 and c.keys is None for c in fresh)
+    finally:
+        use_fast_cpu_ops(model, enabled=False)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True

@@ -14,6 +14,7 @@ from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
 from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
+from mlx_kvpred.cpu_ops import use_fast_cpu_ops
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import (Pipeline, generate_tokens, load_pipeline, predict_cache, predict_cache_with_tail,
                                  prompt_then_decode)
@@ -226,17 +227,26 @@ def test_exact_tail_through_the_shared_layers_in_the_aux_pass(predictor_input, s
         return out
 
     monkeypatch.setattr(pipeline, "prefill_rows_in_c", recorded)
-    for exact_head in (0, 1):
-        pipe = Pipeline(base, bundle, exact_head=exact_head)
-        fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
-        cache = predict_cache(pipe, prompt[:-5], prefill_step_size=step)
-        slow = list(prompt_then_decode(prompt[-5:], base.model, prompt_cache=cache, max_tokens=6))
-        assert [t for t, _ in fast] == [t for t, _ in slow]
-        for (_, a), (_, b) in zip(fast, slow):
-            assert mx.allclose(a, b, atol=1e-5).item()
+    predicted_in_c, predict_in_c = [], pipeline.predict_kv_in_c
+    monkeypatch.setattr(pipeline, "predict_kv_in_c", lambda *a, **k: predicted_in_c.append(predict_in_c(*a, **k))
+                        or predicted_in_c[-1])
+    use_fast_cpu_ops(base.model)  # rope modules with tables in C, as loaded models have them
+    try:
+        for exact_head in (0, 1):
+            pipe = Pipeline(base, bundle, exact_head=exact_head)
+            fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
+            cache = predict_cache(pipe, prompt[:-5], prefill_step_size=step)
+            slow = list(prompt_then_decode(prompt[-5:], base.model, prompt_cache=cache, max_tokens=6))
+            assert [t for t, _ in fast] == [t for t, _ in slow]
+            for (_, a), (_, b) in zip(fast, slow):
+                assert mx.allclose(a, b, atol=1e-5).item()
+    finally:
+        use_fast_cpu_ops(base.model, enabled=False)
     assert len(calls) == 2  # generate_tokens took the shared-layers path
     # the aux's pass as the base's blocks 0-1 in C where the predictor reads only the hidden state
     assert ((2, True) in in_c) == (cpu_kernels.available() and predictor_input == "hidden")
+    # ... and the predictor's K/V written in C (predict_kv_in_c) in the same cases
+    assert any(predicted_in_c) == (cpu_kernels.available() and predictor_input == "hidden")
     cache, stream = predict_cache_with_tail(pipe, prompt, 5, prefill_step_size=step)
     assert [c.offset for c in cache] == [19, 19, 14, 14, 14, 14] and stream.shape == (1, 5, 64)
 
