@@ -1093,12 +1093,18 @@ typedef struct {
 
 #define PREDICT_UNITS 6 /* heads (of head_dim weight rows) per product: their rows of outputs stay in L2 */
 
-static long carve_predict_scratch(const kv_predictor *p, int R, int ldx, float *base, float **normed, float **xt,
-                                  float **shifted, float **projected, float **y) {
+/* A thread's scratch for predict_kv_rows: the rows normed (the row before first), their transposed inputs, the rows
+   before transposed and their projections, and a product's outputs. */
+typedef struct {
+    float *normed, *xt, *shifted, *projected, *y;
+} predict_scratch;
+
+/* Carves `s` from `base` (NULL: only counts); returns the floats it takes. */
+static long carve_predict_scratch(const kv_predictor *p, int R, int ldx, float *base, predict_scratch *s) {
     long at = 0;
-    *normed = carve(base, &at, (long)(R + 1) * p->dim), *xt = carve(base, &at, (long)(p->dim + p->prev_dim) * ldx);
-    *shifted = carve(base, &at, (long)p->dim * ldx), *projected = carve(base, &at, (long)R * p->prev_dim);
-    *y = carve(base, &at, (long)R * row_stride((long)PREDICT_UNITS * p->head_dim));
+    s->normed = carve(base, &at, (long)(R + 1) * p->dim), s->xt = carve(base, &at, (long)(p->dim + p->prev_dim) * ldx);
+    s->shifted = carve(base, &at, (long)p->dim * ldx), s->projected = carve(base, &at, (long)R * p->prev_dim);
+    s->y = carve(base, &at, (long)R * row_stride((long)PREDICT_UNITS * p->head_dim));
     return at;
 }
 
@@ -1109,16 +1115,17 @@ static void predict_thread(predict_job *j, int t, float *scratch) {
     int R = j->rows, dim = p->dim, D = p->head_dim, ldx = j->ldx, in = dim + p->prev_dim;
     long units = (long)p->n_parts * p->n_kv, lo = units * t / j->threads, hi = units * (t + 1) / j->threads;
     int ldy = (int)row_stride((long)PREDICT_UNITS * D);
-    float *normed, *xt, *shifted, *projected, *y;
-    carve_predict_scratch(p, R, ldx, scratch, &normed, &xt, &shifted, &projected, &y);
+    predict_scratch sc;
+    carve_predict_scratch(p, R, ldx, scratch, &sc);
+    float *normed = sc.normed, *xt = sc.xt, *y = sc.y;
     if (j->prev) memcpy(normed, j->prev, sizeof(float) * dim);
     else memset(normed, 0, sizeof(float) * dim);
     for (int r = 0; r < R; r++) rms_norm(j->stream + (long)r * dim, p->norm, p->eps, normed + (long)(r + 1) * dim, dim);
     transpose_into(normed + dim, dim, R, dim, xt, ldx);
     if (p->prev_dim) { /* the previous row's projection, below the rows' own inputs */
-        transpose_into(normed, dim, R, dim, shifted, ldx);
-        rows_times_columns(p->prev_proj, dim, p->prev_dim, dim, shifted, ldx, R, projected, p->prev_dim);
-        transpose_into(projected, p->prev_dim, R, p->prev_dim, xt + (long)dim * ldx, ldx);
+        transpose_into(normed, dim, R, dim, sc.shifted, ldx);
+        rows_times_columns(p->prev_proj, dim, p->prev_dim, dim, sc.shifted, ldx, R, sc.projected, p->prev_dim);
+        transpose_into(sc.projected, p->prev_dim, R, p->prev_dim, xt + (long)dim * ldx, ldx);
     }
     for (long u0 = lo; u0 < hi; u0 += PREDICT_UNITS) {
         long u1 = hi - u0 < PREDICT_UNITS ? hi : u0 + PREDICT_UNITS, n = (u1 - u0) * D;
@@ -1157,8 +1164,8 @@ int predict_kv_rows(const kv_predictor *p, const float *stream, const float *pre
     decode_isa(-1);
     if (rows < 1) return 1;
     int threads = max_threads(), ldx = (rows + 15) / 16 * 16;
-    float *unused[5];
-    long own = carve_predict_scratch(p, rows, ldx, NULL, &unused[0], &unused[1], &unused[2], &unused[3], &unused[4]);
+    predict_scratch counted;
+    long own = carve_predict_scratch(p, rows, ldx, NULL, &counted);
     float *scratch = aligned_alloc(64, sizeof(float) * threads * own);
     if (!scratch) return 1;
     predict_job j = {p, stream, prev, rows, threads, ldx, targets};

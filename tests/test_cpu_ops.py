@@ -290,6 +290,7 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
     from mlx_kvpred.predictor import KVPredictor, PredictorConfig
 
     model = tiny_model("llama", num_hidden_layers=6, **ROPES[kind]).model
+    best = cpu_kernels.decode_isa()
     use_fast_cpu_ops(model)
     try:
         n, width, dim = len(model.layers), model.layers[0].self_attn.k_proj.weight.shape[0], 64
@@ -300,8 +301,12 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
         norm.weight = mx.random.uniform(0.5, 1.5, (dim,))
         learned = predictor.linear_layers
         layers = [model.layers[i] for i in learned]
-        for rows, head, held, before, room in ((37, 0, False, False, 0), (37, 1, True, True, 5),
-                                               (256, 3, True, True, 300), (9, 2, False, False, 0)):
+        names = cpu_kernels.DECODE_ISAS
+        cases = [(isa, *case) for isa in names[:names.index(best) + 1]  # each instruction set this CPU has
+                 for case in ((37, 0, False, False, 0), (37, 1, True, True, 5), (256, 3, True, True, 300),
+                              (9, 2, False, False, 0))]
+        for isa, rows, head, held, before, room in cases:
+            cpu_kernels.decode_isa(isa)
             stream = mx.random.normal((1, rows, dim)) * 3
             prev = norm(mx.random.normal((1, 1, dim))) if before else None
             old = [(mx.random.normal((1, 2, head, width // 2)), mx.random.normal((1, 2, head, width // 2)))
@@ -320,7 +325,8 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
             for a, b in zip(ours, theirs):
                 assert a.offset == b.offset == head + rows and a.keys.shape[2] >= head + rows + room
                 for x, y in zip(a.state[:2], b.state[:2]):
-                    assert close(x[..., :a.offset, :], y[..., :a.offset, :], 1e-5)
+                    assert close(x[..., :a.offset, :], y[..., :a.offset, :], 1e-5), (isa, rows, head)
+        cpu_kernels.decode_isa(best)
         fresh = [KVCache() for _ in layers]
         stream = mx.random.normal((1, cpu_ops.PREDICT_ROWS_MAX + 1, dim))
         assert not cpu_ops.predict_kv_in_c(predictor, norm, stream, None, layers, fresh)
@@ -330,6 +336,7 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
         assert not cpu_ops.predict_kv_in_c(kv_input, norm, stream[:, :8], None, layers, fresh)
         assert all(c.offset == 0 and c.keys is None for c in fresh)
     finally:
+        cpu_kernels.decode_isa(best)
         use_fast_cpu_ops(model, enabled=False)
 
 
