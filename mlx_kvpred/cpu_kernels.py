@@ -41,7 +41,7 @@ class StepModel(ctypes.Structure):
                    ("layers", ctypes.POINTER(StepLayer))])
 
 
-class KVPredictor(ctypes.Structure):
+class StackedPredictor(ctypes.Structure):
     """decode_step.c's kv_predictor: the stacked transforms of a "hidden"-input predictor (n_parts * n_kv * head_dim,
     dim + prev_dim) with their bias, the aux's final norm and the previous row's projection (None: prev_dim 0)."""
     _fields_ = ([(name, ctypes.c_int) for name in ("dim", "prev_dim", "head_dim", "n_kv", "n_parts")]
@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
                 lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, p, p, p, p]
-                lib.predict_kv_rows.argtypes = [ctypes.POINTER(KVPredictor), p, p, i, ctypes.POINTER(KVTarget)]
+                lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, ctypes.POINTER(KVTarget)]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
                 lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i
@@ -219,7 +219,7 @@ def decode_rows(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
                                        None if stream_out is None else stream_out.ctypes.data))
 
 
-def predict_kv_rows(predictor: KVPredictor, stream: np.ndarray, prev: np.ndarray | None,
+def predict_kv_rows(predictor: StackedPredictor, stream: np.ndarray, prev: np.ndarray | None,
                     targets: ctypes.Array) -> None:
     """Predicted keys and values of R positions (decode_step.c's predict_kv_rows) into `targets` (one KVTarget per
     part, the caller's buffers and tables kept alive by the caller): `stream` (R, dim) the aux's residual streams

@@ -387,8 +387,8 @@ def _c_append_plan(layer: nn.Module, cache, L: int, width: int, room: int = 0) -
 def _grown_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also: Sequence[mx.array] = ()
                    ) -> dict[int, tuple[list[mx.array], list[np.ndarray]]]:
     """For each cache with a plan: new key and value buffers of the plan's positions (made and evaluated together,
-    with `also` and the caches' own buffers) and writable numpy views of them, the cached positions copied in. Caches whose buffers numpy
-    cannot write in place are left out."""
+    with `also` and the caches' own buffers) and writable numpy views of them, the cached positions copied in.
+    Caches whose buffers numpy cannot write in place are left out."""
     buffers = {i: [mx.zeros((1, plan[0], plan[2], plan[1]), mx.float32) for _ in range(2)]
                for i, plan in enumerate(plans) if plan is not None}
     if not buffers:
@@ -452,8 +452,8 @@ def predict_kv_in_c(predictor: nn.Module, norm: nn.Module, stream: mx.array, pre
         return False
     n_kv, D = plans[0][:2]
     kept = [None if a is None else np.array(a, copy=False) for a in arrays]  # alive until the call returns
-    c_predictor = cpu_kernels.KVPredictor(dim, cfg.prev_token_dim, D, n_kv, 2 * len(plans), norm.eps,
-                                          *(None if a is None else a.ctypes.data for a in kept))
+    c_predictor = cpu_kernels.StackedPredictor(dim, cfg.prev_token_dim, D, n_kv, 2 * len(plans), norm.eps,
+                                               *(None if a is None else a.ctypes.data for a in kept))
     targets = (cpu_kernels.KVTarget * (2 * len(plans)))()
     for i, (plan, cache) in enumerate(zip(plans, caches)):
         tables = _prefill_rope_tables(plan[3], D, cache.offset, R)
