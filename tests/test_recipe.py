@@ -9,6 +9,7 @@ import pytest
 
 from conftest import tiny_model
 from mlx_kvpred.bundle import load_bundle
+from mlx_kvpred.data import collect_files, split_files
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import DEFAULT_BUNDLE_DIR
 from mlx_kvpred.recipe import SHIPPED_AUX_LAYERS, TrainSpec, build_bundle, train_recipe, training_data
@@ -112,8 +113,11 @@ def test_train_recipe_end_to_end(tmp_path):
     base = tiny_model("llama", num_hidden_layers=4)
     base.tokenizer = CharTokenizer()
     rng = np.random.default_rng(0)
-    for i in range(30):
+    # the split hashes the absolute path, so tmp_path decides it: write files until one is held out
+    i = 0
+    while i < 30 or not split_files(collect_files([str(tmp_path)])).heldout_files:
         (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 60)))
+        i += 1
     spec = TrainSpec(aux_layers=[0, 1], data=[str(tmp_path / "*.txt")], eval_sequences=0, prev_token_dim=8,
                      train=TrainConfig(steps=2, seq_len=32, ridge_sequences=4, checkpoint_every=2))
     data = training_data(spec, base.tokenizer)
@@ -139,8 +143,11 @@ def test_mixed_lengths_and_chat_records(tmp_path):
     base = tiny_model("llama", num_hidden_layers=4)
     base.tokenizer = CharTokenizer()
     rng = np.random.default_rng(0)
-    for i in range(30):
+    # the split hashes the absolute path, so tmp_path decides it: write files until one is held out
+    i = 0
+    while i < 30 or not split_files(collect_files([str(tmp_path)])).heldout_files:
         (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "gamma", "delta"], 60)))
+        i += 1
     (tmp_path / "chat").mkdir()
     records = ["x" * 10, "document " * 8 + "question? answer.", "short"]
     (tmp_path / "chat" / "docchat-00000-64.jsonl").write_text("\n".join(_json.dumps({"text": t}) for t in records))
