@@ -551,7 +551,6 @@ typedef struct {
     running *partial;                /* (threads, n_q) */
     float *partial_pv;               /* (threads, n_q, head_dim) */
     spin_barrier barrier;
-    atomic_int go;
 } step_job;
 
 /* Scores of `group` query heads (rows of D floats) against n keys (`row` floats apart):
@@ -970,6 +969,37 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
     products_share(&head, 1, dim, &last, t, T);
 }
 
+/* A kernel's threads: body(job, t, scratch + t * own) on up to `threads` threads, the caller's as t = 0. The workers
+   wait until ready(job, n) has been told how many threads run (fewer if the system gives fewer). */
+typedef void (*team_body)(void *job, int t, float *scratch);
+typedef struct {
+    team_body body;
+    void *job;
+    int index;
+    float *scratch;
+    atomic_int *go;
+} team_member;
+
+static void *team_worker(void *p) {
+    team_member *a = p;
+    while (!atomic_load_explicit(a->go, memory_order_acquire)) sched_yield();
+    a->body(a->job, a->index, a->scratch);
+    return NULL;
+}
+
+static void run_team(team_body body, void (*ready)(void *job, int n), void *job, int threads, float *scratch,
+                     long own) {
+    atomic_int go;
+    atomic_init(&go, 0);
+    team_member members[64];
+    for (int i = 1; i < threads && i < 64; i++) members[i - 1] = (team_member){body, job, i, scratch + i * own, &go};
+    worker_threads w;
+    ready(job, start_workers(&w, threads, team_worker, members, sizeof(team_member)) + 1);
+    atomic_store_explicit(&go, 1, memory_order_release);
+    body(job, 0, scratch);
+    join_workers(&w);
+}
+
 static long scratch_floats(const step_model *m, long keys) {
     int n_qk = (m->n_q + m->n_kv) * m->head_dim, wide = m->dim > m->n_q * m->head_dim ? m->dim : m->n_q * m->head_dim;
     long widest = wide > m->hidden ? wide : m->hidden; /* the widest product input, paired (and its sums) */
@@ -977,20 +1007,18 @@ static long scratch_floats(const step_model *m, long keys) {
            widest + widest / 32 + 1;
 }
 
-typedef struct {
-    step_job *job;
-    int index;
-    float *scratch;
-} worker_arg;
-
-static void *step_worker(void *p) {
-    worker_arg *a = p;
-    while (!atomic_load_explicit(&a->job->go, memory_order_acquire)) sched_yield();
-    if (a->job->rows > 1) step_thread_rows(a->job, a->index, a->scratch);
-    else step_thread(a->job, a->index, a->scratch);
-    return NULL;
+static void step_body(void *job, int t, float *scratch) {
+    if (((step_job *)job)->rows > 1) step_thread_rows(job, t, scratch);
+    else step_thread(job, t, scratch);
 }
 
+static void step_ready(void *job, int n) {
+    step_job *j = job;
+    j->threads = n;
+    j->barrier = (spin_barrier){.threads = n};
+    atomic_init(&j->barrier.arrived, 0);
+    atomic_init(&j->barrier.generation, 0);
+}
 
 /* The products' buffers the threads share, carved from `base` (NULL: only counts); returns the floats they take. */
 static long carve_shared(step_job *j, float *base) {
@@ -1038,19 +1066,7 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
         return 1;
     }
     j.partial = partial;
-    atomic_init(&j.go, 0);
-    worker_arg args[64];
-    for (int i = 1; i < threads; i++) args[i - 1] = (worker_arg){&j, i, scratch + i * own};
-    worker_threads w;
-    int started = start_workers(&w, threads, step_worker, args, sizeof(worker_arg));
-    j.threads = started + 1;
-    j.barrier = (spin_barrier){.threads = j.threads};
-    atomic_init(&j.barrier.arrived, 0);
-    atomic_init(&j.barrier.generation, 0);
-    atomic_store_explicit(&j.go, 1, memory_order_release);
-    if (rows > 1) step_thread_rows(&j, 0, scratch);
-    else step_thread(&j, 0, scratch);
-    join_workers(&w);
+    run_team(step_body, step_ready, &j, threads, scratch, own);
     free(buffer), free(partial);
     return 0;
 }
@@ -1088,7 +1104,6 @@ typedef struct {
     const float *stream, *prev; /* (rows, dim) the aux's residual streams; (dim) the row before's normed, or NULL */
     int rows, threads, ldx;
     const kv_target *targets;
-    atomic_int go;
 } predict_job;
 
 #define PREDICT_UNITS 6 /* heads (of head_dim weight rows) per product: their rows of outputs stay in L2 */
@@ -1110,7 +1125,8 @@ static long carve_predict_scratch(const kv_predictor *p, int R, int ldx, float *
 
 /* Thread t's heads of all parts (whole heads, so that RoPE's partners are its own): every thread norms and
    transposes all rows itself (as step_thread_rows does), then takes PREDICT_UNITS heads at a time. */
-static void predict_thread(predict_job *j, int t, float *scratch) {
+static void predict_thread(void *job, int t, float *scratch) {
+    const predict_job *j = job;
     const kv_predictor *p = j->p;
     int R = j->rows, dim = p->dim, D = p->head_dim, ldx = j->ldx, in = dim + p->prev_dim;
     long units = (long)p->n_parts * p->n_kv, lo = units * t / j->threads, hi = units * (t + 1) / j->threads;
@@ -1144,18 +1160,7 @@ static void predict_thread(predict_job *j, int t, float *scratch) {
     }
 }
 
-typedef struct {
-    predict_job *job;
-    int index;
-    float *scratch;
-} predict_arg;
-
-static void *predict_worker(void *a) {
-    predict_arg *arg = a;
-    while (!atomic_load_explicit(&arg->job->go, memory_order_acquire)) sched_yield();
-    predict_thread(arg->job, arg->index, arg->scratch);
-    return NULL;
-}
+static void predict_ready(void *job, int n) { ((predict_job *)job)->threads = n; }
 
 /* The predicted keys and values of `rows` positions from the aux's residual streams `stream` ((rows, dim) before its
    final norm), `prev` the normed stream of the position before (NULL: none, zeros), into p->n_parts targets on all
@@ -1165,18 +1170,11 @@ int predict_kv_rows(const kv_predictor *p, const float *stream, const float *pre
     if (rows < 1) return 1;
     int threads = max_threads(), ldx = (rows + 15) / 16 * 16;
     predict_scratch counted;
-    long own = carve_predict_scratch(p, rows, ldx, NULL, &counted);
+    long own = (carve_predict_scratch(p, rows, ldx, NULL, &counted) + 15) / 16 * 16;
     float *scratch = aligned_alloc(64, sizeof(float) * threads * own);
     if (!scratch) return 1;
     predict_job j = {p, stream, prev, rows, threads, ldx, targets};
-    atomic_init(&j.go, 0);
-    predict_arg args[64];
-    for (int i = 1; i < threads; i++) args[i - 1] = (predict_arg){&j, i, scratch + i * own};
-    worker_threads w;
-    j.threads = start_workers(&w, threads, predict_worker, args, sizeof(predict_arg)) + 1;
-    atomic_store_explicit(&j.go, 1, memory_order_release);
-    predict_thread(&j, 0, scratch);
-    join_workers(&w);
+    run_team(predict_thread, predict_ready, &j, threads, scratch, own);
     free(scratch);
     return 0;
 }
