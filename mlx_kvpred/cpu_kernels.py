@@ -49,8 +49,8 @@ class StackedPredictor(ctypes.Structure):
 
 
 class KVTarget(ctypes.Structure):
-    """decode_step.c's kv_target: where one part's heads go (out + h * head_stride + r * head_dim) and its RoPE
-    tables (None for values)."""
+    """decode_step.c's kv_target: where new keys or values go (head h's row r at out + h * head_stride + r *
+    head_dim) and, for predict_kv_rows' keys, their RoPE tables (None for values and for decode_rows)."""
     _fields_ = [("out", _P), ("head_stride", ctypes.c_long), ("cos", _P), ("sin", _P), ("partner", _P)]
 
 
@@ -90,7 +90,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.rope.argtypes = [p, l, l, p, p, p, p, l, l, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
                 lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
-                lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, p, p, p, p]
+                lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, ctypes.POINTER(KVTarget), p, p]
                 lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, ctypes.POINTER(KVTarget)]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
@@ -207,14 +207,14 @@ def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
 
 
 def decode_rows(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,
-                new_k: np.ndarray, new_v: np.ndarray, logits: np.ndarray | None,
-                stream_out: np.ndarray | None = None) -> None:
+                kv_out: ctypes.Array, logits: np.ndarray | None, stream_out: np.ndarray | None = None) -> None:
     """decode_step over R positions past .. past + R - 1 at once: x (R, dim) their residual streams entering the
-    model's first layer, cos and sin (R, (n_q + n_kv) head_dim); writes the new keys and values (n_layers, n_kv, R,
-    head_dim), the last row's logits (vocab,) unless `logits` is None, and the residual streams leaving the model's
-    last layer (R, dim) into `stream_out` if given. Products of several rows read each weight once for all of them."""
+    model's first layer, cos and sin (R, (n_q + n_kv) head_dim); writes the new keys and values into `kv_out` (2
+    n_layers KVTargets: each layer's keys, then its values; buffers kept alive by the caller), the last row's logits
+    (vocab,) unless `logits` is None, and the residual streams leaving the model's last layer (R, dim) into
+    `stream_out` if given. Products of several rows read each weight once for all of them."""
     _check_step(_require().decode_rows(ctypes.byref(model), x.ctypes.data, x.shape[0], past, cos.ctypes.data,
-                                       sin.ctypes.data, partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data,
+                                       sin.ctypes.data, partner.ctypes.data, kv_out,
                                        None if logits is None else logits.ctypes.data,
                                        None if stream_out is None else stream_out.ctypes.data))
 

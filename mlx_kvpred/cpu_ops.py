@@ -349,7 +349,7 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
     appended; the caller appends the others with MLX."""
     plans = [_c_append_plan(layer, cache, k.shape[1], k.shape[2]) if _c_appendable(k, v) else None
              for layer, cache, k, v in zip(layers, caches, keys, values)]
-    grown = _grown_buffers(caches, plans, also=[a for k, v, plan in zip(keys, values, plans) if plan for a in (k, v)])
+    grown = grown_cache_buffers(caches, plans, also=[a for k, v, plan in zip(keys, values, plans) if plan for a in (k, v)])
     done = [False] * len(plans)
     for i, (buffers, views) in grown.items():
         n_kv, D, _, rope = plans[i]
@@ -358,7 +358,7 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
         for src, out, rotation in zip((keys[i], values[i]), views, (tables, None)):
             rows = np.array(src, copy=False).reshape(1, L, n_kv, D).transpose(0, 2, 1, 3)
             cpu_kernels.write_rows(rows, out[:, :, offset:offset + L], rotation)
-        _take_buffers(caches[i], buffers, L)
+        take_cache_buffers(caches[i], buffers, L)
         done[i] = True
     return done
 
@@ -384,7 +384,7 @@ def _c_append_plan(layer: nn.Module, cache, L: int, width: int, room: int = 0) -
     return n_kv, D, -(-(offset + L + room) // cache.step) * cache.step, rope
 
 
-def _grown_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also: Sequence[mx.array] = ()
+def grown_cache_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also: Sequence[mx.array] = ()
                    ) -> dict[int, tuple[list[mx.array], list[np.ndarray]]]:
     """For each cache with a plan: new key and value buffers of the plan's positions (made and evaluated together,
     with `also` and the caches' own buffers) and writable numpy views of them, the cached positions copied in.
@@ -412,7 +412,7 @@ def _grown_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also
     return grown
 
 
-def _take_buffers(cache: KVCache, buffers: list[mx.array], L: int) -> None:
+def take_cache_buffers(cache: KVCache, buffers: list[mx.array], L: int) -> None:
     """`cache` holds its new buffers, written L positions past its offset."""
     cache.keys, cache.values = buffers
     cache.offset += L
@@ -447,7 +447,7 @@ def predict_kv_in_c(predictor: nn.Module, norm: nn.Module, stream: mx.array, pre
              for layer, cache, i in zip(layers, caches, predictor.linear_layers)]
     if any(plan is None for plan in plans) or len({plan[:2] for plan in plans}) != 1:
         return False
-    grown = _grown_buffers(caches, plans, also=[stream] + ([] if prev is None else [prev]))
+    grown = grown_cache_buffers(caches, plans, also=[stream] + ([] if prev is None else [prev]))
     if len(grown) != len(plans):
         return False
     n_kv, D = plans[0][:2]
@@ -466,7 +466,7 @@ def predict_kv_in_c(predictor: nn.Module, norm: nn.Module, stream: mx.array, pre
     before = None if prev is None else np.ascontiguousarray(np.array(prev, copy=False).reshape(dim))
     cpu_kernels.predict_kv_rows(c_predictor, rows, before, targets)
     for i, cache in enumerate(caches):
-        _take_buffers(cache, grown[i][0], R)
+        take_cache_buffers(cache, grown[i][0], R)
     return True
 
 

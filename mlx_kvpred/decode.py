@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache
 
 from . import cpu_kernels
 from .attention import backbone, lm_head_of
-from .cpu_ops import _exp_shifted, _swiglu_kernel
+from .cpu_ops import _exp_shifted, _swiglu_kernel, grown_cache_buffers, take_cache_buffers
 from .rope_layout import rope_key, rotation_layout
 from .switch import Switch
 
@@ -421,16 +421,42 @@ class CDecoder(CompiledDecoder):
         model.layers = ctypes.cast(ctypes.byref(self.c_layers, first_layer * ctypes.sizeof(cpu_kernels.StepLayer)),
                                    ctypes.POINTER(cpu_kernels.StepLayer))
         cos, sin = self._tables(past, rows)
-        new_k = np.empty((n_layers, self.n_kv, rows, self.head_dim), np.float32)
-        new_v = np.empty_like(new_k)
+        grown = self._grown_caches(cache, rows)
+        if grown:  # written straight into the caches' new buffers
+            kv_out, new_k = self._targets([view for _, views in grown for view in views], past), None
+        else:
+            new_k = np.empty((2, n_layers, self.n_kv, rows, self.head_dim), np.float32)
+            kv_out = self._targets([new_k[kind, i][None] for i in range(n_layers) for kind in (0, 1)], 0)
         to_end = first_layer + n_layers == len(self.c_layers)
         stream_out = None if to_end else np.empty((rows, self.c_model.dim), np.float32)
-        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, new_k, new_v,
-                                self.logits_out if to_end else None, stream_out)
-        _append(cache, mx.array(new_k)[None], mx.array(new_v)[None])
+        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, kv_out, self.logits_out if to_end else None,
+                                stream_out)
+        if grown:
+            for c, (buffers, _) in zip(cache, grown):
+                take_cache_buffers(c, buffers, rows)
+        else:
+            _append(cache, mx.array(new_k[0])[None], mx.array(new_k[1])[None])
         out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
         mx.eval(out, [(c.keys, c.values) for c in cache])
         return out
+
+
+    def _grown_caches(self, cache: Sequence[Any], rows: int) -> list[tuple[list[mx.array], list[np.ndarray]]] | None:
+        """Where every cache must grow for `rows` more positions: new buffers (the cached positions copied in) and
+        writable views of them, one pair per cache; else None (some cache has room: the rows are appended to it)."""
+        if any(c.keys is not None and c.offset + rows <= c.keys.shape[2] for c in cache):
+            return None
+        plans = [(self.n_kv, self.head_dim, -(-(c.offset + rows) // c.step) * c.step, None) for c in cache]
+        grown = grown_cache_buffers(cache, plans)
+        return [grown[i] for i in range(len(cache))] if len(grown) == len(cache) else None
+
+    @staticmethod
+    def _targets(buffers: Sequence[np.ndarray], at: int) -> ctypes.Array:
+        """decode_rows' kv_out: each (1, n_kv, positions, head_dim) buffer written from position `at`."""
+        targets = (cpu_kernels.KVTarget * len(buffers))()
+        for t, b in zip(targets, buffers):
+            t.out, t.head_stride = b[0, 0, at:].ctypes.data, b.strides[1] // 4
+        return targets
 
 
 def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
@@ -452,7 +478,8 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
 
 def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:
     """Append new keys and values (1, n_layers, n_kv, R, head_dim) to each layer's KVCache: in place where the
-    buffer has room (KVCache.update_and_fetch's write), else grown as mlx-lm grows it."""
+    buffer has room (KVCache.update_and_fetch's write), else grown as mlx-lm grows it, one layer evaluated at a
+    time (all layers' old, zeroed and grown buffers in one graph would be alive at once: ~4x the cache's bytes)."""
     rows = new_k.shape[3]
     for i, c in enumerate(cache):
         past = c.offset
@@ -462,6 +489,7 @@ def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:
             c.offset += rows
         else:
             c.update_and_fetch(new_k[:, i], new_v[:, i])
+            mx.eval(c.keys, c.values)
 
 
 def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: mx.array, sin_at: mx.array,

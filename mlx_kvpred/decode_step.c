@@ -45,6 +45,16 @@ typedef struct {
     const step_layer *layers;
 } step_model;
 
+/* Where new keys or values go: head h's row r at out + h * head_stride + r * head_dim. predict_kv_rows RoPEs keys
+   on the way with the tables ((rows, head_dim) cos and sin, partner (head_dim), as rope_row takes them; NULL for
+   values: copied); decode_rows' are RoPE'd already (tables unread). */
+typedef struct {
+    float *out;
+    long head_stride;
+    const float *cos, *sin;
+    const int *partner;
+} kv_target;
+
 typedef struct {
     atomic_int arrived, generation;
     int threads;
@@ -544,7 +554,8 @@ typedef struct {
     const float *x_in, *cos, *sin;
     const int *partner;
     int past, threads, rows, ldx; /* rows: positions past .. past + rows - 1; ldx: their transposed inputs' width */
-    float *new_k, *new_v, *logits, *stream_out; /* logits, stream_out: NULL for none */
+    const kv_target *kv_out; /* layer l's new keys at kv_out[2 l], its values at kv_out[2 l + 1] */
+    float *logits, *stream_out; /* NULL for none */
     float *qkv, *o, *gate_up, *down; /* products shared by the threads, (rows, width) */
     float *attn_rows;                /* several rows: the attention's output (rows, n_q * head_dim) */
     long ld_qkv, ld_dim, ld_gate_up, ld_attn; /* several rows: the shared buffers' row strides (row_stride) */
@@ -704,10 +715,12 @@ static void step_thread(step_job *j, int t, float *scratch) {
             qk_in = normed;
         }
         rope_row(qk_in, j->cos, j->sin, j->partner, qk, n_qk);
-        if (t == 0) {
-            memcpy(j->new_k + (long)l * n_kv * D, qk + n_q * D, sizeof(float) * n_kv * D);
-            memcpy(j->new_v + (long)l * n_kv * D, j->qkv + n_qk, sizeof(float) * n_kv * D);
-        }
+        if (t == 0)
+            for (int g = 0; g < n_kv; g++) {
+                memcpy(j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride, qk + (n_q + g) * D, sizeof(float) * D);
+                memcpy(j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride, j->qkv + n_qk + g * D,
+                       sizeof(float) * D);
+            }
         attention_share(j, L, qk, qk + n_q * D, j->qkv + n_qk, lo, hi, scores, t);
         barrier_wait(&j->barrier);
         for (int i = 0; i < n_q; i++) { /* merge the threads' parts of head i */
@@ -929,12 +942,14 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
             rope_row(in, cos, sin, j->partner, out, n_qk);
         }
         if (t == 0)
-            for (int g = 0; g < n_kv; g++)
+            for (int g = 0; g < n_kv; g++) {
+                float *k_out = j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride;
+                float *v_out = j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride;
                 for (int r = 0; r < R; r++) {
-                    long at = (((long)l * n_kv + g) * R + r) * D;
-                    memcpy(j->new_k + at, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
-                    memcpy(j->new_v + at, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
+                    memcpy(k_out + (long)r * D, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
+                    memcpy(v_out + (long)r * D, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
                 }
+            }
         attention_rows(j, L, qk, lo, hi, &sc);
         barrier_wait(&j->barrier);
         transpose_into(j->attn_rows, j->ld_attn, R, n_q * D, xt, ldx);
@@ -1037,12 +1052,13 @@ static long carve_shared(step_job *j, float *base) {
    ((rows, dim): token embeddings, or a stream from an earlier model's layers), `past` cached positions, cos and
    sin the RoPE tables of the q and k heads at each position ((rows, (n_q + n_kv) * head_dim), the attention's scale
    folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
-   values ((n_layers, n_kv, rows, head_dim) each), the last row's logits (vocab) where `logits` is not NULL, and
-   the residual streams leaving the last layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch
-   memory was not had, 2 for quantized weights where decode_quantized_supported() is 0 (nothing written either
-   way). One row is a decode step: attention split by key range, one-row products. */
+   values into kv_out (2 n_layers targets: each layer's keys, then its values; e.g. a cache's buffers at position
+   `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual streams leaving the last
+   layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch memory was not had, 2 for
+   quantized weights where decode_quantized_supported() is 0 (nothing written either way). One row is a decode
+   step: attention split by key range, one-row products. */
 int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
-                const int *partner, float *new_k, float *new_v, float *logits, float *stream_out) {
+                const int *partner, const kv_target *kv_out, float *logits, float *stream_out) {
     decode_isa(-1);
     int quantized = logits && !m->head.w;
     for (int l = 0; l < m->n_layers; l++) {
@@ -1055,7 +1071,7 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
     row_scratch counted;
     long own = rows > 1 ? carve_rows_scratch(m, past + (long)rows, rows, ldx, NULL, &counted) : scratch_floats(m, past + 1L);
     own = (own + 15) / 16 * 16;
-    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, new_k, new_v, logits, stream_out};
+    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, kv_out, logits, stream_out};
     long shared = carve_shared(&j, NULL);
     float *buffer = aligned_alloc(64, sizeof(float) * (shared + threads * own)), *scratch = buffer + shared;
     if (!buffer) return 1;
@@ -1071,10 +1087,20 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
     return 0;
 }
 
-/* One decode step: decode_rows of one row (x_in the token's embedding; tables, new keys and values of one row). */
+/* One decode step: decode_rows of one row (x_in the token's embedding; tables of one row), the new keys and values
+   written to new_k and new_v ((n_layers, n_kv, head_dim) each). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
                 const int *partner, float *new_k, float *new_v, float *logits) {
-    return decode_rows(m, x_in, 1, past, cos, sin, partner, new_k, new_v, logits, NULL);
+    kv_target *out = malloc(sizeof(kv_target) * 2 * m->n_layers);
+    if (!out) return 1;
+    long n = (long)m->n_kv * m->head_dim;
+    for (int l = 0; l < m->n_layers; l++) {
+        out[2 * l] = (kv_target){.out = new_k + l * n, .head_stride = m->head_dim};
+        out[2 * l + 1] = (kv_target){.out = new_v + l * n, .head_stride = m->head_dim};
+    }
+    int status = decode_rows(m, x_in, 1, past, cos, sin, partner, out, logits, NULL);
+    free(out);
+    return status;
 }
 
 /* KV prediction of several rows (predictor.py, input "hidden": every learned transform stacked in one weight),
@@ -1089,15 +1115,6 @@ typedef struct {
     const float *weight;    /* (n_parts * n_kv * head_dim, dim + prev_dim), float32 */
     const float *bias;      /* (n_parts * n_kv * head_dim) */
 } kv_predictor;
-
-/* Where a part goes: head h's row r at out + h * head_stride + r * head_dim; keys have RoPE tables ((rows,
-   head_dim) cos and sin, partner (head_dim), as rope_row takes them), values NULL ones (copied). */
-typedef struct {
-    float *out;
-    long head_stride;
-    const float *cos, *sin;
-    const int *partner;
-} kv_target;
 
 typedef struct {
     const kv_predictor *p;

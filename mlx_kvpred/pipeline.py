@@ -363,8 +363,9 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y = (sampler or (lambda x: mx.argmax(x, axis=-1)))(logprobs)
         mx.eval(y, logprobs)
-    first = y.item()
-    yield first, logprobs.squeeze(0)
+    first, first_logprobs = y.item(), logprobs.squeeze(0)
+    stream = logits = logprobs = None  # not held while decoding (a slice of the stream holds the aux's whole chunk)
+    yield first, first_logprobs
     if max_tokens == 1:
         return
     yield from generate_step(mx.array([first]), compiled_decoder(model), prompt_cache=cache, max_tokens=max_tokens - 1,

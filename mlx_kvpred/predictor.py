@@ -162,19 +162,25 @@ class KVPredictor(nn.Module):
 
     def stacked_transforms(self) -> tuple[mx.array, mx.array, list[int]]:
         """The learned transforms stacked: weight (sum of outs, in) and bias, each learned base layer's keys then
-        values in layer order, and the split points of their outputs. Rebuilt whenever a transform's weights are
-        replaced (training, set_identity)."""
+        values in layer order, and the split points of their outputs. The transforms' own weights and biases become
+        slices of them (no second copy). Rebuilt whenever a transform's weights are replaced (training,
+        set_identity)."""
         mods = [m for i in self.linear_layers for m in (self.key_transforms[i], self.value_transforms[i])]
-        key = tuple(id(m.weight) for m in mods) + tuple(id(m.bias) for m in mods)
         cached = self.__dict__.get("_stacked_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or not all(a is b for a, b in zip(cached[0], self._transform_arrays(mods))):
             weight = mx.concatenate([m.weight for m in mods], axis=0)
             bias = mx.concatenate([m.bias for m in mods])
-            splits = list(accumulate(m.weight.shape[0] for m in mods))[:-1]
-            mx.eval(weight, bias)
-            cached = (key, weight, bias, splits)
+            ends = list(accumulate(m.weight.shape[0] for m in mods))
+            for m, start, end in zip(mods, [0] + ends, ends):
+                m.weight, m.bias = weight[start:end], bias[start:end]
+            mx.eval(weight, bias, [(m.weight, m.bias) for m in mods])
+            cached = (self._transform_arrays(mods), weight, bias, ends[:-1])  # compared by identity, so held
             self.__dict__["_stacked_cache"] = cached  # not a parameter: kept out of saved weights and updates
         return cached[1:]
+
+    @staticmethod
+    def _transform_arrays(mods: list[nn.Module]) -> list[mx.array]:
+        return [m.weight for m in mods] + [m.bias for m in mods]
 
     def set_identity(self) -> "KVPredictor":
         """Identity K/V maps (zero bias); only where aux and base widths agree. Used for exactness checks and init."""

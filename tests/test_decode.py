@@ -198,11 +198,12 @@ def assert_rows_equal_the_model(model, decoder, past: int, rows: int, *, first_l
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_several_rows_in_one_c_call_equal_the_model(name, monkeypatch):
     """A prompt's last rows as one C call (decode_rows): from empty caches and after cached ones, row counts across
-    the 16- and 32-row widths of the products, 2 rows on two threads (one each), and across the caches' growth."""
+    the 16- and 32-row widths of the products, 2 rows on two threads (one each), into new cache buffers (the caches
+    grow) and into the room the caches have."""
     monkeypatch.setattr(KVCache, "step", 8)
     model = variant(name).model
     decoder = CDecoder(model)
-    for past, rows in ((0, 2), (0, 17), (21, 7), (21, 33), (40, 64)):
+    for past, rows in ((0, 2), (0, 17), (21, 7), (21, 33), (40, 64), (21, 3)):
         assert_rows_equal_the_model(model, decoder, past, rows)
 
 
