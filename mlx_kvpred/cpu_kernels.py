@@ -89,8 +89,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.argtypes = [p, p, p, l]
                 lib.rope.argtypes = [p, l, l, p, p, p, p, l, l, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
-                lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, p, p, p]
-                lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, ctypes.POINTER(KVTarget), p, p]
+                lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, ctypes.POINTER(KVTarget), l, p]
+                lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, ctypes.POINTER(KVTarget), l, p, p]
                 lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, ctypes.POINTER(KVTarget)]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
@@ -196,25 +196,25 @@ def write_rows(x: np.ndarray, out: np.ndarray, tables: tuple[np.ndarray, np.ndar
 
 
 def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,
-                new_k: np.ndarray, new_v: np.ndarray, logits: np.ndarray) -> None:
+                kv_out: ctypes.Array, kv_at: int, logits: np.ndarray) -> None:
     """One token's decode step (decode_step.c) on all cores: x (dim,) its embedding, `past` cached positions, RoPE
     tables cos and sin ((n_q + n_kv) head_dim, the attention's scale folded into q's) and partner (int32) at
-    position `past`. Writes the new keys and values (n_layers, n_kv, head_dim) and the logits (vocab,); all
-    float32 and contiguous, which the caller guarantees (decode.CDecoder)."""
+    position `past`. Writes the new keys and values at row kv_at of `kv_out` (as decode_rows) and the logits
+    (vocab,); all float32 and contiguous, which the caller guarantees (decode.CDecoder)."""
     _check_step(_require().decode_step(ctypes.byref(model), x.ctypes.data, past, cos.ctypes.data, sin.ctypes.data,
-                                       partner.ctypes.data, new_k.ctypes.data, new_v.ctypes.data,
-                                       logits.ctypes.data))
+                                       partner.ctypes.data, kv_out, kv_at, logits.ctypes.data))
 
 
 def decode_rows(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,
-                kv_out: ctypes.Array, logits: np.ndarray | None, stream_out: np.ndarray | None = None) -> None:
+                kv_out: ctypes.Array, kv_at: int, logits: np.ndarray | None,
+                stream_out: np.ndarray | None = None) -> None:
     """decode_step over R positions past .. past + R - 1 at once: x (R, dim) their residual streams entering the
     model's first layer, cos and sin (R, (n_q + n_kv) head_dim); writes the new keys and values into `kv_out` (2
-    n_layers KVTargets: each layer's keys, then its values; buffers kept alive by the caller), the last row's logits
-    (vocab,) unless `logits` is None, and the residual streams leaving the model's last layer (R, dim) into
-    `stream_out` if given. Products of several rows read each weight once for all of them."""
+    n_layers KVTargets: each layer's keys, then its values; buffers kept alive by the caller) from row kv_at on,
+    the last row's logits (vocab,) unless `logits` is None, and the residual streams leaving the model's last layer
+    (R, dim) into `stream_out` if given. Products of several rows read each weight once for all of them."""
     _check_step(_require().decode_rows(ctypes.byref(model), x.ctypes.data, x.shape[0], past, cos.ctypes.data,
-                                       sin.ctypes.data, partner.ctypes.data, kv_out,
+                                       sin.ctypes.data, partner.ctypes.data, kv_out, kv_at,
                                        None if logits is None else logits.ctypes.data,
                                        None if stream_out is None else stream_out.ctypes.data))
 

@@ -11,8 +11,8 @@ and attention scores as K q^T. A step is ~1600 nodes instead of ~4400 (`mx.expor
 Outputs equal the model's own to fp32 rounding.
 
 `CDecoder` goes further where the C kernels are built (cpu_kernels): the whole step is one C call
-(decode_step.c) on all cores, reading the same weights and caches in place; MLX only appends the step's new keys
-and values to the caches. `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
+(decode_step.c) on all cores, reading the same weights and caches in place and writing the step's new keys and
+values into cache buffers it made itself (CDecoder.owned). `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
 `CDecoder.run_rows` runs several positions the same way (decode_rows: products of all rows reading each weight
 once), which `prefill_rows_in_c` uses for a prompt's last rows, kvp's exact tail and (stopping at a block, the residual
 stream out) kvp's aux pass where the aux is the base's first blocks (C_ROWS).
@@ -21,6 +21,7 @@ stream out) kvp's aux pass where the aux is the base's first blocks (C_ROWS).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from functools import partial
 from typing import Any, Sequence
 
@@ -262,7 +263,10 @@ TABLE_BLOCKS = 8  # ... and keeps this many blocks (2 MB each for SmolLM2-135M)
 class CDecoder(CompiledDecoder):
     """The whole decode step as one C call on all cores (cpu_kernels.decode_step), for one token over plain KV
     caches and float32 weights; anything else takes the compiled step. The C step reads the weights and the caches
-    in place and returns the new keys and values, which mlx-lm's cache appends (its own growth and copy-on-write)."""
+    in place and writes the new keys and values straight into cache buffers this decoder made (`owned`), which no
+    other array can share: made fresh, and written by it alone since (the same arrays, the offset where it left
+    them). Other buffers are first copied into owned ones (once: a cache from MLX's prefill, one that was trimmed or
+    written by MLX)."""
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -277,8 +281,9 @@ class CDecoder(CompiledDecoder):
             head_dim=self.head_dim, hidden=blocks[0].mlp.gate_proj.weight.shape[0],
             eps=blocks[0].input_layernorm.eps, qk_eps=attn.q_norm.eps if "q_norm" in attn else 0.0,
             layers=self.c_layers)
-        self.new_k = np.empty((len(blocks), self.n_kv, self.head_dim), np.float32)
-        self.new_v = np.empty_like(self.new_k)
+        # cache -> [keys, values (weak references), offset, their KVTargets]: buffers made here and written only by
+        # this decoder (not held here, so MLX can still update them in place where another path appends)
+        self.owned: weakref.WeakKeyDictionary[KVCache, list] = weakref.WeakKeyDictionary()
         self.logits_out: np.ndarray | None = None
         self.c_watched: list[tuple[Any, Any, Any]] = []  # (container, key, value) of what c_layers/c_model read
         self.c_quantized = False  # whether they point at quantized weights where the model has them
@@ -367,14 +372,50 @@ class CDecoder(CompiledDecoder):
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
         if inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs or not self._takes(cache):
             return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
+        owned = self._owned_targets(cache)
+        if owned is None:
+            self._own(cache)
+            owned = self._owned_targets(cache)
+            if owned is None or not self._set_caches(cache):  # (buffers numpy could not write: not seen)
+                return super().__call__(inputs, cache=cache)
+        kv_out, entries = owned
         past = cache[0].offset
         cos, sin = self._tables(past, 1)
         cpu_kernels.decode_step(self.c_model, self.embedding[inputs.item()], past, cos[0], sin[0], self.partner,
-                                self.new_k, self.new_v, self.logits_out)
-        _append(cache, mx.array(self.new_k)[None, :, :, None], mx.array(self.new_v)[None, :, :, None])
-        logits = mx.array(self.logits_out)[None, None]
-        mx.eval(logits, [(c.keys, c.values) for c in cache])
-        return logits
+                                kv_out, past, self.logits_out)
+        for c, entry in zip(cache, entries):
+            c.offset += 1
+            entry[2] += 1
+        return mx.array(self.logits_out)[None, None]
+
+    def _owned_targets(self, cache: Sequence[Any]) -> tuple[ctypes.Array, list[list]] | None:
+        """kv_out at position 0 of each cache's buffers and their `owned` entries, where every cache's buffers are
+        owned, at the offset this decoder left, with room for one more position; else None."""
+        entries = [self.owned.get(c) for c in cache]
+        if any(e is None or e[0]() is not c.keys or e[1]() is not c.values or e[2] != c.offset
+               or c.offset >= c.keys.shape[2] for c, e in zip(cache, entries)):
+            return None
+        return (cpu_kernels.KVTarget * (2 * len(entries)))(*[t for e in entries for t in e[3]]), entries
+
+    def _own(self, cache: Sequence[Any]) -> None:
+        """Each cache not owned with room for a position in new buffers (positions to the next multiple of its
+        step past one more; the cached ones copied in) that become owned; a layer at a time, so that at most one
+        layer's old and new buffers are both held."""
+        for c in cache:
+            e = self.owned.get(c)
+            if e is not None and e[0]() is c.keys and e[1]() is c.values and e[2] == c.offset < c.keys.shape[2]:
+                continue
+            plan = (self.n_kv, self.head_dim, -(-(c.offset + 1) // c.step) * c.step, None)
+            grown = grown_cache_buffers([c], [plan])
+            if grown:
+                buffers, views = grown[0]
+                take_cache_buffers(c, buffers, 0)
+                self._register(c, views)
+
+    def _register(self, c: KVCache, views: Sequence[np.ndarray]) -> None:
+        """`c`'s buffers (views: numpy views of them) are owned: made by this decoder, written only by it."""
+        self.owned[c] = [weakref.ref(c.keys), weakref.ref(c.values), c.offset,
+                         [cpu_kernels.KVTarget(out=v.ctypes.data, head_stride=v.strides[1] // 4) for v in views]]
 
     def _tables(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1, from blocks of
@@ -423,17 +464,18 @@ class CDecoder(CompiledDecoder):
         cos, sin = self._tables(past, rows)
         grown = self._grown_caches(cache, rows)
         if grown:  # written straight into the caches' new buffers
-            kv_out, new_k = self._targets([view for _, views in grown for view in views], past), None
+            kv_out, new_k = self._targets([view for _, views in grown for view in views]), None
         else:
             new_k = np.empty((2, n_layers, self.n_kv, rows, self.head_dim), np.float32)
-            kv_out = self._targets([new_k[kind, i][None] for i in range(n_layers) for kind in (0, 1)], 0)
+            kv_out = self._targets([new_k[kind, i][None] for i in range(n_layers) for kind in (0, 1)])
         to_end = first_layer + n_layers == len(self.c_layers)
         stream_out = None if to_end else np.empty((rows, self.c_model.dim), np.float32)
-        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, kv_out, self.logits_out if to_end else None,
-                                stream_out)
+        cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, kv_out, past if grown else 0,
+                                self.logits_out if to_end else None, stream_out)
         if grown:
-            for c, (buffers, _) in zip(cache, grown):
+            for c, (buffers, views) in zip(cache, grown):
                 take_cache_buffers(c, buffers, rows)
+                self._register(c, views)
         else:
             _append(cache, mx.array(new_k[0])[None], mx.array(new_k[1])[None])
         out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
@@ -451,11 +493,11 @@ class CDecoder(CompiledDecoder):
         return [grown[i] for i in range(len(cache))] if len(grown) == len(cache) else None
 
     @staticmethod
-    def _targets(buffers: Sequence[np.ndarray], at: int) -> ctypes.Array:
-        """decode_rows' kv_out: each (1, n_kv, positions, head_dim) buffer written from position `at`."""
+    def _targets(buffers: Sequence[np.ndarray]) -> ctypes.Array:
+        """decode_rows' kv_out: each (1, n_kv, positions, head_dim) buffer from its position 0."""
         targets = (cpu_kernels.KVTarget * len(buffers))()
         for t, b in zip(targets, buffers):
-            t.out, t.head_stride = b[0, 0, at:].ctypes.data, b.strides[1] // 4
+            t.out, t.head_stride = b.ctypes.data, b.strides[1] // 4
         return targets
 
 

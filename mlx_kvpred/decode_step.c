@@ -554,7 +554,8 @@ typedef struct {
     const float *x_in, *cos, *sin;
     const int *partner;
     int past, threads, rows, ldx; /* rows: positions past .. past + rows - 1; ldx: their transposed inputs' width */
-    const kv_target *kv_out; /* layer l's new keys at kv_out[2 l], its values at kv_out[2 l + 1] */
+    const kv_target *kv_out; /* layer l's new keys at kv_out[2 l], its values at kv_out[2 l + 1], ... */
+    long kv_at;              /* ... from row kv_at of each target on */
     float *logits, *stream_out; /* NULL for none */
     float *qkv, *o, *gate_up, *down; /* products shared by the threads, (rows, width) */
     float *attn_rows;                /* several rows: the attention's output (rows, n_q * head_dim) */
@@ -717,9 +718,9 @@ static void step_thread(step_job *j, int t, float *scratch) {
         rope_row(qk_in, j->cos, j->sin, j->partner, qk, n_qk);
         if (t == 0)
             for (int g = 0; g < n_kv; g++) {
-                memcpy(j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride, qk + (n_q + g) * D, sizeof(float) * D);
-                memcpy(j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride, j->qkv + n_qk + g * D,
-                       sizeof(float) * D);
+                const kv_target *k_out = &j->kv_out[2 * l], *v_out = &j->kv_out[2 * l + 1];
+                memcpy(k_out->out + g * k_out->head_stride + j->kv_at * D, qk + (n_q + g) * D, sizeof(float) * D);
+                memcpy(v_out->out + g * v_out->head_stride + j->kv_at * D, j->qkv + n_qk + g * D, sizeof(float) * D);
             }
         attention_share(j, L, qk, qk + n_q * D, j->qkv + n_qk, lo, hi, scores, t);
         barrier_wait(&j->barrier);
@@ -943,8 +944,8 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
         }
         if (t == 0)
             for (int g = 0; g < n_kv; g++) {
-                float *k_out = j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride;
-                float *v_out = j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride;
+                float *k_out = j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride + j->kv_at * D;
+                float *v_out = j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride + j->kv_at * D;
                 for (int r = 0; r < R; r++) {
                     memcpy(k_out + (long)r * D, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
                     memcpy(v_out + (long)r * D, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
@@ -1052,13 +1053,13 @@ static long carve_shared(step_job *j, float *base) {
    ((rows, dim): token embeddings, or a stream from an earlier model's layers), `past` cached positions, cos and
    sin the RoPE tables of the q and k heads at each position ((rows, (n_q + n_kv) * head_dim), the attention's scale
    folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
-   values into kv_out (2 n_layers targets: each layer's keys, then its values; e.g. a cache's buffers at position
-   `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual streams leaving the last
+   values into kv_out (2 n_layers targets: each layer's keys, then its values) from row kv_at on (e.g. a cache's
+   buffers from position `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual streams leaving the last
    layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch memory was not had, 2 for
    quantized weights where decode_quantized_supported() is 0 (nothing written either way). One row is a decode
    step: attention split by key range, one-row products. */
 int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
-                const int *partner, const kv_target *kv_out, float *logits, float *stream_out) {
+                const int *partner, const kv_target *kv_out, long kv_at, float *logits, float *stream_out) {
     decode_isa(-1);
     int quantized = logits && !m->head.w;
     for (int l = 0; l < m->n_layers; l++) {
@@ -1071,7 +1072,7 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
     row_scratch counted;
     long own = rows > 1 ? carve_rows_scratch(m, past + (long)rows, rows, ldx, NULL, &counted) : scratch_floats(m, past + 1L);
     own = (own + 15) / 16 * 16;
-    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, kv_out, logits, stream_out};
+    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, kv_out, kv_at, logits, stream_out};
     long shared = carve_shared(&j, NULL);
     float *buffer = aligned_alloc(64, sizeof(float) * (shared + threads * own)), *scratch = buffer + shared;
     if (!buffer) return 1;
@@ -1087,20 +1088,10 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
     return 0;
 }
 
-/* One decode step: decode_rows of one row (x_in the token's embedding; tables of one row), the new keys and values
-   written to new_k and new_v ((n_layers, n_kv, head_dim) each). */
+/* One decode step: decode_rows of one row (x_in the token's embedding, tables of one row). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
-                const int *partner, float *new_k, float *new_v, float *logits) {
-    kv_target *out = malloc(sizeof(kv_target) * 2 * m->n_layers);
-    if (!out) return 1;
-    long n = (long)m->n_kv * m->head_dim;
-    for (int l = 0; l < m->n_layers; l++) {
-        out[2 * l] = (kv_target){.out = new_k + l * n, .head_stride = m->head_dim};
-        out[2 * l + 1] = (kv_target){.out = new_v + l * n, .head_stride = m->head_dim};
-    }
-    int status = decode_rows(m, x_in, 1, past, cos, sin, partner, out, logits, NULL);
-    free(out);
-    return status;
+                const int *partner, const kv_target *kv_out, long kv_at, float *logits) {
+    return decode_rows(m, x_in, 1, past, cos, sin, partner, kv_out, kv_at, logits, NULL);
 }
 
 /* KV prediction of several rows (predictor.py, input "hidden": every learned transform stacked in one weight),

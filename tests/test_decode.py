@@ -105,6 +105,39 @@ def test_step_equals_the_model(name, kind, c_steps, monkeypatch):
     assert c_steps == (list(range(21, 41)) if kind is CDecoder else [])
 
 
+@needs_c
+def test_c_step_writes_in_place_only_buffers_it_made(monkeypatch):
+    """The C step writes each token's K/V straight into cache buffers it made (a cache from the model's own prefill
+    is copied into such buffers once), and only while nothing else has written or trimmed them: arrays taken from
+    the cache before a trim (a fork's copy, a slice) keep their values while the trimmed cache decodes on."""
+    monkeypatch.setattr(KVCache, "step", 8)
+    model = variant("llama").model
+    decoder = CDecoder(model)
+    ours, theirs = prefilled_caches(model, 21)
+
+    def steps(n: int, start: int):
+        for i in range(start, start + n):
+            y = mx.array([[(7 * i) % 97]])
+            a, b = decoder(y, cache=ours), model(y, cache=theirs)
+            assert mx.allclose(a, b, atol=1e-4).item(), (i, mx.abs(a - b).max().item())
+
+    steps(1, 0)
+    buffers = [c.keys for c in ours]
+    steps(2, 1)  # 22 -> 24 positions: room, so the same buffers, written in place
+    assert all(c.keys is b for c, b in zip(ours, buffers)) and all(c.offset == 24 for c in ours)
+    forked = [mx.array(c.keys[..., :24, :]) for c in ours]
+    sliced = [c.keys[..., :24, :] for c in ours]
+    mx.eval(forked, sliced)
+    before = [np.array(a) for a in forked + sliced]
+    for c in ours + theirs:
+        c.trim(4)
+    steps(12, 3)  # rewrites positions 20..31, across a growth
+    assert all(np.array_equal(np.array(a), b) for a, b in zip(forked + sliced, before))
+    for x, y in zip(ours, theirs):
+        assert x.offset == y.offset == 32
+        assert mx.allclose(x.state[0][..., :32, :], y.state[0][..., :32, :], atol=1e-4).item()
+
+
 def isas(lowest: str) -> list[str]:
     """The instruction sets the C step can use on this CPU, from `lowest` up."""
     if not cpu_kernels.available():
