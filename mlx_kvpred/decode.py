@@ -361,23 +361,29 @@ class CDecoder(CompiledDecoder):
             layer.values, layer.v_head, layer.v_row = v.ctypes.data, v.strides[1] // 4, v.strides[2] // 4
         return True
 
-    def _takes(self, cache: Sequence[Any], first_layer: int = 0, stop_layer: int | None = None) -> bool:
+    def _takes(self, cache: Sequence[Any], first_layer: int = 0, stop_layer: int | None = None, *,
+               point: bool = True) -> bool:
         """The C step can run blocks first_layer..stop_layer - 1 (default: to the last) over `cache` (theirs): plain
-        KV caches at one offset, weights and caches it can read."""
+        KV caches at one offset, weights it can read, and (`point`: pointed at) caches it can read."""
         stop = len(self.c_layers) if stop_layer is None else stop_layer
         return (0 <= first_layer < stop <= len(self.c_layers) and len(cache) == stop - first_layer
-                and all(type(c) is KVCache for c in cache)
-                and len({c.offset for c in cache}) == 1 and self._set_weights() and self._set_caches(cache, first_layer))
+                and all(type(c) is KVCache for c in cache) and len({c.offset for c in cache}) == 1
+                and self._set_weights() and (not point or self._set_caches(cache, first_layer)))
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
-        if inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs or not self._takes(cache):
+        if (inputs.shape != (1, 1) or cache is None or input_embeddings is not None or kwargs
+                or not self._takes(cache, point=False)):
             return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
         owned = self._owned_targets(cache)
-        if owned is None:
+        if owned is None:  # checked (_set_caches) before they are copied into owned buffers
+            if not self._set_caches(cache):
+                return super().__call__(inputs, cache=cache)
             self._own(cache)
             owned = self._owned_targets(cache)
             if owned is None or not self._set_caches(cache):  # (buffers numpy could not write: not seen)
                 return super().__call__(inputs, cache=cache)
+        elif not self._points_at(owned[1]):
+            self._set_caches(cache)
         kv_out, entries = owned
         past = cache[0].offset
         cos, sin = self._tables(past, 1)
@@ -396,6 +402,12 @@ class CDecoder(CompiledDecoder):
                or c.offset >= c.keys.shape[2] for c, e in zip(cache, entries)):
             return None
         return (cpu_kernels.KVTarget * (2 * len(entries)))(*[t for e in entries for t in e[3]]), entries
+
+    def _points_at(self, entries: Sequence[list]) -> bool:
+        """Whether c_layers read the owned buffers of `entries` (so _set_caches can be skipped)."""
+        return all(layer.keys == k.out and layer.values == v.out and layer.k_head == k.head_stride
+                   and layer.v_head == v.head_stride and layer.k_row == layer.v_row == self.head_dim
+                   for layer, (_, _, _, (k, v)) in zip(self.c_layers, entries))
 
     def _own(self, cache: Sequence[Any]) -> None:
         """Each cache not owned with room for a position in new buffers (positions to the next multiple of its

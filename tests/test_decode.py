@@ -138,6 +138,19 @@ def test_c_step_writes_in_place_only_buffers_it_made(monkeypatch):
         assert mx.allclose(x.state[0][..., :32, :], y.state[0][..., :32, :], atol=1e-4).item()
 
 
+@needs_c
+def test_c_step_alternating_between_caches():
+    """One decoder stepping two conversations in turn (a server's sessions): each step reads its own caches."""
+    model = variant("llama").model
+    decoder = CDecoder(model)
+    first, first_ref = prefilled_caches(model, 21)
+    second, second_ref = prefilled_caches(model, 9)
+    for i in range(6):
+        y = mx.array([[(3 * i) % 97]])
+        for ours, theirs in ((first, first_ref), (second, second_ref)):
+            assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item(), i
+
+
 def isas(lowest: str) -> list[str]:
     """The instruction sets the C step can use on this CPU, from `lowest` up."""
     if not cpu_kernels.available():
