@@ -12,7 +12,8 @@ Outputs equal the model's own to fp32 rounding.
 
 `CDecoder` goes further where the C kernels are built (cpu_kernels): the whole step is one C call
 (decode_step.c) on all cores, reading the same weights and caches in place and writing the step's new keys and
-values into cache buffers it made itself (CDecoder.owned). `compiled_decoder` picks it (C_DECODE; KVPRED_C_DECODE=0 keeps the compiled MLX step).
+values into cache buffers it made itself (CDecoder.owned). `compiled_decoder` picks it (C_DECODE;
+KVPRED_C_DECODE=0 keeps the compiled MLX step).
 `CDecoder.run_rows` runs several positions the same way (decode_rows: products of all rows reading each weight
 once), which `prefill_rows_in_c` uses for a prompt's last rows, kvp's exact tail and (stopping at a block, the residual
 stream out) kvp's aux pass where the aux is the base's first blocks (C_ROWS).
@@ -398,10 +399,15 @@ class CDecoder(CompiledDecoder):
         """kv_out at position 0 of each cache's buffers and their `owned` entries, where every cache's buffers are
         owned, at the offset this decoder left, with room for one more position; else None."""
         entries = [self.owned.get(c) for c in cache]
-        if any(e is None or e[0]() is not c.keys or e[1]() is not c.values or e[2] != c.offset
-               or c.offset >= c.keys.shape[2] for c, e in zip(cache, entries)):
+        if not all(self._owns(c, e) for c, e in zip(cache, entries)):
             return None
         return (cpu_kernels.KVTarget * (2 * len(entries)))(*[t for e in entries for t in e[3]]), entries
+
+    @staticmethod
+    def _owns(c: KVCache, entry: list | None) -> bool:
+        """`c` holds the buffers of its `owned` entry, at the offset this decoder left, with room for a position."""
+        return (entry is not None and entry[0]() is c.keys and entry[1]() is c.values and entry[2] == c.offset
+                and c.offset < c.keys.shape[2])
 
     def _points_at(self, entries: Sequence[list]) -> bool:
         """Whether c_layers read the owned buffers of `entries` (so _set_caches can be skipped)."""
@@ -414,8 +420,7 @@ class CDecoder(CompiledDecoder):
         step past one more; the cached ones copied in) that become owned; a layer at a time, so that at most one
         layer's old and new buffers are both held."""
         for c in cache:
-            e = self.owned.get(c)
-            if e is not None and e[0]() is c.keys and e[1]() is c.values and e[2] == c.offset < c.keys.shape[2]:
+            if self._owns(c, self.owned.get(c)):
                 continue
             plan = (self.n_kv, self.head_dim, -(-(c.offset + 1) // c.step) * c.step, None)
             grown = grown_cache_buffers([c], [plan])
@@ -493,7 +498,6 @@ class CDecoder(CompiledDecoder):
         out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
         mx.eval(out, [(c.keys, c.values) for c in cache])
         return out
-
 
     def _grown_caches(self, cache: Sequence[Any], rows: int) -> list[tuple[list[mx.array], list[np.ndarray]]] | None:
         """Where every cache must grow for `rows` more positions: new buffers (the cached positions copied in) and
