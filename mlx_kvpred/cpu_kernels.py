@@ -89,9 +89,10 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.argtypes = [p, p, p, l]
                 lib.rope.argtypes = [p, l, l, p, p, p, p, l, l, i, i, i]
                 lib.swiglu.restype = lib.rope.restype = None
-                lib.decode_step.argtypes = [ctypes.POINTER(StepModel), p, i, p, p, p, ctypes.POINTER(KVTarget), l, p]
-                lib.decode_rows.argtypes = [ctypes.POINTER(StepModel), p, i, i, p, p, p, ctypes.POINTER(KVTarget), l, p, p]
-                lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, ctypes.POINTER(KVTarget)]
+                model, targets = ctypes.POINTER(StepModel), ctypes.POINTER(KVTarget)
+                lib.decode_step.argtypes = [model, p, i, p, p, p, targets, l, p]
+                lib.decode_rows.argtypes = [model, p, i, i, p, p, p, targets, l, p, p]
+                lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, targets]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
                 lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i

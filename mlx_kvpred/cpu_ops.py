@@ -349,7 +349,8 @@ def append_kv_in_c(layers: Sequence[nn.Module], caches: Sequence[Any], keys: Seq
     appended; the caller appends the others with MLX."""
     plans = [_c_append_plan(layer, cache, k.shape[1], k.shape[2]) if _c_appendable(k, v) else None
              for layer, cache, k, v in zip(layers, caches, keys, values)]
-    grown = grown_cache_buffers(caches, plans, also=[a for k, v, plan in zip(keys, values, plans) if plan for a in (k, v)])
+    also = [a for k, v, plan in zip(keys, values, plans) if plan for a in (k, v)]
+    grown = grown_cache_buffers(caches, plans, also=also)
     done = [False] * len(plans)
     for i, (buffers, views) in grown.items():
         n_kv, D, _, rope = plans[i]
@@ -385,7 +386,7 @@ def _c_append_plan(layer: nn.Module, cache, L: int, width: int, room: int = 0) -
 
 
 def grown_cache_buffers(caches: Sequence[Any], plans: Sequence[tuple | None], *, also: Sequence[mx.array] = ()
-                   ) -> dict[int, tuple[list[mx.array], list[np.ndarray]]]:
+                        ) -> dict[int, tuple[list[mx.array], list[np.ndarray]]]:
     """For each cache with a plan: new key and value buffers of the plan's positions (made and evaluated together,
     with `also` and the caches' own buffers) and writable numpy views of them, the cached positions copied in.
     Caches whose buffers numpy cannot write in place are left out."""

@@ -1054,10 +1054,10 @@ static long carve_shared(step_job *j, float *base) {
    sin the RoPE tables of the q and k heads at each position ((rows, (n_q + n_kv) * head_dim), the attention's scale
    folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
    values into kv_out (2 n_layers targets: each layer's keys, then its values) from row kv_at on (e.g. a cache's
-   buffers from position `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual streams leaving the last
-   layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch memory was not had, 2 for
-   quantized weights where decode_quantized_supported() is 0 (nothing written either way). One row is a decode
-   step: attention split by key range, one-row products. */
+   buffers from position `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual
+   streams leaving the last layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch memory
+   was not had, 2 for quantized weights where decode_quantized_supported() is 0 (nothing written either way). One
+   row is a decode step: attention split by key range, one-row products. */
 int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
                 const int *partner, const kv_target *kv_out, long kv_at, float *logits, float *stream_out) {
     decode_isa(-1);
