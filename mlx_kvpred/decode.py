@@ -422,8 +422,7 @@ class CDecoder(CompiledDecoder):
         for c in cache:
             if self._owns(c, self.owned.get(c)):
                 continue
-            plan = (self.n_kv, self.head_dim, -(-(c.offset + 1) // c.step) * c.step, None)
-            grown = grown_cache_buffers([c], [plan])
+            grown = grown_cache_buffers([c], [self._plan(c, 1)])
             if grown:
                 buffers, views = grown[0]
                 take_cache_buffers(c, buffers, 0)
@@ -431,8 +430,7 @@ class CDecoder(CompiledDecoder):
 
     def _register(self, c: KVCache, views: Sequence[np.ndarray]) -> None:
         """`c`'s buffers (views: numpy views of them) are owned: made by this decoder, written only by it."""
-        self.owned[c] = [weakref.ref(c.keys), weakref.ref(c.values), c.offset,
-                         [cpu_kernels.KVTarget(out=v.ctypes.data, head_stride=v.strides[1] // 4) for v in views]]
+        self.owned[c] = [weakref.ref(c.keys), weakref.ref(c.values), c.offset, self._targets(views)]
 
     def _tables(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1, from blocks of
@@ -481,10 +479,10 @@ class CDecoder(CompiledDecoder):
         cos, sin = self._tables(past, rows)
         grown = self._grown_caches(cache, rows)
         if grown:  # written straight into the caches' new buffers
-            kv_out, new_k = self._targets([view for _, views in grown for view in views]), None
-        else:
-            new_k = np.empty((2, n_layers, self.n_kv, rows, self.head_dim), np.float32)
-            kv_out = self._targets([new_k[kind, i][None] for i in range(n_layers) for kind in (0, 1)])
+            kv_out = self._targets([view for _, views in grown for view in views])
+        else:  # written to a scratch (keys, values), then appended
+            new_kv = np.empty((2, n_layers, self.n_kv, rows, self.head_dim), np.float32)
+            kv_out = self._targets([new_kv[kind, i][None] for i in range(n_layers) for kind in (0, 1)])
         to_end = first_layer + n_layers == len(self.c_layers)
         stream_out = None if to_end else np.empty((rows, self.c_model.dim), np.float32)
         cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, kv_out, past if grown else 0,
@@ -494,7 +492,7 @@ class CDecoder(CompiledDecoder):
                 take_cache_buffers(c, buffers, rows)
                 self._register(c, views)
         else:
-            _append(cache, mx.array(new_k[0])[None], mx.array(new_k[1])[None])
+            _append(cache, mx.array(new_kv[0])[None], mx.array(new_kv[1])[None])
         out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
         mx.eval(out, [(c.keys, c.values) for c in cache])
         return out
@@ -504,9 +502,13 @@ class CDecoder(CompiledDecoder):
         writable views of them, one pair per cache; else None (some cache has room: the rows are appended to it)."""
         if any(c.keys is not None and c.offset + rows <= c.keys.shape[2] for c in cache):
             return None
-        plans = [(self.n_kv, self.head_dim, -(-(c.offset + rows) // c.step) * c.step, None) for c in cache]
-        grown = grown_cache_buffers(cache, plans)
+        grown = grown_cache_buffers(cache, [self._plan(c, rows) for c in cache])
         return [grown[i] for i in range(len(cache))] if len(grown) == len(cache) else None
+
+    def _plan(self, c: KVCache, rows: int) -> tuple:
+        """grown_cache_buffers' plan for `c` to take `rows` more positions: mlx-lm's capacities (multiples of its
+        step)."""
+        return self.n_kv, self.head_dim, -(-(c.offset + rows) // c.step) * c.step, None
 
     @staticmethod
     def _targets(buffers: Sequence[np.ndarray]) -> ctypes.Array:
