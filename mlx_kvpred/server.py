@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -148,10 +150,6 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="kvpred-mlx-model", daemon=True)
 
     def start(self) -> None:
-        if self.pipe.bundle is not None and self.mode == "auto":
-            from .policy import prefill_rates
-
-            prefill_rates(self.pipe)  # the one-time probe before the first request, not during it
         self.thread.start()
 
     def stop(self) -> None:
@@ -162,6 +160,12 @@ class Engine:
         import mlx.core as mx
 
         try:
+            if self.pipe.bundle is not None and self.mode == "auto":
+                from .policy import prefill_rates
+
+                # the one-time probe, before the first request and on this thread: MLX streams (and the compiled
+                # kernels traced on them) belong to the thread that made them
+                prefill_rates(self.pipe)
             self._serve_jobs()
         finally:
             mx.clear_streams()  # MLX needs a thread's streams released before it ends, or exit may abort
@@ -189,6 +193,7 @@ class Engine:
             except KVPredError as e:
                 job.send("error", (400, str(e)))
             except Exception as e:  # noqa: BLE001  (the worker keeps serving; the client gets a 500)
+                traceback.print_exc(file=sys.stderr)  # the operator sees what the client only gets a line of
                 job.send("error", (500, f"{e.__class__.__name__}: {e}"))
 
     def _answer(self, job: Job) -> None:
@@ -201,6 +206,7 @@ class Engine:
         if job.seed is not None:
             mx.random.seed(job.seed)
         sampler = make_sampler(temp=job.temperature, top_p=job.top_p)
+        answered = False
         try:
             last = None
             for last in session.stream_tokens(job.prompt, max_tokens=job.max_tokens, sampler=sampler):
@@ -213,8 +219,10 @@ class Engine:
                              "prompt_tokens": turn.prompt_tokens, "cached_tokens": turn.cached_tokens,
                              "kvp": {"mode": turn.mode, "reason": turn.reason, "ttft_s": turn.ttft,
                                      "predicted_tokens": turn.predicted_tokens}})
+            answered = True
         finally:
-            self.cache.put(session)
+            if answered:  # a failed turn may have left the session half-extended: it is not reused
+                self.cache.put(session)
 
 
 class _QueueNotEmpty:

