@@ -17,9 +17,9 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_kvpred.attention import attention_of, backbone
-from mlx_kvpred.cpu_ops import fast_scaled_dot_product_attention, fast_swiglu
+from mlx_kvpred.backends.linux_cpu.cpu_ops import fast_scaled_dot_product_attention, fast_swiglu
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.flops import layers_flops
+from mlx_kvpred.flops import layers_flops, measure_gemm_gflops
 
 KINDS = ("gemm", "attention", "norm", "rope", "swiglu", "residual", "copies", "embedding")
 
@@ -37,11 +37,9 @@ def profile_models(pipe, *, lengths: list[int], step: int = 2048, seed: int = 0,
     measured before and after."""
     import numpy as np
 
-    from mlx_kvpred import blas
-
     models = [("base", pipe.base.model)] + ([("aux", pipe.bundle.aux)] if pipe.bundle else [])
     rng = np.random.default_rng(seed)
-    before = blas.measure_gemm_gflops()
+    before = measure_gemm_gflops()
     rows = []
     for n in lengths:
         tokens = mx.array(rng.integers(0, pipe.base.config["vocab_size"], n).astype(np.int32))
@@ -51,7 +49,7 @@ def profile_models(pipe, *, lengths: list[int], step: int = 2048, seed: int = 0,
             rows.append({"model": name, "prompt_tokens": n, "step": step, **p, "gemm_flops": gemm_flops(model, n)})
             if progress:
                 progress()
-    rate = (before + blas.measure_gemm_gflops()) / 2 * 1e9
+    rate = (before + measure_gemm_gflops()) / 2 * 1e9
     for r in rows:
         r["gemm_fraction"] = r["gemm_flops"] / r["as_run"] / rate
     return {"gemm_gflops": rate / 1e9, "rows": rows}

@@ -20,14 +20,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, generation_stream
 
-from mlx_kvpred import blas
+from mlx_kvpred.backends.linux_cpu import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import Bundle, new_bundle
-from mlx_kvpred.cpu_kernels import C_KERNELS
-from mlx_kvpred.cpu_ops import mlx_attention, stock_mlx_ops
-from mlx_kvpred.decode import C_DECODE, C_ROWS, COMPILED_DECODE, QUANTIZED_DECODE
+from mlx_kvpred.backends.linux_cpu.cpu_kernels import C_KERNELS
+from mlx_kvpred.backends.linux_cpu.cpu_ops import mlx_attention, stock_mlx_ops
+from mlx_kvpred.backends.linux_cpu.decode import C_DECODE, C_ROWS, COMPILED_DECODE, QUANTIZED_DECODE
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.flops import ttft_flops
+from mlx_kvpred.flops import measure_gemm_gflops, ttft_flops
 from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
 from mlx_kvpred.policy import prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
@@ -176,9 +176,7 @@ def measure_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
 
 def machine_limits() -> dict:
     """The fp32 GEMM rate (as `doctor` measures it) and the memory bandwidth, measured now."""
-    from mlx_kvpred import blas
-
-    return {"gemm_gflops": blas.measure_gemm_gflops(), "bandwidth_gbs": measure_bandwidth_gbs()}
+    return {"gemm_gflops": measure_gemm_gflops(), "bandwidth_gbs": measure_bandwidth_gbs()}
 
 
 def weight_bytes(model) -> int:
@@ -190,7 +188,7 @@ def environment(pipe: Pipeline) -> dict:
     import mlx_lm
 
     import mlx_kvpred
-    from mlx_kvpred import blas
+    from mlx_kvpred.backends.linux_cpu import blas
 
     st = blas.load_fast_blas()
     dtypes = sorted({str(v.dtype) for _, v in tree_flatten(pipe.base.model.parameters())})

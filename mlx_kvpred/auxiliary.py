@@ -15,7 +15,6 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .attention import attention_of
-from .cpu_ops import copy_rope_classes
 from .errors import KVPredError
 from .loading import LoadedModel, model_class
 
@@ -106,14 +105,8 @@ def check_same_tokenizer(base: LoadedModel, aux: LoadedModel) -> None:
 
 
 def build_aux(cfg: "BundleConfig", base: LoadedModel) -> nn.Module:
-    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random),
-    with the base's rope classes (C prefill RoPE on the CPU)."""
-    aux = _build_aux(cfg, base)
-    copy_rope_classes(aux, base.model)
-    return aux
-
-
-def _build_aux(cfg: "BundleConfig", base: LoadedModel) -> nn.Module:
+    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random).
+    A Pipeline prepares it for its backend."""
     if cfg.aux_kind == "layer_pruned":
         aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
         if cfg.aux_lora:

@@ -8,18 +8,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import finish_keys, kv_heads, split_heads
-from .cpu_ops import append_kv_in_c
 
 
 def write_predicted_kv(base_layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
-                       values: Sequence[mx.array]) -> None:
+                       values: Sequence[mx.array], *, backend=None) -> None:
     """Append predicted K/V (B, L, n_kv*hd) for the next L positions to each base layer's cache.
 
     Keys get the base layer's k-norm (if any) and RoPE at the cache's current offset, as the base itself
-    would have done; values are stored as predicted. Works for KVCache and RotatingKVCache alike.
+    would have done; values are stored as predicted. Works for KVCache and RotatingKVCache alike. A `backend`
+    (backends.Backend) may append some layers itself (append_kv); MLX appends the rest.
     """
-    in_c = append_kv_in_c(base_layers, caches, keys, values)
-    for layer, cache, k, v, done in zip(base_layers, caches, keys, values, in_c):
+    done_by_backend = backend.append_kv(base_layers, caches, keys, values) if backend else [False] * len(caches)
+    for layer, cache, k, v, done in zip(base_layers, caches, keys, values, done_by_backend):
         if done:
             continue
         n_kv, _ = kv_heads(layer)

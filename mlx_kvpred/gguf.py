@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib.util
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .decode import keep_quantized, keeps_quantized
 from .errors import KVPredError
 
 if TYPE_CHECKING:  # importing mlx_lm.tokenizer_utils pulls in transformers (seconds): only when used
@@ -227,9 +226,13 @@ def build_tokenizer(meta: dict, path) -> TokenizerWrapper:
     return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=sorted(i for i in stop if i >= 0))
 
 
-def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple[nn.Module, TokenizerWrapper, dict]:
+def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32,
+              keep_quantized: Callable[[nn.Module, dict], None] | None = None
+              ) -> tuple[nn.Module, TokenizerWrapper, dict]:
     """(model, tokenizer, config) from a llama GGUF. `dtype` given: dequantize everything to it (the CPU
-    policy); None: keep Q4_0/Q4_1/Q8_0 tensors as QuantizedLinear/QuantizedEmbedding (the GPU policy)."""
+    policy); None: keep Q4_0/Q4_1/Q8_0 tensors as QuantizedLinear/QuantizedEmbedding (the GPU policy).
+    `keep_quantized` (a backend's, for its decode step): given the float32 model and, per weight name, the quantized
+    tensors it was dequantized from (weight, scales, biases, bits)."""
     from mlx_lm.models import llama
 
     path = Path(path)
@@ -278,7 +281,7 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32) -> tuple
         raise KVPredError(f"{path}: tensors do not match the llama config ({str(e).splitlines()[0]})") from e
     mx.eval(model.parameters())
     model.eval()
-    if dtype is not None and dtype == mx.float32 and quantized and keeps_quantized():  # the C decode step reads them
+    if dtype is not None and dtype == mx.float32 and quantized and keep_quantized is not None:
         parts = ("weight", "scales", "biases")
         keep_quantized(model, {f"{mlx_names[n]}.weight": (*(weights[f"{n}.{p}"] for p in parts),
                                                           _bits(weights, n, types.get(n), path)) for n in quantized})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .backends import Backend, for_device
 from .errors import KVPredError
-
-FAST_CPU_OPS_ENV = "KVPRED_FAST_CPU_OPS"  # "0": keep MLX's own exp-based kernels on the CPU (for A/B timing)
 
 
 @dataclass
@@ -40,7 +38,13 @@ def set_device(device: str) -> str:
 
 
 def default_device() -> str:
+    """The GPU where MLX has one, else the CPU."""
     return "gpu" if mx.is_available(mx.gpu) else "cpu"
+
+
+def current_device() -> str:
+    """MLX's default device now ("cpu" or "gpu")."""
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
 
 
 def default_model_path() -> Path | None:
@@ -64,18 +68,16 @@ def apply_dtype_policy(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
-def load_model(source: str | Path | None, *, device: str = "cpu") -> LoadedModel:
+def load_model(source: str | Path | None, *, device: str = "cpu", backend: Backend | None = None) -> LoadedModel:
     """Base or KVP-C aux model from a .gguf file, an mlx-lm/HF model dir, or a Hugging Face repo id.
-    None means the default SmolLM2-135M-Instruct GGUF. On the CPU its attention and SwiGLU use `cpu_ops`."""
-    loaded = _load_model(source, device=device)
-    if device == "cpu" and os.environ.get(FAST_CPU_OPS_ENV, "1") != "0":
-        from .cpu_ops import use_fast_cpu_ops
-
-        use_fast_cpu_ops(loaded.model)
+    None means the default SmolLM2-135M-Instruct GGUF. `backend` (None: the device's) prepares the model."""
+    backend = backend or for_device(device)
+    loaded = _load_model(source, device=device, backend=backend)
+    backend.prepare(loaded.model)
     return loaded
 
 
-def _load_model(source: str | Path | None, *, device: str) -> LoadedModel:
+def _load_model(source: str | Path | None, *, device: str, backend: Backend) -> LoadedModel:
     if source is None:
         source = default_model_path()
         if source is None:
@@ -85,7 +87,9 @@ def _load_model(source: str | Path | None, *, device: str) -> LoadedModel:
     if source.endswith(".gguf"):
         from .gguf import load_gguf
 
-        model, tokenizer, config = load_gguf(source, dtype=mx.float32 if device == "cpu" else None)
+        model, tokenizer, config = load_gguf(source, dtype=mx.float32 if device == "cpu" else None,
+                                             keep_quantized=backend.keep_quantized if backend.wants_quantized()
+                                             else None)
         return LoadedModel(model, tokenizer, config, source)
     path = Path(source)
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):

@@ -21,10 +21,9 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .attention import backbone, lm_head_of, swapped, tap_kv
 from .auxiliary import shared_base_layers
+from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle
 from .cache import write_predicted_kv
-from .cpu_ops import predict_kv_in_c
-from .decode import compiled_decoder, prefill_rows_in_c
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, choose_auto
@@ -46,7 +45,8 @@ HEAD_KV_ENTRIES = 64  # distinct heads Pipeline.head_kv keeps (first in, first o
 
 @dataclass
 class Pipeline:
-    """A base model, and the aux model + predictor of a KVP bundle (None: only mode "base" works)."""
+    """A base model, and the aux model + predictor of a KVP bundle (None: only mode "base" works), and the backend
+    that runs them (None: the device's, backends.for_device), which prepares both models."""
 
     base: LoadedModel
     bundle: Bundle | None = None
@@ -54,6 +54,14 @@ class Pipeline:
     prefill_rates: Any = None  # policy.PrefillRates for mode auto, measured on first use
     exact_head: int = DEFAULT_EXACT_HEAD  # kvp: the first N positions of a sequence get the base's own K/V
     head_kv: dict = field(default_factory=dict, repr=False)  # head tokens -> the base's K/V per layer (offset 0)
+    backend: Backend | None = None
+
+    def __post_init__(self):
+        if self.backend is None:
+            self.backend = for_device(self.device)
+        self.backend.prepare(self.base.model)
+        if self.bundle is not None:
+            self.backend.prepare(self.bundle.aux)
 
     @property
     def tokenizer(self):
@@ -96,9 +104,10 @@ def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | N
     device = set_device(device or default_device())
     if kvp is None:
         kvp = shipped_bundle() if model is None else False
-    base = load_model(model, device=device)
+    backend = for_device(device)
+    base = load_model(model, device=device, backend=backend)
     bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not False else None
-    return Pipeline(base, bundle, device, exact_head=exact_head)
+    return Pipeline(base, bundle, device, exact_head=exact_head, backend=backend)
 
 
 def check_exact_head(exact_head: int) -> int:
@@ -170,11 +179,11 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     offset = caches[0].offset  # the position of tokens[skip]
     head = first_predicted(pipe, offset, offset + predicted_end - skip) - offset
     aux_backbone = backbone(bundle.aux)
-    # the aux's blocks are the base's blocks 0..k-1 and their base K/V its caches': chunks can run as those blocks in
-    # C (prefill_rows_in_c), unless the predictor reads the aux's K/V, which only the MLX pass records
+    # the aux's blocks are the base's blocks 0..k-1 and their base K/V its caches': the backend may run chunks as
+    # those blocks (run_rows), unless the predictor reads the aux's K/V, which only the aux's own pass records
     base_blocks = take_aux and shared == len(bundle.aux.layers) and (
         bundle.predictor.config.input == "hidden" or not bundle.predictor.linear_layers)
-    if head > 0:  # held: the shared layers' buffers become the aux's, the others' grow (predict_kv_in_c)
+    if head > 0:  # held: the shared layers' buffers become the aux's, the others' grow (backend.predict_kv)
         write_exact_head(pipe, tokens[skip:skip + head], caches, hold=base_blocks)
         skip += head
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
@@ -185,7 +194,7 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
         for start in range(0, tokens.size, prefill_step_size):
             stop = min(start + prefill_step_size, tokens.size)
             chunk = tokens[None, start:stop]
-            stream = prefill_rows_in_c(base_model, aux_caches, tokens=chunk, stop_layer=shared) if base_blocks \
+            stream = pipe.backend.run_rows(base_model, aux_caches, tokens=chunk, stop_layer=shared) if base_blocks \
                 else None
             if stream is None:
                 stream = aux_backbone(chunk, cache=aux_caches)
@@ -199,11 +208,11 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
             drop = min(max(skip - start, 0), stop - start)  # positions of this chunk only catching up
             keep = min(max(predicted_end - start, 0), stop - start)  # ... and those before the tail
             if keep > drop:
-                _write_predictions(bundle.predictor, base_model, caches, shared, norm, stream, hidden, keys, values,
-                                   prev_hidden, drop, keep, room=tokens.size - start - keep)
+                _write_predictions(pipe.backend, bundle.predictor, base_model, caches, shared, norm, stream, hidden,
+                                   keys, values, prev_hidden, drop, keep, room=tokens.size - start - keep)
             if shared and stop - start > drop and not take_aux:  # the shared layers' exact K/V, the tail's included
                 write_predicted_kv(base_model.layers[:shared], caches[:shared], [k[:, drop:] for k in keys],
-                                   [v[:, drop:] for v in values])
+                                   [v[:, drop:] for v in values], backend=pipe.backend)
             prev_hidden = hidden[:, -1:]
             mx.eval([c.state for c in caches], [c.state for c in aux_caches], streams)
     for c, a in zip(caches[:shared] if take_aux else [], aux_caches):
@@ -211,25 +220,27 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     return mx.concatenate(streams, axis=1) if len(streams) > 1 else (streams[0] if streams else None)
 
 
-def _write_predictions(predictor: KVPredictor, base_model: nn.Module, caches: list[Any], shared: int, norm: nn.Module,
-                       stream: mx.array, hidden: mx.array, keys: list[mx.array | None], values: list[mx.array | None],
-                       prev_hidden: mx.array | None, drop: int, keep: int, room: int) -> None:
+def _write_predictions(backend: Backend, predictor: KVPredictor, base_model: nn.Module, caches: list[Any],
+                       shared: int, norm: nn.Module, stream: mx.array, hidden: mx.array, keys: list[mx.array | None],
+                       values: list[mx.array | None], prev_hidden: mx.array | None, drop: int, keep: int,
+                       room: int) -> None:
     """The predicted K/V of a chunk's positions drop..keep - 1 appended to the caches of base layers shared.. (the
     exact layers' K/V the aux's own): `stream` the aux's residual streams of the chunk and `hidden` them normed,
     `keys` and `values` the aux's (None: not recorded), `prev_hidden` the normed stream before the chunk. The
-    learned layers' in one C call (predict_kv_in_c, its buffers with `room` for the positions after) where it runs."""
+    learned layers' by the backend where it can (backend.predict_kv, with `room` for the positions after)."""
     learned = predictor.linear_layers
-    in_c = bool(learned) and learned[0] >= shared and predict_kv_in_c(
+    by_backend = bool(learned) and learned[0] >= shared and backend.predict_kv(
         predictor, norm, stream[:, drop:keep], hidden[:, drop - 1:drop] if drop else prev_hidden,
         [base_model.layers[i] for i in learned], [caches[i] for i in learned], room=room)
-    if in_c:  # what is left are the exact layers: the aux's K/V
+    if by_backend:  # what is left are the exact layers: the aux's K/V
         pred_k, pred_v = [keys[j] for j in predictor.config.layer_map], [values[j] for j in predictor.config.layer_map]
     else:
         pred_k, pred_v = predictor.predict_fused(_leading(keys, keep), _leading(values, keep), hidden[:, :keep],
                                                  prev_hidden)
-    rest = [i for i in range(shared, len(caches)) if not (in_c and i in learned)]
+    rest = [i for i in range(shared, len(caches)) if not (by_backend and i in learned)]
     write_predicted_kv([base_model.layers[i] for i in rest], [caches[i] for i in rest],
-                       [pred_k[i][:, drop:keep] for i in rest], [pred_v[i][:, drop:keep] for i in rest])
+                       [pred_k[i][:, drop:keep] for i in rest], [pred_v[i][:, drop:keep] for i in rest],
+                       backend=backend)
 
 
 def _leading(arrays: list[mx.array | None], n: int) -> list[mx.array | None]:
@@ -291,12 +302,12 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "base":
-        return prompt_then_decode(prompt, pipe.base.model, logits_processors=logits_processors,
+        return prompt_then_decode(prompt, pipe.base.model, backend=pipe.backend, logits_processors=logits_processors,
                                   max_kv_size=max_kv_size, **common)
     bundle = _need_bundle(pipe)
     if mode == "aux":
-        return prompt_then_decode(prompt, bundle.aux, logits_processors=logits_processors, max_kv_size=max_kv_size,
-                                  **common)
+        return prompt_then_decode(prompt, bundle.aux, backend=pipe.backend, logits_processors=logits_processors,
+                                  max_kv_size=max_kv_size, **common)
     predicted, exact = split_exact_tail(prompt, exact_tail)
     processors = _with_prefix(logits_processors, predicted)
     base, head = pipe.base.model, lm_head_of(pipe.base.model)
@@ -306,37 +317,38 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
         # KVP-LP: the tail's first layers are the aux's; the base continues from its residual stream
         cache, stream = predict_cache_with_tail(pipe, prompt, exact.size, prefill_step_size=prefill_step_size,
                                                 max_kv_size=max_kv_size)
-        return _merged_first_step(exact, base, head, cache, max_tokens=max_tokens, sampler=sampler,
+        return _merged_first_step(exact, base, head, cache, backend=pipe.backend, max_tokens=max_tokens, sampler=sampler,
                                   logits_processors=processors, prefill_step_size=prefill_step_size,
                                   step_kwargs=step_kwargs, first_layer=shared, stream=stream)
     if predicted.size == 0:  # nothing for the aux to prefill
         cache = make_prompt_cache(base, max_kv_size=max_kv_size)
     else:
         cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
-    return prompt_then_decode(exact, base, prompt_cache=cache, logits_processors=processors, **common)
+    return prompt_then_decode(exact, base, backend=pipe.backend, prompt_cache=cache, logits_processors=processors,
+                              **common)
 
 
-def prompt_then_decode(prompt: mx.array, model, *, prompt_cache: list[Any] | None = None, max_tokens: int = 256,
+def prompt_then_decode(prompt: mx.array, model, *, backend: Backend, prompt_cache: list[Any] | None = None,
+                       max_tokens: int = 256,
                        sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
                        prefill_step_size: int = 2048, max_kv_size: int | None = None,
                        **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
     """mlx-lm's generate_step, with the first token from the last prompt chunk's own pass: generate_step runs the
     prompt's last token as a pass of its own (a whole decode step of weight reads); here the last chunk's final
     position goes through the LM head (lm_head_of) and decoding continues with generate_step from that token, one
-    compiled step a token where decode.compiled_decoder has one. Architectures without a known plain head use
-    generate_step as it is."""
+    step a token by `backend.decoder`. Architectures without a known plain head use generate_step as it is."""
     head = lm_head_of(model)
     if head is None or prompt.size < 2 or step_kwargs.get("kv_bits") is not None:
         return generate_step(prompt, model, prompt_cache=prompt_cache, max_tokens=max_tokens, sampler=sampler,
                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
                              max_kv_size=max_kv_size, **step_kwargs)
     cache = make_prompt_cache(model, max_kv_size=max_kv_size) if prompt_cache is None else prompt_cache
-    return _merged_first_step(prompt, model, head, cache, max_tokens=max_tokens, sampler=sampler,
+    return _merged_first_step(prompt, model, head, cache, backend=backend, max_tokens=max_tokens, sampler=sampler,
                               logits_processors=logits_processors, prefill_step_size=prefill_step_size,
                               step_kwargs=step_kwargs)
 
 
-def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logits_processors, prefill_step_size,
+def _merged_first_step(prompt, model, head, cache, *, backend: Backend, max_tokens, sampler, logits_processors, prefill_step_size,
                        step_kwargs, first_layer: int = 0, stream: mx.array | None = None
                        ) -> Generator[tuple[int, mx.array], None, None]:
     """prompt_then_decode's body; with `stream` (the residual stream entering layer `first_layer` for all of
@@ -344,7 +356,7 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
     inner = backbone(model)
     with mx.stream(generation_stream):
         if stream is not None:
-            logits = prefill_rows_in_c(model, cache[first_layer:], stream=stream, first_layer=first_layer)
+            logits = backend.run_rows(model, cache[first_layer:], stream=stream, first_layer=first_layer)
             if logits is None:
                 with swapped(inner, "layers", inner.layers[first_layer:]):
                     hidden = inner(prompt[None], cache=cache[first_layer:], input_embeddings=stream)
@@ -354,8 +366,8 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
             for start in starts[:-1]:
                 inner(prompt[None, start:start + prefill_step_size], cache=cache)
                 mx.eval([c.state for c in cache])
-            last = prompt[None, starts[-1]:]  # the last chunk: in C if short (prefill_rows_in_c)
-            logits = prefill_rows_in_c(model, cache, tokens=last)
+            last = prompt[None, starts[-1]:]  # the last chunk: by the backend where it can
+            logits = backend.run_rows(model, cache, tokens=last)
             if logits is None:
                 logits = head(inner(last, cache=cache)[:, -1, :])
         for processor in logits_processors or ():
@@ -368,7 +380,7 @@ def _merged_first_step(prompt, model, head, cache, *, max_tokens, sampler, logit
     yield first, first_logprobs
     if max_tokens == 1:
         return
-    yield from generate_step(mx.array([first]), compiled_decoder(model), prompt_cache=cache, max_tokens=max_tokens - 1,
+    yield from generate_step(mx.array([first]), backend.decoder(model), prompt_cache=cache, max_tokens=max_tokens - 1,
                              sampler=sampler, logits_processors=_with_prefix(logits_processors, prompt),
                              **step_kwargs)
 

@@ -178,12 +178,12 @@ def cache_dir() -> Path:
 
 
 def _rates_key(pipe: "Pipeline") -> str:
-    """Model, bundle, device and machine: the rates hold for that combination only."""
-    from . import blas
-
+    """Model, bundle, device, machine and backend (its BLAS and switches): the rates hold for that combination
+    only."""
     base = describe_base(pipe.base)
+    backend = json.dumps({name: what for name, (what, _) in pipe.backend.describe().items()}, sort_keys=True)
     parts = [base["config_hash"], json.dumps(base["fingerprint"]), bundle_id(pipe.bundle), pipe.device,
-             platform.node(), platform.machine(), mx.__version__, str(blas.load_fast_blas().path)]
+             platform.node(), platform.machine(), mx.__version__, backend]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

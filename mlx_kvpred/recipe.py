@@ -23,7 +23,7 @@ from .auxiliary import (aux_lora_config, check_same_tokenizer, enable_aux_lora, 
 from .bundle import Bundle, load_bundle, new_bundle
 from .data import TextSplit, collect_files, default_sources, split_files, tokenize_files, tokenize_records
 from .errors import KVPredError
-from .loading import LoadedModel, load_model, set_device
+from .loading import LoadedModel, current_device, default_device, load_model, set_device
 from .predictor import check_predictor_input, layer_pruned_map, smaller_model_map, spread_layers
 from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, TrainState, train
 
@@ -132,7 +132,7 @@ def build_bundle(spec: TrainSpec, base: LoadedModel) -> tuple[Bundle, TrainConfi
 def _new_bundle(spec: TrainSpec, base: LoadedModel) -> Bundle:
     n_base = len(base.model.layers)
     if spec.aux_model is not None:
-        aux_loaded = load_model(spec.aux_model, device="cpu")
+        aux_loaded = load_model(spec.aux_model, device=current_device())
         check_same_tokenizer(base, aux_loaded)
         aux, kept, aux_kind, aux_config = aux_loaded.model, None, "separate", aux_loaded.config
         default_map = smaller_model_map(len(aux.layers), n_base)
@@ -195,16 +195,17 @@ def training_data(spec: TrainSpec, tokenizer) -> TrainingData:
 def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str | Path | None = None,
                  base: LoadedModel | None = None, resume: bool = False, command: str | None = None,
                  on_step: Callable[[TrainState, dict], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> TrainState:
-    """Train the bundle `spec` describes (default: the shipped recipe) for `base` (or `model`, loaded on the CPU;
-    None: the default model) into `out`. `resume` continues from out/checkpoint; `log` gets one-line notes."""
+                 log: Callable[[str], None] | None = None, device: str | None = None) -> TrainState:
+    """Train the bundle `spec` describes (default: the shipped recipe) for `base` (or `model`, loaded on `device`,
+    None: the GPU where MLX has one; model None: the default model) into `out`. `resume` continues from
+    out/checkpoint; `log` gets one-line notes."""
     spec = spec or TrainSpec()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
         raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
     if base is None:
-        set_device("cpu")
-        base = load_model(model, device="cpu")
+        device = set_device(device or default_device())
+        base = load_model(model, device=device)
     bundle, cfg = build_bundle(spec, base)
     data = training_data(spec, base.tokenizer)
     if spec.mixed:

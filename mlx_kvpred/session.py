@@ -161,7 +161,7 @@ class ChatSession:
             n_predicted = self._predict(prompt, cached, end) if end > cached else 0
             if not n_predicted and self.exact_until == cached:
                 self.exact_until = len(prompt)  # the base computes everything new: still exact
-            step = prompt_then_decode(mx.array(prompt[end:]), self.pipe.base.model,
+            step = prompt_then_decode(mx.array(prompt[end:]), self.pipe.base.model, backend=self.pipe.backend,
                                       prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
             stats = TurnStats(len(prompt), cached, new, n_predicted, choice.mode, choice.reason, 0.0)
             self.turns.append(stats)

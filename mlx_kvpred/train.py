@@ -26,7 +26,7 @@ from .attention import backbone, swapped, tap_kv
 from .atomic import atomic_write
 from .auxiliary import shared_base_layers
 from .bundle import Bundle, save_bundle
-from .cpu_ops import fast_exp, fast_logsumexp, mlx_ops
+from .backends import for_device
 from .errors import KVPredError
 from .loading import LoadedModel
 from .predictor import PredictorConfig, previous_positions
@@ -175,7 +175,7 @@ def _reduce_prev_token(pred: nn.Module, gram: dict, rhs: dict, n_tokens: int, la
     gram["h"] = t.T @ g @ t
     for key in rhs:
         rhs[key] = t.T @ rhs[key]
-    pred.prev_token_proj.weight = mx.array(proj.T.astype(np.float32)).astype(pred.prev_token_proj.weight.dtype)
+    pred.prev_token_proj.weight = mx.array(np.ascontiguousarray(proj.T, np.float32)).astype(pred.prev_token_proj.weight.dtype)
 
 
 def ridge_init(bundle: Bundle, base: nn.Module, sequences: np.ndarray, *, lam: float = 1e-3,
@@ -249,7 +249,7 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
                                     true_kv_head=cfg.true_kv_head, first=first, residual=residual)
     h = cfg.true_kv_head  # the head's predictions are never used: no L1 on them
     parts = {}
-    exp, logsumexp = (fast_exp, fast_logsumexp) if mx.default_device() == mx.cpu else (mx.exp, mx.logsumexp)
+    exp, logsumexp = for_device().loss_ops()
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)
     t_logp = teacher_logits - logsumexp(teacher_logits, axis=-1, keepdims=True)
     parts["kl"] = (exp(t_logp) * (t_logp - logp)).sum(-1).mean()
@@ -392,6 +392,9 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
     bundle.aux.freeze()
     if lora:
         bundle.aux.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    backend = for_device()  # the default device's: training runs where MLX runs (the GPU where there is one)
+    backend.prepare(model)
+    backend.prepare(bundle.aux)
     trainable = Trainable(predictor, bundle.aux if lora else None)
     l1_weight = cfg.l1_weight if cfg.l1_weight is not None else 1.0 / len(model.layers)
     opt = optim.AdamW(learning_rate=cfg.lr, betas=[0.9, 0.95], weight_decay=cfg.weight_decay)
@@ -408,7 +411,7 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
     skip = shared_base_layers(bundle, model)  # e.g. lp8: base layers 0-7 are the aux's own, computed once
 
     def loss_fn(tokens, inputs):
-        with mlx_ops():  # autodiff records the MLX graph (C and numpy ops evaluate their inputs mid-graph)
+        with backend.training():  # every op records an MLX graph for autodiff
             return step_loss(bundle, model, tokens, inputs, cfg=cfg, l1_weight=l1_weight, skip=skip)
 
     loss_and_grad = nn.value_and_grad(trainable, loss_fn)

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from conftest import tiny_model
-from mlx_kvpred import blas
+from mlx_kvpred.backends.linux_cpu import blas
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.flops import base_ttft_flops, kvp_ttft_flops, linear_params
 from mlx_kvpred.bench.run import run_bench
 from mlx_kvpred.bundle import new_bundle
-from mlx_kvpred.decode import C_ROWS
+from mlx_kvpred.backends.linux_cpu.decode import C_ROWS
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_kvpred import blas
+from mlx_kvpred.backends.linux_cpu import blas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim is built on Linux only")
 
@@ -50,7 +50,7 @@ def test_one_row_products_go_to_sgemv_and_equal_sgemm():
         assert np.abs(np.array(f) - np.array(p)).max() <= 1e-4 * max(1.0, np.abs(exact).max())
 
 
-@pytest.mark.skipif(not blas.has_sgemm(), reason="no BLAS loaded by mlx_kvpred.blas (not Linux, or none installed)")
+@pytest.mark.skipif(not blas.has_sgemm(), reason="no BLAS loaded by blas.py (not Linux, or none installed)")
 def test_sgemm_on_numpy_arrays_equals_numpy():
     """blas.sgemm (numpy_causal_attention's products) gives numpy's products, with b transposed or not, on arrays
     whose rows are strided (a cache's first S rows of a longer buffer), and refuses other layouts."""

@@ -1,4 +1,4 @@
-"""The fast CPU ops agree with MLX's own (values and gradients), and a patched model gives the same logits."""
+"""The fast CPU ops agree with MLX's own (values and gradients), and a prepared model gives the same logits."""
 
 import sys
 
@@ -9,10 +9,10 @@ import pytest
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_sdpa
 
 from conftest import tiny_model
-from mlx_kvpred import cpu_kernels, cpu_ops
-from mlx_kvpred.blas import keep_freed_memory
-from mlx_kvpred.cpu_ops import (copy_rope_classes, fast_exp, fast_logsumexp, fast_scaled_dot_product_attention,
-                                fast_softmax, fast_swiglu, stock_mlx_ops, use_fast_cpu_ops)
+from mlx_kvpred.backends.linux_cpu import cpu_kernels, cpu_ops
+from mlx_kvpred.backends.linux_cpu.blas import keep_freed_memory
+from mlx_kvpred.backends.linux_cpu.cpu_ops import (fast_exp, fast_logsumexp, fast_scaled_dot_product_attention,
+                                                   fast_swiglu, prepare_model, restore_model, stock_mlx_ops)
 
 
 def close(a: mx.array, b: mx.array, tol: float) -> bool:
@@ -29,9 +29,8 @@ def test_exp_matches_mlx_over_the_float32_range():
     assert close(g, mx.exp(x[:100]), 1e-6)
 
 
-def test_softmax_logsumexp_swiglu_match_with_gradients():
+def test_logsumexp_swiglu_match_with_gradients():
     x = mx.random.normal((3, 7, 301)) * 10
-    assert close(fast_softmax(x), mx.softmax(x, axis=-1), 1e-6)
     assert close(fast_logsumexp(x, keepdims=True), mx.logsumexp(x, axis=-1, keepdims=True), 1e-5)
     g1 = mx.grad(lambda v: (fast_logsumexp(v) ** 2).sum())(x)
     g2 = mx.grad(lambda v: (mx.logsumexp(v, axis=-1) ** 2).sum())(x)
@@ -144,28 +143,33 @@ def test_c_attention_takes_strided_inputs_and_rejects_bad_shapes():
         cpu_kernels.causal_attention(q, k[:, :, :10], v[:, :, :10], 0.3)  # fewer keys than queries
 
 
-def test_patched_model_gives_mlx_lm_logits_and_restores():
+def test_prepared_model_gives_mlx_lm_logits_and_leaves_mlx_lm_alone():
+    """prepare_model gives one model's attention, MLP and rope modules subclasses that run the fast ops; mlx-lm's
+    module functions and every other model of the architecture (one an app loads itself) stay mlx-lm's own."""
+    from mlx_kvpred.backends import get
+
     model = tiny_model("llama").model
     module = sys.modules[type(model).__module__]
+    sdpa, swiglu = module.scaled_dot_product_attention, module.swiglu
     tokens = mx.array([[5, 9, 3, 77, 12, 40, 2, 8] * 12])
-    try:
-        use_fast_cpu_ops(model, enabled=False)
-        original = module.scaled_dot_product_attention
-        ref = model(tokens)
-        rope = model.layers[0].self_attn.rope
-        assert type(rope) is nn.RoPE
-        assert use_fast_cpu_ops(model) == ["swiglu", "scaled_dot_product_attention", "rope"]
-        assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
-        assert isinstance(rope, nn.RoPE) and type(rope) is not nn.RoPE  # its prefill runs in C
-        assert close(model(tokens), ref, 1e-4)
-        with stock_mlx_ops(model):  # bench's mlx-lm mode
-            assert module.scaled_dot_product_attention is original and type(rope) is nn.RoPE
-        assert module.scaled_dot_product_attention is fast_scaled_dot_product_attention
-        assert type(rope) is not nn.RoPE
-        use_fast_cpu_ops(model, enabled=False)
-        assert module.scaled_dot_product_attention is original and type(rope) is nn.RoPE
-    finally:
-        use_fast_cpu_ops(model)  # what load_model leaves on the CPU
+    ref = model(tokens)
+    attn, mlp, rope = model.layers[0].self_attn, model.layers[0].mlp, model.layers[0].self_attn.rope
+    assert type(rope) is nn.RoPE and type(attn) is module.Attention
+    prepare_model(model)
+    prepare_model(model)  # idempotent
+    assert isinstance(rope, nn.RoPE) and type(rope) is not nn.RoPE  # its prefill runs in C
+    assert type(attn).__mro__[1] is module.Attention and type(mlp).__mro__[1] is module.MLP
+    assert type(attn).__call__.__globals__["scaled_dot_product_attention"] is fast_scaled_dot_product_attention
+    assert type(mlp).__call__.__globals__["swiglu"] is fast_swiglu
+    assert module.scaled_dot_product_attention is sdpa and module.swiglu is swiglu
+    assert type(tiny_model("llama").model.layers[0].self_attn) is module.Attention  # another model: untouched
+    assert close(model(tokens), ref, 1e-4)
+    with stock_mlx_ops(model):  # bench's mlx-lm mode
+        assert type(rope) is nn.RoPE and type(attn) is module.Attention and type(mlp) is module.MLP
+    assert type(rope) is not nn.RoPE and type(attn) is not module.Attention
+    get("mlx").prepare(model)  # the MLX backend takes the model back to mlx-lm's classes
+    assert type(rope) is nn.RoPE and type(attn) is module.Attention and type(mlp) is module.MLP
+    assert close(model(tokens), ref, 1e-6)
 
 
 ROPES = {
@@ -179,9 +183,9 @@ ROPES = {
 
 @pytest.mark.parametrize("kind", sorted(ROPES))
 def test_c_rope_equals_the_rope_module(kind, monkeypatch):
-    """A rope module after use_fast_cpu_ops runs prefill-sized inputs in C (tables read back from the module itself)
+    """A rope module after prepare_model runs prefill-sized inputs in C (tables read back from the module itself)
     with the stock module's values, at any offset and on strided q; small inputs, C_KERNELS.off() and array
-    offsets stay in MLX. An aux built beside the model takes its rope classes (copy_rope_classes)."""
+    offsets stay in MLX. An aux prepared beside the model gets the same rope classes."""
     if not cpu_kernels.available():
         pytest.skip(f"C kernels: {cpu_kernels.note()}")
     model = tiny_model("llama", **ROPES[kind]).model
@@ -190,7 +194,7 @@ def test_c_rope_equals_the_rope_module(kind, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "rope", lambda *a: calls.append(a[0].shape) or original(*a))
     monkeypatch.setattr(cpu_ops, "_C_ROPE_MIN_SIZE", 1000)
     try:
-        use_fast_cpu_ops(model)
+        prepare_model(model)
         attn = model.layers[0].self_attn
         rope, head_dim = attn.rope, attn.q_proj.weight.shape[0] // attn.n_heads
         assert type(rope).__mro__[1] is stock_type
@@ -205,10 +209,10 @@ def test_c_rope_equals_the_rope_module(kind, monkeypatch):
         mx.eval(rope(x[:, :1, :2], offset=3), rope(x, offset=mx.array(3)))  # under _C_ROPE_MIN_SIZE; array offset
         assert calls == []
         aux = tiny_model("llama", **ROPES[kind]).model
-        copy_rope_classes(aux, model)
+        prepare_model(aux)
         assert all(type(a.self_attn.rope) is type(rope) for a in aux.layers)
     finally:
-        use_fast_cpu_ops(model, enabled=False)
+        restore_model(model)
     assert type(model.layers[0].self_attn.rope) is stock_type
 
 
@@ -220,17 +224,19 @@ def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
     or C_KERNELS.off() take MLX's path."""
     if not cpu_kernels.available():
         pytest.skip(f"C kernels: {cpu_kernels.note()}")
+    from functools import partial
+
     from mlx_lm.models.cache import KVCache
 
-    from mlx_kvpred.cache import write_predicted_kv
+    from mlx_kvpred.backends import get
+    from mlx_kvpred.cache import write_predicted_kv as write_predicted_kv_by
 
     monkeypatch.setattr(cpu_ops, "_C_ROPE_MIN_SIZE", 1000)
     model = tiny_model("llama", **ROPES[kind]).model
-    use_fast_cpu_ops(model)
+    prepare_model(model)
     calls, original = [], cpu_ops.append_kv_in_c
     monkeypatch.setattr(cpu_ops, "append_kv_in_c", lambda *a: calls.extend(original(*a)) or calls[-len(a[0]):])
-    import mlx_kvpred.cache as cache_module
-    monkeypatch.setattr(cache_module, "append_kv_in_c", cpu_ops.append_kv_in_c)
+    write_predicted_kv = partial(write_predicted_kv_by, backend=get("linux_cpu"))
     try:
         layers = model.layers
         width = layers[0].self_attn.k_proj.weight.shape[0]
@@ -268,11 +274,11 @@ def test_predicted_kv_appended_in_c_equals_mlx(kind, monkeypatch):
             for x, y in zip(a.state[:2], b.state[:2]):
                 assert close(x, y, 1e-6)
         qwen3 = tiny_model("qwen3").model
-        use_fast_cpu_ops(qwen3)
+        prepare_model(qwen3)
         assert cpu_ops.append_kv_in_c(qwen3.layers[:1], [KVCache()], keys[:1], values[:1]) == [False]  # k-norm: MLX
-        use_fast_cpu_ops(qwen3, enabled=False)
+        restore_model(qwen3)
     finally:
-        use_fast_cpu_ops(model, enabled=False)
+        restore_model(model)
 
 
 @pytest.mark.parametrize("kind", ["plain", "traditional", "llama3"])
@@ -291,7 +297,7 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
 
     model = tiny_model("llama", num_hidden_layers=6, **ROPES[kind]).model
     best = cpu_kernels.decode_isa()
-    use_fast_cpu_ops(model)
+    prepare_model(model)
     try:
         n, width, dim = len(model.layers), model.layers[0].self_attn.k_proj.weight.shape[0], 64
         config = PredictorConfig(aux_kv_dims=(width,), base_kv_dims=(width,) * n, layer_map=(0,) * n, input="hidden",
@@ -337,7 +343,7 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
         assert all(c.offset == 0 and c.keys is None for c in fresh)
     finally:
         cpu_kernels.decode_isa(best)
-        use_fast_cpu_ops(model, enabled=False)
+        restore_model(model)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
@@ -351,15 +357,15 @@ def test_quantized_cache_goes_to_mlx_lm_attention():
     from mlx_lm.models.cache import make_prompt_cache
 
     model = tiny_model("llama", head_dim=32).model  # a head as wide as a quantization group
-    cpu_ops.use_fast_cpu_ops(model)
+    prepare_model(model)
     tokens = mx.random.randint(0, 97, (1, 40), key=mx.random.key(2))
     outs = []
     for fast in (True, False):
-        cpu_ops.use_fast_cpu_ops(model, enabled=fast)
+        (prepare_model if fast else restore_model)(model)
         cache = make_prompt_cache(model)
         with cpu_ops.mlx_attention():  # the same prefill both times: 8-bit K/V would magnify its rounding
             model(tokens, cache=cache)
         cache = [c.to_quantized(group_size=32, bits=8) for c in cache]
         outs.append(model(mx.array([[3]]), cache=cache))
-    cpu_ops.use_fast_cpu_ops(model)
+    prepare_model(model)
     assert mx.allclose(outs[0], outs[1], atol=1e-5).item()

@@ -12,8 +12,8 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
-from mlx_kvpred import blas, cpu_kernels, decode
-from mlx_kvpred.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
+from mlx_kvpred.backends.linux_cpu import blas, cpu_kernels, decode
+from mlx_kvpred.backends.linux_cpu.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
                                keep_quantized, prefill_rows_in_c, set_compiled_decode)
 from mlx_kvpred.loading import default_model_path
 

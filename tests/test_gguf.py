@@ -156,16 +156,20 @@ def test_quantized_tensors_kept_for_the_c_decode_step(tmp_path):
     not read it (KVPRED_QUANTIZED_DECODE=0)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_kvpred import cpu_kernels
-    from mlx_kvpred.decode import QUANTIZED_DECODE, CDecoder
+    from mlx_kvpred.backends import get
+    from mlx_kvpred.backends.linux_cpu import cpu_kernels
+    from mlx_kvpred.backends.linux_cpu.decode import QUANTIZED_DECODE, CDecoder
+    from mlx_kvpred.loading import load_model
 
     tiny_gguf(tmp_path / "tiny.gguf")
+    linux = get("linux_cpu")
     with QUANTIZED_DECODE.off():
-        plain, _, _ = load_gguf(tmp_path / "tiny.gguf")
+        plain = load_model(tmp_path / "tiny.gguf", backend=linux).model
     assert "_kvpred_quantized" not in plain.__dict__
+    assert "_kvpred_quantized" not in load_model(tmp_path / "tiny.gguf", backend=get("mlx")).model.__dict__
     if not cpu_kernels.quantized_decode():
         pytest.skip("no AVX-512: the C step reads fp32 weights")
-    model, _, _ = load_gguf(tmp_path / "tiny.gguf")
+    model = load_model(tmp_path / "tiny.gguf", backend=linux).model
     assert len(model._kvpred_quantized) == 2 + 6 * len(model.layers)  # embedding, LM head, all but o_proj (fp16)
     decoder = CDecoder(model)
     ours, theirs = make_prompt_cache(model), make_prompt_cache(model)

@@ -9,12 +9,14 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred import cpu_kernels, pipeline
+from mlx_kvpred import pipeline
+from mlx_kvpred.backends import for_device
+from mlx_kvpred.backends.linux_cpu import cpu_kernels
 from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
 from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
 from mlx_kvpred.cache import write_predicted_kv
-from mlx_kvpred.cpu_ops import use_fast_cpu_ops
+from mlx_kvpred.backends.linux_cpu import cpu_ops, decode
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import (Pipeline, generate_tokens, load_pipeline, predict_cache, predict_cache_with_tail,
                                  prompt_then_decode)
@@ -155,7 +157,8 @@ def test_prompt_then_decode_equals_generate_step(tiny, step):
     assert lm_head_of(tiny.model) is not None  # every tiny architecture has a plain head: the merged path runs
     prompt = mx.random.randint(0, tiny.config["vocab_size"], (30,), key=mx.random.key(5))
     for kwargs, n in (({}, 12), ({"logits_processors": make_logits_processors(repetition_penalty=1.5)}, 12), ({}, 1)):
-        ours = list(prompt_then_decode(prompt, tiny.model, max_tokens=n, prefill_step_size=step, **kwargs))
+        ours = list(prompt_then_decode(prompt, tiny.model, backend=for_device("cpu"), max_tokens=n,
+                                       prefill_step_size=step, **kwargs))
         theirs = list(generate_step(prompt, tiny.model, max_tokens=n, prefill_step_size=step, **kwargs))
         assert [t for t, _ in ours] == [t for t, _ in theirs] and len(ours) == n
         for (_, a), (_, b) in zip(ours, theirs):
@@ -219,34 +222,32 @@ def test_exact_tail_through_the_shared_layers_in_the_aux_pass(predictor_input, s
     calls, in_c = [], []
     monkeypatch.setattr(pipeline, "predict_cache_with_tail",
                         lambda *a, **k: calls.append(1) or predict_cache_with_tail(*a, **k))
-    rows_in_c = pipeline.prefill_rows_in_c
+    rows_in_c = decode.prefill_rows_in_c
 
     def recorded(*args, **kwargs):
         out = rows_in_c(*args, **kwargs)
         in_c.append((kwargs.get("stop_layer"), out is not None))
         return out
 
-    monkeypatch.setattr(pipeline, "prefill_rows_in_c", recorded)
-    predicted_in_c, predict_in_c = [], pipeline.predict_kv_in_c
-    monkeypatch.setattr(pipeline, "predict_kv_in_c", lambda *a, **k: predicted_in_c.append(predict_in_c(*a, **k))
+    monkeypatch.setattr(decode, "prefill_rows_in_c", recorded)
+    predicted_in_c, predict_in_c = [], cpu_ops.predict_kv_in_c
+    monkeypatch.setattr(cpu_ops, "predict_kv_in_c", lambda *a, **k: predicted_in_c.append(predict_in_c(*a, **k))
                         or predicted_in_c[-1])
-    use_fast_cpu_ops(base.model)  # rope modules with tables in C, as loaded models have them
-    try:
-        for exact_head in (0, 1):
-            pipe = Pipeline(base, bundle, exact_head=exact_head)
-            fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
-            cache = predict_cache(pipe, prompt[:-5], prefill_step_size=step)
-            slow = list(prompt_then_decode(prompt[-5:], base.model, prompt_cache=cache, max_tokens=6))
-            assert [t for t, _ in fast] == [t for t, _ in slow]
-            for (_, a), (_, b) in zip(fast, slow):
-                assert mx.allclose(a, b, atol=1e-5).item()
-    finally:
-        use_fast_cpu_ops(base.model, enabled=False)
+    for exact_head in (0, 1):
+        pipe = Pipeline(base, bundle, exact_head=exact_head)  # its backend prepares the models (C RoPE on Linux)
+        fast = list(generate_tokens(pipe, prompt, mode="kvp", max_tokens=6, exact_tail=5, prefill_step_size=step))
+        cache = predict_cache(pipe, prompt[:-5], prefill_step_size=step)
+        slow = list(prompt_then_decode(prompt[-5:], base.model, backend=pipe.backend, prompt_cache=cache,
+                                       max_tokens=6))
+        assert [t for t, _ in fast] == [t for t, _ in slow]
+        for (_, a), (_, b) in zip(fast, slow):
+            assert mx.allclose(a, b, atol=1e-5).item()
     assert len(calls) == 2  # generate_tokens took the shared-layers path
     # the aux's pass as the base's blocks 0-1 in C where the predictor reads only the hidden state
-    assert ((2, True) in in_c) == (cpu_kernels.available() and predictor_input == "hidden")
+    in_c_expected = pipe.backend.name == "linux_cpu" and cpu_kernels.available() and predictor_input == "hidden"
+    assert ((2, True) in in_c) == in_c_expected
     # ... and the predictor's K/V written in C (predict_kv_in_c) in the same cases
-    assert any(predicted_in_c) == (cpu_kernels.available() and predictor_input == "hidden")
+    assert any(predicted_in_c) == in_c_expected
     cache, stream = predict_cache_with_tail(pipe, prompt, 5, prefill_step_size=step)
     assert [c.offset for c in cache] == [19, 19, 14, 14, 14, 14] and stream.shape == (1, 5, 64)
 

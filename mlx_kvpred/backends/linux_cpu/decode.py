@@ -33,10 +33,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from . import cpu_kernels
-from .attention import backbone, lm_head_of
+from ...attention import backbone, lm_head_of
 from .cpu_ops import _exp_shifted, _swiglu_kernel, grown_cache_buffers, take_cache_buffers
 from .rope_layout import rope_key, rotation_layout
-from .switch import Switch
+from ...switch import Switch
 
 ENV_VAR = "KVPRED_COMPILED_DECODE"  # "0": decode with the model's own code
 # mlx-lm modules whose blocks are x + attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)), with

@@ -1,11 +1,12 @@
-"""Fast exp-based ops for MLX on x86 CPUs: exp, softmax, logsumexp, SwiGLU and attention.
+"""Fast exp-based ops for MLX on x86 CPUs: exp, logsumexp, SwiGLU and attention.
 
 MLX's x86 CPU build evaluates `mx.exp` at ~15 ns per element (scalar code), so SiLU, softmax and attention cost as
 much as all of a layer's matmuls. `fast_exp` is MLX's own polynomial for 2**f (within 3e-7 of `mx.exp`) in one
 compiled kernel that the JIT's compiler vectorizes: rounding by adding 1.5 * 2**23 instead of `floor` (not
 vectorizable without SSE4.1) and Estrin's scheme (shallow enough for MLX to fuse the whole chain): ~8x faster.
-`use_fast_cpu_ops` points an mlx-lm model module's `swiglu` and `scaled_dot_product_attention` at these, and gives
-a model's rope modules a prefill path in C.
+`prepare_model` gives one model's attention and MLP modules subclasses of their mlx-lm classes that call these
+instead of `scaled_dot_product_attention` and `swiglu` (mlx-lm's modules stay as they are), and its rope modules a
+prefill path in C.
 
 Causal attention over more than one query row (prefill) runs outside MLX's one-threaded ops: in C on all cores
 (`cpu_kernels.causal_attention`) where the install built it, else in numpy (`numpy_causal_attention`, whose SIMD
@@ -17,7 +18,7 @@ MLX; KVPRED_C_KERNELS=0 takes numpy over C). SwiGLU and RoPE over many rows run 
 
 from __future__ import annotations
 
-import sys
+import types
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator, Optional, Sequence
@@ -28,10 +29,11 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from . import blas, cpu_kernels
-from .attention import attention_of, backbone, kv_heads
-from .errors import KVPredError
+from ...attention import attention_of, backbone, kv_heads
+from ...errors import KVPredError
+from .. import STOCK_CLASS
 from .rope_layout import rope_key, rotation_layout
-from .switch import Switch
+from ...switch import Switch
 
 _LOG2E = 1.4426950408889634
 # Minimax coefficients of 2**f on [-0.5, 0.5], highest power first (those of MLX's own exp).
@@ -81,14 +83,6 @@ def _exp_shifted(x: mx.array, m: mx.array) -> mx.array:
 def _exp_shifted_vjp(primals, cotangent, output):
     g = cotangent * output
     return g, -g.sum(axis=-1, keepdims=True)
-
-
-def fast_softmax(x: mx.array, axis: int = -1) -> mx.array:
-    if axis not in (-1, x.ndim - 1):
-        x = mx.moveaxis(x, axis, -1)
-        return mx.moveaxis(fast_softmax(x), -1, axis)
-    e = _exp_shifted(x, mx.stop_gradient(x.max(axis=-1, keepdims=True)))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def fast_logsumexp(x: mx.array, axis: int = -1, keepdims: bool = False) -> mx.array:
@@ -322,7 +316,7 @@ def _c_rope_call(self, x: mx.array, offset=0, **kwargs) -> mx.array:
             and x.dtype == mx.float32 and cpu_kernels.C_KERNELS.enabled()):
         cos, sin, partner = _prefill_rope_tables(self, x.shape[-1], offset, x.shape[2])
         return mx.array(cpu_kernels.rope(np.asarray(x), cos, sin, partner))
-    return self._kvpred_stock.__call__(self, x, offset=offset, **kwargs)
+    return getattr(type(self), STOCK_CLASS).__call__(self, x, offset=offset, **kwargs)
 
 
 def _prefill_rope_tables(rope: nn.Module, head_dim: int, offset: int, L: int):
@@ -332,7 +326,7 @@ def _prefill_rope_tables(rope: nn.Module, head_dim: int, offset: int, L: int):
     made = _rope_tables.get(key)
     if made is None:
         unit, partner, cos_at, sin_at, sign = rotation_layout(rope, head_dim)
-        r = rope._kvpred_stock.__call__(rope, mx.repeat(unit[None, None, None], L, axis=2), offset=offset)[0, 0]
+        r = getattr(type(rope), STOCK_CLASS).__call__(rope, mx.repeat(unit[None, None, None], L, axis=2), offset=offset)[0, 0]
         if len(_rope_tables) >= 8:
             _rope_tables.clear()
         made = _rope_tables[key] = (np.array(r[:, cos_at]), np.array(r[:, sin_at] * sign),
@@ -377,7 +371,7 @@ def _c_append_plan(layer: nn.Module, cache, L: int, width: int, room: int = 0) -
     rope = attn.get("rope") if isinstance(attn, nn.Module) else None
     n_kv, _ = kv_heads(layer)
     if (not cpu_kernels.C_KERNELS.enabled() or type(cache) is not KVCache or "k_norm" in attn
-            or not hasattr(rope, "_kvpred_stock") or width % n_kv):
+            or not hasattr(rope, STOCK_CLASS) or width % n_kv):
         return None
     D, offset = width // n_kv, cache.offset
     if cache.keys is not None and ((offset + L <= cache.keys.shape[2] and offset > L) or cache.keys.shape[3] != D):
@@ -452,7 +446,8 @@ def predict_kv_in_c(predictor: nn.Module, norm: nn.Module, stream: mx.array, pre
     if len(grown) != len(plans):
         return False
     n_kv, D = plans[0][:2]
-    kept = [None if a is None else np.array(a, copy=False) for a in arrays]  # alive until the call returns
+    # alive until the call returns; C reads them as dense rows (a weight set from a transposed array is a strided view)
+    kept = [None if a is None else np.ascontiguousarray(np.array(a, copy=False)) for a in arrays]
     c_predictor = cpu_kernels.StackedPredictor(dim, cfg.prev_token_dim, D, n_kv, 2 * len(plans), norm.eps,
                                                *(None if a is None else a.ctypes.data for a in kept))
     targets = (cpu_kernels.KVTarget * (2 * len(plans)))()
@@ -475,7 +470,8 @@ def _c_rope_class(cls: type) -> type:
     """`cls` with its call over prefill-sized inputs in C (one class per rope class)."""
     made = _c_rope_classes.get(cls)
     if made is None:
-        made = _c_rope_classes[cls] = type(cls.__name__, (cls,), {"__call__": _c_rope_call, "_kvpred_stock": cls})
+        made = _c_rope_classes[cls] = type(cls.__name__, (cls,), {"__call__": _c_rope_call, STOCK_CLASS: cls,
+                                                                   "__module__": cls.__module__})
     return made
 
 
@@ -489,47 +485,57 @@ def _rope_modules(model: nn.Module) -> list[nn.Module]:
     return [r for r in found if isinstance(r, nn.Module) and hasattr(r, "dims") and hasattr(r, "traditional")]
 
 
-def use_fast_cpu_ops(model: nn.Module, enabled: bool = True) -> list[str]:
-    """Make the mlx-lm module that defines `model`'s class call the fast ops (or the originals again): this affects
-    every model of that architecture in the process; and `model`'s rope modules run prefill in C (or not).
-    Returns the names it set ("rope" for the rope modules)."""
-    module = sys.modules[type(model).__module__]
-    ropes = _rope_modules(model)
-    for rope in ropes:
-        stock = getattr(type(rope), "_kvpred_stock", type(rope))
-        rope.__class__ = _c_rope_class(stock) if enabled else stock
-    originals = module.__dict__.setdefault("_kvpred_originals", {})
-    done = []
-    for name, fast in _PATCHES.items():
-        if name not in module.__dict__:
-            continue
-        if name not in originals:  # the first call sees mlx-lm's own function
-            originals[name] = module.__dict__[name]
-        setattr(module, name, fast if enabled else originals[name])
-        done.append(name)
-    return done + (["rope"] if ropes else [])
+_fast_classes: dict[type, type | None] = {}
 
 
-def copy_rope_classes(model: nn.Module, like: nn.Module) -> None:
-    """Give `model`'s rope modules the classes of `like`'s where they are of one rope class (an aux model gets its
-    base's C prefill RoPE)."""
-    for rope, twin in zip(_rope_modules(model), _rope_modules(like)):
-        if type(rope) in (type(twin), getattr(type(twin), "_kvpred_stock", None)):
-            rope.__class__ = type(twin)
+def _fast_ops_class(cls: type) -> type | None:
+    """`cls` (an mlx-lm attention or MLP class) whose call is mlx-lm's own code reading the fast ops where it reads
+    `scaled_dot_product_attention` or `swiglu` from its module; None where its call reads neither. mlx-lm's module is
+    left as it is: only instances given this class (prepare_model) run the fast ops."""
+    if cls not in _fast_classes:
+        call = cls.__call__
+        code = getattr(call, "__code__", None)
+        names = set(code.co_names) & set(_PATCHES) if code is not None else set()
+        names = {n for n in names if n in call.__globals__}
+        if not names:
+            _fast_classes[cls] = None
+        else:
+            namespace = {**call.__globals__, **{n: _PATCHES[n] for n in names}}
+            fast_call = types.FunctionType(code, namespace, call.__name__, call.__defaults__, call.__closure__)
+            fast_call.__kwdefaults__, fast_call.__doc__ = call.__kwdefaults__, call.__doc__
+            _fast_classes[cls] = type(cls.__name__, (cls,), {"__call__": fast_call, STOCK_CLASS: cls,
+                                                             "__module__": cls.__module__})
+    return _fast_classes[cls]
+
+
+def prepare_model(model: nn.Module) -> None:
+    """`model`'s attention and MLP modules call the fast ops (fast_scaled_dot_product_attention, fast_swiglu) and its
+    rope modules run prefill-sized inputs in C: each module gets a subclass of its mlx-lm class (idempotent). Nothing
+    module-wide changes, so other models of the architecture (one an app loads itself) run mlx-lm's own code."""
+    ropes = {id(r) for r in _rope_modules(model)}
+    for _, module in model.named_modules():
+        stock = getattr(type(module), STOCK_CLASS, type(module))
+        fast = _c_rope_class(stock) if id(module) in ropes else _fast_ops_class(stock)
+        if fast is not None:
+            module.__class__ = fast
+
+
+def restore_model(model: nn.Module) -> None:
+    """`model`'s modules back to their mlx-lm classes."""
+    for _, module in model.named_modules():
+        stock = getattr(type(module), STOCK_CLASS, None)
+        if stock is not None:
+            module.__class__ = stock
 
 
 @contextmanager
 def stock_mlx_ops(model: nn.Module) -> Iterator[None]:
-    """Run `model`'s architecture with mlx-lm's own functions inside the block (e.g. to time stock mlx-lm)."""
-    module = sys.modules[type(model).__module__]
-    current = {name: module.__dict__[name] for name in _PATCHES if name in module.__dict__}
-    ropes = [(rope, type(rope)) for rope in _rope_modules(model)]
-    use_fast_cpu_ops(model, enabled=False)
+    """Run `model` with mlx-lm's own classes and no C kernels inside the block (e.g. to time stock mlx-lm)."""
+    classes = [(module, type(module)) for _, module in model.named_modules()]
+    restore_model(model)
     try:
         with cpu_kernels.C_KERNELS.off():  # nor C kernels in other models (an aux's rope modules)
             yield
     finally:
-        for name, fn in current.items():
-            setattr(module, name, fn)
-        for rope, cls in ropes:
-            rope.__class__ = cls
+        for module, cls in classes:
+            module.__class__ = cls

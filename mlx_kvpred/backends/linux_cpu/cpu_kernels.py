@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from . import blas
-from .switch import Switch
+from ...switch import Switch
 
 _P = ctypes.c_void_p
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")

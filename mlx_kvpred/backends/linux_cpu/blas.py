@@ -190,21 +190,3 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, 2 * limit))
     except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
         return False
-
-
-def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Median fp32 GEMM throughput of MLX on the default device, in GFLOP/s."""
-    import time
-
-    import mlx.core as mx
-
-    a = mx.random.normal((n, n))
-    b = mx.random.normal((n, n))
-    mx.eval(a @ b)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mx.eval(a @ b)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2] / 1e9
