@@ -1,5 +1,6 @@
 """CLI bad input: one line on stderr, exit code 2, no traceback. And a real `generate` on SmolLM2 if installed."""
 
+import sys
 
 import mlx.core as mx
 import pytest
@@ -201,8 +202,13 @@ def test_chat_data_documents(tmp_path):
 
 
 def test_doctor_names_the_cpu_paths_and_why_they_are_off(monkeypatch):
-    """doctor shows where prefill attention and decoding run, and which switch turned a speed-up off."""
+    """doctor shows where prefill attention and decoding run, and which switch turned a speed-up off (the Linux CPU
+    backend's rows; the MLX backend has none of these parts)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the Linux CPU backend runs on Linux")
+    monkeypatch.setenv("KVPRED_BACKEND", "linux_cpu")
     r = cli("doctor")
+    assert "backend        linux_cpu" in r.stdout, r.stdout
     assert "prefill attn" in r.stdout and "decode" in r.stdout and "C kernels" in r.stdout, r.stdout
     monkeypatch.setenv("KVPRED_C_KERNELS", "0")
     r = cli("doctor")
@@ -213,3 +219,21 @@ def test_doctor_names_the_cpu_paths_and_why_they_are_off(monkeypatch):
     r = cli("doctor")
     assert "MLX ops (KVPRED_NUMPY_ATTENTION=0)" in r.stdout, r.stdout
     assert "the model's own step (KVPRED_COMPILED_DECODE=0)" in r.stdout, r.stdout
+
+
+def test_doctor_names_the_blas_kernels_and_the_fix_for_generic_ones(monkeypatch):
+    """An OpenBLAS that does not know this CPU runs generic kernels (Debian 12's picks "Prescott" on some AVX-512
+    Xeons, at a quarter of the GEMM rate): doctor names the kernel set and the fix that applies."""
+    from mlx_kvpred.backends.linux_cpu import blas
+
+    if not sys.platform.startswith("linux") or blas.core_check()[0] == "":
+        pytest.skip("no OpenBLAS loaded")
+    monkeypatch.setenv("KVPRED_BACKEND", "linux_cpu")
+    assert f"core {blas.core_check()[0]})" in cli("doctor").stdout
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Prescott")  # as an OpenBLAS older than the CPU picks
+    r = cli("doctor")
+    assert "core Prescott)" in r.stdout, r.stdout
+    if blas.cpu_isa() in ("avx2", "avx512"):
+        assert "-> OpenBLAS runs its Prescott kernels on a CPU with AVX" in r.stdout and "OPENBLAS_CORETYPE=" in r.stdout
+    assert blas.core_check("Prescott", "avx512")[1] and not blas.core_check("SkylakeX", "avx512")[1]
+    assert blas.core_check("Haswell", "avx512")[1] and not blas.core_check("Haswell", "avx2")[1]

@@ -58,7 +58,8 @@ class LinuxCPUBackend:
         st = blas.load_fast_blas()
         rows = {"backend": ("linux_cpu: C kernels, fast CPU ops and a compiled decode step over MLX", "")}
         if st.path:
-            rows["blas"] = f"{st.path} ({st.source})", ""
+            core, fix = blas.core_check()
+            rows["blas"] = f"{st.path} ({st.source}{f', core {core}' if core else ''})", fix
             rows["gemv forward"] = st.gemv_forward_note, st.gemv_forward_fix
         else:
             rows["blas"] = "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message

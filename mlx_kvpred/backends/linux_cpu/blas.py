@@ -42,6 +42,7 @@ class BlasStatus:
 _status: BlasStatus | None = None
 _shim: ctypes.CDLL | None = None
 _sgemm = None  # the loaded BLAS's own cblas_sgemm (for numpy arrays: see sgemm)
+_core_name: str | None = None  # the kernel set OpenBLAS picked for this CPU (openblas_get_corename)
 
 
 def _mkl_candidates() -> list[str]:
@@ -81,6 +82,7 @@ def load_fast_blas() -> BlasStatus:
             errors.append(f"{path}: {e}")
             continue
         _keep_sgemm(lib)
+        _keep_core_name(lib)
         forward, note, fix = _gemv_forward(lib, path)
         if not forward:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -190,3 +192,47 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, 2 * limit))
     except (OSError, AttributeError):  # not glibc (e.g. musl): keep its defaults
         return False
+
+
+# OpenBLAS kernel sets by the widest vector instructions they use; a core below the CPU's runs generic code.
+_CORE_ISA = {"prescott": "sse3", "core2": "sse3", "penryn": "sse3", "dunnington": "sse3", "nehalem": "sse3",
+             "atom": "sse3", "barcelona": "sse3", "bobcat": "sse3", "bulldozer": "avx", "piledriver": "avx",
+             "steamroller": "avx", "excavator": "avx", "sandybridge": "avx", "haswell": "avx2", "zen": "avx2",
+             "skylakex": "avx512", "cooperlake": "avx512", "sapphirerapids": "avx512"}
+_ISA_ORDER = ("sse3", "avx", "avx2", "avx512")
+_CORE_FOR_ISA = {"avx": "Sandybridge", "avx2": "Haswell", "avx512": "SkylakeX"}
+
+
+def _keep_core_name(lib: ctypes.CDLL) -> None:
+    global _core_name
+    fn = getattr(lib, "openblas_get_corename", None)
+    if fn is not None:
+        fn.restype = ctypes.c_char_p
+        _core_name = fn().decode(errors="replace").strip()
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """The widest x86 vector instructions this CPU has (sse3, avx, avx2, avx512), from /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return "sse3"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "avx" if "avx" in flags else "sse3"
+
+
+def core_check(core: str | None = None, isa: str | None = None) -> tuple[str, str]:
+    """(the kernel set the loaded OpenBLAS picked, and the fix where it is below what this CPU can run, else "").
+    An OpenBLAS older than the CPU falls back to generic kernels (e.g. Debian 12's 0.3.21 picks "Prescott" on
+    some AVX-512 Xeons: its GEMM then runs ~4x slower)."""
+    core = core if core is not None else _core_name
+    if not core:
+        return "", ""
+    isa = isa or cpu_isa()
+    core_isa = _CORE_ISA.get(core.lower())
+    if core_isa is None or _ISA_ORDER.index(core_isa) >= _ISA_ORDER.index(isa):
+        return core, ""
+    return core, (f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: set OPENBLAS_CORETYPE="
+                  f"{_CORE_FOR_ISA[isa]}, or install a newer OpenBLAS and point {ENV_VAR} at it")
