@@ -23,7 +23,8 @@ from mlx_kvpred.selfdata import document_texts
 from mlx_kvpred.session import ChatSession, common_prefix, conversation_ids
 
 from .eval_docqa import short_cases
-from .eval_harness import heldout_files, paired_difference
+from .eval_harness import heldout_files
+from .metrics import paired_difference
 
 QUESTIONS = ("What is this document about?", "What does it say first?", "Which names or numbers does it mention?")
 
@@ -147,3 +148,23 @@ def _forced_agreement(pipe: Pipeline, session: ChatSession, prompt: list[int], a
     logits = pipe.base.model(mx.array(full[common:-1])[None], cache=session.cache)[0]
     predicted = np.array(mx.argmax(logits[len(prompt) - 1 - common:], axis=-1))
     return predicted == np.array(answer)
+
+
+def print_conversation(timing: dict, quality: dict, auto: dict, *, doc_tokens: int, repeats: int) -> None:
+    """time_conversation's turns and repair, score_later_turn's agreement and auto_on_short_prompts' picks."""
+    print(f"conversation: a {doc_tokens}-token held-out document in turn 1, then short questions; "
+          f"median of {repeats}")
+    print(f"{'turn':>4} {'history':>8} {'cached':>7} {'session TTFT ms':>16} {'cold base TTFT ms':>18} {'speedup':>8}")
+    for t in timing["turns"]:
+        print(f"{t['turn']:>4} {t['history_tokens']:>8} {t['cached_tokens']:>7} {t['session_ttft'] * 1e3:>16.0f} "
+              f"{t['cold_ttft'] * 1e3:>18.0f} {t['speedup']:>7.2f}x")
+    r = timing["repair"]
+    print(f"repair of {r['tokens']} tokens: {r['repair_s'] * 1e3:.0f} ms; base prefill of them "
+          f"{r['prefill_s'] * 1e3:.0f} ms (ratio {r['ratio']:.2f})")
+    for name, row in quality.items():
+        diff = row.get("vs_not_repaired")
+        print(f"turn-2 agreement with the base, {name}: {row['agreement']:.3f} ± {row['se']:.3f} (first token "
+              f"{row['first_token']:.2f}, n={row['n']})" + (f"; paired vs not repaired {diff['diff']:+.3f} ± "
+                                                            f"{diff['se']:.3f}" if diff else ""))
+    print(f"auto on {auto['prompts']} held-out short instructions (--kvp-min-tokens {auto['kvp_min_tokens']}): "
+          f"base picked for {auto['base']}, answers equal to the base's for {auto['equal_to_base']} of them")

@@ -23,7 +23,7 @@ from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, chat_prompt_ids, generate_tokens
 from mlx_kvpred.selfdata import document_question, document_texts
 
-from .eval_harness import _f, agreement_prefix, paired_difference, standard_error
+from .metrics import cell, agreement_prefix, paired_difference, standard_error
 
 QUESTIONS = (
     "What is the text above about?",
@@ -163,8 +163,8 @@ def print_docqa_table(result: dict, console=None) -> None:
             vs = m.get("vs_first_kvp")
             nll = f"{m['nll_kvp']:.3f} / {m['nll_base']:.3f}" if "nll_kvp" in m else ""
             flops = row.get("docqa_flops", {}).get(length)
-            t.add_row(row["name"], length, _f(m.get("agreement"), ".3f"), _f(m.get("agreement_se"), ".3f"),
+            t.add_row(row["name"], length, cell(m.get("agreement"), ".3f"), cell(m.get("agreement_se"), ".3f"),
                       f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else "",
-                      _f(m.get("first_token_agreement"), ".3f"), _f(m.get("mean_prefix"), ".1f"),
+                      cell(m.get("first_token_agreement"), ".3f"), cell(m.get("mean_prefix"), ".1f"),
                       f"{m['repeat4']:.3f}", nll, f"{flops / 1e9:.3g}" if flops else "")
     (console or Console(width=max(Console().width, 200))).print(t)

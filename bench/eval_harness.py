@@ -30,9 +30,9 @@ from mlx_kvpred.evaluate import evaluate_heldout
 from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.loading import LoadedModel
 from mlx_kvpred.pipeline import DEFAULT_EXACT_HEAD, Pipeline, generate_tokens
-from mlx_kvpred.session import common_prefix
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
+from .metrics import cell, agreement_prefix, paired_difference, prefix_match, standard_error
 
 TASKS = ("heldout", "genagree", "humaneval", "docqa")
 SCHEMA = "kvpred-mlx-eval/1"
@@ -111,23 +111,32 @@ def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[st
     return tokenize_files(files, tokenizer, seq_len=seq_len, max_sequences=count, per_file=1), source
 
 
+def eval_inputs(tokenizer, bundles: Sequence[Bundle], *, tasks: Sequence[str], data: Sequence[str] | None,
+                prompt_len: int, cont_len: int, sequences: int, heldout_lengths: Sequence[int],
+                problems: int | None, docqa_lengths: Sequence[int] | None, docs: int) -> dict:
+    """What run_eval reads for `tasks`, from files no bundle trained on: `sequences` held-out sequences of
+    prompt_len + cont_len tokens (heldout, genagree) and as many per extra length in `heldout_lengths`, the first
+    `problems` HumanEval problems (None: all), `docs` documents per length of `docqa_lengths` plus the short chat
+    instructions (docqa)."""
+    from .eval_docqa import document_cases, short_cases
+    from .eval_humaneval import load_problems
+
+    out = {"sequences": None, "heldout_source": None, "heldout_by_length": None, "problems": None, "docqa_cases": None}
+    if "heldout" in tasks or "genagree" in tasks:
+        seqs, out["heldout_source"] = heldout_sequences(bundles, tokenizer, data=data, seq_len=prompt_len + cont_len,
+                                                        count=sequences)
+        out["sequences"] = seqs
+        out["heldout_by_length"] = {n: heldout_sequences(bundles, tokenizer, data=data, seq_len=n + cont_len,
+                                                         count=len(seqs))[0] for n in heldout_lengths}
+    if "humaneval" in tasks:
+        out["problems"] = load_problems(problems)
+    if "docqa" in tasks:
+        files, _ = heldout_files(bundles, data)
+        out["docqa_cases"] = document_cases(files, tokenizer, lengths=docqa_lengths, count=docs) + short_cases(tokenizer)
+    return out
+
+
 # ---- genagree ---------------------------------------------------------------------------------------------
-
-def prefix_match(reference: Sequence[int], other: Sequence[int]) -> int:
-    """Number of leading tokens of `other` equal to `reference`."""
-    return common_prefix(reference, other)
-
-
-def agreement_prefix(reference: Sequence[int], other: Sequence[int], n: int, eos: set[int] | frozenset = frozenset()) -> int:
-    """Exact-match prefix length of a greedy continuation with the base's, out of `n`. The reference ends at its
-    first EOS (generation would stop there): matching it through that EOS counts as a full match, n."""
-    ref = list(reference[:n])
-    cut = next((i for i, t in enumerate(ref) if t in eos), None)
-    if cut is not None:
-        ref = ref[:cut + 1]
-    m = prefix_match(ref, other)
-    return n if m == len(ref) else m
-
 
 def greedy(pipe: Pipeline, prompt: mx.array, mode: str, n: int, exact_tail: int = 1) -> list[int]:
     return [t for t, _ in generate_tokens(pipe, prompt, mode=mode, max_tokens=n, exact_tail=exact_tail)]
@@ -136,18 +145,6 @@ def greedy(pipe: Pipeline, prompt: mx.array, mode: str, n: int, exact_tail: int 
 def summarize_prefixes(prefixes: list[int], n: int) -> dict:
     return {"tokens": n, "mean_prefix": float(np.mean(prefixes)), "median_prefix": float(np.median(prefixes)),
             "full_match_rate": float(np.mean([p == n for p in prefixes])), "prefixes": [int(p) for p in prefixes]}
-
-
-def standard_error(values: Sequence[float]) -> float | None:
-    """Standard error of the mean of per-sequence values (None for fewer than 2)."""
-    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
-
-
-def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict:
-    """Mean and standard error of per-sequence differences from `reference` on the same sequences: far tighter
-    than comparing two means."""
-    diff = np.subtract(values, reference)
-    return {"diff": float(diff.mean()), "se": standard_error(diff)}
 
 
 # ---- cost ---------------------------------------------------------------------------------------------------
@@ -331,10 +328,6 @@ def write_json(result: dict, path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
 
 
-def _f(value, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)
-
-
 def print_table(result: dict, console=None) -> None:
     """One row per mode. The first two columns stay mode | held-out top-1 agreement when heldout is run."""
     from rich.console import Console
@@ -367,15 +360,15 @@ def print_table(result: dict, console=None) -> None:
         cells = [row["name"]]
         if "heldout" in tasks:
             h = row.get("heldout", {})
-            cells += [_f(h.get("agreement"), ".3f"), _f(h.get("agreement_se"), ".3f")]
+            cells += [cell(h.get("agreement"), ".3f"), cell(h.get("agreement_se"), ".3f")]
             if paired:
                 vs = h.get("vs_first_kvp")
                 cells += [f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else ""]
-            cells += [_f(h.get("first_token_agreement"), ".3f"), _f(h.get("nll"), ".3f")]
+            cells += [cell(h.get("first_token_agreement"), ".3f"), cell(h.get("nll"), ".3f")]
         if "genagree" in tasks:
             g = row.get("genagree", {})
-            cells += [_f(g.get("mean_prefix"), ".1f"), _f(g.get("median_prefix"), ".1f"),
-                      _f(g.get("full_match_rate"), ".2f")]
+            cells += [cell(g.get("mean_prefix"), ".1f"), cell(g.get("median_prefix"), ".1f"),
+                      cell(g.get("full_match_rate"), ".2f")]
         if "humaneval" in tasks:
             h = row.get("humaneval")
             cells += [f"{h['pass_at_1']:.3f} ({h['passed']}/{h['problems']})" if h else ""]
@@ -402,10 +395,10 @@ def print_heldout_lengths(result: dict, console=None) -> None:
     for row in result["modes"]:
         for n, h in row.get("heldout_lengths", {}).items():
             vs = h.get("vs_first_kvp")
-            t.add_row(row["name"], n, str(h["sequences"]), _f(h.get("agreement"), ".3f"),
-                      _f(h.get("agreement_se"), ".3f"),
+            t.add_row(row["name"], n, str(h["sequences"]), cell(h.get("agreement"), ".3f"),
+                      cell(h.get("agreement_se"), ".3f"),
                       f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else "",
-                      _f(h.get("first_token_agreement"), ".3f"), f"{h['nll']:.3f}")
+                      cell(h.get("first_token_agreement"), ".3f"), f"{h['nll']:.3f}")
     (console or Console(width=max(Console().width, 200))).print(t)
 
 

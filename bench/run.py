@@ -28,8 +28,7 @@ from mlx_kvpred.backends.linux_cpu.cpu_ops import mlx_attention, stock_mlx_ops
 from mlx_kvpred.backends.linux_cpu.decode import C_DECODE, C_ROWS, COMPILED_DECODE, QUANTIZED_DECODE
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import measure_gemm_gflops, ttft_flops
-from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens
-from mlx_kvpred.policy import prefill_rates
+from mlx_kvpred.pipeline import Pipeline, choose_mode, generate_tokens, prefill_rates
 from mlx_kvpred.predictor import layer_pruned_map
 
 # auto: the policy's pick; llama.cpp: the same GGUF; -sgemm: one-row matmuls as OpenBLAS sgemm, not sgemv (the

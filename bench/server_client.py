@@ -193,3 +193,18 @@ def conversation_over_http(client: ServerClient, document: str, *, questions: Se
     for t in turns:
         t["speedup_vs_turn1"] = turns[0]["ttft"] / t["ttft"]
     return turns
+
+
+def print_server_comparison(url: str, rows: list[dict], turns: list[dict], *, repeats: int, doc_tokens: int) -> None:
+    """compare_ttft's rows and conversation_over_http's turns as two tables."""
+    print(f"server {url} vs this process, same prompts (random tokens, new each run), median of {repeats}")
+    print(f"{'mode':>12} {'prompt':>6} {'in-process TTFT ms':>19} {'server TTFT ms':>15} {'server/in-process':>18}")
+    for r in rows:
+        mode = r["mode"] if r["runs_as"] in (None, r["mode"]) else f"{r['mode']} ({r['runs_as']})"
+        print(f"{mode:>12} {r['prompt_tokens']:>6} {r['local_ttft_median'] * 1e3:>19.0f} "
+              f"{r['server_ttft_median'] * 1e3:>15.0f} {r['ratio_median']:>18.3f}")
+    print(f"chat over HTTP: a {doc_tokens}-token held-out document in turn 1, then short questions")
+    print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'mode':>5} {'TTFT ms':>8} {'turn 1 / this':>14}")
+    for t in turns:
+        print(f"{t['turn']:>4} {t['prompt_tokens']:>7} {t['cached_tokens']:>7} {t['mode'] or '':>5} "
+              f"{t['ttft'] * 1e3:>8.0f} {t['speedup_vs_turn1']:>13.1f}x")

@@ -8,8 +8,7 @@ wrapped weights stay the base's shared arrays, so a bundle stores only the facto
 from __future__ import annotations
 
 import copy
-import inspect
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
@@ -17,9 +16,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .attention import attention_of
 from .errors import KVPredError
 from .loading import LoadedModel, model_class
-
-if TYPE_CHECKING:
-    from .bundle import Bundle, BundleConfig
 
 # Per-layer lists in configs that must be sliced when layers are dropped (openelm, llama layer_types, ...).
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "num_transformer_layers", "n_layers", "num_layers")
@@ -104,24 +100,6 @@ def check_same_tokenizer(base: LoadedModel, aux: LoadedModel) -> None:
                           f"({va} vs {vb} tokens); KV prediction needs the same tokenizer")
 
 
-def build_aux(cfg: "BundleConfig", base: LoadedModel) -> nn.Module:
-    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random).
-    A Pipeline prepares it for its backend."""
-    if cfg.aux_kind == "layer_pruned":
-        aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
-        if cfg.aux_lora:
-            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]),
-                         layers=lora_layers(cfg.aux_lora, len(aux.layers)),
-                         frozen_kv=cfg.aux_lora.get("frozen_kv", ()))
-        return aux
-    if cfg.aux_kind == "separate":
-        if cfg.aux_lora:
-            raise KVPredError("aux_lora is only for layer-pruned aux models (a separate aux stores all its weights)")
-        Model, Args = model_class(cfg.aux_config)
-        return Model(Args.from_dict(cfg.aux_config))
-    raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
-
-
 # ---- exact layers ----------------------------------------------------------------------------------------------
 
 def exact_aux_layers(aux_layers: list[int], layer_map: list[int], unchanged: list[int] | None = None) -> list[int]:
@@ -130,10 +108,11 @@ def exact_aux_layers(aux_layers: list[int], layer_map: list[int], unchanged: lis
     return [i for j, i in enumerate(aux_layers) if layer_map[i] == j and (unchanged is None or j in unchanged)]
 
 
-def lora_changed_exact_layers(cfg: "BundleConfig", aux_lora: dict | None, n_aux: int) -> list[int]:
-    """The exact layers of `cfg` whose aux layer `aux_lora` changes (their K/V could no longer be copied)."""
+def lora_changed_exact_layers(exact_layers: Sequence[int], layer_map: Sequence[int], aux_lora: dict | None,
+                              n_aux: int) -> list[int]:
+    """The `exact_layers` whose aux layer (`layer_map`) `aux_lora` changes (their K/V could no longer be copied)."""
     unchanged = unchanged_kv_layers(aux_lora, n_aux)
-    return [i for i in cfg.exact_layers if cfg.layer_map[i] not in unchanged]
+    return [i for i in exact_layers if layer_map[i] not in unchanged]
 
 
 # ---- LoRA --------------------------------------------------------------------------------------------------------
@@ -142,20 +121,6 @@ def aux_lora_config(*, rank: int, scale: float, layers: list[int]) -> dict:
     """A bundle's `aux_lora`: LoRA on aux `layers`, except the first one's K/V projections (its input is still
     the base's, so its K/V stay exact: copied, not predicted)."""
     return {"rank": rank, "scale": scale, "layers": sorted(layers), "frozen_kv": [min(layers)]}
-
-
-def enable_aux_lora(bundle: "Bundle", *, rank: int, scale: float, layers: list[int] | None = None) -> None:
-    """Give a KVP-LP bundle's aux trainable LoRA factors on `layers` (default all; B = 0: the aux is unchanged
-    until trained)."""
-    cfg = bundle.config
-    if cfg.aux_kind != "layer_pruned":
-        raise KVPredError("--aux-lora-rank is for layer-pruned aux models (--aux-layers / --aux-layers-keep)")
-    n_aux = len(bundle.aux.layers)
-    lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
-    if lora_changed_exact_layers(cfg, lora, n_aux):
-        raise ValueError("exact layers copy the aux's K/V: LoRA must leave those aux layers unchanged")
-    add_aux_lora(bundle.aux, rank=rank, scale=scale, layers=lora["layers"], frozen_kv=lora["frozen_kv"])
-    cfg.aux_lora = lora
 
 
 def add_aux_lora(aux: nn.Module, *, rank: int, scale: float, layers: Sequence[int] | None = None,
@@ -201,17 +166,3 @@ def unchanged_kv_layers(aux_lora: dict | None, n_aux: int) -> list[int]:
 
 def is_lora_param(name: str) -> bool:
     return name.endswith((".lora_a", ".lora_b"))
-
-
-def shared_base_layers(bundle: "Bundle", base: nn.Module) -> int:
-    """How many leading base layers the aux computes exactly: the KVP-LP aux's layers before its first LoRA layer
-    (all, when frozen), when those are base layers 0..n-1 and copy their K/V, and the mlx-lm model takes
-    input_embeddings (so the base can continue from the aux's residual stream); else 0. Training skips them in
-    teacher and student; inference runs the exact tail through them in the aux's pass."""
-    cfg = bundle.config
-    n_aux = len(bundle.aux.layers)
-    n = min(lora_layers(cfg.aux_lora, n_aux)) if cfg.aux_lora else n_aux
-    prefix = (cfg.aux_layers or [])[:n] == list(range(n)) and all(
-        i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
-    takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
-    return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0

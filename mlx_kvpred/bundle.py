@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,9 +16,10 @@ from mlx.utils import tree_flatten
 
 from .attention import hidden_dim, kv_dims
 from .atomic import atomic_write
-from .auxiliary import build_aux, is_lora_param, lora_changed_exact_layers
+from .auxiliary import (add_aux_lora, aux_lora_config, is_lora_param, lora_changed_exact_layers, lora_layers,
+                        make_layer_pruned_aux)
 from .errors import KVPredError
-from .loading import LoadedModel, config_fingerprint
+from .loading import LoadedModel, config_fingerprint, model_class
 from .predictor import KVPredictor, PredictorConfig
 
 FORMAT = "kvpred-mlx-bundle"
@@ -185,7 +187,8 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
     check_against_base(cfg, base, str(path))
     if not cfg.trained and not allow_untrained:
         raise KVPredError(f"{path}: this predictor is untrained (closed-form/identity init only); "
-                          "train it with `kvpred-mlx train` or pass --allow-untrained to use it anyway")
+                          "train it with `kvpred-mlx train` or pass allow_untrained to use it anyway",
+                          "allow_untrained")
     weights = _read_weights(path)
     aux = build_aux(cfg, base)
     try:
@@ -197,7 +200,7 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
     if cfg.predictor_input == "hidden" and cfg.aux_hidden_dim != hidden_dim(aux):
         raise KVPredError(f"{path}: aux_hidden_dim {cfg.aux_hidden_dim} does not match the aux model ({hidden_dim(aux)})")
     if cfg.exact_layers and (cfg.aux_kind != "layer_pruned"
-                             or lora_changed_exact_layers(cfg, cfg.aux_lora, len(aux.layers))):
+                             or lora_changed_exact_layers(cfg.exact_layers, cfg.layer_map, cfg.aux_lora, len(aux.layers))):
         raise KVPredError(f"{path}: exact_layers need layer-pruned aux layers that LoRA leaves unchanged")
     predictor = KVPredictor(pcfg)
     dtype = _float_dtype(base.model)
@@ -237,3 +240,52 @@ def _load_named(module: nn.Module, weights: list[tuple[str, Any]], *, strict: bo
         if tuple(v.shape) != tuple(have[k].shape):
             raise KVPredError(f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(have[k].shape)}")
     module.load_weights(weights, strict=False)
+
+
+# ---- the aux a bundle describes ----------------------------------------------------------------------------
+
+def build_aux(cfg: BundleConfig, base: LoadedModel) -> nn.Module:
+    """The aux model of a bundle config, before its own weights are applied (KVP-LP: base layers; KVP-C: random).
+    A Pipeline prepares it for its backend."""
+    if cfg.aux_kind == "layer_pruned":
+        aux, _ = make_layer_pruned_aux(base.model, base.config, cfg.aux_layers)
+        if cfg.aux_lora:
+            add_aux_lora(aux, rank=int(cfg.aux_lora["rank"]), scale=float(cfg.aux_lora["scale"]),
+                         layers=lora_layers(cfg.aux_lora, len(aux.layers)),
+                         frozen_kv=cfg.aux_lora.get("frozen_kv", ()))
+        return aux
+    if cfg.aux_kind == "separate":
+        if cfg.aux_lora:
+            raise KVPredError("aux_lora is only for layer-pruned aux models (a separate aux stores all its weights)")
+        Model, Args = model_class(cfg.aux_config)
+        return Model(Args.from_dict(cfg.aux_config))
+    raise KVPredError(f"unknown aux kind {cfg.aux_kind!r} (layer_pruned or separate)")
+
+
+def enable_aux_lora(bundle: "Bundle", *, rank: int, scale: float, layers: list[int] | None = None) -> None:
+    """Give a KVP-LP bundle's aux trainable LoRA factors on `layers` (default all; B = 0: the aux is unchanged
+    until trained)."""
+    cfg = bundle.config
+    if cfg.aux_kind != "layer_pruned":
+        raise KVPredError("aux_lora_rank is for layer-pruned aux models (aux_layers / aux_layers_keep)", "aux_lora_rank",
+                          "aux_layers", "aux_layers_keep")
+    n_aux = len(bundle.aux.layers)
+    lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
+    if lora_changed_exact_layers(cfg.exact_layers, cfg.layer_map, lora, n_aux):
+        raise ValueError("exact layers copy the aux's K/V: LoRA must leave those aux layers unchanged")
+    add_aux_lora(bundle.aux, rank=rank, scale=scale, layers=lora["layers"], frozen_kv=lora["frozen_kv"])
+    cfg.aux_lora = lora
+
+
+def shared_base_layers(bundle: "Bundle", base: nn.Module) -> int:
+    """How many leading base layers the aux computes exactly: the KVP-LP aux's layers before its first LoRA layer
+    (all, when frozen), when those are base layers 0..n-1 and copy their K/V, and the mlx-lm model takes
+    input_embeddings (so the base can continue from the aux's residual stream); else 0. Training skips them in
+    teacher and student; inference runs the exact tail through them in the aux's pass."""
+    cfg = bundle.config
+    n_aux = len(bundle.aux.layers)
+    n = min(lora_layers(cfg.aux_lora, n_aux)) if cfg.aux_lora else n_aux
+    prefix = (cfg.aux_layers or [])[:n] == list(range(n)) and all(
+        i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
+    takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
+    return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0

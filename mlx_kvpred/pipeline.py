@@ -20,25 +20,23 @@ from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .attention import backbone, lm_head_of, swapped, tap_kv
-from .auxiliary import shared_base_layers
 from .backends import Backend, for_device
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, load_bundle, shared_base_layers
 from .cache import write_predicted_kv
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
-from .policy import ModeChoice, choose_auto
+from . import policy
+from .policy import ModeChoice, PrefillRates
 from .predictor import KVPredictor
 
 MODES = ("auto", "kvp", "base", "aux")
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp12"  # for the default model
 # Prompt tokens the base computes itself in kvp mode, in stream_generate and the CLI (generate_tokens' default, 1,
-# is the paper's condition). 32 covers a chat question and the assistant header: with the shipped lp12 bundle, docqa
-# answer agreement at 1024 tokens 0.863 instead of 0.805 and short instructions 0.964 instead of 0.853, for 3% more
-# TTFT FLOPs at 1024 tokens (docs/training.md).
+# is the paper's condition): a chat question and the assistant header (measured: docs/training.md).
 DEFAULT_EXACT_TAIL = 32
 # Leading prompt positions the base computes itself in kvp mode: position 0 is the attention sink, whose K/V a
-# per-token map predicts worst; exact, it lifts docqa answer agreement at 1024 tokens by ~0.05 (docs/training.md).
-# Position 0 attends only to itself, so its K/V depend on its token alone: cached per pipeline, free after first use.
+# per-token map predicts worst (docs/training.md). Position 0 attends only to itself, so its K/V depend on its token
+# alone: cached per pipeline, free after first use.
 DEFAULT_EXACT_HEAD = 1
 HEAD_KV_ENTRIES = 64  # distinct heads Pipeline.head_kv keeps (first in, first out)
 
@@ -112,13 +110,13 @@ def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | N
 
 def check_exact_head(exact_head: int) -> int:
     if exact_head < 0:
-        raise KVPredError(f"--exact-head must be >= 0, got {exact_head}")
+        raise KVPredError(f"exact_head must be >= 0, got {exact_head}", "exact_head")
     return exact_head
 
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise KVPredError(f"--mode must be auto, kvp, base or aux, got {mode!r}")
+        raise KVPredError(f"mode must be auto, kvp, base or aux, got {mode!r}", "mode")
     return mode
 
 
@@ -130,11 +128,17 @@ def choose_mode(pipe: Pipeline, mode: str, *, new_tokens: int, offset: int = 0, 
     if check_mode(mode) == "auto":
         if pipe.bundle is None:
             return ModeChoice("base", "no KVP bundle")
-        return choose_auto(pipe, new_tokens=new_tokens, offset=offset, aux_lag=aux_lag, exact_tail=exact_tail,
-                           kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
+        return policy.choose_auto(pipe, prefill_rates(pipe), new_tokens=new_tokens, offset=offset, aux_lag=aux_lag,
+                                  exact_tail=exact_tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     if mode in ("kvp", "aux") and pipe.bundle is None:
-        raise KVPredError(f"--mode {mode} needs a KVP bundle: pass --kvp DIR")
+        raise KVPredError(f"mode {mode!r} needs a KVP bundle (kvp: a bundle directory)", "mode", "kvp")
     return ModeChoice(mode, f"--mode {mode}")
+
+
+def prefill_rates(pipe: Pipeline) -> PrefillRates:
+    """Mode auto's measured prefill rates of this pipeline (policy.prefill_rates: cached on disk, else a probe of a
+    few seconds through generate_tokens). Run it on the thread that generates: MLX streams belong to a thread."""
+    return policy.prefill_rates(pipe, generation=generate_tokens)
 
 
 def predict_cache(pipe: Pipeline, tokens: mx.array, *, prefill_step_size: int = 2048,
@@ -281,7 +285,7 @@ def write_exact_head(pipe: Pipeline, tokens: mx.array, caches: list[Any], *, hol
 
 def _need_bundle(pipe: Pipeline) -> Bundle:
     if pipe.bundle is None:
-        raise KVPredError("modes kvp and aux need a KVP bundle: pass --kvp DIR")
+        raise KVPredError("modes 'kvp' and 'aux' need a KVP bundle (kvp: a bundle directory)", "kvp")
     return pipe.bundle
 
 
@@ -388,8 +392,8 @@ def _merged_first_step(prompt, model, head, cache, *, backend: Backend, max_toke
 def split_exact_tail(prompt: mx.array, exact_tail: int) -> tuple[mx.array, mx.array]:
     """kvp: (the prompt tokens whose cache is predicted, the last `exact_tail` ones the base computes itself)."""
     if exact_tail < 1:
-        raise KVPredError(f"--exact-tail must be >= 1 (the base computes at least the last prompt token), "
-                          f"got {exact_tail}")
+        raise KVPredError(f"exact_tail must be >= 1 (the base computes at least the last prompt token), "
+                          f"got {exact_tail}", "exact_tail")
     cut = max(prompt.size - exact_tail, 0)
     return prompt[:cut], prompt[cut:]
 

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 
@@ -92,11 +92,10 @@ def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail:
     return lo
 
 
-def choose_auto(pipe: "Pipeline", *, new_tokens: int, offset: int = 0, aux_lag: int = 0, exact_tail: int = 1,
-                kvp_min_tokens: int | None = None, ttft_budget: float | None = None) -> ModeChoice:
+def choose_auto(pipe: "Pipeline", rates: PrefillRates, *, new_tokens: int, offset: int = 0, aux_lag: int = 0,
+                exact_tail: int = 1, kvp_min_tokens: int | None = None, ttft_budget: float | None = None) -> ModeChoice:
     """kvp or base for `new_tokens` after `offset` cached ones: base below `kvp_min_tokens` (default: from the
     measured rates), when the base's modelled TTFT fits `ttft_budget` seconds, or when kvp would not be faster."""
-    rates = prefill_rates(pipe)
     if kvp_min_tokens is None:
         kvp_min_tokens = default_kvp_min_tokens(pipe, rates, exact_tail=exact_tail)
     t_base = base_time(pipe, rates, new_tokens, offset)
@@ -111,8 +110,9 @@ def choose_auto(pipe: "Pipeline", *, new_tokens: int, offset: int = 0, aux_lag: 
     return ModeChoice("kvp", f"{new_tokens} new tokens >= --kvp-min-tokens {kvp_min_tokens}", **choice)
 
 
-def prefill_rates(pipe: "Pipeline") -> PrefillRates:
-    """The pipeline's prefill rates: kept on it, else read from the cache file, else measured (and saved)."""
+def prefill_rates(pipe: "Pipeline", *, generation: Callable) -> PrefillRates:
+    """The pipeline's prefill rates: kept on it, else read from the cache file, else measured with `generation`
+    (pipeline.generate_tokens: the real generation paths) and saved."""
     if pipe.prefill_rates is not None:
         return pipe.prefill_rates
     key = _rates_key(pipe)
@@ -125,19 +125,17 @@ def prefill_rates(pipe: "Pipeline") -> PrefillRates:
         except TypeError:
             pass  # an older layout: measure again
     print("auto mode: measuring prefill speed on this device (once per model and bundle)...", file=sys.stderr)
-    pipe.prefill_rates = measure_prefill_rates(pipe)
+    pipe.prefill_rates = measure_prefill_rates(pipe, generation=generation)
     stored[key] = asdict(pipe.prefill_rates)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(stored, indent=1)))
     return pipe.prefill_rates
 
 
-def measure_prefill_rates(pipe: "Pipeline", *, lengths: tuple[int, int] = PROBE_LENGTHS,
+def measure_prefill_rates(pipe: "Pipeline", *, generation: Callable, lengths: tuple[int, int] = PROBE_LENGTHS,
                           repeats: int = 3) -> PrefillRates:
     """Time base and kvp (exact tail 1) to the first token at two prompt lengths (best of `repeats`, after a
     warm-up) and fit fixed + FLOPs / rate to each; the kvp fit subtracts the modelled base last-token step. The
     runs alternate between the modes, so a moment when the machine is busy slows both rather than one."""
-    from .pipeline import generate_tokens  # the probe runs the real generation paths
-
     vocab = pipe.base.config["vocab_size"]
     prompts = [mx.random.randint(0, vocab, (n,), key=mx.random.key(n)) for n in lengths]
 
@@ -146,7 +144,7 @@ def measure_prefill_rates(pipe: "Pipeline", *, lengths: tuple[int, int] = PROBE_
         for _ in range(repeats):
             for mode in best:
                 tic = time.perf_counter()
-                next(iter(generate_tokens(pipe, prompt, mode=mode, max_tokens=1, exact_tail=1)))
+                next(iter(generation(pipe, prompt, mode=mode, max_tokens=1, exact_tail=1)))
                 best[mode] = min(best[mode], time.perf_counter() - tic)
         return best
 

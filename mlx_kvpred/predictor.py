@@ -59,12 +59,12 @@ def check_predictor_input(input: str, prev_token_dim: int, aux_hidden_dim: int |
     """The predictor's input options (named as the caller's user knows them: config fields or CLI flags);
     `aux_hidden_dim` None skips the checks that need the aux."""
     if input not in PREDICTOR_INPUTS:
-        raise KVPredError(f"{input_name} must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}")
+        raise KVPredError(f"{input_name} must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}", input_name)
     if prev_token_dim < 0 or (prev_token_dim and input != "hidden"):
         raise KVPredError(f"{dim_name} must be >= 0 and needs {input_name} hidden, got {prev_token_dim} "
-                          f"with {input_name} {input}")
+                          f"with {input_name} {input}", dim_name, input_name)
     if aux_hidden_dim is not None and prev_token_dim > aux_hidden_dim:
-        raise KVPredError(f"{dim_name} {prev_token_dim} exceeds the aux hidden width {aux_hidden_dim}")
+        raise KVPredError(f"{dim_name} {prev_token_dim} exceeds the aux hidden width {aux_hidden_dim}", dim_name)
 
 
 def previous_positions(x: mx.array, before: mx.array | None = None) -> mx.array:

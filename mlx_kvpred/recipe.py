@@ -18,17 +18,16 @@ from typing import Callable
 
 import numpy as np
 
-from .auxiliary import (aux_lora_config, check_same_tokenizer, enable_aux_lora, exact_aux_layers,
-                        make_layer_pruned_aux, lora_layers, unchanged_kv_layers)
-from .bundle import Bundle, load_bundle, new_bundle
+from .auxiliary import (aux_lora_config, check_same_tokenizer, exact_aux_layers, lora_layers, make_layer_pruned_aux,
+                        unchanged_kv_layers)
+from .bundle import Bundle, enable_aux_lora, load_bundle, new_bundle
 from .data import TextSplit, collect_files, default_sources, split_files, tokenize_files, tokenize_records
 from .errors import KVPredError
 from .loading import LoadedModel, current_device, default_device, load_model, set_device
 from .predictor import check_predictor_input, layer_pruned_map, smaller_model_map, spread_layers
 from .train import CHECKPOINT_DIR, DEFAULT_LR, TrainConfig, TrainState, train
 
-SHIPPED_AUX_LAYERS = tuple(range(12))  # KVP-LP with the base's first 12 of 30 layers: 2.2x analytical TTFT cut
-# at 1024 tokens; 8 layers cut 3.0x but hold long chat prompts worse (docs/training.md)
+SHIPPED_AUX_LAYERS = tuple(range(12))  # KVP-LP with the base's first 12 of 30 layers (why 12: docs/training.md)
 DEFAULT_PREV_TOKEN_DIM = 64  # with predictor input "hidden" (docs/training.md)
 EVAL_SEQ_LEN = 320  # held-out sequences of the training run's evals: 256 prompt + 64 scored tokens
 MAX_RECORD_TOKENS = 2304  # --chat-data records longer than this keep their last tokens (question and answer)
@@ -60,31 +59,36 @@ class TrainSpec:
         given = [self.aux_layers is not None, self.aux_layers_keep is not None, self.aux_model is not None,
                  self.init_from is not None]
         if sum(given) > 1:
-            raise KVPredError("give exactly one aux (none: base layers 0-11): --aux-layers LIST, --aux-layers-keep N, "
-                              "--aux-model PATH or --init-from BUNDLE")
+            raise KVPredError("give exactly one aux (none: base layers 0-11): aux_layers LIST, aux_layers_keep N, "
+                              "aux_model PATH or init_from BUNDLE", "aux_layers", "aux_layers_keep", "aux_model",
+                              "init_from")
         t = self.train
         if self.init_from is not None and (self.layer_map is not None or t.aux_lora_rank or t.aux_lora_layers
                                            is not None or t.aux_lora_scale != TrainConfig.aux_lora_scale
                                            or self.predictor_input is not None or self.prev_token_dim is not None):
-            raise KVPredError("--init-from: the bundle fixes the layer map, predictor input and LoRA; drop --layer-map/"
-                              "--predictor-input/--prev-token-dim/--aux-lora-rank/--aux-lora-scale/--aux-lora-layers")
+            raise KVPredError("init_from: the bundle fixes the layer map, predictor input and LoRA; drop layer_map, "
+                              "predictor_input, prev_token_dim, aux_lora_rank, aux_lora_scale, aux_lora_layers",
+                              "init_from", "layer_map", "predictor_input", "prev_token_dim", "aux_lora_rank",
+                              "aux_lora_scale", "aux_lora_layers")
         if self.init_from is None:
-            check_predictor_input(self.input, self.prev_dim, input_name="--predictor-input",
-                                  dim_name="--prev-token-dim")
+            check_predictor_input(self.input, self.prev_dim, input_name="predictor_input", dim_name="prev_token_dim")
         if t.aux_lora_rank and self.aux_model is not None:
-            raise KVPredError("--aux-lora-rank is for layer-pruned aux models only (not --aux-model)")
+            raise KVPredError("aux_lora_rank is for layer-pruned aux models only (not aux_model)", "aux_lora_rank",
+                              "aux_model")
         if t.aux_lora_layers is not None and not t.aux_lora_rank:
-            raise KVPredError("--aux-lora-layers needs --aux-lora-rank")
-        for flag, value in (("--sequences-per-file", self.sequences_per_file),
-                            ("--max-train-sequences", self.max_train_sequences)):
+            raise KVPredError("aux_lora_layers needs aux_lora_rank", "aux_lora_layers", "aux_lora_rank")
+        for name, value in (("sequences_per_file", self.sequences_per_file),
+                            ("max_train_sequences", self.max_train_sequences)):
             if value is not None and value < 1:
-                raise KVPredError(f"{flag} must be >= 1, got {value}")
+                raise KVPredError(f"{name} must be >= 1, got {value}", name)
         if self.eval_sequences < 0:
-            raise KVPredError(f"--eval-sequences must be >= 0, got {self.eval_sequences}")
+            raise KVPredError(f"eval_sequences must be >= 0, got {self.eval_sequences}", "eval_sequences")
         if (self.long_seq_len is None) != (self.long_sequences == 0) or (self.long_seq_len or 2) < 2:
-            raise KVPredError("--long-seq-len N (>= 2) and --long-sequences M (>= 1) go together")
+            raise KVPredError("long_seq_len N (>= 2) and long_sequences M (>= 1) go together", "long_seq_len",
+                              "long_sequences")
         if self.mixed and t.batch_size != 1:
-            raise KVPredError("--long-seq-len and --chat-data train sequences of mixed lengths: --batch-size 1")
+            raise KVPredError("long_seq_len and chat_data train sequences of mixed lengths: batch_size 1", "long_seq_len",
+                              "chat_data", "batch_size")
 
     @property
     def mixed(self) -> bool:
@@ -138,21 +142,22 @@ def _new_bundle(spec: TrainSpec, base: LoadedModel) -> Bundle:
         default_map = smaller_model_map(len(aux.layers), n_base)
     else:
         if spec.aux_layers_keep is not None and not 1 <= spec.aux_layers_keep <= n_base:
-            raise KVPredError(f"--aux-layers-keep must be in 1..{n_base}, got {spec.aux_layers_keep}")
+            raise KVPredError(f"aux_layers_keep must be in 1..{n_base}, got {spec.aux_layers_keep}", "aux_layers_keep")
         kept = (spread_layers(n_base, spec.aux_layers_keep) if spec.aux_layers_keep is not None
                 else list(spec.aux_layers or SHIPPED_AUX_LAYERS))
         if not all(0 <= i < n_base for i in kept):
-            raise KVPredError(f"--aux-layers: layers must be in 0..{n_base - 1}, got {kept}")
+            raise KVPredError(f"aux_layers: layers must be in 0..{n_base - 1}, got {kept}", "aux_layers")
         aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
         aux_kind, aux_config = "layer_pruned", None
         default_map = layer_pruned_map(kept, n_base)
     lmap = list(spec.layer_map) if spec.layer_map is not None else default_map
     if len(lmap) != n_base:
-        raise KVPredError(f"--layer-map has {len(lmap)} entries, the base has {n_base} layers")
+        raise KVPredError(f"layer_map has {len(lmap)} entries, the base has {n_base} layers", "layer_map")
     t = spec.train
     n_aux = len(aux.layers)
     if t.aux_lora_layers is not None and not all(0 <= j < n_aux for j in t.aux_lora_layers):
-        raise KVPredError(f"--aux-lora-layers: aux layers must be in 0..{n_aux - 1}, got {t.aux_lora_layers}")
+        raise KVPredError(f"aux_lora_layers: aux layers must be in 0..{n_aux - 1}, got {t.aux_lora_layers}",
+                          "aux_lora_layers")
     lora = aux_lora_config(rank=t.aux_lora_rank, scale=t.aux_lora_scale, layers=t.aux_lora_layers or list(
         range(n_aux))) if t.aux_lora_rank else None
     # KVP-LP: the kept layers the aux still computes as the base does (frozen, or before LoRA): copied K/V
@@ -202,7 +207,7 @@ def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str |
     spec = spec or TrainSpec()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
-        raise KVPredError(f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}")
+        raise KVPredError(f"resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}", "resume")
     if base is None:
         device = set_device(device or default_device())
         base = load_model(model, device=device)

@@ -58,7 +58,7 @@ def chat_prompts(count: int, *, seed: int = 0) -> list[str]:
     """`count` distinct instruction x topic prompts in a seeded order."""
     pairs = [(i, t) for i in range(len(INSTRUCTIONS)) for t in range(len(TOPICS))]
     if count > len(pairs):
-        raise KVPredError(f"--count {count}: at most {len(pairs)} distinct prompts")
+        raise KVPredError(f"count {count}: at most {len(pairs)} distinct prompts", "count")
     order = np.random.default_rng(seed).permutation(len(pairs))[:count]
     return [INSTRUCTIONS[pairs[k][0]].format(t=TOPICS[pairs[k][1]]) for k in order]
 
@@ -84,10 +84,10 @@ def generate_chat_data(base: LoadedModel, out: str | Path, *, count: int = 512, 
     if tok is None or not getattr(tok, "chat_template", None):
         raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
     if count < 1 or max_tokens < 1:
-        raise KVPredError("--count and --max-tokens must be >= 1")
+        raise KVPredError("count and max_tokens must be >= 1", "count", "max_tokens")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise KVPredError(f"--out {out} exists and is not a directory")
+        raise KVPredError(f"out {out} exists and is not a directory", "out")
     prompts = chat_prompts(count, seed=seed)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     shards = []
@@ -160,10 +160,11 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
     if tok is None or not getattr(tok, "chat_template", None):
         raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
     if count < 1 or max_tokens < 1 or not lengths or min(lengths) < 16:
-        raise KVPredError("--count and --max-tokens must be >= 1 and --doc-lengths >= 16 tokens each")
+        raise KVPredError("count and max_tokens must be >= 1 and doc_lengths >= 16 tokens each", "count",
+                          "max_tokens", "doc_lengths")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise KVPredError(f"--out {out} exists and is not a directory")
+        raise KVPredError(f"out {out} exists and is not a directory", "out")
     order = iter(np.random.default_rng(seed).permutation(len(files)))
     sampler = make_sampler(temp=temperature, top_p=top_p)
     shards = []
@@ -176,7 +177,7 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
         # the shard's documents: always drawn, so a resumed run picks the same ones for later shards
         docs = list(islice(document_texts(files, order, tok, n), size))
         if not docs:
-            raise KVPredError(f"--data: no more files with {n} tokens for document chats")
+            raise KVPredError(f"data: no more files with {n} tokens for document chats", "data")
         if path.is_file():
             if progress:
                 progress(len(docs))

@@ -161,7 +161,7 @@ class Engine:
 
         try:
             if self.pipe.bundle is not None and self.mode == "auto":
-                from .policy import prefill_rates
+                from .pipeline import prefill_rates
 
                 # the one-time probe, before the first request and on this thread: MLX streams (and the compiled
                 # kernels traced on them) belong to the thread that made them

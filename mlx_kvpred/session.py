@@ -257,7 +257,7 @@ class ChatSession:
         path = Path(path)
         check_session_path(path)
         if path.exists() and not overwrite:
-            raise KVPredError(f"{path} already exists (overwrite it explicitly, e.g. /save FILE --force)")
+            raise KVPredError(f"{path} already exists (overwrite=True replaces it)")
         with self.lock:
             mx.eval([c.state for c in self.cache])
             metadata = {

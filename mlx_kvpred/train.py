@@ -24,8 +24,7 @@ from mlx.utils import tree_flatten
 
 from .attention import backbone, swapped, tap_kv
 from .atomic import atomic_write
-from .auxiliary import shared_base_layers
-from .bundle import Bundle, save_bundle
+from .bundle import Bundle, save_bundle, shared_base_layers
 from .backends import for_device
 from .errors import KVPredError
 from .loading import LoadedModel
@@ -64,20 +63,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for flag, value in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size), ("--steps", self.steps),
-                            ("--eval-every", self.eval_every), ("--checkpoint-every", self.checkpoint_every)):
+        for name, value in (("seq_len", self.seq_len), ("batch_size", self.batch_size), ("steps", self.steps),
+                            ("eval_every", self.eval_every), ("checkpoint_every", self.checkpoint_every)):
             if value < 1:
-                raise KVPredError(f"{flag} must be >= 1, got {value}")
+                raise KVPredError(f"{name} must be >= 1, got {value}", name)
         if self.ridge_sequences < 0 or self.aux_lora_rank < 0:
-            raise KVPredError("--ridge-sequences and --aux-lora-rank must be >= 0")
+            raise KVPredError("ridge_sequences and aux_lora_rank must be >= 0", "ridge_sequences", "aux_lora_rank")
         if self.true_kv_tail is None:
             self.true_kv_tail = self.seq_len // 4
         if not 0 <= self.true_kv_tail < self.seq_len:
-            raise KVPredError(f"--true-kv-tail must be in 0..{self.seq_len - 1} (below --seq-len), "
-                              f"got {self.true_kv_tail}")
+            raise KVPredError(f"true_kv_tail must be in 0..{self.seq_len - 1} (below seq_len), "
+                              f"got {self.true_kv_tail}", "true_kv_tail", "seq_len")
         if not 0 <= self.true_kv_head < self.seq_len - self.true_kv_tail:
-            raise KVPredError(f"--true-kv-head must be in 0..{self.seq_len - self.true_kv_tail - 1} (with "
-                              f"--true-kv-tail, below --seq-len), got {self.true_kv_head}")
+            raise KVPredError(f"true_kv_head must be in 0..{self.seq_len - self.true_kv_tail - 1} (with "
+                              f"true_kv_tail, below seq_len), got {self.true_kv_head}", "true_kv_head", "true_kv_tail",
+                              "seq_len")
 
 
 @dataclass
@@ -334,17 +334,17 @@ def _load_checkpoint(out: Path, trainable: Trainable, opt: optim.Optimizer, cfg:
         raw = json.loads((ckpt / "state.json").read_text())
         arrays = mx.load(str(ckpt / raw.pop("weights")))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise KVPredError(f"--resume: no usable checkpoint in {ckpt} ({e})") from e
+        raise KVPredError(f"resume: no usable checkpoint in {ckpt} ({e})", "resume") from e
     saved = raw.pop("config", None) or {}
     changed = [k for k in RESUME_FIXED if k in saved and saved[k] != asdict(cfg)[k]]
     if changed:
-        raise KVPredError(f"--resume: {ckpt} was trained with different options: "
-                          + ", ".join(f"{k}={saved[k]} (now {asdict(cfg)[k]})" for k in changed))
+        raise KVPredError(f"resume: {ckpt} was trained with different options: "
+                          + ", ".join(f"{k}={saved[k]} (now {asdict(cfg)[k]})" for k in changed), "resume")
     have = dict(tree_flatten(trainable.trainable_parameters()))
     weights = [(k, v) for k, v in arrays.items() if not k.startswith("optimizer.")]
     if {k for k, _ in weights} != set(have):
-        raise KVPredError(f"--resume: {ckpt} holds other trainable weights than this run "
-                          "(a different aux, layer map or --aux-lora-rank?)")
+        raise KVPredError(f"resume: {ckpt} holds other trainable weights than this run "
+                          "(a different aux, layer map or aux_lora_rank?)", "resume", "aux_lora_rank")
     trainable.load_weights(weights, strict=False)  # the frozen rest is the base's
 
     def state_name(k: str) -> str:  # checkpoints before aux LoRA kept predictor optimizer state at the top level
@@ -375,10 +375,10 @@ def train(base: LoadedModel, bundle: Bundle, train_seqs: np.ndarray | list[np.nd
     if ragged:
         shortest = min(len(x) for x in train_seqs)
         if cfg.batch_size != 1:
-            raise KVPredError("sequences of mixed lengths train at --batch-size 1")
+            raise KVPredError("sequences of mixed lengths train at batch_size 1", "batch_size")
         if shortest <= cfg.true_kv_tail + cfg.true_kv_head:
-            raise KVPredError(f"--true-kv-tail {cfg.true_kv_tail} and --true-kv-head {cfg.true_kv_head} do not fit "
-                              f"the shortest training sequence ({shortest} tokens)")
+            raise KVPredError(f"true_kv_tail {cfg.true_kv_tail} and true_kv_head {cfg.true_kv_head} do not fit "
+                              f"the shortest training sequence ({shortest} tokens)", "true_kv_tail", "true_kv_head")
     if not ragged and train_seqs.shape[1] != cfg.seq_len:
         raise ValueError(f"training sequences have {train_seqs.shape[1]} tokens, the config's seq_len is {cfg.seq_len}")
     if cfg.lr is None:

@@ -237,3 +237,28 @@ def test_doctor_names_the_blas_kernels_and_the_fix_for_generic_ones(monkeypatch)
         assert "-> OpenBLAS runs its Prescott kernels on a CPU with AVX" in r.stdout and "OPENBLAS_CORETYPE=" in r.stdout
     assert blas.core_check("Prescott", "avx512")[1] and not blas.core_check("SkylakeX", "avx512")[1]
     assert blas.core_check("Haswell", "avx512")[1] and not blas.core_check("Haswell", "avx2")[1]
+
+
+def test_library_errors_name_fields_and_the_cli_shows_flags():
+    """A library error names options as the Python API (and the server's JSON) spells them; the CLI shows them as
+    its flags. No raise outside the CLI names a flag."""
+    import ast
+    from pathlib import Path
+
+    from mlx_kvpred.errors import KVPredError, cli_message
+    from mlx_kvpred.pipeline import split_exact_tail
+
+    with pytest.raises(KVPredError) as raised:
+        split_exact_tail(mx.array([1, 2, 3]), 0)
+    assert str(raised.value).startswith("exact_tail must be >= 1") and "--" not in str(raised.value)
+    assert cli_message(raised.value).startswith("--exact-tail must be >= 1")
+    error = KVPredError("mode 'kvp' needs a KVP bundle (kvp: a bundle directory)", "mode", "kvp")
+    assert cli_message(error) == "--mode 'kvp' needs a KVP bundle (--kvp: a bundle directory)"
+    package = Path(__file__).resolve().parents[1] / "mlx_kvpred"
+    for path in package.rglob("*.py"):
+        if "cli" in path.parts or path.name == "chat_repl.py":  # the CLI's and the REPL's own words
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "KVPredError" and node.args:
+                text = ast.unparse(node.args[0])
+                assert " --" not in text.replace("pip install --no-deps", ""), f"{path.name}: {text}"

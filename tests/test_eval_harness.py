@@ -8,8 +8,8 @@ import pytest
 
 from conftest import assert_one_line_error, cli, tiny_model
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
-from mlx_kvpred.bench.eval_harness import (SCHEMA, agreement_prefix, parse_tasks, prefix_match, print_table,
-                                           run_eval, summary, write_json)
+from mlx_kvpred.bench.eval_harness import SCHEMA, parse_tasks, print_table, run_eval, summary, write_json
+from mlx_kvpred.bench.metrics import agreement_prefix, prefix_match
 from mlx_kvpred.bench.eval_humaneval import (check_completions, continue_prompt, humaneval_available,
                                              load_problems, truncate_completion)
 from mlx_kvpred.bench.eval_docqa import document_cases, repeated_4gram_share, short_cases

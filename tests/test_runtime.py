@@ -13,8 +13,8 @@ from mlx_kvpred import pipeline
 from mlx_kvpred.backends import for_device
 from mlx_kvpred.backends.linux_cpu import cpu_kernels
 from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
-from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
-from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle
+from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
+from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle, shared_base_layers
 from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.backends.linux_cpu import cpu_ops, decode
 from mlx_kvpred.errors import KVPredError
@@ -201,7 +201,7 @@ def test_exact_tail_is_computed_by_the_base():
     part = score_sequence(pipe, tokens, 20, with_aux=False, exact_tail=5)
     first = next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=5))[0]
     assert part["kvp_top1"][0] == first
-    with pytest.raises(KVPredError, match="--exact-tail"):
+    with pytest.raises(KVPredError, match="exact_tail must be >= 1"):
         next(generate_tokens(pipe, prompt, mode="kvp", max_tokens=1, exact_tail=0))
 
 
@@ -278,7 +278,7 @@ def test_exact_head_is_the_base_own_kv_and_cached():
     longer = predict_cache(Pipeline(base, bundle, exact_head=30), prompt)  # a head longer than the prompt: all base
     assert all(mx.allclose(c.keys[..., :20, :], t.keys[..., :20, :], atol=1e-5).item()
                for c, t in zip(longer, true_cache))
-    with pytest.raises(KVPredError, match="--exact-head"):
+    with pytest.raises(KVPredError, match="exact_head must be >= 0"):
         load_pipeline(exact_head=-1)
 
 

@@ -14,7 +14,7 @@ from mlx_kvpred.attention import backbone
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.pipeline import Pipeline, generate_tokens, stream_generate
+from mlx_kvpred.pipeline import Pipeline, generate_tokens, prefill_rates, stream_generate
 from mlx_kvpred.predictor import layer_pruned_map
 from mlx_kvpred.session import ChatSession
 
@@ -214,7 +214,7 @@ def test_auto_policy_by_modelled_cost():
     n_min = policy.default_kvp_min_tokens(pipe, RATES, exact_tail=4)
     ratio = lambda n: policy.base_time(pipe, RATES, n) / policy.kvp_time(pipe, RATES, n, exact_tail=4)  # noqa: E731
     assert 4 < n_min < 400 and ratio(n_min) >= policy.KVP_MIN_SPEEDUP > ratio(n_min - 1)
-    choose = lambda n, **kw: policy.choose_auto(pipe, new_tokens=n, exact_tail=4, **kw)  # noqa: E731
+    choose = lambda n, **kw: policy.choose_auto(pipe, RATES, new_tokens=n, exact_tail=4, **kw)  # noqa: E731
     assert choose(n_min - 1).mode == "base" and choose(n_min).mode == "kvp"
     assert choose(n_min, kvp_min_tokens=n_min + 1).mode == "base"
     big = choose(400)
@@ -238,9 +238,9 @@ def test_auto_runs_the_base_below_the_threshold():
 
 def test_prefill_rates_are_measured_once_and_cached(monkeypatch):
     pipe = pipeline(identity=False)
-    rates = policy.prefill_rates(pipe)
+    rates = prefill_rates(pipe)
     assert rates.base_gflops > 0 and rates.aux_gflops > 0 and rates.base_fixed_s >= 0 and rates.aux_fixed_s >= 0
-    monkeypatch.setattr(policy, "measure_prefill_rates", lambda p: pytest.fail("measured twice"))
+    monkeypatch.setattr(policy, "measure_prefill_rates", lambda p, **kw: pytest.fail("measured twice"))
     again = pipeline(identity=False)
-    assert policy.prefill_rates(again) == rates  # read from the cache file
+    assert prefill_rates(again) == rates  # read from the cache file
     assert (policy.cache_dir() / policy.RATES_FILE).is_file()

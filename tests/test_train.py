@@ -13,8 +13,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import tiny_model
-from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux, shared_base_layers
-from mlx_kvpred.bundle import load_bundle, new_bundle
+from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
+from mlx_kvpred.bundle import load_bundle, new_bundle, shared_base_layers
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.predictor import layer_pruned_map
 from mlx_kvpred.pipeline import Pipeline, predict_cache
@@ -29,8 +29,8 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 from conftest import tiny_model
-from mlx_kvpred.auxiliary import enable_aux_lora, make_layer_pruned_aux
-from mlx_kvpred.bundle import new_bundle
+from mlx_kvpred.auxiliary import make_layer_pruned_aux
+from mlx_kvpred.bundle import enable_aux_lora, new_bundle
 from mlx_kvpred.train import TrainConfig, train
 base = tiny_model("llama", num_hidden_layers=4)
 aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 2])
@@ -131,7 +131,7 @@ def test_schedule_and_data_order_are_deterministic():
 
 
 def lora_bundle(base, kept, rank=2):
-    from mlx_kvpred.auxiliary import enable_aux_lora
+    from mlx_kvpred.bundle import enable_aux_lora
 
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
     bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, len(base.model.layers)),
@@ -303,7 +303,8 @@ def test_lora_on_the_last_aux_layer_keeps_exact_layers_and_skips_to_it():
     """--aux-lora-layers on the aux's last layer: its K/V projections stay the base's, so every aux layer's
     K/V are still exact (copied); training skips the frozen layers before it, with the same loss and the same
     gradients (LoRA factors included) as the full forward."""
-    from mlx_kvpred.auxiliary import aux_lora_config, enable_aux_lora, unchanged_kv_layers
+    from mlx_kvpred.auxiliary import aux_lora_config, unchanged_kv_layers
+    from mlx_kvpred.bundle import enable_aux_lora
     from mlx_kvpred.train import Trainable, step_inputs, step_loss
 
     base = tiny_model("llama", num_hidden_layers=5)

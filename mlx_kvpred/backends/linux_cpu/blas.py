@@ -182,7 +182,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """glibc: serve allocations up to `limit` bytes from the heap and keep freed memory there.
 
     MLX's CPU allocator mallocs every op's output; glibc maps blocks over 32 MB fresh from the OS each
-    time, so each op on a (256, 49152) logits array paid ~12k page faults (x*2 took 38 ms; with this, 6 ms).
+    time, so each op on a (256, 49152) logits array paid ~12k page faults (docs/performance.md).
     """
     if not sys.platform.startswith("linux"):
         return False

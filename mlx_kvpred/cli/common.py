@@ -1,0 +1,122 @@
+"""What the commands share: the typer app, common flags, prompt reading, sampling and loading."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import KVPredError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="KV Prediction on MLX: a small aux model prefills the prompt, learned linear maps predict "
+                       "the base model's KV cache, the base generates. Faster time to first token.")
+
+
+def read_prompt(prompt: Optional[str], text: Optional[str]) -> str:
+    if (prompt is None) == (text is None):
+        raise KVPredError("give exactly one of --prompt FILE (or - for stdin) and --text TEXT")
+    if text is not None:
+        content = text
+    elif prompt == "-":
+        content = sys.stdin.read()
+    else:
+        path = Path(prompt)
+        if not path.is_file():
+            raise KVPredError(f"--prompt: file not found: {prompt}")
+        try:
+            content = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KVPredError(f"--prompt: cannot read {prompt} as UTF-8 text ({e.__class__.__name__})") from e
+    from ..pipeline import require_text
+
+    return require_text(content, "--text" if text is not None else prompt)
+
+
+# Options shared by generate and chat
+MODEL = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo id (default: installed "
+                                "SmolLM2-135M-Instruct GGUF).")
+KVP = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model).")
+MODE = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone, generate "
+                                 "only), auto (kvp only where it saves real time on this device, else base).")
+MAX_TOKENS = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens.")
+TEMP = typer.Option(0.0, help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
+SEED = typer.Option(None, help="Random seed for sampling.")
+SYSTEM = typer.Option(None, help="System message.")
+DEVICE = typer.Option(None, help="cpu or gpu (default: gpu if MLX has one, else cpu).")
+ALLOW_UNTRAINED = typer.Option(False, help="Accept a bundle whose predictor was never trained.")
+EXACT_TAIL = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself, attending to the "
+                                     "predicted cache of the rest (default 32; 1: the last token only, the paper's).")
+EXACT_HEAD = typer.Option(None, help="kvp: the base computes the first N prompt tokens itself (default 1: the "
+                                     "attention sink, cached after first use; 0: predict every position).")
+KVP_MIN_TOKENS = typer.Option(None, help="auto: the base runs prompts (or new turn spans) shorter than this (default: "
+                                         "where kvp's TTFT, modelled from a one-time speed probe, is 1.5x lower).")
+TTFT_BUDGET = typer.Option(None, help="auto: run the base (exact) whenever its modelled TTFT is within this many "
+                                      "seconds.")
+
+
+def sampler_from_flags(temp: float, top_p: float, seed: Optional[int], max_tokens: int):
+    """make_sampler after checking the flags (and seeding)."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    if max_tokens < 1:
+        raise KVPredError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if temp < 0 or not 0 < top_p <= 1:
+        raise KVPredError("--temp must be >= 0 and --top-p in (0, 1]")
+    if seed is not None:
+        mx.random.seed(seed)
+    return make_sampler(temp=temp, top_p=top_p)
+
+
+def check_policy_flags(exact_tail: Optional[int], kvp_min_tokens: Optional[int], ttft_budget: Optional[float]) -> int:
+    """The exact tail to use (default 32), after checking the auto-policy flags."""
+    from ..pipeline import DEFAULT_EXACT_TAIL
+
+    if exact_tail is not None and exact_tail < 1:
+        raise KVPredError(f"--exact-tail must be >= 1 (the base computes at least the last prompt token), "
+                          f"got {exact_tail}")
+    if kvp_min_tokens is not None and kvp_min_tokens < 1:
+        raise KVPredError(f"--kvp-min-tokens must be >= 1, got {kvp_min_tokens}")
+    if ttft_budget is not None and ttft_budget < 0:
+        raise KVPredError(f"--ttft-budget must be >= 0 seconds, got {ttft_budget}")
+    return DEFAULT_EXACT_TAIL if exact_tail is None else exact_tail
+
+
+def load_for_generation(model, kvp, mode: str, device, allow_untrained: bool, *, keep_bundle: bool = False,
+                        exact_head: Optional[int] = None):
+    """load_pipeline for a mode (base: no bundle, unless `keep_bundle`), with the notes a user should see."""
+    from ..pipeline import check_mode, load_pipeline
+
+    check_mode(mode)
+    pipe = load_pipeline(model, kvp=False if mode == "base" and not keep_bundle else kvp, device=device,
+                         allow_untrained=allow_untrained, exact_head=exact_head)
+    if mode == "auto" and pipe.bundle is None:
+        print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
+    if pipe.bundle is not None and not pipe.bundle.config.trained:
+        print("WARNING: this KVP bundle is UNTRAINED; its outputs are not meaningful", file=sys.stderr)
+    return pipe
+
+
+
+
+def print_stream(responses):
+    last = None
+    for last in responses:
+        print(last.text, end="", flush=True)
+    print()
+    return last
+
+
+
+
+def parse_int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
+    if value is None:
+        return None
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise KVPredError(f"{flag} must be comma-separated integers, got {value!r}") from None
