@@ -72,7 +72,7 @@ def server_health(client: ServerClient) -> dict:
 def check_same_model(client: ServerClient, pipe: Pipeline) -> dict:
     """The server must serve the model and bundle this process loaded, or the comparison means nothing."""
     health = server_health(client)
-    ours = str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None
+    ours = pipe.bundle.path.name if pipe.bundle and pipe.bundle.path else None  # /health names no local paths
     if health.get("model") != pipe.model_id or health.get("bundle") != ours:
         raise KVPredError(f"--server serves {health.get('model')} (bundle {health.get('bundle')}), this bench loaded "
                           f"{pipe.model_id} (bundle {ours}): pass the server's --model and --kvp")

@@ -75,7 +75,7 @@ def test_a_failed_request_leaves_nothing_in_the_prompt_cache(monkeypatch):
         yield from ()
         raise RuntimeError("broken mid-turn")
 
-    job = Job(list(range(1, 30)), 4, 0.0, 1.0, None, "kvp", 2, loop, events)
+    job = Job(list(range(1, 30)), 4, 0.0, 1.0, None, "kvp", 2, "", loop, events)
     monkeypatch.setattr(ChatSession, "stream_tokens", failing)
     engine.jobs.put(job)
     engine.jobs.put(None)
@@ -292,3 +292,198 @@ def test_bench_against_the_server(server, tmp_path):
     unreachable = subprocess.run(cmd[:5] + [f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True,
                                  timeout=600)
     assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+
+
+def test_base_mode_never_reads_predicted_kv():
+    """A cached conversation whose K/V are partly predicted, then a base-mode request on the same prefix: the base
+    answers from exact K/V only (repaired first), as a fresh base would, and says how many it repaired."""
+    import asyncio
+
+    from mlx_kvpred.server import Engine, Job
+
+    pipe = tiny_pipeline()
+    engine = Engine(pipe, mode="kvp", exact_tail=2)
+    loop = asyncio.new_event_loop()
+    prompt = [(i * 7) % 90 + 1 for i in range(60)]
+
+    def answer(mode: str, tokens: list[int]) -> tuple[list[str], dict]:
+        events = asyncio.Queue()
+        engine.jobs.put(Job(tokens, 6, 0.0, 1.0, None, mode, 2, "", loop, events))
+        engine.jobs.put(None)
+        engine._serve_jobs()
+        loop.run_until_complete(asyncio.sleep(0))
+        got = [events.get_nowait() for _ in range(events.qsize())]
+        return [v for k, v in got if k == "text"], next(v for k, v in got if k == "end")
+
+    kvp_text, kvp_end = answer("kvp", prompt)
+    assert kvp_end["kvp"]["predicted_tokens"] > 40
+    base_text, base_end = answer("base", prompt + [5, 6])
+    fresh = ChatSession(pipe, mode="base")
+    expected = [r.text for r in fresh.stream_tokens(prompt + [5, 6], max_tokens=6)]
+    assert base_text == expected and base_text != kvp_text
+    assert base_end["kvp"]["repaired_tokens"] > 40 and base_end["cached_tokens"] >= len(prompt)
+    loop.close()
+
+
+def test_messages_as_current_clients_send_them(client, server):
+    """Content as a list of text parts and the developer role (what current OpenAI clients and agent frameworks
+    send) work; tool messages and non-text parts get a 400 that names the field."""
+    import httpx
+
+    parts = [{"role": "developer", "content": "Answer in one word."},
+             {"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                          {"type": "text", "text": "of France?"}]}]
+    r = client.chat.completions.create(model=model_id(client), messages=parts, temperature=0, max_tokens=8)
+    assert "Paris" in r.choices[0].message.content
+    for messages, fragment in (
+            ([{"role": "tool", "content": "42", "tool_call_id": "x"}], "messages[0].role"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+             "messages[0].content[0]: only text parts")):
+        bad = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages}, timeout=60)
+        assert bad.status_code == 400 and fragment in bad.json()["error"]["message"], bad.text
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', 422, "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', 422, "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e9}', 422, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 422, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": [""]}', 422, "stop"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800x"}]}', 400, "not valid Unicode"),
+    (b'{"prompt": "\\ud800x"}', 400, "not valid Unicode"),
+])
+def test_bad_values_get_4xx_not_500(server, body, status, fragment):
+    import httpx
+
+    path = "completions" if body.startswith(b'{"prompt"') else "chat/completions"
+    for stream in (False, True):
+        sent = body[:-1] + (b', "stream": true}' if stream else b"}")
+        r = httpx.post(f"{server}/v1/{path}", content=sent, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == status and fragment in r.json()["error"]["message"], r.text
+    ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": FRANCE, "seed": 2**64 - 1, "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_local_posture_hosts_health_docs_cors(server):
+    """A Host header the server does not answer to gets 403 (DNS rebinding); /health shows no paths of this
+    machine; no interactive docs or schema; no CORS headers unless --cors-origin."""
+    import httpx
+
+    assert httpx.get(f"{server}/v1/models", headers={"host": "evil.example:8080"}, timeout=10).status_code == 403
+    assert httpx.get(f"{server}/v1/models", headers={"host": "localhost"}, timeout=10).status_code == 200
+    health = httpx.get(f"{server}/health", timeout=10).json()
+    assert "/" not in str(health["bundle"]) and health["bundle"].startswith("smollm2")
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(f"{server}{path}", timeout=10).status_code == 404
+    r = httpx.get(f"{server}/v1/models", headers={"origin": "http://evil.example"}, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_an_abandoned_request_frees_the_model(server):
+    """A non-streamed request whose client gives up stops at its next token, as a stream does."""
+    import httpx
+
+    long = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+            "max_tokens": 2000, "temperature": 0.8, "seed": 1}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/chat/completions", json=long, timeout=1.5)
+    tic = time.perf_counter()
+    ok = httpx.post(f"{server}/v1/chat/completions", json={"messages": FRANCE, "max_tokens": 8}, timeout=120)
+    assert ok.status_code == 200
+    assert time.perf_counter() - tic < 12  # not behind the rest of a 2000-token story (~30 s)
+
+
+def start_server(*args: str, cache_dir) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "serve", "--port",
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KVPRED_MLX_CACHE_DIR": str(cache_dir)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory, server):
+    """A second server: two API keys, a small body limit, one CORS origin, a short shutdown grace (the module's
+    server is up first: its probe wrote the rates this one reads)."""
+    proc, url = start_server("--api-key", "key-one", "--api-key", "key-two", "--max-request-bytes", "20000",
+                             "--cors-origin", "http://app.example", "--shutdown-grace", "1",
+                             cache_dir=tmp_path_factory.mktemp("guarded-cache"))
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_api_keys_and_per_user_prompt_cache(guarded, server):
+    """cached_tokens told one client how much of another's conversation it had guessed (a 4-digit secret in 40
+    requests). Entries are now reused only by the key and user that made them."""
+    import httpx
+
+    url, _ = guarded
+    secret = [{"role": "user", "content": "My locker code is 4831. Remember it. " * 8}]
+    body = {"messages": secret, "max_tokens": 1, "temperature": 0}
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+    bad = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": "Bearer nope"}, timeout=60)
+    assert bad.status_code == 401 and "API key" in bad.json()["error"]["message"]
+
+    def cached(key: str, user: str | None = None) -> int:
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, **({"user": user} if user else {})},
+                       headers={"authorization": f"Bearer {key}"}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    cached("key-one")
+    assert cached("key-one") > 50  # the same key: its own conversation again
+    assert cached("key-two") == 0  # another key: nothing of key-one's
+    cached("key-one", user="alice")
+    assert cached("key-one", user="bob") == 0 and cached("key-one", user="alice") > 50
+    r = httpx.post(f"{server}/v1/chat/completions", json={**body, "user": "carol"}, timeout=120)
+    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # per user without keys too
+
+
+def test_oversized_bodies_are_refused_early(guarded):
+    import httpx
+
+    url, _ = guarded
+    headers = {"authorization": "Bearer key-one"}
+    big = {"messages": [{"role": "user", "content": "word " * 50_000}]}
+    tic = time.perf_counter()
+    r = httpx.post(f"{url}/v1/chat/completions", json=big, headers=headers, timeout=60)
+    assert r.status_code == 413 and "20000 bytes" in r.json()["error"]["message"]
+    assert time.perf_counter() - tic < 5
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    cors = httpx.get(f"{url}/v1/models", headers={**headers, "origin": "http://app.example"}, timeout=10)
+    assert cors.headers.get("access-control-allow-origin") == "http://app.example"
+
+
+def test_shutdown_ends_streams_with_an_error_the_client_sees(guarded):
+    """SIGTERM during a stream: the running answer gets --shutdown-grace seconds, then ends with an error event
+    (the openai client raises) instead of a silently cut connection."""
+    import openai
+
+    url, proc = guarded
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-two", timeout=120, max_retries=0)
+    stream = client.chat.completions.create(model=model_id(client), messages=[
+        {"role": "user", "content": "Write a very long story about a lighthouse keeper."}], max_tokens=2000,
+        temperature=0.8, seed=3, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    proc.send_signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError, match="shut down"):
+        for _ in chunks:
+            pass
+    assert proc.wait(timeout=60) == 0

@@ -9,7 +9,9 @@ from ..errors import KVPredError, cli_message
 from .common import app
 
 # Each module adds its command(s) to `app`; imported in the order `--help` lists them.
-from . import generate, chat, doctor, train, evaluate, bench, serve, convert  # noqa: E402, F401, I001
+# isort: off
+from . import generate, chat, doctor, train, evaluate, bench, serve, convert  # noqa: E402, F401
+# isort: on
 
 
 def main() -> None:

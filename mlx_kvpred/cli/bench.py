@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+
 from ..errors import KVPredError
-from .common import app, read_prompt, KVP, EXACT_HEAD, parse_int_list
+from .common import EXACT_HEAD, app, parse_int_list, read_prompt
 
 
 @app.command()
@@ -116,8 +117,13 @@ def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeat
 
     from ..bench.conversation import heldout_documents
     from ..bench.eval_harness import write_json
-    from ..bench.server_client import (check_same_model, compare_ttft, connect, conversation_over_http,
-                                       print_server_comparison)
+    from ..bench.server_client import (
+        check_same_model,
+        compare_ttft,
+        connect,
+        conversation_over_http,
+        print_server_comparison,
+    )
 
     with connect(url) as client:
         check_same_model(client, pipe)
@@ -135,8 +141,13 @@ def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeat
 def bench_conversation(pipe, *, doc_tokens: int, docs: int, repeats: int, json_out: Optional[str]) -> None:
     from rich.progress import Progress
 
-    from ..bench.conversation import (auto_on_short_prompts, heldout_documents, print_conversation, score_later_turn,
-                                      time_conversation)
+    from ..bench.conversation import (
+        auto_on_short_prompts,
+        heldout_documents,
+        print_conversation,
+        score_later_turn,
+        time_conversation,
+    )
     from ..bench.eval_harness import write_json
 
     if pipe.bundle is None:

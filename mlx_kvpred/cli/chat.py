@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+
 from ..errors import KVPredError
-from .common import app, MODEL, KVP, MODE, MAX_TOKENS, TEMP, TOP_P, SEED, SYSTEM, DEVICE, ALLOW_UNTRAINED, EXACT_TAIL, EXACT_HEAD, KVP_MIN_TOKENS, TTFT_BUDGET, sampler_from_flags, check_policy_flags, load_for_generation
+from .common import (ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_TAIL, KVP, KVP_MIN_TOKENS, MAX_TOKENS, MODE, MODEL,
+                     SEED, SYSTEM, TEMP, TOP_P, TTFT_BUDGET, app, check_policy_flags, load_for_generation,
+                     sampler_from_flags)
 
 
 @app.command()

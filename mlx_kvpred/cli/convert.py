@@ -6,7 +6,8 @@ import sys
 from typing import Optional
 
 import typer
-from .common import app, KVP, parse_int_list
+
+from .common import app, parse_int_list
 
 
 @app.command()

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from typing import Optional
 
 import typer
+
 from ..errors import KVPredError
-from .common import app, KVP, parse_int_list
+from .common import app, parse_int_list
 
 
 @app.command("eval")

@@ -7,11 +7,12 @@ from contextlib import contextmanager
 from typing import Optional
 
 import typer
+
 from ..errors import KVPredError
 from ..recipe import TrainSpec
 from ..selfdata import DOCUMENT_LENGTHS
 from ..train import TrainConfig
-from .common import app, KVP, DEVICE, parse_int_list
+from .common import DEVICE, app, parse_int_list
 
 
 @app.command()
@@ -160,7 +161,14 @@ def chat_data(
 ):
     """Training text the base writes itself: its chat answers to varied prompts, or (--documents) to questions
     about documents. Resumes at the next shard."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from ..data import collect_files, default_sources, split_files
     from ..loading import default_device, load_model, set_device
