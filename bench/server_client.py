@@ -42,7 +42,7 @@ class ServerClient:
 
 
 @contextmanager
-def connect(url: str) -> Iterator[ServerClient]:
+def connect(url: str, *, api_key: str | None = None) -> Iterator[ServerClient]:
     try:
         import httpx
         import openai
@@ -51,8 +51,9 @@ def connect(url: str) -> Iterator[ServerClient]:
                           ) from None
 
     base = url.rstrip("/")
-    with httpx.Client(base_url=base, timeout=httpx.Timeout(600, connect=5)) as http:
-        with openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600, max_retries=0) as api:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=base, timeout=httpx.Timeout(600, connect=5), headers=headers) as http:
+        with openai.OpenAI(base_url=f"{base}/v1", api_key=api_key or "unused", timeout=600, max_retries=0) as api:
             yield ServerClient(http, api)
 
 

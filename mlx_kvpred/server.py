@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import queue
 import signal
 import sys
@@ -374,7 +375,8 @@ def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "bundle": pipe.bundle.path.name if pipe.bundle else None,
-                **engine.cache.status(), "queued": engine.jobs.qsize(), "busy": engine.busy or not engine.jobs.empty()}
+                **engine.cache.status(), "queued": engine.jobs.qsize(), "busy": engine.busy or not engine.jobs.empty(),
+                "rss_bytes": resident_bytes()}
 
     @app.get("/v1/models")
     async def models():
@@ -484,6 +486,15 @@ class RequestGuard:
                 return 411, "a request body needs a Content-Length"
             if not length.isdigit() or int(length) > self.max_bytes:
                 return 413, f"the request body is over {self.max_bytes} bytes (--max-request-bytes)"
+        return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -64,3 +64,48 @@ def test_sgemm_on_numpy_arrays_equals_numpy():
         blas.sgemm(a.astype(np.float64), keys, transpose_b=True)
     with pytest.raises(ValueError, match="contiguous rows"):
         blas.sgemm(a, keys[:, ::2], transpose_b=True)
+
+
+CHECK = """
+import json, mlx_kvpred
+import mlx.core as mx, numpy as np
+from mlx_kvpred.backends.linux_cpu import blas, cpu_kernels
+st = blas.load_fast_blas()
+a, b = mx.random.normal((1, 300), key=mx.random.key(1)), mx.random.normal((300, 200), key=mx.random.key(2))
+c, d = mx.random.normal((64, 300), key=mx.random.key(3)), mx.random.normal((300, 96), key=mx.random.key(4))
+before = blas.gemv_forward_count()
+y, z = a @ b, c @ d
+mx.eval(y, z)
+err = max(float(np.abs(np.array(y) - np.array(a, np.float64) @ np.array(b, np.float64)).max()),
+          float(np.abs(np.array(z) - np.array(c, np.float64) @ np.array(d, np.float64)).max()))
+print(json.dumps({"source": st.source, "path": st.path, "prefix": st.prefix, "forwarded": blas.gemv_forward_count()
+                  - before, "err": err, "core": blas.core_check()[0], "kernels": cpu_kernels.available()}))
+"""
+
+
+def loaded(env: dict) -> dict:
+    import json
+    import os
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_pypi_blas_serves_mlx_through_the_shim():
+    """scipy-openblas32 (PyPI; every symbol prefixed scipy_) is taken first where installed: MLX's matmuls reach it
+    through the shim (one-row ones as sgemv), the C kernels and doctor's kernel name read it too. KVPRED_BLAS still
+    picks another library."""
+    if not blas._pypi_candidates() or blas.shim_path() is None:
+        pytest.skip("scipy-openblas32 is not installed or the shim was not built")
+    got = loaded({})
+    assert got["source"] == "pypi" and got["prefix"] == "scipy_" and "scipy_openblas" in got["path"]
+    assert got["forwarded"] >= 1 and got["err"] < 1e-3 and got["kernels"] and got["core"]
+    system = blas._system_candidates()
+    if system:
+        other = loaded({"KVPRED_BLAS": system[0]})
+        assert other["source"] == "env" and other["prefix"] == "" and other["err"] < 1e-3
+    no_forward = loaded({"KVPRED_GEMV_FORWARD": "0"})  # MLX still reaches the prefixed library, sgemm only
+    assert no_forward["source"] == "pypi" and no_forward["forwarded"] == 0 and no_forward["err"] < 1e-3

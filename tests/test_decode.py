@@ -1,7 +1,6 @@
 """The decode steps (decode.py: compiled MLX, and the whole step in C) against the model's own code: tiny random
 models, and the real 135M model."""
 
-import ctypes
 
 import mlx.core as mx
 import numpy as np
@@ -344,14 +343,12 @@ def test_c_step_from_an_empty_cache_and_on_one_thread(c_steps, monkeypatch):
     on_all = decoder(mx.array([[4]]), cache=ours)
     for c in ours:
         c.trim(1)
-    openblas = ctypes.CDLL(blas.load_fast_blas().path)  # the C kernels run on the BLAS's thread count
-    was = openblas.openblas_get_num_threads()
-    openblas.openblas_set_num_threads(1)
+    was = blas.set_threads(1)  # the C kernels run on the BLAS's thread count
     try:
         assert cpu_kernels.threads() == 1
         on_one = decoder(mx.array([[4]]), cache=ours)
     finally:
-        openblas.openblas_set_num_threads(was)
+        blas.set_threads(was)
     assert mx.allclose(on_all, on_one, atol=1e-5).item()
 
 

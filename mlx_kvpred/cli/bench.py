@@ -56,6 +56,11 @@ def bench(
                                                     "http://127.0.0.1:8080): TTFT over HTTP per length and mode "
                                                     "(base, kvp, auto) beside the same prompts in this process, then a "
                                                     "3-turn chat over HTTP with a --doc-tokens document."),
+    soak: Optional[int] = typer.Option(None, help="With --server: instead, N requests from 8 clients (streamed and "
+                                                  "not, 10% abandoned mid-stream, 10% malformed), checked for no 5xx, "
+                                                  "no lost request, greedy answers equal to the first ones (a fresh "
+                                                  "server's) and RSS growth under 5%. Exit 1 if a check fails."),
+    api_key: Optional[str] = typer.Option(None, help="With --server: the server's --api-key."),
 ):
     """Time TTFT, TPOT, memory per mode and prompt length, with analytical FLOPs and speedups."""
     from rich.progress import Progress
@@ -93,6 +98,10 @@ def bench(
         if json_out:
             write_json(result, json_out)
         return
+    if soak is not None:
+        if not server or soak < 1:
+            raise KVPredError("--soak N (>= 1) needs --server URL")
+        return bench_soak(pipe, server, requests=soak, doc_tokens=doc_tokens, api_key=api_key, json_out=json_out)
     if server:
         return bench_server(pipe, server, lengths=lengths, modes=mode_list, repeats=repeats, warmup=warmup,
                             exact_tail=tail, doc_tokens=doc_tokens, json_out=json_out)
@@ -109,6 +118,28 @@ def bench(
         write_json(result, json_out)
     if plot_out:
         plot(result, plot_out)
+
+
+def bench_soak(pipe, url: str, *, requests: int, doc_tokens: int, api_key: Optional[str],
+               json_out: Optional[str]) -> None:
+    from rich.progress import Progress
+
+    from ..bench.conversation import heldout_documents
+    from ..bench.eval_harness import write_json
+    from ..bench.server_client import check_same_model, connect
+    from ..bench.soak import print_soak, run_soak, soak_prompts
+
+    with connect(url, api_key=api_key) as client:
+        check_same_model(client, pipe)
+        prompts = soak_prompts(heldout_documents(pipe, doc_tokens, 1, flag="--doc-tokens")[0])
+        with Progress(transient=True) as progress:
+            task = progress.add_task("soak", total=requests + len(prompts))
+            result = run_soak(client, prompts, requests=requests, progress=lambda: progress.advance(task))
+    print_soak(result)
+    if json_out:
+        write_json({"server": url, **result}, json_out)
+    if not result["passed"]:
+        raise typer.Exit(1)
 
 
 def bench_server(pipe, url: str, *, lengths: list[int], modes: list[str], repeats: int, warmup: int, exact_tail: int,

@@ -26,14 +26,16 @@ _CANDIDATES = [
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 ]
-FIX_HINT = "sudo apt-get install libopenblas0-pthread (or set KVPRED_BLAS=/path/to/libopenblas.so)"
+PYPI_PREFIX = "scipy_"  # scipy-openblas32 (PyPI, the OpenBLAS numpy and scipy ship) prefixes every symbol
+FIX_HINT = "pip install scipy-openblas32 (or apt-get install libopenblas0-pthread, or set KVPRED_BLAS=/path/to/libopenblas.so)"
 
 
 @dataclass
 class BlasStatus:
     path: str | None  # the library loaded, None if only MLX's bundled reference BLAS is there
-    source: str  # "env", "mkl", "system", "not-linux", "disabled", "none", "too-late"
+    source: str  # "env", "pypi", "mkl", "system", "not-linux", "disabled", "none", "too-late"
     message: str = ""
+    prefix: str = ""  # of the library's symbols ("scipy_" for scipy-openblas32)
     gemv_forward: bool = False  # the shim sends one-row products to sgemv
     gemv_forward_note: str = ""  # why it is on or off (doctor prints it)
     gemv_forward_fix: str = ""  # what to do when it is off and need not be
@@ -43,6 +45,15 @@ _status: BlasStatus | None = None
 _shim: ctypes.CDLL | None = None
 _sgemm = None  # the loaded BLAS's own cblas_sgemm (for numpy arrays: see sgemm)
 _core_name: str | None = None  # the kernel set OpenBLAS picked for this CPU (openblas_get_corename)
+
+
+def _pypi_candidates() -> list[str]:
+    """scipy-openblas32's library, if installed (found without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy_openblas32")
+    places = list(spec.submodule_search_locations or []) if spec else []
+    return [f for p in places for f in sorted(glob.glob(os.path.join(p, "lib", "libscipy_openblas*.so*")))]
 
 
 def _mkl_candidates() -> list[str]:
@@ -72,8 +83,11 @@ def load_fast_blas() -> BlasStatus:
         _status = BlasStatus(None, "too-late", "mlx was imported before mlx_kvpred; import mlx_kvpred first")
         warnings.warn(f"kvpred-mlx: {_status.message} to get a fast BLAS", stacklevel=2)
         return _status
-    tries = ([("env", env)] if env else []) + [("mkl", p) for p in _mkl_candidates()]
-    tries += [("system", p) for p in _system_candidates()]
+    # PyPI's library first: it is newer than most distributions' and knows newer CPUs; MLX reaches its prefixed
+    # symbols only through the shim, so it needs the shim built
+    tries = [("env", env)] if env else []
+    tries += [("pypi", p) for p in (_pypi_candidates() if shim_path() else [])]
+    tries += [("mkl", p) for p in _mkl_candidates()] + [("system", p) for p in _system_candidates()]
     errors = []
     for source, path in tries:
         try:
@@ -81,12 +95,17 @@ def load_fast_blas() -> BlasStatus:
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue
-        _keep_sgemm(lib)
-        _keep_core_name(lib)
-        forward, note, fix = _gemv_forward(lib, path)
-        if not forward:
+        prefix = PYPI_PREFIX if hasattr(lib, PYPI_PREFIX + "cblas_sgemm") else ""
+        forward, note, fix = _gemv_forward(lib, path, prefix)
+        if prefix and _shim is None:
+            errors.append(f"{path}: its {prefix}cblas_sgemm reaches MLX only through the gemv_forward shim ({note})")
+            continue
+        _keep_sgemm(lib, prefix)
+        _keep_core_name(lib, prefix)
+        if _shim is None:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        _status = BlasStatus(path, source, gemv_forward=forward, gemv_forward_note=note, gemv_forward_fix=fix)
+        _status = BlasStatus(path, source, prefix=prefix, gemv_forward=forward, gemv_forward_note=note,
+                             gemv_forward_fix=fix)
         return _status
     msg = "only MLX's reference BLAS is available (fp32 matmul ~4 GFLOP/s); fix: " + FIX_HINT
     if errors:
@@ -102,29 +121,35 @@ def shim_path() -> str | None:
     return found[0] if found else None
 
 
-def _gemv_forward(lib: ctypes.CDLL, blas_path: str) -> tuple[bool, str, str]:
-    """Put the shim ahead of the BLAS at `blas_path` (loaded locally as `lib`) if it can be: (on, note, fix)."""
-    if os.environ.get(FORWARD_ENV_VAR, "1") == "0":
+def _gemv_forward(lib: ctypes.CDLL, blas_path: str, prefix: str) -> tuple[bool, str, str]:
+    """Put the shim ahead of the BLAS at `blas_path` (loaded locally as `lib`, symbols with `prefix`) if it can be:
+    (forwarding on, note, fix). A prefixed BLAS gets the shim with forwarding off under KVPRED_GEMV_FORWARD=0 (MLX
+    reaches it through the shim alone)."""
+    off = os.environ.get(FORWARD_ENV_VAR, "1") == "0"
+    if off and not prefix:
         return False, f"off ({FORWARD_ENV_VAR}=0)", ""
-    if not all(hasattr(lib, f) for f in ("cblas_sgemm", "cblas_sgemv")):  # what the shim forwards to
-        return False, f"off: {blas_path} has no cblas_sgemm/cblas_sgemv", ""
+    if not all(hasattr(lib, prefix + f) for f in ("cblas_sgemm", "cblas_sgemv")):  # what the shim forwards to
+        return False, f"off: {blas_path} has no {prefix}cblas_sgemm/{prefix}cblas_sgemv", ""
     path = shim_path()
     if path is None:
         return False, "off: the shim was not built (decode runs ~1.5x slower)", \
             "install a C compiler (apt-get install gcc), then reinstall kvpred-mlx"
-    if not _load_shim(path, blas_path):
+    if not _load_shim(path, blas_path, prefix):
         return False, f"off: {path} did not load", "reinstall kvpred-mlx"
+    if off:
+        _shim.gemv_forward_enable(0)
+        return False, f"off ({FORWARD_ENV_VAR}=0)", ""
     return True, "on: one-row matmuls (decode) go to sgemv", ""
 
 
-def _load_shim(path: str, blas_path: str) -> bool:
+def _load_shim(path: str, blas_path: str, prefix: str) -> bool:
     """The shim at `path` first in the global symbol order, then the BLAS at `blas_path` behind it."""
     global _shim
     try:
         shim = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return False
-    if shim.gemv_forward_init(blas_path.encode()) != 0:
+    if shim.gemv_forward_init(blas_path.encode(), prefix.encode()) != 0:
         return False
     shim.gemv_forward_count.restype = ctypes.c_long
     _shim = shim
@@ -141,14 +166,25 @@ def set_gemv_forward(enabled: bool) -> bool:
     return bool(_shim.gemv_forward_enable(int(enabled)))
 
 
-def _keep_sgemm(lib: ctypes.CDLL) -> None:
+def _keep_sgemm(lib: ctypes.CDLL, prefix: str) -> None:
     global _sgemm
-    fn = getattr(lib, "cblas_sgemm", None)
+    fn = getattr(lib, prefix + "cblas_sgemm", None)
     if fn is not None:
         c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
         fn.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr, c_int, c_float, ptr, c_int]
         fn.restype = None
     _sgemm = fn
+
+
+def set_threads(n: int) -> int:
+    """Run the loaded OpenBLAS (and so the C kernels) on `n` threads; returns the previous count. Needs an OpenBLAS
+    (its openblas_set_num_threads, with the library's symbol prefix)."""
+    st = load_fast_blas()
+    lib = ctypes.CDLL(st.path)  # the library already loaded: the same handle
+    get, put = (getattr(lib, st.prefix + name) for name in ("openblas_get_num_threads", "openblas_set_num_threads"))
+    was = int(get())
+    put(n)
+    return was
 
 
 def has_sgemm() -> bool:
@@ -203,9 +239,9 @@ _ISA_ORDER = ("sse3", "avx", "avx2", "avx512")
 _CORE_FOR_ISA = {"avx": "Sandybridge", "avx2": "Haswell", "avx512": "SkylakeX"}
 
 
-def _keep_core_name(lib: ctypes.CDLL) -> None:
+def _keep_core_name(lib: ctypes.CDLL, prefix: str) -> None:
     global _core_name
-    fn = getattr(lib, "openblas_get_corename", None)
+    fn = getattr(lib, prefix + "openblas_get_corename", None)
     if fn is not None:
         fn.restype = ctypes.c_char_p
         _core_name = fn().decode(errors="replace").strip()
@@ -234,5 +270,5 @@ def core_check(core: str | None = None, isa: str | None = None) -> tuple[str, st
     core_isa = _CORE_ISA.get(core.lower())
     if core_isa is None or _ISA_ORDER.index(core_isa) >= _ISA_ORDER.index(isa):
         return core, ""
-    return core, (f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: set OPENBLAS_CORETYPE="
-                  f"{_CORE_FOR_ISA[isa]}, or install a newer OpenBLAS and point {ENV_VAR} at it")
+    return core, (f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: pip install scipy-openblas32 (a "
+                  f"newer OpenBLAS, used when installed), or set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}")

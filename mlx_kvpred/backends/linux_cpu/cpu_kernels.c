@@ -7,6 +7,7 @@ the floats or rows. kernels_init loads the BLAS MLX uses. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,14 +25,19 @@ static sgemm_fn sgemm;
 static set_threads_fn blas_set_threads;
 static get_threads_fn blas_get_threads;
 
-/* Load the BLAS at `path` (already loaded by mlx_kvpred.blas); 0 on success. Without openblas_set_num_threads
-   (not OpenBLAS) the kernels run on the calling thread alone and the BLAS threads as it likes. */
-int kernels_init(const char *path) {
+/* Load the BLAS at `path` (already loaded by blas.py), whose symbols carry `prefix` ("scipy_" for scipy-openblas32);
+   0 on success. Without openblas_set_num_threads (not OpenBLAS) the kernels run on the calling thread alone and the
+   BLAS threads as it likes. */
+int kernels_init(const char *path, const char *prefix) {
+    char name[64];
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) return 1;
-    sgemm = (sgemm_fn)dlsym(lib, "cblas_sgemm");
-    blas_set_threads = (set_threads_fn)dlsym(lib, "openblas_set_num_threads");
-    blas_get_threads = (get_threads_fn)dlsym(lib, "openblas_get_num_threads");
+    snprintf(name, sizeof name, "%scblas_sgemm", prefix);
+    sgemm = (sgemm_fn)dlsym(lib, name);
+    snprintf(name, sizeof name, "%sopenblas_set_num_threads", prefix);
+    blas_set_threads = (set_threads_fn)dlsym(lib, name);
+    snprintf(name, sizeof name, "%sopenblas_get_num_threads", prefix);
+    blas_get_threads = (get_threads_fn)dlsym(lib, name);
     if (!blas_set_threads || !blas_get_threads) blas_set_threads = NULL, blas_get_threads = NULL;
     return sgemm ? 0 : 2;
 }

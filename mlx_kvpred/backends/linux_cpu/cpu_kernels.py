@@ -80,8 +80,8 @@ def _load() -> ctypes.CDLL | None:
         except OSError as e:
             _note = f"{path} did not load: {e}"
         else:
-            if lib.kernels_init(st.path.encode()) != 0:
-                _note = f"{st.path} has no cblas_sgemm"
+            if lib.kernels_init(st.path.encode(), st.prefix.encode()) != 0:
+                _note = f"{st.path} has no {st.prefix}cblas_sgemm"
             else:
                 f, i, l, p = ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p
                 lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i]

@@ -4,6 +4,7 @@
    calls land here; gemv_forward_init then loads the real BLAS and takes its own functions from it. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdio.h>
 
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
@@ -15,12 +16,17 @@ static sgemv_fn real_sgemv;
 static int enabled = 1;
 static long forwarded;
 
-/* Load the real BLAS at `path` (RTLD_GLOBAL: it serves every other BLAS/LAPACK call); 0 on success. */
-int gemv_forward_init(const char *path) {
+/* Load the real BLAS at `path` (RTLD_GLOBAL: it serves every other BLAS/LAPACK call); its symbols carry `prefix`
+   ("" for a system OpenBLAS, "scipy_" for PyPI's scipy-openblas32, whose every symbol MLX would not find alone);
+   0 on success. */
+int gemv_forward_init(const char *path, const char *prefix) {
+    char name[64];
     void *lib = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
     if (!lib) return 1;
-    real_sgemm = (sgemm_fn)dlsym(lib, "cblas_sgemm");
-    real_sgemv = (sgemv_fn)dlsym(lib, "cblas_sgemv");
+    snprintf(name, sizeof name, "%scblas_sgemm", prefix);
+    real_sgemm = (sgemm_fn)dlsym(lib, name);
+    snprintf(name, sizeof name, "%scblas_sgemv", prefix);
+    real_sgemv = (sgemv_fn)dlsym(lib, name);
     return real_sgemm && real_sgemv ? 0 : 2;
 }
 
