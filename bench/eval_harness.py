@@ -34,7 +34,7 @@ from mlx_kvpred.pipeline import DEFAULT_EXACT_HEAD, Pipeline, generate_tokens
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
 from .metrics import cell, agreement_prefix, paired_difference, prefix_match, standard_error
 
-TASKS = ("heldout", "genagree", "humaneval", "docqa")
+TASKS = ("heldout", "genagree", "humaneval", "docqa", "needle")
 SCHEMA = "kvpred-mlx-eval/1"
 # The accuracy each task puts on the Pareto plot: (key in the task's dict, axis label).
 ACCURACY = {"heldout": ("agreement", "held-out top-1 agreement with base"),
@@ -113,15 +113,17 @@ def heldout_sequences(bundles: Sequence[Bundle], tokenizer, *, data: Sequence[st
 
 def eval_inputs(tokenizer, bundles: Sequence[Bundle], *, tasks: Sequence[str], data: Sequence[str] | None,
                 prompt_len: int, cont_len: int, sequences: int, heldout_lengths: Sequence[int],
-                problems: int | None, docqa_lengths: Sequence[int] | None, docs: int) -> dict:
+                problems: int | None, docqa_lengths: Sequence[int] | None, docs: int, needles: int = 40) -> dict:
     """What run_eval reads for `tasks`, from files no bundle trained on: `sequences` held-out sequences of
     prompt_len + cont_len tokens (heldout, genagree) and as many per extra length in `heldout_lengths`, the first
     `problems` HumanEval problems (None: all), `docs` documents per length of `docqa_lengths` plus the short chat
-    instructions (docqa)."""
+    instructions (docqa), `needles` needle cases per length of `docqa_lengths` (needle)."""
     from .eval_docqa import document_cases, short_cases
+    from .eval_needle import needle_cases
     from .eval_humaneval import load_problems
 
-    out = {"sequences": None, "heldout_source": None, "heldout_by_length": None, "problems": None, "docqa_cases": None}
+    out = {"sequences": None, "heldout_source": None, "heldout_by_length": None, "problems": None, "docqa_cases": None,
+           "needle_cases": None}
     if "heldout" in tasks or "genagree" in tasks:
         seqs, out["heldout_source"] = heldout_sequences(bundles, tokenizer, data=data, seq_len=prompt_len + cont_len,
                                                         count=sequences)
@@ -133,6 +135,9 @@ def eval_inputs(tokenizer, bundles: Sequence[Bundle], *, tasks: Sequence[str], d
     if "docqa" in tasks:
         files, _ = heldout_files(bundles, data)
         out["docqa_cases"] = document_cases(files, tokenizer, lengths=docqa_lengths, count=docs) + short_cases(tokenizer)
+    if "needle" in tasks:
+        files, _ = heldout_files(bundles, data)
+        out["needle_cases"] = needle_cases(files, tokenizer, lengths=docqa_lengths, count=needles)
     return out
 
 
@@ -171,7 +176,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
              seed: int = 0, exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,),
-             docqa_cases: Sequence | None = None,
+             docqa_cases: Sequence | None = None, needle_cases: Sequence | None = None,
              answer_tokens: int = 64, heldout_by_length: dict[int, np.ndarray] | None = None) -> dict:
     """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
     per exact head and tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`
@@ -186,6 +191,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         raise KVPredError("task humaneval needs HumanEval problems")
     if "docqa" in tasks and not docqa_cases:
         raise KVPredError("task docqa needs chat cases (documents and questions)")
+    if "needle" in tasks and not needle_cases:
+        raise KVPredError("task needle needs needle cases (eval_needle.needle_cases)")
     limit = Pipeline(base).context_length
     if limit and prompt_len + max(cont_len, gen_tokens) > limit:
         raise KVPredError(f"--prompt-len {prompt_len} + continuation does not fit the model's context ({limit})")
@@ -293,6 +300,17 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                     [c.prompt.size for c in docqa_cases if c.length == n])), exact_tail=s.exact_tail)
                     for n in lengths}
 
+    if "needle" in tasks:
+        from .eval_needle import run_needle
+
+        advance = progress("needle", len(needle_cases))
+        for name, by_length in run_needle(specs, needle_cases, eos=eos, advance=advance).items():
+            rows[name]["needle"] = by_length
+        for s in specs:  # analytical TTFT per needle prompt length (the cases' mean prompt tokens)
+            rows[s.name]["needle_flops"] = {n: ttft_flops(s.mode, base, s.pipe.bundle, int(np.mean(
+                [c.prompt.size for c in needle_cases if c.length == n])), exact_tail=s.exact_tail)
+                for n in dict.fromkeys(c.length for c in needle_cases)}
+
     base_row = rows["base"]
     for row in rows.values():
         row["speedup_analytical"] = base_row["ttft_flops"] / row["ttft_flops"]
@@ -314,7 +332,9 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
                      "exact_tails": list(exact_tails), "exact_heads": list(exact_heads), "answer_tokens": answer_tokens,
                      "docqa_docs": max([sum(c.length == n for c in docqa_cases) for n in
                                         {c.length for c in docqa_cases if c.length != "short"}] or [0])
-                     if docqa_cases else 0},
+                     if docqa_cases else 0,
+                     "needle_cases": max([sum(c.length == n for c in needle_cases) for n in
+                                          {c.length for c in needle_cases}] or [0]) if needle_cases else 0},
         "bundles": [{"label": label, "path": str(b.path) if b.path else None, "trained": b.config.trained,
                      "aux_kind": b.config.aux_kind, "aux_layers": b.config.aux_layers,
                      "steps": b.config.training.get("steps_done")} for label, b in bundles],
@@ -382,6 +402,10 @@ def print_table(result: dict, console=None) -> None:
         from .eval_docqa import print_docqa_table
 
         print_docqa_table(result, console)
+    if "needle" in tasks:
+        from .eval_needle import print_needle_table
+
+        print_needle_table(result, console)
 
 
 def print_heldout_lengths(result: dict, console=None) -> None:

@@ -1,7 +1,6 @@
 """The decode steps (decode.py: compiled MLX, and the whole step in C) against the model's own code: tiny random
 models, and the real 135M model."""
 
-
 import mlx.core as mx
 import numpy as np
 import pytest

@@ -2,6 +2,7 @@
 prefix metric, JSON schema + Pareto plot on a tiny random model, bad flags; a real-model CLI smoke run."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -292,3 +293,36 @@ def test_eval_docqa_cli_real_model(tmp_path):
         assert 0.0 <= m["agreement"] <= 1.0 and m["cases"] >= 1
     assert modes["kvp"]["docqa"]["short"]["cases"] == 20
     assert "docqa" in r.stdout and "short" in r.stdout
+
+
+@needs_model
+def test_needle_cases_and_the_eval_on_the_real_model(tmp_path):
+    """needle: each case states its number once, in a document held out of training, at a depth in 0.05-0.95,
+    and asks for it in the same chat turn; half the cases carry two distractor needles; a length's cases come from
+    its own seed. Through `kvpred-mlx eval --tasks needle`: accuracy per mode and length, paired against the base."""
+    from mlx_kvpred.bench.eval_harness import heldout_files
+    from mlx_kvpred.bench.eval_needle import needle_cases
+    from mlx_kvpred.bundle import load_bundle
+    from mlx_kvpred.loading import load_model
+    from mlx_kvpred.pipeline import shipped_bundle
+
+    base = load_model(None)
+    files, _ = heldout_files([load_bundle(shipped_bundle(), base)], None)
+    cases = needle_cases(files, base.tokenizer, lengths=[300, 500], count=4)
+    assert [c.length for c in cases] == [300] * 4 + [500] * 4 and [c.kind for c in cases[:4]] == ["single", "multi"] * 2
+    key = lambda c: (c.prompt.tolist(), c.value, c.depth, c.kind)  # noqa: E731
+    alone = needle_cases(files, base.tokenizer, lengths=[300], count=4)
+    assert [key(c) for c in cases[:4]] == [key(c) for c in alone]  # one generator per length
+    for c in cases:
+        text = base.tokenizer.decode(c.prompt.tolist())
+        assert text.count(c.value) == 1 and 0.05 <= c.depth <= 0.95 and c.length - 100 < c.prompt.size <= c.length
+        assert len(re.findall(r"(?<!\d)\d{4}(?!\d)", text)) >= (3 if c.kind == "multi" else 1)
+    assert re.search(r"(?<!\d)4831(?!\d)", "the code is 4,831.".replace(",", ""))
+    r = cli("eval", "--tasks", "needle", "--needles", "2", "--prompt-lengths", "300", "--no-aux", "--ttft-repeats",
+            "1", "--prompt-len", "48", "--json", str(tmp_path / "n.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    modes = {m["name"]: m for m in json.loads((tmp_path / "n.json").read_text())["modes"]}
+    assert list(modes) == ["base", "kvp"]
+    m = modes["kvp"]["needle"]["300"]
+    assert m["cases"] == 2 and 0 <= m["accuracy"] <= 1 and "vs_base" in m and len(m["answers"]) == 2
+    assert "needle" in r.stdout

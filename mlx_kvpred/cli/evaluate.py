@@ -21,15 +21,18 @@ def eval_cmd(
                                               "base, NLL), genagree (greedy exact-match prefix with base mode), "
                                               "humaneval (greedy pass@1), docqa (a held-out document and a "
                                               "question in chat form, and short chat instructions: agreement "
-                                              "with the base's answer per prompt length)."),
+                                              "with the base's answer per prompt length), needle (a number stated "
+                                              "once in a held-out document, asked for: accuracy per length)."),
     data: Optional[list[str]] = typer.Option(None, help="Text sources; their held-out split is used "
                                                          "(default: the sources the bundles were trained on)."),
     prompt_len: int = typer.Option(256, help="Prompt tokens for heldout/genagree, and the TTFT prompt length."),
     cont_len: int = typer.Option(64, help="Continuation tokens scored after the prompt (heldout)."),
-    prompt_lengths: str = typer.Option("256,1024,2048", help="docqa: document lengths in tokens."),
+    prompt_lengths: str = typer.Option("256,1024,2048", help="docqa and needle: prompt lengths in tokens."),
     heldout_lengths: Optional[str] = typer.Option(None, help="heldout: also score at these prompt lengths "
                                                             "(comma-separated), one table row per length."),
     docs: Optional[int] = typer.Option(None, help="docqa: documents per length (default 12; 4 with --quick)."),
+    needles: Optional[int] = typer.Option(None, help="needle: cases per length, half with distractors (default 40; "
+                                                     "8 with --quick)."),
     answer_tokens: int = typer.Option(64, help="docqa: tokens of the base's greedy answer (the reference)."),
     exact_tail: Optional[str] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself; a "
                                                         "comma-separated list gives a kvp row per value (default "
@@ -67,7 +70,8 @@ def eval_cmd(
     heads = [check_exact_head(h) for h in parse_int_list(exact_head, "--exact-head") or [DEFAULT_EXACT_HEAD]]
     for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
                         ("--limit", limit), ("--ttft-repeats", ttft_repeats), ("--docs", docs),
-                        ("--answer-tokens", answer_tokens), ("--exact-tail", min(tails or [0]))):
+                        ("--answer-tokens", answer_tokens), ("--needles", needles),
+                        ("--exact-tail", min(tails or [0]))):
         if value is not None and value < 1:
             raise KVPredError(f"{flag} must be >= 1, got {value}")
     if plot_out:
@@ -83,14 +87,15 @@ def eval_cmd(
                          heldout_lengths=parse_int_list(heldout_lengths, "--heldout-lengths") or [],
                          problems=limit or (20 if quick else None),
                          docqa_lengths=parse_int_list(prompt_lengths, "--prompt-lengths"),
-                         docs=docs or (4 if quick else 12))
+                         docs=docs or (4 if quick else 12), needles=needles or (8 if quick else 40))
     with phase_progress() as track:
         result = run_eval(pipe.base, list(zip(bundle_labels([b.path for b in bundles]), bundles)), tasks=task_list,
                           sequences=inputs["sequences"], prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=inputs["problems"],
                           max_tokens=max_tokens, with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3),
                           progress=track, exact_tails=tails, exact_heads=heads, docqa_cases=inputs["docqa_cases"],
-                          answer_tokens=answer_tokens, heldout_by_length=inputs["heldout_by_length"])
+                          answer_tokens=answer_tokens, heldout_by_length=inputs["heldout_by_length"],
+                          needle_cases=inputs["needle_cases"])
     result["settings"]["heldout_source"] = inputs["heldout_source"]
     print_table(result)
     if json_out:

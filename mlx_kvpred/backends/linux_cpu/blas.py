@@ -83,11 +83,13 @@ def load_fast_blas() -> BlasStatus:
         _status = BlasStatus(None, "too-late", "mlx was imported before mlx_kvpred; import mlx_kvpred first")
         warnings.warn(f"kvpred-mlx: {_status.message} to get a fast BLAS", stacklevel=2)
         return _status
-    # PyPI's library first: it is newer than most distributions' and knows newer CPUs; MLX reaches its prefixed
-    # symbols only through the shim, so it needs the shim built
-    tries = [("env", env)] if env else []
-    tries += [("pypi", p) for p in (_pypi_candidates() if shim_path() else [])]
-    tries += [("mkl", p) for p in _mkl_candidates()] + [("system", p) for p in _system_candidates()]
+    # The system's OpenBLAS where its kernels fit this CPU (measured faster here than PyPI's for this workload), else
+    # PyPI's scipy-openblas32, newer, which knows newer CPUs (MLX reaches its prefixed symbols only through the shim),
+    # else whatever there is
+    pypi = [("pypi", p) for p in (_pypi_candidates() if shim_path() else [])]
+    system = [("system", p) for p in _system_candidates()]
+    tries = ([("env", env)] if env else []) + [("mkl", p) for p in _mkl_candidates()]
+    tries += [("system-fitting", p) for _, p in system] + pypi + system
     errors = []
     for source, path in tries:
         try:
@@ -96,6 +98,10 @@ def load_fast_blas() -> BlasStatus:
             errors.append(f"{path}: {e}")
             continue
         prefix = PYPI_PREFIX if hasattr(lib, PYPI_PREFIX + "cblas_sgemm") else ""
+        if source == "system-fitting":
+            if pypi and core_check(_read_core_name(lib, prefix))[1]:
+                continue  # generic kernels on this CPU: PyPI's OpenBLAS next
+            source = "system"
         forward, note, fix = _gemv_forward(lib, path, prefix)
         if prefix and _shim is None:
             errors.append(f"{path}: its {prefix}cblas_sgemm reaches MLX only through the gemv_forward shim ({note})")
@@ -241,10 +247,16 @@ _CORE_FOR_ISA = {"avx": "Sandybridge", "avx2": "Haswell", "avx512": "SkylakeX"}
 
 def _keep_core_name(lib: ctypes.CDLL, prefix: str) -> None:
     global _core_name
+    _core_name = _read_core_name(lib, prefix)
+
+
+def _read_core_name(lib: ctypes.CDLL, prefix: str) -> str | None:
+    """The kernel set an OpenBLAS picked for this CPU (None for other BLAS libraries)."""
     fn = getattr(lib, prefix + "openblas_get_corename", None)
-    if fn is not None:
-        fn.restype = ctypes.c_char_p
-        _core_name = fn().decode(errors="replace").strip()
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode(errors="replace").strip()
 
 
 def cpu_isa(cpuinfo: str | None = None) -> str:

@@ -1,0 +1,143 @@
+"""needle: whether a fact stated once in a long prompt comes back (RULER-style key-value retrieval).
+
+A held-out document (a file no bundle trained on) is cut so that the whole chat prompt is about N tokens; one
+sentence giving a 4-digit number for a named thing ("the silver kettle") is put at a depth in 0.05-0.95 of it, and
+a question in the same user turn asks for that number. Kinds: "single" (one needle) and "multi" (three needles for
+three things; the question asks for one, the other two are distractors). The needle and the question each come in
+several phrasings, plain ones: a needle phrased like program code sends a 135M model into writing code. An answer is
+correct when the number appears in the greedy answer. Per mode and length: accuracy, its standard error, and the
+paired difference from the base on the same cases. Each length draws its cases from its own seeded generator.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import islice
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_kvpred.errors import KVPredError
+from mlx_kvpred.pipeline import chat_prompt_ids, generate_tokens
+from mlx_kvpred.selfdata import document_texts
+
+from .metrics import cell, paired_difference, standard_error
+
+COLORS = ("red", "blue", "green", "yellow", "silver", "purple", "orange", "brown", "white", "black", "golden", "gray")
+THINGS = ("kettle", "van", "lamp", "bicycle", "garden gate", "piano", "boat", "suitcase", "clock", "tent", "locker",
+          "mailbox", "tractor", "umbrella", "guitar", "barn")
+NEEDLES = ("The number of the {thing} is {value}.", "Remember this: the {thing} has the number {value}.",
+           "By the way, the {thing} was given the number {value}.")
+QUESTIONS = ("What is the number of the {thing}? Answer with the number.",
+             "The text above gives a number for the {thing}. Which number is it?",
+             "Somewhere above, the {thing} gets a number. What is that number?")
+KINDS = ("single", "multi")
+ANSWER_TOKENS = 24
+
+
+@dataclass
+class NeedleCase:
+    prompt: np.ndarray  # token ids: the chat template's user turn (document with needles, question), assistant header
+    length: int  # the prompt length asked for
+    kind: str  # "single" or "multi"
+    value: str  # the number the answer must contain
+    depth: float  # where the asked-for needle stands in the document (0..1)
+    source: str  # the document's file
+
+
+def _insert(doc: str, sentence: str, depth: float) -> str:
+    """`sentence` put into `doc` at the first sentence or line end after `depth` of its characters."""
+    at = int(len(doc) * depth)
+    end = re.compile(r"[.!?]\s|\n").search(doc, at)
+    cut = end.end() if end else len(doc)
+    return f"{doc[:cut].rstrip()} {sentence} {doc[cut:].lstrip()}".strip()
+
+
+def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], count: int, seed: int = 0
+                 ) -> list[NeedleCase]:
+    """`count` cases per length (half single, half multi), each on its own held-out document, from a generator seeded
+    by (seed, length): a length's cases do not depend on which other lengths are asked for."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise KVPredError("--tasks needle needs a model with a chat template")
+    cases = []
+    for n in lengths:
+        rng = np.random.default_rng([seed, 31, n])
+        order = rng.permutation(len(files))
+        overhead = len(chat_prompt_ids(tokenizer, "x")) + 3 * 24 + 30  # template, three needles, the question
+        docs = list(islice(document_texts(files, order, tokenizer, max(n - overhead, 16)), count))
+        if len(docs) < count:
+            raise KVPredError(f"--prompt-lengths {n}: only {len(docs)} held-out documents have {n} tokens")
+        for i, (source, doc) in enumerate(docs):
+            kind = KINDS[i % 2]
+            picks = rng.choice(len(COLORS) * len(THINGS), size=3 if kind == "multi" else 1, replace=False)
+            things = [f"{COLORS[p // len(THINGS)]} {THINGS[p % len(THINGS)]}" for p in picks]
+            values = [str(v) for v in rng.choice(np.arange(1000, 10000), size=len(things), replace=False)]
+            depths = sorted(rng.uniform(0.05, 0.95, size=len(things)))
+            for thing, value, depth in reversed(list(zip(things, values, depths))):  # the deepest first: positions hold
+                doc = _insert(doc, NEEDLES[rng.integers(len(NEEDLES))].format(thing=thing, value=value), depth)
+            target = int(rng.integers(len(things)))
+            question = QUESTIONS[rng.integers(len(QUESTIONS))].format(thing=things[target])
+            ids = np.asarray(chat_prompt_ids(tokenizer, f"{doc}\n\n{question}"), dtype=np.int32)
+            cases.append(NeedleCase(ids, n, kind, values[target], float(depths[target]), source))
+    return cases
+
+
+def found(pipe, case: NeedleCase, mode: str, tokenizer, eos: set[int], exact_tail: int) -> tuple[bool, str]:
+    """(the number is in the greedy answer, the answer)."""
+    out = []
+    for token, _ in generate_tokens(pipe, mx.array(case.prompt), mode=mode, max_tokens=ANSWER_TOKENS,
+                                    exact_tail=exact_tail):
+        if int(token) in eos:
+            break
+        out.append(int(token))
+    answer = tokenizer.decode(out)
+    return re.search(rf"(?<!\d){case.value}(?!\d)", answer.replace(",", "")) is not None, answer
+
+
+def run_needle(specs: Sequence, cases: Sequence[NeedleCase], *, eos: set[int], advance: Callable[[], None]
+               ) -> dict[str, dict]:
+    """{spec name: {length: metrics}} for every spec (base, kvp per exact head and tail, aux), each case asked of
+    every spec in turn."""
+    correct = {s.name: {} for s in specs}
+    answers = {s.name: {} for s in specs}
+    for case in cases:
+        for s in specs:
+            ok, answer = found(s.pipe, case, s.mode, s.pipe.tokenizer, eos, s.exact_tail)
+            correct[s.name].setdefault(case.length, []).append(float(ok))
+            answers[s.name].setdefault(case.length, []).append(answer)
+        advance()
+    base = specs[0].name
+    out = {}
+    for s in specs:
+        out[s.name] = {}
+        for length, hits in correct[s.name].items():
+            kinds = [c.kind for c in cases if c.length == length]
+            m = {"cases": len(hits), "accuracy": float(np.mean(hits)), "accuracy_se": standard_error(hits),
+                 "by_kind": {k: float(np.mean([h for h, kk in zip(hits, kinds) if kk == k])) for k in KINDS},
+                 "case_correct": hits, "answers": answers[s.name][length]}
+            if s.name != base:
+                m["vs_base"] = paired_difference(hits, correct[base][length])
+                base_acc = float(np.mean(correct[base][length]))
+                m["of_base"] = m["accuracy"] / base_acc if base_acc else None
+            out[s.name][length] = m
+    return out
+
+
+def print_needle_table(result: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"needle: a 4-digit number stated once in a held-out document, asked for in the same chat turn; "
+                    f"{result['settings']['needle_cases']} cases per length (single and multi-needle), greedy")
+    for c in ("mode", "prompt", "accuracy", "± se", "single", "multi", "vs base (paired)", "of base"):
+        t.add_column(c, justify="right")
+    for row in result["modes"]:
+        for length, m in row.get("needle", {}).items():
+            vs = m.get("vs_base")
+            t.add_row(row["name"], str(length), cell(m["accuracy"], ".3f"), cell(m["accuracy_se"], ".3f"),
+                      cell(m["by_kind"]["single"], ".2f"), cell(m["by_kind"]["multi"], ".2f"),
+                      f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else "",
+                      cell(m.get("of_base"), ".2f"))
+    (console or Console(width=max(Console().width, 160))).print(t)
