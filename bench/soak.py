@@ -1,7 +1,8 @@
 """`kvpred-mlx bench --server URL --soak N`: N requests from 8 clients against a running server, as a server left
 running meets them: streamed and not, 10% of the streams abandoned mid-answer, 10% of the requests malformed. It
 ends with what a server must keep: no 5xx, no lost request, every greedy answer equal to the answer that prompt got
-first (on a fresh server: a fresh server's answer), and resident memory after the soak within 5% of after warm-up."""
+first (on a fresh server: a fresh server's answer), and resident memory after the soak within 5% of after warm-up
+(the first fifth of the requests: the prompt cache and MLX's buffer pool fill up there)."""
 
 from __future__ import annotations
 
@@ -43,13 +44,11 @@ def run_soak(client, prompts: list[list[dict]], *, requests: int, clients: int =
         reference.append(r.json()["choices"][0]["message"]["content"])
         if progress:
             progress()
-    rss_warm = http.get("/health").json().get("rss_bytes")
     rng = random.Random(seed)
     plan = [("bad" if u < 0.1 else "abandon" if u < 0.2 else "stream" if u < 0.6 else "plain", rng.randrange(
         len(prompts)), rng.randrange(len(BAD_BODIES))) for u in (rng.random() for _ in range(requests))]
     counts = {"ok": 0, "4xx": 0, "5xx": 0, "abandoned": 0, "mismatch": 0, "lost": 0, "bad_not_refused": 0}
     lock = threading.Lock()
-    todo = iter(plan)
 
     def one(kind: str, p: int, bad: int) -> str:
         if kind == "bad":
@@ -77,7 +76,7 @@ def run_soak(client, prompts: list[list[dict]], *, requests: int, clients: int =
                 text += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
         return "ok" if "".join(text) == reference[p] else "mismatch"
 
-    def worker() -> None:
+    def worker(todo) -> None:
         while True:
             with lock:
                 job = next(todo, None)
@@ -92,12 +91,19 @@ def run_soak(client, prompts: list[list[dict]], *, requests: int, clients: int =
             if progress:
                 progress()
 
+    def run(part: list) -> None:
+        todo = iter(part)
+        threads = [threading.Thread(target=worker, args=(todo,)) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
     tic = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    warmup = max(requests // 5, clients)
+    run(plan[:warmup])
+    rss_warm = http.get("/health").json().get("rss_bytes")
+    run(plan[warmup:])
     elapsed = time.perf_counter() - tic
     rss_end = http.get("/health").json().get("rss_bytes")
     growth = (rss_end - rss_warm) / rss_warm if rss_warm and rss_end else None

@@ -394,6 +394,20 @@ def test_an_abandoned_request_frees_the_model(server):
     assert time.perf_counter() - tic < 12  # not behind the rest of a 2000-token story (~30 s)
 
 
+def test_soak_against_the_server(server, tmp_path):
+    """`kvpred-mlx bench --server URL --soak N`, small: mixed clients, bad requests and abandoned streams end with no
+    5xx, no lost request and every greedy answer equal to the first one (the RSS check needs a longer soak)."""
+    out = tmp_path / "soak.json"
+    run = subprocess.run([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "bench", "--server", server,
+                          "--soak", "24", "--doc-tokens", "300", "--json", str(out)], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode in (0, 1), run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    c = result["counts"]
+    assert sum(c.values()) == 24 and c["5xx"] == c["lost"] == c["mismatch"] == c["bad_not_refused"] == 0
+    assert c["ok"] > 0 and result["rss_after"] > 0 and "PASS  no 5xx" in run.stdout
+
+
 def start_server(*args: str, cache_dir) -> tuple[subprocess.Popen, str]:
     import httpx
 
