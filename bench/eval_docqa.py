@@ -23,7 +23,7 @@ from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, chat_prompt_ids, generate_tokens
 from mlx_kvpred.selfdata import document_question, document_texts
 
-from .metrics import cell, agreement_prefix, paired_difference, standard_error
+from .metrics import agreement_prefix, cell, paired_difference, standard_error
 
 QUESTIONS = (
     "What is the text above about?",

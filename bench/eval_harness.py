@@ -32,7 +32,7 @@ from mlx_kvpred.loading import LoadedModel
 from mlx_kvpred.pipeline import DEFAULT_EXACT_HEAD, Pipeline, generate_tokens
 
 from .eval_humaneval import DEFAULT_TIMEOUT, run_humaneval
-from .metrics import cell, agreement_prefix, paired_difference, prefix_match, standard_error
+from .metrics import agreement_prefix, cell, paired_difference, standard_error
 
 TASKS = ("heldout", "genagree", "humaneval", "docqa", "needle")
 SCHEMA = "kvpred-mlx-eval/1"
@@ -134,7 +134,8 @@ def eval_inputs(tokenizer, bundles: Sequence[Bundle], *, tasks: Sequence[str], d
         out["problems"] = load_problems(problems)
     if "docqa" in tasks:
         files, _ = heldout_files(bundles, data)
-        out["docqa_cases"] = document_cases(files, tokenizer, lengths=docqa_lengths, count=docs) + short_cases(tokenizer)
+        out["docqa_cases"] = (document_cases(files, tokenizer, lengths=docqa_lengths, count=docs)
+                              + short_cases(tokenizer))
     if "needle" in tasks:
         files, _ = heldout_files(bundles, data)
         out["needle_cases"] = needle_cases(files, tokenizer, lengths=docqa_lengths, count=needles)

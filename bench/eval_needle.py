@@ -1,8 +1,9 @@
 """needle: whether a fact stated once in a long prompt comes back (RULER-style key-value retrieval).
 
-A held-out document (a file no bundle trained on) is cut so that the whole chat prompt is about N tokens; one
-sentence giving a 4-digit number for a named thing ("the silver kettle") is put at a depth in 0.05-0.95 of it, and
-a question in the same user turn asks for that number. Kinds: "single" (one needle) and "multi" (three needles for
+The haystack is held-out prose (.rst, .md and .txt files no bundle trained on, in a seeded order, joined as RULER
+joins essays) cut so that the whole chat prompt is about N tokens; one sentence giving a 4-digit number for a named
+thing ("the silver kettle") is put at a depth in 0.05-0.95 of it, and a question in the same user turn asks for that
+number. Program code is left out: it sends a 135M model into writing code instead of answering. Kinds: "single" (one needle) and "multi" (three needles for
 three things; the question asks for one, the other two are distractors). The needle and the question each come in
 several phrasings, plain ones: a needle phrased like program code sends a 135M model into writing code. An answer is
 correct when the number appears in the greedy answer. Per mode and length: accuracy, its standard error, and the
@@ -13,15 +14,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from itertools import islice
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from mlx_kvpred.data import read_text
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import chat_prompt_ids, generate_tokens
-from mlx_kvpred.selfdata import document_texts
 
 from .metrics import cell, paired_difference, standard_error
 
@@ -35,6 +35,7 @@ QUESTIONS = ("What is the number of the {thing}? Answer with the number.",
              "Somewhere above, the {thing} gets a number. What is that number?")
 KINDS = ("single", "multi")
 ANSWER_TOKENS = 24
+PROSE = (".rst", ".md", ".txt")
 
 
 @dataclass
@@ -44,7 +45,23 @@ class NeedleCase:
     kind: str  # "single" or "multi"
     value: str  # the number the answer must contain
     depth: float  # where the asked-for needle stands in the document (0..1)
-    source: str  # the document's file
+    source: str  # the haystack's first file
+
+
+def haystack(files: Sequence[str], order: Iterator[int], tokenizer, n: int) -> tuple[str, str] | None:
+    """(first file, text of n tokens) joining the next whole prose files of `order` (blank lines between; `order`
+    is used up, so no file is in two haystacks); None when the files run out."""
+    parts, tokens = [], 0
+    for i in order:
+        text = read_text(files[i]).strip()
+        if not text:
+            continue
+        parts.append((files[i], text))
+        tokens += len(tokenizer.encode(text, add_special_tokens=False))
+        if tokens >= n:
+            ids = tokenizer.encode("\n\n".join(t for _, t in parts), add_special_tokens=False)
+            return parts[0][0], tokenizer.decode(ids[:n]).strip()
+    return None
 
 
 def _insert(doc: str, sentence: str, depth: float) -> str:
@@ -61,16 +78,19 @@ def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], cou
     by (seed, length): a length's cases do not depend on which other lengths are asked for."""
     if not getattr(tokenizer, "chat_template", None):
         raise KVPredError("--tasks needle needs a model with a chat template")
+    prose = [f for f in files if f.endswith(PROSE)]
     cases = []
     for n in lengths:
         rng = np.random.default_rng([seed, 31, n])
-        order = rng.permutation(len(files))
-        overhead = len(chat_prompt_ids(tokenizer, "x")) + 3 * 24 + 30  # template, three needles, the question
-        docs = list(islice(document_texts(files, order, tokenizer, max(n - overhead, 16)), count))
-        if len(docs) < count:
-            raise KVPredError(f"--prompt-lengths {n}: only {len(docs)} held-out documents have {n} tokens")
-        for i, (source, doc) in enumerate(docs):
+        order = iter(rng.permutation(len(prose)))
+        template = len(chat_prompt_ids(tokenizer, "x"))
+        for i in range(count):
             kind = KINDS[i % 2]
+            overhead = template + (3 if kind == "multi" else 1) * 17 + 18  # the needles and the question
+            found_hay = haystack(prose, order, tokenizer, max(n - overhead, 16))
+            if found_hay is None:
+                raise KVPredError(f"--prompt-lengths {n}: held-out prose fills only {i} haystacks of {n} tokens")
+            source, doc = found_hay
             picks = rng.choice(len(COLORS) * len(THINGS), size=3 if kind == "multi" else 1, replace=False)
             things = [f"{COLORS[p // len(THINGS)]} {THINGS[p % len(THINGS)]}" for p in picks]
             values = [str(v) for v in rng.choice(np.arange(1000, 10000), size=len(things), replace=False)]

@@ -199,8 +199,8 @@ def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = 
         raise KVPredError(f"{path}: aux K/V widths in the config do not match the aux model")
     if cfg.predictor_input == "hidden" and cfg.aux_hidden_dim != hidden_dim(aux):
         raise KVPredError(f"{path}: aux_hidden_dim {cfg.aux_hidden_dim} does not match the aux model ({hidden_dim(aux)})")
-    if cfg.exact_layers and (cfg.aux_kind != "layer_pruned"
-                             or lora_changed_exact_layers(cfg.exact_layers, cfg.layer_map, cfg.aux_lora, len(aux.layers))):
+    changed = lora_changed_exact_layers(cfg.exact_layers, cfg.layer_map, cfg.aux_lora, len(aux.layers))
+    if cfg.exact_layers and (cfg.aux_kind != "layer_pruned" or changed):
         raise KVPredError(f"{path}: exact_layers need layer-pruned aux layers that LoRA leaves unchanged")
     predictor = KVPredictor(pcfg)
     dtype = _float_dtype(base.model)
@@ -267,8 +267,8 @@ def enable_aux_lora(bundle: "Bundle", *, rank: int, scale: float, layers: list[i
     until trained)."""
     cfg = bundle.config
     if cfg.aux_kind != "layer_pruned":
-        raise KVPredError("aux_lora_rank is for layer-pruned aux models (aux_layers / aux_layers_keep)", "aux_lora_rank",
-                          "aux_layers", "aux_layers_keep")
+        raise KVPredError("aux_lora_rank is for layer-pruned aux models (aux_layers / aux_layers_keep)",
+                          "aux_lora_rank", "aux_layers", "aux_layers_keep")
     n_aux = len(bundle.aux.layers)
     lora = aux_lora_config(rank=rank, scale=scale, layers=list(range(n_aux)) if layers is None else layers)
     if lora_changed_exact_layers(cfg.exact_layers, cfg.layer_map, lora, n_aux):

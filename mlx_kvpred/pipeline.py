@@ -19,13 +19,13 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import policy
 from .attention import backbone, lm_head_of, swapped, tap_kv
 from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, shared_base_layers
 from .cache import write_predicted_kv
 from .errors import KVPredError
 from .loading import LoadedModel, default_device, load_model, set_device
-from . import policy
 from .policy import ModeChoice, PrefillRates
 from .predictor import KVPredictor
 

@@ -315,7 +315,7 @@ def test_needle_cases_and_the_eval_on_the_real_model(tmp_path):
     assert [key(c) for c in cases[:4]] == [key(c) for c in alone]  # one generator per length
     for c in cases:
         text = base.tokenizer.decode(c.prompt.tolist())
-        assert text.count(c.value) == 1 and 0.05 <= c.depth <= 0.95 and c.length - 100 < c.prompt.size <= c.length
+        assert text.count(c.value) == 1 and 0.05 <= c.depth <= 0.95 and abs(c.prompt.size - c.length) <= 24
         assert len(re.findall(r"(?<!\d)\d{4}(?!\d)", text)) >= (3 if c.kind == "multi" else 1)
     assert re.search(r"(?<!\d)4831(?!\d)", "the code is 4,831.".replace(",", ""))
     r = cli("eval", "--tasks", "needle", "--needles", "2", "--prompt-lengths", "300", "--no-aux", "--ttft-repeats",

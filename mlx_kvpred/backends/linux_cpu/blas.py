@@ -27,7 +27,8 @@ _CANDIDATES = [
     "/usr/lib/libopenblas.so.0",
 ]
 PYPI_PREFIX = "scipy_"  # scipy-openblas32 (PyPI, the OpenBLAS numpy and scipy ship) prefixes every symbol
-FIX_HINT = "pip install scipy-openblas32 (or apt-get install libopenblas0-pthread, or set KVPRED_BLAS=/path/to/libopenblas.so)"
+FIX_HINT = ("pip install scipy-openblas32 (or apt-get install libopenblas0-pthread, or set "
+            "KVPRED_BLAS=/path/to/libopenblas.so)")
 
 
 @dataclass
