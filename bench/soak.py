@@ -63,7 +63,7 @@ def run_soak(client, prompts: list[list[dict]], *, requests: int, clients: int =
         with http.stream("POST", "/v1/chat/completions", json=body(prompts[p], True), timeout=600) as r:
             if r.status_code >= 500:
                 return "5xx"
-            text, events = [], 0
+            parts, events = [], 0
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -73,8 +73,8 @@ def run_soak(client, prompts: list[list[dict]], *, requests: int, clients: int =
                 chunk = _json(line[6:])
                 if "error" in chunk:
                     return "5xx"
-                text += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
-        return "ok" if "".join(text) == reference[p] else "mismatch"
+                parts += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
+        return "ok" if "".join(parts) == reference[p] else "mismatch"
 
     def worker(todo) -> None:
         while True:

@@ -259,12 +259,11 @@ class Engine:
             self.busy = True
             if job is None:
                 return
-            if job.cancelled.is_set():
-                job.send("done")
-                self.active.discard(job)
-                continue
             try:
-                self._answer(job)
+                if job.cancelled.is_set():
+                    job.send("done")
+                else:
+                    self._answer(job)
             except KVPredError as e:
                 job.send("error", (400, str(e)))
             except Exception as e:  # noqa: BLE001  (the worker keeps serving; the client gets a 500)
@@ -333,6 +332,16 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (none by default)
     max_request_bytes: int | None = None  # None: REQUEST_BYTES_PER_TOKEN per token of context, >= MIN_REQUEST_BYTES
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+
+
+def allowed_hosts(bound: str, spec: str | None = None) -> tuple[str, ...] | None:
+    """ServerOptions.allowed_hosts from `--allowed-hosts`: a comma-separated list, "*" for any (None); by default
+    the local names and the bound address (a wildcard address names no host)."""
+    if spec == "*":
+        return None
+    if spec:
+        return tuple(h.strip() for h in spec.split(",") if h.strip())
+    return LOCAL_HOSTS + ((bound,) if bound not in ("0.0.0.0", "::") else ())
 
 
 def create_app(pipe: Pipeline, *, mode: str = "auto", exact_tail: int = DEFAULT_EXACT_TAIL,

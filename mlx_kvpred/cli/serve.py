@@ -43,7 +43,9 @@ def serve(
     """Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health), streaming, with KV
     prediction and a prompt cache across requests. Needs the server extra: pip install -e ".\\[server]"."""
     try:
-        from ..server import LOCAL_HOSTS, ServerOptions, create_app, serve as run_server
+        from ..server import LOCAL_HOSTS, ServerOptions, create_app
+        from ..server import allowed_hosts as server_hosts
+        from ..server import serve as run_server
     except ImportError as e:
         raise KVPredError(f"serve needs the server extra: pip install -e \".[server]\" ({e.name} is missing)") from None
     tail = check_policy_flags(exact_tail, None, None)
@@ -55,8 +57,7 @@ def serve(
         raise KVPredError("--max-request-bytes must be >= 1024 and --shutdown-grace >= 0")
     if any(not k.strip() for k in api_key or []):
         raise KVPredError("--api-key: a key cannot be empty")
-    hosts = None if allowed_hosts == "*" else tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) \
-        if allowed_hosts else LOCAL_HOSTS + ((host,) if host not in ("0.0.0.0", "::") else ())
+    hosts = server_hosts(host, allowed_hosts)
     options = ServerOptions(api_keys=tuple(k.strip() for k in api_key or []), shared_prompt_cache=shared_prompt_cache,
                             allowed_hosts=hosts, cors_origins=tuple(cors_origin or []),
                             max_request_bytes=max_request_bytes, shutdown_grace=shutdown_grace)

@@ -4,26 +4,28 @@ them); with every switch off it runs what the MLX backend runs, plus the BLAS lo
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, ContextManager, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ...switch import Switch
 from .. import gemm_row
 from . import blas, cpu_kernels, cpu_ops, decode
 
-FAST_CPU_OPS_ENV = "KVPRED_FAST_CPU_OPS"  # "0": models keep mlx-lm's own attention, SwiGLU and RoPE code
+# "0": models keep mlx-lm's own attention, SwiGLU and RoPE code
+FAST_CPU_OPS = Switch("KVPRED_FAST_CPU_OPS", lambda: True,
+                      "on: attention, SwiGLU and RoPE of the models kvpred-mlx loads", "off", "")
 
 
 class LinuxCPUBackend:
     name = "linux_cpu"
 
     def prepare(self, model: nn.Module) -> None:
-        if os.environ.get(FAST_CPU_OPS_ENV, "1") == "0":
-            cpu_ops.restore_model(model)
-        else:
+        if FAST_CPU_OPS.enabled():
             cpu_ops.prepare_model(model)
+        else:
+            cpu_ops.restore_model(model)
 
     def run_rows(self, model: nn.Module, caches: Sequence[Any], *, tokens: mx.array | None = None,
                  stream: mx.array | None = None, first_layer: int = 0,
@@ -63,9 +65,7 @@ class LinuxCPUBackend:
             rows["gemv forward"] = st.gemv_forward_note, st.gemv_forward_fix
         else:
             rows["blas"] = "MLX's bundled reference BLAS only", blas.FIX_HINT if st.source == "none" else st.message
-        fast_ops = os.environ.get(FAST_CPU_OPS_ENV, "1") != "0"
-        rows["fast cpu ops"] = ("on: attention, SwiGLU and RoPE of the models kvpred-mlx loads" if fast_ops
-                                else f"off ({FAST_CPU_OPS_ENV}=0)"), ""
+        rows["fast cpu ops"] = FAST_CPU_OPS.note(), ""
         rows["C kernels"] = cpu_kernels.C_KERNELS.note(), ""
         rows["prefill attn"] = cpu_ops.prefill_attention_note(), ""
         rows["decode"] = decode.compiled_decode_note(), ""
