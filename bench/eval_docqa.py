@@ -105,9 +105,10 @@ def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 def run_docqa(specs: Sequence, cases: Sequence[ChatCase], *, answer_tokens: int, eos: set[int],
               advance: Callable[[], None]) -> dict[str, dict]:
-    """{spec name: {length: metrics}} for the base spec (specs[0]) and every kvp spec (aux specs are skipped)."""
+    """{spec name: {length: metrics}} for the base spec (specs[0]) and every kvp and specprefill spec (aux specs are
+    skipped)."""
     base_spec = specs[0]
-    kvp_specs = [s for s in specs if s.mode == "kvp"]
+    kvp_specs = [s for s in specs if s.mode in ("kvp", "specprefill")]
     per = {s.name: {} for s in [base_spec, *kvp_specs]}  # name -> length -> list of per-case dicts
     for case in cases:
         reference = greedy_answer(base_spec.pipe, case.prompt, "base", answer_tokens, eos)
@@ -117,10 +118,10 @@ def run_docqa(specs: Sequence, cases: Sequence[ChatCase], *, answer_tokens: int,
         base_scores = None  # the base's pass over the case, run once for all kvp specs
         for s in kvp_specs:
             r = score_sequence(s.pipe, tokens, case.prompt.size, with_aux=False, exact_tail=s.exact_tail,
-                               base_scores=base_scores)
+                               base_scores=base_scores, mode=s.mode)
             base_scores = {k: r[k] for k in ("base_top1", "nll_base")}
             agree = r["kvp_top1"] == r["base_top1"]
-            answer = greedy_answer(s.pipe, case.prompt, "kvp", answer_tokens, eos, s.exact_tail)
+            answer = greedy_answer(s.pipe, case.prompt, s.mode, answer_tokens, eos, s.exact_tail)
             per[s.name].setdefault(case.length, []).append({
                 "agreement": float(agree.mean()), "first_token": float(agree[0]),
                 "prefix": agreement_prefix(reference, answer, answer_tokens, eos),

@@ -62,6 +62,12 @@ class ModeSpec:
     exact_tail: int = 1  # kvp: prompt tokens the base computes itself, at the end (at the start: pipe.exact_head)
 
 
+def spec_flops(spec: ModeSpec, base: LoadedModel, n: int) -> int:
+    """Analytical TTFT FLOPs of a spec's mode and options for an n-token prompt."""
+    return ttft_flops(spec.mode, base, spec.pipe.bundle, n, exact_tail=spec.exact_tail, keep=spec.pipe.keep,
+                      exact_keep=spec.pipe.exact_keep)
+
+
 def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
     """Directory names, or full paths where names collide."""
     names = [Path(p).name or str(p) for p in paths]
@@ -69,17 +75,24 @@ def bundle_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with_aux: bool = True,
-               exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,)
-               ) -> list[ModeSpec]:
-    """base, then per bundle a kvp row per exact head and tail and (with_aux) one aux row."""
+               exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,),
+               exact_keeps: Sequence[float] = (0.0,), keeps: Sequence[float] = ()) -> list[ModeSpec]:
+    """base, then per bundle a kvp row per exact head, exact keep and tail, a specprefill row per keep (scored by
+    the bundle's aux where it is the base's first layers; the first tail) and (with_aux) one aux row."""
     specs = [ModeSpec("base", "base", None, Pipeline(base, bundles[0][1] if bundles else None))]
     for label, bundle in bundles:
         for head in exact_heads:
-            pipe = Pipeline(base, bundle, exact_head=head)
-            for tail in exact_tails:
-                parts = ([label] if len(bundles) > 1 else []) + ([f"head {head}"] if len(exact_heads) > 1 else []) \
-                    + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
-                specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
+            for exact_keep in exact_keeps:
+                pipe = Pipeline(base, bundle, exact_head=head, exact_keep=exact_keep)
+                for tail in exact_tails:
+                    parts = ([label] if len(bundles) > 1 else []) \
+                        + ([f"head {head}"] if len(exact_heads) > 1 else []) \
+                        + ([f"exact keep {exact_keep:g}"] if exact_keep else []) \
+                        + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
+                    specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
+        for keep in keeps:
+            specs.append(ModeSpec(f"specprefill ({', '.join(([label] if len(bundles) > 1 else []) + [f'keep {keep:g}'])})",
+                                  "specprefill", label, Pipeline(base, bundle, keep=keep), exact_tails[0]))
         if with_aux:
             specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, Pipeline(
                 base, bundle)))
@@ -177,7 +190,7 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
              seed: int = 0, exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,),
-             docqa_cases: Sequence | None = None, needle_cases: Sequence | None = None,
+             exact_keeps: Sequence[float] = (0.0,), keeps: Sequence[float] = (), docqa_cases: Sequence | None = None, needle_cases: Sequence | None = None,
              answer_tokens: int = 64, heldout_by_length: dict[int, np.ndarray] | None = None) -> dict:
     """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
     per exact head and tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`
@@ -199,7 +212,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         raise KVPredError(f"--prompt-len {prompt_len} + continuation does not fit the model's context ({limit})")
     if sequences is not None and sequences.shape[1] < prompt_len + cont_len:
         raise KVPredError(f"held-out sequences have {sequences.shape[1]} tokens, need {prompt_len + cont_len}")
-    specs = mode_specs(base, bundles, with_aux=with_aux, exact_tails=exact_tails, exact_heads=exact_heads)
+    specs = mode_specs(base, bundles, with_aux=with_aux, exact_tails=exact_tails, exact_heads=exact_heads,
+                       exact_keeps=exact_keeps, keeps=keeps)
     rows = {s.name: {"name": s.name, "mode": s.mode, "bundle": s.bundle} for s in specs}
     eos = set(getattr(base.tokenizer, "eos_token_ids", None) or []) if base.tokenizer is not None else set()
 
@@ -219,9 +233,11 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
             advance()
     for s in specs:
         row = rows[s.name]
-        row["ttft_flops"] = ttft_flops(s.mode, base, s.pipe.bundle, prompt_len, exact_tail=s.exact_tail)
+        row["ttft_flops"] = spec_flops(s, base, prompt_len)
         row["exact_tail"] = s.exact_tail if s.mode == "kvp" else None
         row["exact_head"] = s.pipe.exact_head if s.mode == "kvp" else None
+        row["exact_keep"] = s.pipe.exact_keep if s.mode == "kvp" else None
+        row["keep"] = s.pipe.keep if s.mode == "specprefill" else None
         row["ttft_s"] = statistics.median(times[s.name])
         row["ttft_all"] = times[s.name]
 
@@ -297,9 +313,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         lengths = dict.fromkeys(c.length for c in docqa_cases)
         for s in specs:  # analytical TTFT per docqa prompt length (the cases' mean prompt tokens)
             if "docqa" in rows[s.name]:
-                rows[s.name]["docqa_flops"] = {n: ttft_flops(s.mode, base, s.pipe.bundle, int(np.mean(
-                    [c.prompt.size for c in docqa_cases if c.length == n])), exact_tail=s.exact_tail)
-                    for n in lengths}
+                rows[s.name]["docqa_flops"] = {n: spec_flops(s, base, int(np.mean(
+                    [c.prompt.size for c in docqa_cases if c.length == n]))) for n in lengths}
 
     if "needle" in tasks:
         from .eval_needle import run_needle
@@ -308,8 +323,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
         for name, by_length in run_needle(specs, needle_cases, eos=eos, advance=advance).items():
             rows[name]["needle"] = by_length
         for s in specs:  # analytical TTFT per needle prompt length (the cases' mean prompt tokens)
-            rows[s.name]["needle_flops"] = {n: ttft_flops(s.mode, base, s.pipe.bundle, int(np.mean(
-                [c.prompt.size for c in needle_cases if c.length == n])), exact_tail=s.exact_tail)
+            rows[s.name]["needle_flops"] = {n: spec_flops(s, base, int(np.mean(
+                [c.prompt.size for c in needle_cases if c.length == n])))
                 for n in dict.fromkeys(c.length for c in needle_cases)}
 
     base_row = rows["base"]

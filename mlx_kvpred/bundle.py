@@ -289,3 +289,14 @@ def shared_base_layers(bundle: "Bundle", base: nn.Module) -> int:
         i in cfg.exact_layers and cfg.layer_map[i] == i for i in range(n))
     takes_embeddings = "input_embeddings" in inspect.signature(type(base).__call__).parameters
     return n if cfg.aux_kind == "layer_pruned" and prefix and takes_embeddings else 0
+
+
+SCORER_FRACTION = 0.4  # specprefill without a KVP-LP bundle: the base's first 40% of layers score the positions
+
+
+def scorer_layers(bundle: "Bundle | None", base: nn.Module) -> int:
+    """How many of the base's first layers score prompt positions for specprefill (importance.py): a KVP-LP
+    bundle's aux (the base's layers 0..k-1, whose pass is the aux's), else SCORER_FRACTION of them."""
+    if bundle is not None and shared_base_layers(bundle, base) == len(bundle.aux.layers):
+        return len(bundle.aux.layers)
+    return max(1, round(SCORER_FRACTION * len(base.layers)))

@@ -10,7 +10,8 @@ import numpy as np
 
 from mlx_lm.models.cache import make_prompt_cache
 
-from .pipeline import Pipeline, predict_cache, split_exact_tail
+from .attention import lm_head_of
+from .pipeline import Pipeline, predict_cache, prefill_logits, split_exact_tail
 
 
 @dataclass
@@ -33,11 +34,12 @@ def _nll(logits: mx.array, targets: mx.array) -> mx.array:
 
 
 def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_aux: bool = True,
-                   exact_tail: int = 1, base_scores: dict | None = None) -> dict:
+                   exact_tail: int = 1, base_scores: dict | None = None, mode: str = "kvp") -> dict:
     """Logit comparisons on one sequence of prompt_len + cont_len tokens; positions are those predicting
     tokens[prompt_len:], i.e. the first output token and the teacher-forced continuation. kvp predicts the cache
     of all but the last `exact_tail` prompt tokens, which the base computes itself (as generate_tokens does).
-    `base_scores` ("base_top1", "nll_base" of an earlier call on the same tokens) skips the base's own pass."""
+    `base_scores` ("base_top1", "nll_base" of an earlier call on the same tokens) skips the base's own pass.
+    `mode`: kvp, or specprefill (its scores are then under the kvp_ keys)."""
     prompt, cont = tokens[:prompt_len], tokens[prompt_len:]
     base = pipe.base.model
     out = {}
@@ -45,9 +47,13 @@ def score_sequence(pipe: Pipeline, tokens: mx.array, prompt_len: int, *, with_au
         base_logits = base(tokens[None, :-1])[0, prompt_len - 1:]
         out.update(base_top1=mx.argmax(base_logits, axis=-1), nll_base=_nll(base_logits, cont))
     # kvp: predicted cache for the prompt but its tail, then the base runs the tail and the continuation
-    predicted, exact = split_exact_tail(prompt, exact_tail)
-    cache = predict_cache(pipe, predicted) if predicted.size else make_prompt_cache(base)
-    kvp_logits = base(tokens[None, predicted.size:-1], cache=cache)[0, exact.size - 1:]
+    if lm_head_of(base) is not None:  # as generate_tokens prefills (exact_keep included), then the continuation
+        cache, first = prefill_logits(pipe, prompt, mode=mode, exact_tail=exact_tail)
+        kvp_logits = mx.concatenate([first, base(cont[None, :-1], cache=cache)[0]]) if cont.size > 1 else first
+    else:
+        predicted, exact = split_exact_tail(prompt, exact_tail)
+        cache = predict_cache(pipe, predicted) if predicted.size else make_prompt_cache(base)
+        kvp_logits = base(tokens[None, predicted.size:-1], cache=cache)[0, exact.size - 1:]
     out.update(kvp_top1=mx.argmax(kvp_logits, axis=-1), nll_kvp=_nll(kvp_logits, cont))
     if with_aux and pipe.bundle is not None:
         aux_logits = pipe.bundle.aux(tokens[None, :-1])[0, prompt_len - 1:]

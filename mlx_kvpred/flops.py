@@ -7,13 +7,14 @@ prompt position's logits are computed. `measure_gemm_gflops` measures the rate t
 
 from __future__ import annotations
 
+import math
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .attention import attention_of
-from .bundle import Bundle
+from .bundle import Bundle, scorer_layers
 from .loading import LoadedModel
 
 
@@ -81,15 +82,31 @@ def predictor_flops(predictor: nn.Module, tokens: int) -> int:
     return tokens * 2 * linear_params(predictor)
 
 
-def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1) -> int:
-    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm or llama.cpp, the same work), kvp (the base computing
-    the last `exact_tail` tokens), or the aux alone (with its own LM head: a KVP-C aux has its own config)."""
+def specprefill_ttft_flops(base: nn.Module, config: dict, k: int, n: int, exact_tail: int, keep: float) -> int:
+    """The base's first k layers over all n tokens, its others over the kept positions and the exact tail (the
+    scoring's attention rows, a few tail rows, left out)."""
+    t = min(exact_tail, n)
+    m = math.ceil(keep * (n - t)) + t
+    return layers_flops(base.layers[:k], n, n) + layers_flops(base.layers[k:], m, m) + lm_head_flops(config)
+
+
+def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1,
+               keep: float = 0.0, exact_keep: float = 0.0) -> int:
+    """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm or llama.cpp, the same work), kvp (the base
+    computing the last `exact_tail` tokens, and recomputing the `exact_keep` fraction of the others from the first
+    layer the aux does not share), specprefill (the `keep` fraction) or the aux alone (with its own LM head: a
+    KVP-C aux has its own config)."""
     if mode in ("base", "mlx-lm", "llama.cpp"):
         return base_ttft_flops(base.model, base.config, n)
+    if mode == "specprefill":
+        return specprefill_ttft_flops(base.model, base.config, scorer_layers(bundle, base.model), n, exact_tail, keep)
     if bundle is None:
         raise ValueError(f"mode {mode} needs a bundle")
     if mode == "kvp":
-        return kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n, exact_tail)
+        recomputed = math.ceil(exact_keep * max(n - exact_tail, 0))
+        k = len(bundle.aux.layers)
+        return (kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n, exact_tail)
+                + layers_flops(base.model.layers[k:], recomputed, max(n - exact_tail, 0)))
     if mode == "aux":
         return base_ttft_flops(bundle.aux, bundle.config.aux_config or base.config, n)
     raise ValueError(f"unknown mode {mode!r}")

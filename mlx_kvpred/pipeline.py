@@ -4,7 +4,10 @@ the first output token -> mlx-lm's generate_step decodes with the base alone (ex
 paper's condition; the CLI uses DEFAULT_EXACT_HEAD and DEFAULT_EXACT_TAIL).
 
 Modes: "kvp" (the method), "base" (plain base prefill and decode), "aux" (the aux model alone, a baseline),
-"auto" (kvp where it saves real time on this device, else base: policy.py).
+"specprefill" (SpecPrefill, arXiv 2502.02789: the base's first layers score the prompt's positions by the attention
+its exact tail pays them, and the base prefills only the `keep` fraction that scores highest, at their own
+positions), "auto" (kvp where it saves real time on this device, else base: policy.py). kvp's `exact_keep`: the base
+recomputes the K/V of the predicted positions that score highest, attending to the predicted K/V of the rest.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import policy
-from .attention import backbone, lm_head_of, swapped, tap_kv
+from .attention import attention_of, backbone, lm_head_of, swapped, tap_kv
 from .backends import Backend, for_device
-from .bundle import Bundle, load_bundle, shared_base_layers
+from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
 from .cache import write_predicted_kv
 from .errors import KVPredError
+from .importance import attention_scores, select_positions, tap_queries
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, PrefillRates
+from .positions import compact_cache, recompute_at, rotated_at
 from .predictor import KVPredictor
 
-MODES = ("auto", "kvp", "base", "aux")
+MODES = ("auto", "kvp", "base", "aux", "specprefill")
 DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp12"  # for the default model
 # Prompt tokens the base computes itself in kvp mode, in stream_generate and the CLI (generate_tokens' default, 1,
 # is the paper's condition): a chat question and the assistant header (measured: docs/training.md).
@@ -39,6 +44,8 @@ DEFAULT_EXACT_TAIL = 32
 # alone: cached per pipeline, free after first use.
 DEFAULT_EXACT_HEAD = 1
 HEAD_KV_ENTRIES = 64  # distinct heads Pipeline.head_kv keeps (first in, first out)
+DEFAULT_KEEP = 0.3  # specprefill: the fraction of the prompt before its exact tail that the base prefills
+DEFAULT_EXACT_KEEP = 0.0  # kvp: the fraction of predicted positions the base recomputes (docs/facts.md)
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Pipeline:
     exact_head: int = DEFAULT_EXACT_HEAD  # kvp: the first N positions of a sequence get the base's own K/V
     head_kv: dict = field(default_factory=dict, repr=False)  # head tokens -> the base's K/V per layer (offset 0)
     backend: Backend | None = None
+    keep: float = DEFAULT_KEEP  # specprefill: the fraction of positions before the exact tail the base prefills
+    exact_keep: float = DEFAULT_EXACT_KEEP  # kvp: the fraction of predicted positions the base recomputes
 
     def __post_init__(self):
         if self.backend is None:
@@ -93,11 +102,15 @@ def shipped_bundle() -> Path | None:
 
 def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | None = None,
                   device: str | None = None, allow_untrained: bool = False,
-                  exact_head: int | None = None) -> Pipeline:
+                  exact_head: int | None = None, keep: float | None = None,
+                  exact_keep: float | None = None) -> Pipeline:
     """Load once, generate many times. `model`: .gguf, mlx-lm dir or HF repo id (None: SmolLM2-135M-Instruct);
     `kvp`: a bundle dir; None: the shipped bundle when `model` is the default one; False: no bundle (mode base
     only). `device`: "cpu" or "gpu" (None: the GPU when MLX has one). `exact_head`: kvp's leading positions the
-    base computes itself (None: DEFAULT_EXACT_HEAD)."""
+    base computes itself (None: DEFAULT_EXACT_HEAD); `keep`: specprefill's kept fraction (None: DEFAULT_KEEP);
+    `exact_keep`: kvp's recomputed fraction (None: DEFAULT_EXACT_KEEP)."""
+    keep = DEFAULT_KEEP if keep is None else check_fraction(keep, "keep")
+    exact_keep = DEFAULT_EXACT_KEEP if exact_keep is None else check_fraction(exact_keep, "exact_keep")
     exact_head = DEFAULT_EXACT_HEAD if exact_head is None else check_exact_head(exact_head)
     device = set_device(device or default_device())
     if kvp is None:
@@ -105,7 +118,7 @@ def load_pipeline(model: str | Path | None = None, *, kvp: str | Path | bool | N
     backend = for_device(device)
     base = load_model(model, device=device, backend=backend)
     bundle = load_bundle(kvp, base, allow_untrained=allow_untrained) if kvp is not False else None
-    return Pipeline(base, bundle, device, exact_head=exact_head, backend=backend)
+    return Pipeline(base, bundle, device, exact_head=exact_head, backend=backend, keep=keep, exact_keep=exact_keep)
 
 
 def check_exact_head(exact_head: int) -> int:
@@ -116,7 +129,7 @@ def check_exact_head(exact_head: int) -> int:
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise KVPredError(f"mode must be auto, kvp, base or aux, got {mode!r}", "mode")
+        raise KVPredError(f"mode must be auto, kvp, base, aux or specprefill, got {mode!r}", "mode")
     return mode
 
 
@@ -165,19 +178,106 @@ def predict_cache_with_tail(pipe: Pipeline, tokens: mx.array, exact_tail: int, *
     return caches, stream
 
 
+def predict_cache_with_exact_keep(pipe: Pipeline, tokens: mx.array, exact_tail: int, exact_keep: float, *,
+                                  prefill_step_size: int = 2048, max_kv_size: int | None = None
+                                  ) -> tuple[list[Any], mx.array]:
+    """predict_cache_with_tail, then the base recomputes the K/V of the `exact_keep` fraction of predicted positions
+    that matter most to the exact tail (importance.py: the shared layers' attention from the tail), from the first
+    unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at)."""
+    bundle = _need_bundle(pipe)
+    base = pipe.base.model
+    shared = len(bundle.aux.layers)
+    predicted, exact = split_exact_tail(tokens, exact_tail)
+    caches = make_prompt_cache(base, max_kv_size=max_kv_size)
+    stream = _predict_into(pipe, predicted, caches, None, skip=0, tail=0, prefill_step_size=prefill_step_size,
+                           keep_stream=True)
+    tail_stream, scores = _scored_tail(pipe, exact, caches, shared, end=predicted.size)
+    head = first_predicted(pipe, 0, predicted.size)  # positions below it are the base's own already
+    kept = select_positions(scores[head:], keep=exact_keep) + head
+    if kept.size:
+        with mx.stream(generation_stream):
+            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept], kept, predicted.size)
+    return caches, tail_stream
+
+
+def _first_layers(pipe: Pipeline, tokens: mx.array, caches: list[Any], k: int, *,
+                  prefill_step_size: int) -> mx.array:
+    """The base's first k layers over `tokens`, their K/V into `caches[:k]`: the residual stream entering layer k."""
+    base = pipe.base.model
+    inner = backbone(base)
+    streams = []
+    with mx.stream(generation_stream):
+        for start in range(0, tokens.size, prefill_step_size):
+            chunk = tokens[None, start:start + prefill_step_size]
+            stream = pipe.backend.run_rows(base, caches[:k], tokens=chunk, stop_layer=k)
+            if stream is None:
+                with swapped(inner, "layers", inner.layers[:k]), swapped(inner, "norm", nn.Identity()):
+                    stream = inner(chunk, cache=caches[:k])
+            mx.eval(stream, [c.state for c in caches[:k]])
+            streams.append(stream)
+    return mx.concatenate(streams, axis=1) if len(streams) > 1 else streams[0]
+
+
+def _scored_tail(pipe: Pipeline, tail: mx.array, caches: list[Any], k: int, *, end: int) -> tuple[mx.array, mx.array]:
+    """The exact tail through the base's first k layers, appended to `caches[:k]` (which hold the positions before
+    it): (its residual stream entering layer k, the importance of positions 0..end-1 by the attention it pays them
+    there: importance.attention_scores)."""
+    base = pipe.base.model
+    inner = backbone(base)
+    layers = base.layers[:k]
+    with mx.stream(generation_stream), tap_queries(layers) as queries, \
+            swapped(inner, "layers", inner.layers[:k]), swapped(inner, "norm", nn.Identity()):
+        stream = inner(tail[None], cache=caches[:k])
+        scores = attention_scores(layers, [q[-1] for q in queries], [c.keys[:, :, :c.offset] for c in caches[:k]],
+                                  end=end, exp=pipe.backend.loss_ops()[0])
+        mx.eval(stream, scores, [c.state for c in caches[:k]])
+    return stream, scores
+
+
+def _specprefill_logits(pipe: Pipeline, prompt: mx.array, exact_tail: int, keep: float, *, prefill_step_size: int,
+                        max_kv_size: int | None) -> tuple[list[Any], mx.array]:
+    """SpecPrefill's prefill: the base's first k layers (scorer_layers) over the prompt, the importance of each
+    position before the exact tail by the attention the tail pays it there, then the base's other layers over the
+    kept positions and the tail only. The caches keep those positions alone (positions.compact_cache), so decoding
+    continues at their offset. Returns (caches, the last position's logits)."""
+    base = pipe.base.model
+    head = lm_head_of(base)
+    if head is None:
+        raise KVPredError(f"mode specprefill does not support {type(base).__module__} models yet", "mode")
+    k = scorer_layers(pipe.bundle, base)
+    predicted, exact = split_exact_tail(prompt, exact_tail)
+    end = predicted.size
+    caches = make_prompt_cache(base, max_kv_size=max_kv_size)
+    stream = _first_layers(pipe, predicted, caches, k, prefill_step_size=prefill_step_size)
+    tail_stream, scores = _scored_tail(pipe, exact, caches, k, end=end)
+    kept = select_positions(scores, keep=keep, always=range(min(pipe.exact_head, end)))
+    shift = end - kept.size  # dropped positions: the kept ones move back by as many (positions.py)
+    rows = mx.concatenate([kept, mx.arange(end, prompt.size, dtype=mx.int32)])
+    inner = backbone(base)
+    with mx.stream(generation_stream):
+        for layer, cache in zip(base.layers[:k], caches[:k]):
+            compact_cache(cache, attention_of(layer).rope, rows, shift)
+        with rotated_at(base.layers[k:], rows - shift), swapped(inner, "layers", inner.layers[k:]):
+            hidden = inner(None, cache=caches[k:], input_embeddings=mx.concatenate([stream[:, kept], tail_stream],
+                                                                                  axis=1))
+        logits = head(hidden[:, -1, :])
+        mx.eval(logits, [c.state for c in caches])
+    return caches, logits
+
+
 def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_caches: list[Any] | None, *, skip: int,
-                  tail: int, prefill_step_size: int) -> mx.array | None:
+                  tail: int, prefill_step_size: int, keep_stream: bool = False) -> mx.array | None:
     """The aux over `tokens`: predicted K/V of tokens[skip:len - tail] into `caches` (the exact head the base's own),
     and with `tail`, the shared layers' K/V of the last `tail` tokens and their residual stream entering the first
-    unshared base layer."""
+    unshared base layer; `keep_stream`: that stream of every token (the aux must be base layers 0..k-1)."""
     bundle = _need_bundle(pipe)
     base_model = pipe.base.model
     # fresh caches: the shared layers' base caches become the aux's own (the same K/V, already RoPE'd) at the end
     take_aux = aux_caches is None and caches[0].offset == 0
     aux_caches = make_prompt_cache(bundle.aux) if aux_caches is None else aux_caches
-    shared = shared_base_layers(bundle, base_model) if tail else 0
+    shared = shared_base_layers(bundle, base_model) if tail or keep_stream else 0
     take_aux = take_aux and shared > 0 and all(type(a) is type(c) for a, c in zip(aux_caches, caches[:shared]))
-    if tail and shared != len(bundle.aux.layers):
+    if (tail or keep_stream) and shared != len(bundle.aux.layers):
         raise KVPredError("an exact tail in the aux's pass needs an aux of base layers 0..k-1 (shared_base_layers)")
     predicted_end = tokens.size - tail
     offset = caches[0].offset  # the position of tokens[skip]
@@ -206,8 +306,8 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
                 values = [calls.pop() for calls in record.values]
             else:  # not read: the predictor reads the hidden state, the shared layers' caches are the aux's
                 keys = values = [None] * len(bundle.aux.layers)
-            if tail and stop > predicted_end:
-                streams.append(stream[:, max(predicted_end - start, 0):])
+            if keep_stream or (tail and stop > predicted_end):
+                streams.append(stream if keep_stream else stream[:, max(predicted_end - start, 0):])
             hidden = norm(stream)
             drop = min(max(skip - start, 0), stop - start)  # positions of this chunk only catching up
             keep = min(max(predicted_end - start, 0), stop - start)  # ... and those before the tail
@@ -296,40 +396,87 @@ def _with_prefix(processors: Sequence[Callable] | None, prefix: mx.array) -> lis
     return [lambda toks, logits, p=p: p(mx.concatenate([prefix, toks]), logits) for p in processors]
 
 
-def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max_tokens: int = 256,
-                    sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
-                    max_kv_size: int | None = None, prefill_step_size: int = 2048, exact_tail: int = 1,
-                    **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
-    """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. In kvp mode the base computes the last
-    `exact_tail` prompt tokens itself (>= 1), attending to the predicted cache of the rest. Extra kwargs go to
-    generate_step."""
-    mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
-    common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
-    if mode == "base":
-        return prompt_then_decode(prompt, pipe.base.model, backend=pipe.backend, logits_processors=logits_processors,
-                                  max_kv_size=max_kv_size, **common)
-    bundle = _need_bundle(pipe)
-    if mode == "aux":
-        return prompt_then_decode(prompt, bundle.aux, backend=pipe.backend, logits_processors=logits_processors,
-                                  max_kv_size=max_kv_size, **common)
-    predicted, exact = split_exact_tail(prompt, exact_tail)
-    processors = _with_prefix(logits_processors, predicted)
+def prefill_logits(pipe: Pipeline, prompt: mx.array, *, mode: str, exact_tail: int = 1, keep: float | None = None,
+                   exact_keep: float | None = None, prefill_step_size: int = 2048,
+                   max_kv_size: int | None = None) -> tuple[list[Any], mx.array]:
+    """The base's cache after `prompt` as `mode` (base, kvp or specprefill, with generate_tokens' options) fills it,
+    and the last prompt position's logits: what generate_tokens decodes from (evaluate.score_sequence
+    teacher-forces a continuation from it). Models without a plain LM head (lm_head_of) are not supported."""
+    keep = pipe.keep if keep is None else check_fraction(keep, "keep")
+    exact_keep = pipe.exact_keep if exact_keep is None else check_fraction(exact_keep, "exact_keep")
     base, head = pipe.base.model, lm_head_of(pipe.base.model)
+    if head is None:
+        raise KVPredError(f"{type(base).__module__} models have no plain LM head to prefill by mode {mode}", "mode")
+    steps = dict(prefill_step_size=prefill_step_size)
+    if mode == "specprefill" and prompt.size > exact_tail:
+        return _specprefill_logits(pipe, prompt, exact_tail, keep, max_kv_size=max_kv_size, **steps)
+    if mode in ("base", "specprefill"):  # specprefill of a prompt no longer than its tail: nothing to drop
+        cache = make_prompt_cache(base, max_kv_size=max_kv_size)
+        return cache, _prompt_logits(prompt, base, head, cache, backend=pipe.backend, **steps)
+    if mode != "kvp":
+        raise KVPredError(f"prefill_logits takes mode base, kvp or specprefill, got {mode!r}", "mode")
+    bundle = _need_bundle(pipe)
+    predicted, exact = split_exact_tail(prompt, exact_tail)
     shared = shared_base_layers(bundle, base)
-    if (predicted.size and shared == len(bundle.aux.layers) < len(base.layers) and head is not None
-            and step_kwargs.get("kv_bits") is None):
+    if predicted.size and shared == len(bundle.aux.layers) < len(base.layers):
         # KVP-LP: the tail's first layers are the aux's; the base continues from its residual stream
-        cache, stream = predict_cache_with_tail(pipe, prompt, exact.size, prefill_step_size=prefill_step_size,
-                                                max_kv_size=max_kv_size)
-        return _merged_first_step(exact, base, head, cache, backend=pipe.backend, max_tokens=max_tokens, sampler=sampler,
-                                  logits_processors=processors, prefill_step_size=prefill_step_size,
-                                  step_kwargs=step_kwargs, first_layer=shared, stream=stream)
+        if exact_keep > 0:
+            cache, stream = predict_cache_with_exact_keep(pipe, prompt, exact.size, exact_keep,
+                                                          max_kv_size=max_kv_size, **steps)
+        else:
+            cache, stream = predict_cache_with_tail(pipe, prompt, exact.size, max_kv_size=max_kv_size, **steps)
+        return cache, _prompt_logits(exact, base, head, cache, backend=pipe.backend, first_layer=shared,
+                                     stream=stream, **steps)
+    if exact_keep > 0 and predicted.size:
+        raise KVPredError("exact_keep needs a KVP-LP bundle (an aux of the base's first layers)", "exact_keep")
     if predicted.size == 0:  # nothing for the aux to prefill
         cache = make_prompt_cache(base, max_kv_size=max_kv_size)
     else:
-        cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size)
-    return prompt_then_decode(exact, base, backend=pipe.backend, prompt_cache=cache, logits_processors=processors,
-                              **common)
+        cache = predict_cache(pipe, predicted, max_kv_size=max_kv_size, **steps)
+    return cache, _prompt_logits(exact, base, head, cache, backend=pipe.backend, **steps)
+
+
+def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max_tokens: int = 256,
+                    sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
+                    max_kv_size: int | None = None, prefill_step_size: int = 2048, exact_tail: int = 1,
+                    keep: float | None = None, exact_keep: float | None = None,
+                    **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token, logprobs) like mlx-lm's generate_step, for any mode. In kvp and specprefill modes the base
+    computes the last `exact_tail` prompt tokens itself (>= 1), attending to the predicted (kvp) or kept
+    (specprefill: the `keep` fraction) cache of the rest; kvp's `exact_keep`: the fraction of predicted positions
+    the base recomputes (None: the pipeline's). Extra kwargs go to generate_step."""
+    keep = pipe.keep if keep is None else check_fraction(keep, "keep")
+    exact_keep = pipe.exact_keep if exact_keep is None else check_fraction(exact_keep, "exact_keep")
+    mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
+    common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
+    if mode == "aux":
+        return prompt_then_decode(prompt, _need_bundle(pipe).aux, backend=pipe.backend,
+                                  logits_processors=logits_processors, max_kv_size=max_kv_size, **common)
+    if mode == "base":
+        return prompt_then_decode(prompt, pipe.base.model, backend=pipe.backend, logits_processors=logits_processors,
+                                  max_kv_size=max_kv_size, **common)
+    if lm_head_of(pipe.base.model) is not None and step_kwargs.get("kv_bits") is None:
+        return _decode_after_prefill(pipe, prompt, mode=mode, exact_tail=exact_tail, keep=keep, exact_keep=exact_keep,
+                                     prefill_step_size=prefill_step_size, max_kv_size=max_kv_size,
+                                     max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                                     step_kwargs=step_kwargs)
+    if mode != "kvp" or exact_keep > 0:
+        raise KVPredError(f"{type(pipe.base.model).__module__} models, or quantized K/V, run mode {mode} only "
+                          "without exact_keep", "mode")
+    predicted, exact = split_exact_tail(prompt, exact_tail)  # the generic path: generate_step over the tail
+    cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size) \
+        if predicted.size else make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    return prompt_then_decode(exact, pipe.base.model, backend=pipe.backend, prompt_cache=cache,
+                              logits_processors=_with_prefix(logits_processors, predicted), **common)
+
+
+def _decode_after_prefill(pipe: Pipeline, prompt: mx.array, *, mode: str, max_tokens: int, sampler,
+                          logits_processors, step_kwargs, **options) -> Generator[tuple[int, mx.array], None, None]:
+    """prefill_logits, then the first token and the base's decoding (run on first use, as generate_step does)."""
+    cache, logits = prefill_logits(pipe, prompt, mode=mode, **options)
+    yield from _first_then_decode(logits, prompt, pipe.base.model, cache, backend=pipe.backend,
+                                  max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                                  step_kwargs=step_kwargs)
 
 
 def prompt_then_decode(prompt: mx.array, model, *, backend: Backend, prompt_cache: list[Any] | None = None,
@@ -357,6 +504,17 @@ def _merged_first_step(prompt, model, head, cache, *, backend: Backend, max_toke
                        ) -> Generator[tuple[int, mx.array], None, None]:
     """prompt_then_decode's body; with `stream` (the residual stream entering layer `first_layer` for all of
     `prompt`, whose earlier layers' K/V are cached), the prompt runs from that layer on, in one pass."""
+    logits = _prompt_logits(prompt, model, head, cache, backend=backend, prefill_step_size=prefill_step_size,
+                            first_layer=first_layer, stream=stream)
+    stream = None  # not held while decoding (a slice of the stream holds the aux's whole chunk)
+    yield from _first_then_decode(logits, prompt, model, cache, backend=backend, max_tokens=max_tokens,
+                                  sampler=sampler, logits_processors=logits_processors, step_kwargs=step_kwargs)
+
+
+def _prompt_logits(prompt: mx.array, model, head, cache: list[Any], *, backend: Backend, prefill_step_size: int,
+                   first_layer: int = 0, stream: mx.array | None = None) -> mx.array:
+    """`prompt` through `model` into `cache` (from layer `first_layer` on, given the `stream` entering it) and the
+    last position's logits."""
     inner = backbone(model)
     with mx.stream(generation_stream):
         if stream is not None:
@@ -374,19 +532,34 @@ def _merged_first_step(prompt, model, head, cache, *, backend: Backend, max_toke
             logits = backend.run_rows(model, cache, tokens=last)
             if logits is None:
                 logits = head(inner(last, cache=cache)[:, -1, :])
+    return logits
+
+
+def _first_then_decode(logits: mx.array, prompt: mx.array, model, cache: list[Any], *, backend: Backend,
+                       max_tokens: int, sampler, logits_processors, step_kwargs
+                       ) -> Generator[tuple[int, mx.array], None, None]:
+    """The first token from the last prompt position's `logits` (after `prompt`'s logits processors), then
+    generate_step's decoding from it with the base alone."""
+    with mx.stream(generation_stream):
         for processor in logits_processors or ():
             logits = processor(prompt, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y = (sampler or (lambda x: mx.argmax(x, axis=-1)))(logprobs)
         mx.eval(y, logprobs)
     first, first_logprobs = y.item(), logprobs.squeeze(0)
-    stream = logits = logprobs = None  # not held while decoding (a slice of the stream holds the aux's whole chunk)
+    logits = logprobs = None
     yield first, first_logprobs
     if max_tokens == 1:
         return
     yield from generate_step(mx.array([first]), backend.decoder(model), prompt_cache=cache, max_tokens=max_tokens - 1,
                              sampler=sampler, logits_processors=_with_prefix(logits_processors, prompt),
                              **step_kwargs)
+
+
+def check_fraction(value: float, field: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise KVPredError(f"{field} must be a fraction in 0..1, got {value}", field)
+    return value
 
 
 def split_exact_tail(prompt: mx.array, exact_tail: int) -> tuple[mx.array, mx.array]:

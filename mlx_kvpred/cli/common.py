@@ -120,3 +120,15 @@ def parse_int_list(value: Optional[str], flag: str) -> Optional[list[int]]:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise KVPredError(f"{flag} must be comma-separated integers, got {value!r}") from None
+
+
+def parse_fraction_list(value: Optional[str], flag: str) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        fractions = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise KVPredError(f"{flag} must be comma-separated fractions in 0..1, got {value!r}") from None
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise KVPredError(f"{flag} must be comma-separated fractions in 0..1, got {value!r}")
+    return fractions

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import KVPredError
-from .common import app, parse_int_list
+from .common import app, parse_fraction_list, parse_int_list
 
 
 @app.command("eval")
@@ -39,6 +39,11 @@ def eval_cmd(
                                                         "32; 1: the paper's condition)."),
     exact_head: Optional[str] = typer.Option(None, help="kvp: the base computes the first N prompt tokens itself; a "
                                                         "comma-separated list gives a kvp row per value (default 1)."),
+    exact_keep: Optional[str] = typer.Option(None, help="kvp: the base recomputes this fraction of the predicted "
+                                                        "positions, those the question attends to most; a "
+                                                        "comma-separated list gives a kvp row per value (default 0)."),
+    keep: Optional[str] = typer.Option(None, help="Also evaluate mode specprefill, keeping this fraction of the "
+                                                  "prompt; a comma-separated list gives a row per value."),
     sequences: Optional[int] = typer.Option(None, help="Held-out sequences, one per file (default 32; 8 with "
                                                           "--quick)."),
     gen_tokens: Optional[int] = typer.Option(None, help="genagree: greedy tokens per prompt (default 64; 32 with "
@@ -61,13 +66,15 @@ def eval_cmd(
     from ..bench.eval_humaneval import humaneval_available
     from ..bench.pareto import check_matplotlib, plot_pareto
     from ..bundle import load_bundle
-    from ..pipeline import DEFAULT_EXACT_HEAD, DEFAULT_EXACT_TAIL, check_exact_head, load_pipeline
+    from ..pipeline import DEFAULT_EXACT_HEAD, DEFAULT_EXACT_KEEP, DEFAULT_EXACT_TAIL, check_exact_head, load_pipeline
 
     task_list = parse_tasks(tasks)
     if prompt_len < 2 or cont_len < 1:
         raise KVPredError("--prompt-len must be >= 2 and --cont-len >= 1")
     tails = parse_int_list(exact_tail, "--exact-tail") or [DEFAULT_EXACT_TAIL]
     heads = [check_exact_head(h) for h in parse_int_list(exact_head, "--exact-head") or [DEFAULT_EXACT_HEAD]]
+    exact_keeps = parse_fraction_list(exact_keep, "--exact-keep") or [DEFAULT_EXACT_KEEP]
+    keeps = parse_fraction_list(keep, "--keep") or []
     for flag, value in (("--sequences", sequences), ("--gen-tokens", gen_tokens), ("--max-tokens", max_tokens),
                         ("--limit", limit), ("--ttft-repeats", ttft_repeats), ("--docs", docs),
                         ("--answer-tokens", answer_tokens), ("--needles", needles),
@@ -93,7 +100,8 @@ def eval_cmd(
                           sequences=inputs["sequences"], prompt_len=prompt_len, cont_len=cont_len,
                           gen_tokens=gen_tokens or (32 if quick else 64), problems=inputs["problems"],
                           max_tokens=max_tokens, with_aux=aux, ttft_repeats=ttft_repeats or (2 if quick else 3),
-                          progress=track, exact_tails=tails, exact_heads=heads, docqa_cases=inputs["docqa_cases"],
+                          progress=track, exact_tails=tails, exact_heads=heads, exact_keeps=exact_keeps, keeps=keeps,
+                          docqa_cases=inputs["docqa_cases"],
                           answer_tokens=answer_tokens, heldout_by_length=inputs["heldout_by_length"],
                           needle_cases=inputs["needle_cases"])
     result["settings"]["heldout_source"] = inputs["heldout_source"]

@@ -32,7 +32,7 @@ from . import blas, cpu_kernels
 from ...attention import attention_of, backbone, kv_heads
 from ...errors import KVPredError
 from .. import STOCK_CLASS
-from .rope_layout import rope_key, rotation_layout
+from ...rope_layout import rope_key, rotation_layout
 from ...switch import Switch
 
 _LOG2E = 1.4426950408889634

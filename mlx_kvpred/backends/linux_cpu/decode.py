@@ -35,7 +35,7 @@ from mlx_lm.models.cache import KVCache
 from . import cpu_kernels
 from ...attention import backbone, lm_head_of
 from .cpu_ops import _exp_shifted, _swiglu_kernel, grown_cache_buffers, take_cache_buffers
-from .rope_layout import rope_key, rotation_layout
+from ...rope_layout import rope_key, rotation_layout
 from ...switch import Switch
 
 ENV_VAR = "KVPRED_COMPILED_DECODE"  # "0": decode with the model's own code
