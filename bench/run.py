@@ -9,6 +9,7 @@ kernels off (numpy attention, MLX SwiGLU and RoPE; cpu_kernels), to time each si
 from __future__ import annotations
 
 import os
+import re
 import platform
 import statistics
 import time
@@ -41,15 +42,26 @@ SGEMM_SUFFIX, EAGER_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX = "-sgemm", "-eager", "
 MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ROWS_SUFFIX = "-mlx-decode", "-fp32-decode", "-mlx-rows"
 SUFFIXES = (SGEMM_SUFFIX, EAGER_SUFFIX, MLX_DECODE_SUFFIX, FP32_DECODE_SUFFIX, MLX_ATTN_SUFFIX, NO_C_SUFFIX,
             MLX_ROWS_SUFFIX)
-MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp") + tuple(
+MODES = ("base", "kvp", "aux", "mlx-lm", "auto", "llama.cpp", "specprefill") + tuple(
     f"{m}{suffix}" for suffix in SUFFIXES for m in ("base", "kvp"))
+# kvp@F: kvp with exact_keep F; specprefill@F: specprefill with keep F (several in one run, for a Pareto)
+FRACTION_MODE = re.compile(r"^(kvp|specprefill)@(0(\.\d+)?|1(\.0+)?)$")
 
 
 def pipeline_mode(mode: str) -> str:
-    """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp")."""
+    """The pipeline mode a bench mode runs ("kvp-sgemm" -> "kvp", "specprefill@0.1" -> "specprefill")."""
+    mode = mode.split("@")[0]
     for suffix in SUFFIXES:
         mode = mode.removesuffix(suffix)
     return mode
+
+
+def mode_options(mode: str) -> dict:
+    """generate_tokens' options a bench mode sets: kvp@F exact_keep=F, specprefill@F keep=F."""
+    match = FRACTION_MODE.match(mode)
+    if not match:
+        return {}
+    return {"exact_keep" if match.group(1) == "kvp" else "keep": float(match.group(2))}
 
 
 @contextmanager
@@ -86,7 +98,8 @@ def untrained_lp_bundle(pipe: Pipeline, n_layers: int) -> Bundle:
 def token_stream(pipe: Pipeline, mode: str, prompt: mx.array, gen_tokens: int, exact_tail: int = 1):
     if mode == "mlx-lm":
         return generate_step(prompt, pipe.base.model, max_tokens=gen_tokens)
-    return generate_tokens(pipe, prompt, mode=pipeline_mode(mode), max_tokens=gen_tokens, exact_tail=exact_tail)
+    return generate_tokens(pipe, prompt, mode=pipeline_mode(mode), max_tokens=gen_tokens, exact_tail=exact_tail,
+                           **mode_options(mode))
 
 
 _LLAMA_CPP: dict[str, object] = {}
@@ -204,9 +217,10 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
               gen_tokens: int = 16, prompt_tokens: np.ndarray | None = None, seed: int = 0, exact_tail: int = 1,
               progress: Callable[[], None] | None = None) -> dict:
     """Per prompt length, every mode run `warmup + repeats` times, interleaved (base, kvp, ..., base, ...)."""
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES and not FRACTION_MODE.match(m)]
     if bad:
-        raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+        raise KVPredError(f"--modes: unknown {bad}; choose from {', '.join(MODES)}, kvp@F (exact keep F) or "
+                          "specprefill@F (keep F)")
     if any(pipeline_mode(m) in ("kvp", "aux") for m in modes) and pipe.bundle is None:
         raise KVPredError("--modes kvp/aux need a KVP bundle (--kvp DIR or --aux-layers-keep N)")
     if any(m.endswith(SGEMM_SUFFIX) for m in modes) and not blas.load_fast_blas().gemv_forward:
@@ -237,7 +251,9 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                     progress()
         picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail).mode if m == "auto"
                   else pipeline_mode(m) for m in {"base", *modes}}
-        flops = {m: ttft_flops(picked[m], pipe.base, pipe.bundle, n, exact_tail=exact_tail) for m in picked}
+        flops = {m: ttft_flops(picked[m], pipe.base, pipe.bundle, n, exact_tail=exact_tail,
+                               **{"keep": pipe.keep, "exact_keep": pipe.exact_keep, **mode_options(m)})
+                 for m in picked}
         for m in modes:
             ttfts = [x["ttft"] for x in runs[m]]
             tpot = statistics.median(x["tpot"] for x in runs[m])

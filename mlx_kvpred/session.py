@@ -78,8 +78,8 @@ class ChatSession:
 
     def set_mode(self, mode: str) -> None:
         """How later turns prefill: kvp, base or auto (kvp needs a bundle)."""
-        if mode == "aux":
-            raise KVPredError("a chat session runs mode kvp, base or auto")
+        if mode in ("aux", "specprefill"):
+            raise KVPredError("a chat session runs mode kvp, base or auto", "mode")
         if mode != "auto":
             choose_mode(self.pipe, mode, new_tokens=1)  # refuses an unknown mode, and kvp without a bundle
         self.mode = mode
@@ -154,8 +154,8 @@ class ChatSession:
             choice = choose_mode(self.pipe, mode or self.mode, new_tokens=new, offset=cached,
                                  aux_lag=cached - self._aux_tokens, exact_tail=self.exact_tail,
                                  kvp_min_tokens=self.kvp_min_tokens, ttft_budget=self.ttft_budget)
-            if choice.mode == "aux":
-                raise KVPredError("a chat session runs mode kvp, base or auto")
+            if choice.mode in ("aux", "specprefill"):  # specprefill drops positions a later turn may need
+                raise KVPredError("a chat session runs mode kvp, base or auto", "mode")
             tic = time.perf_counter()
             end = cached + max(new - self.exact_tail, 0) if choice.mode == "kvp" else cached
             n_predicted = self._predict(prompt, cached, end) if end > cached else 0

@@ -63,6 +63,37 @@ def test_smoke_run_and_json_schema():
     assert kvp32["speedup_analytical"] > 1.5  # 1 of 4 layers prefills
 
 
+def test_keep_modes_in_one_run():
+    """kvp@F and specprefill@F rows in one interleaved run, their FLOPs from their own fractions; and the facts
+    Pareto reads them beside an eval's needle rows."""
+    from mlx_kvpred.bench.facts_pareto import bench_mode, facts_table
+    from mlx_kvpred.bench.run import mode_options, pipeline_mode
+
+    assert mode_options("kvp@0.1") == {"exact_keep": 0.1} and mode_options("specprefill@1") == {"keep": 1.0}
+    assert pipeline_mode("specprefill@0.3") == "specprefill" and mode_options("kvp") == {}
+    from mlx_kvpred.auxiliary import exact_aux_layers
+    from mlx_kvpred.predictor import layer_pruned_map
+
+    base = tiny_model("llama")
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0])
+    lmap = layer_pruned_map([0], 4)
+    pipe = Pipeline(base, new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=[0],
+                                     exact_layers=exact_aux_layers([0], lmap)))
+    result = run_bench(pipe, lengths=[48], exact_tail=4, repeats=1, warmup=0, gen_tokens=3,
+                       modes=["base", "kvp", "kvp@0.5", "specprefill@0.25", "specprefill@1"])
+    flops = {r["mode"]: r["ttft_flops"] for r in result["rows"]}
+    assert flops["kvp"] < flops["kvp@0.5"] < flops["base"] == flops["specprefill@1"]
+    assert flops["specprefill@0.25"] < flops["base"]
+    assert {r["runs_as"] for r in result["rows"]} == {"base", "kvp", "specprefill"}
+    needle = {"48": {"accuracy": 0.5, "accuracy_se": 0.1, "of_base": 1.0, "vs_base": None}}
+    evals = [{"modes": [{"name": "kvp (exact keep 0.5)", "mode": "kvp", "exact_keep": 0.5, "needle": needle},
+                        {"name": "specprefill (keep 0.25)", "mode": "specprefill", "keep": 0.25, "needle": needle}]}]
+    assert [bench_mode(r) for r in evals[0]["modes"]] == ["kvp@0.5", "specprefill@0.25"]
+    table = facts_table(result, evals)
+    assert [r["ttft_s"] for r in table] == [
+        next(r["ttft_median"] for r in result["rows"] if r["mode"] == m) for m in ("kvp@0.5", "specprefill@0.25")]
+
+
 @pytest.mark.skipif(not blas.load_fast_blas().gemv_forward, reason="the gemv_forward shim is not loaded")
 def test_sgemm_modes_turn_the_shim_off_for_their_runs_only():
     pipe = tiny_pipeline()

@@ -72,6 +72,32 @@ def test_generate_streams_real_model():
 
 
 @needs_model
+def test_generate_specprefill_and_exact_keep_real_model():
+    """The new modes on the real model and shipped bundle: an answer, and the mode in --verbose."""
+    doc = ("The harbour office opens at seven. " * 30) + "The locker code is 4821. " + ("Boats leave at noon. " * 30)
+    for args, mode in ((["--mode", "specprefill", "--keep", "0.3"], "specprefill"),
+                       (["--mode", "kvp", "--exact-keep", "0.1"], "kvp")):
+        r = cli("generate", "--text", doc + "\nWhat is the locker code?", "--max-tokens", "8", "--verbose", *args)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() and f"mode: {mode}" in r.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["generate", "--text", "hi", "--mode", "specprefill", "--keep", "1.5"], "--keep must be a fraction"),
+    (["generate", "--text", "hi", "--exact-keep", "-0.2"], "--exact-keep must be a fraction"),
+    (["generate", "--text", "hi", "--mode", "specprefill", "--prompt-cache", "{tmp}/s.safetensors"],
+     "--prompt-cache runs mode kvp, base or auto"),
+    (["chat", "--mode", "specprefill"], "chat runs kvp, base or auto"),
+    (["eval", "--keep", "0.1,2"], "--keep must be comma-separated fractions"),
+    (["bench", "--modes", "kvp@1.7"], "--modes"),
+])
+def test_keep_flags_bad_input(tmp_path, args, fragment):
+    if GGUF is None and args[0] in ("eval", "bench"):
+        pytest.skip("needs the default model")
+    assert_one_line_error(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), fragment)
+
+
+@needs_model
 @pytest.mark.parametrize("args, fragment", [
     (["--aux-layers", "0,4,40"], "0..29"),
     (["--aux-layers-keep", "0"], "--aux-layers-keep"),

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import KVPredError
-from .common import EXACT_HEAD, app, parse_int_list, read_prompt
+from .common import EXACT_HEAD, EXACT_KEEP, KEEP, app, parse_int_list, read_prompt
 
 
 @app.command()
@@ -34,7 +34,9 @@ def bench(
                                                    "(causal prefill attention in MLX ops, not C), base-no-c / "
                                                    "kvp-no-c (the prefill C kernels off: numpy attention, MLX SwiGLU "
                                                    "and RoPE), base-mlx-rows / kvp-mlx-rows (a short prompt's last "
-                                                   "rows, kvp's exact tail and short aux pass in MLX, not C). Default "
+                                                   "rows, kvp's exact tail and short aux pass in MLX, not C), specprefill, "
+                                                   "kvp@F (kvp recomputing the fraction F: --exact-keep per mode), "
+                                                   "specprefill@F (keeping F). Default "
                                                    "base,kvp,aux,mlx-lm; with --server base,kvp (a server runs base, "
                                                    "kvp, auto)."),
     prompt_file: Optional[str] = typer.Option(None, help="Real text for the prompts (default: random tokens)."),
@@ -43,6 +45,8 @@ def bench(
     exact_tail: Optional[int] = typer.Option(None, help="kvp: the base computes the last N prompt tokens itself "
                                                         "(default 32)."),
     exact_head: Optional[int] = EXACT_HEAD,
+    exact_keep: Optional[float] = EXACT_KEEP,
+    keep: Optional[float] = KEEP,
     allow_untrained: bool = typer.Option(False, help="Accept an untrained bundle (timing only)."),
     conversation: bool = typer.Option(False, help="Instead: a chat whose first turn holds a held-out document of "
                                                   "--doc-tokens: each turn's session TTFT against a cold prefill, "
@@ -75,7 +79,7 @@ def bench(
     if repeats < 1 or warmup < 0 or gen_tokens < 2:
         raise KVPredError("--repeats must be >= 1, --warmup >= 0, --gen-tokens >= 2")
     pipe = load_pipeline(model, kvp=False if aux_layers_keep else kvp, device=device, allow_untrained=allow_untrained,
-                         exact_head=exact_head)
+                         exact_head=exact_head, keep=keep, exact_keep=exact_keep)
     label = str(pipe.bundle.path) if pipe.bundle else "-"
     if aux_layers_keep:
         pipe.bundle = untrained_lp_bundle(pipe, aux_layers_keep)

@@ -40,7 +40,7 @@ def chat(
 
     sampler = sampler_from_flags(temp, top_p, seed, max_tokens)
     tail = check_policy_flags(exact_tail, kvp_min_tokens, ttft_budget)
-    if mode == "aux":
+    if mode in ("aux", "specprefill"):
         raise KVPredError("--mode: chat runs kvp, base or auto")
     pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head)
     policy = dict(mode=mode, exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)

@@ -40,7 +40,9 @@ MODEL = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo i
                                 "SmolLM2-135M-Instruct GGUF).")
 KVP = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model).")
 MODE = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone, generate "
-                                 "only), auto (kvp only where it saves real time on this device, else base).")
+                                 "only), specprefill (the base prefills only the prompt positions its question "
+                                 "attends to most: SpecPrefill; generate only), auto (kvp only where it saves real "
+                                 "time on this device, else base).")
 MAX_TOKENS = typer.Option(256, "--max-tokens", "-m", help="Maximum new tokens.")
 TEMP = typer.Option(0.0, help="Sampling temperature; 0 is greedy.")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold.")
@@ -52,6 +54,11 @@ EXACT_TAIL = typer.Option(None, help="kvp: the base computes the last N prompt t
                                      "predicted cache of the rest (default 32; 1: the last token only, the paper's).")
 EXACT_HEAD = typer.Option(None, help="kvp: the base computes the first N prompt tokens itself (default 1: the "
                                      "attention sink, cached after first use; 0: predict every position).")
+EXACT_KEEP = typer.Option(None, help="kvp: the base also recomputes this fraction of the predicted positions, those "
+                                     "the exact tail attends to most in the aux's layers (default 0; 0.1 costs about "
+                                     "6% of a base prefill). Not in chat sessions.")
+KEEP = typer.Option(None, help="specprefill: the fraction of the prompt before the exact tail the base prefills "
+                               "(default 0.3).")
 KVP_MIN_TOKENS = typer.Option(None, help="auto: the base runs prompts (or new turn spans) shorter than this (default: "
                                          "where kvp's TTFT, modelled from a one-time speed probe, is 1.5x lower).")
 TTFT_BUDGET = typer.Option(None, help="auto: run the base (exact) whenever its modelled TTFT is within this many "
@@ -87,13 +94,14 @@ def check_policy_flags(exact_tail: Optional[int], kvp_min_tokens: Optional[int],
 
 
 def load_for_generation(model, kvp, mode: str, device, allow_untrained: bool, *, keep_bundle: bool = False,
-                        exact_head: Optional[int] = None):
+                        exact_head: Optional[int] = None, keep: Optional[float] = None,
+                        exact_keep: Optional[float] = None):
     """load_pipeline for a mode (base: no bundle, unless `keep_bundle`), with the notes a user should see."""
     from ..pipeline import check_mode, load_pipeline
 
     check_mode(mode)
     pipe = load_pipeline(model, kvp=False if mode == "base" and not keep_bundle else kvp, device=device,
-                         allow_untrained=allow_untrained, exact_head=exact_head)
+                         allow_untrained=allow_untrained, exact_head=exact_head, keep=keep, exact_keep=exact_keep)
     if mode == "auto" and pipe.bundle is None:
         print("note: no KVP bundle for this model (--kvp DIR); running the base model alone", file=sys.stderr)
     if pipe.bundle is not None and not pipe.bundle.config.trained:

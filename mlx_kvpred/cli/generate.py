@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import KVPredError
-from .common import (ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_TAIL, KVP, KVP_MIN_TOKENS, MAX_TOKENS, MODE, MODEL,
+from .common import (ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_KEEP, EXACT_TAIL, KEEP, KVP, KVP_MIN_TOKENS, MAX_TOKENS, MODE, MODEL,
                      SEED, SYSTEM, TEMP, TOP_P, TTFT_BUDGET, app, check_policy_flags, load_for_generation, print_stream,
                      read_prompt, sampler_from_flags)
 
@@ -31,6 +31,8 @@ def generate(
     allow_untrained: bool = ALLOW_UNTRAINED,
     exact_tail: Optional[int] = EXACT_TAIL,
     exact_head: Optional[int] = EXACT_HEAD,
+    exact_keep: Optional[float] = EXACT_KEEP,
+    keep: Optional[float] = KEEP,
     kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
     ttft_budget: Optional[float] = TTFT_BUDGET,
     prompt_cache: Optional[str] = typer.Option(None, help="A session file (.safetensors): if it exists, the prompt "
@@ -50,7 +52,7 @@ def generate(
     if prompt_cache is not None:
         if not chat:
             raise KVPredError("--prompt-cache keeps a chat session: it does not work with --raw")
-        if mode == "aux":
+        if mode in ("aux", "specprefill"):
             raise KVPredError("--prompt-cache runs mode kvp, base or auto")
         from ..session import check_session_path
 
@@ -58,7 +60,7 @@ def generate(
     elif update_prompt_cache or repair:
         raise KVPredError("--update-prompt-cache and --repair need --prompt-cache FILE")
     pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=prompt_cache is not None,
-                               exact_head=exact_head)
+                               exact_head=exact_head, keep=keep, exact_keep=exact_keep)
     policy = dict(exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     if prompt_cache is None:
         from ..pipeline import encode_prompt, stream_generate
