@@ -249,7 +249,8 @@ def run_bench(pipe: Pipeline, *, lengths: list[int], modes: list[str], repeats: 
                     runs[m].append(result)
                 if progress:
                     progress()
-        picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail).mode if m == "auto"
+        picked = {m: choose_mode(pipe, m, new_tokens=n, exact_tail=exact_tail, exact_keep=pipe.exact_keep).mode
+                  if m == "auto"
                   else pipeline_mode(m) for m in {"base", *modes}}
         flops = {m: ttft_flops(picked[m], pipe.base, pipe.bundle, n, exact_tail=exact_tail,
                                **{"keep": pipe.keep, "exact_keep": pipe.exact_keep, **mode_options(m)})

@@ -135,14 +135,15 @@ def check_mode(mode: str) -> str:
 
 def choose_mode(pipe: Pipeline, mode: str, *, new_tokens: int, offset: int = 0, aux_lag: int = 0,
                 exact_tail: int = 1, kvp_min_tokens: int | None = None,
-                ttft_budget: float | None = None) -> ModeChoice:
+                ttft_budget: float | None = None, exact_keep: float = 0.0) -> ModeChoice:
     """The mode that runs `new_tokens` after `offset` cached ones. "auto": base without a bundle, else the cost
-    policy (policy.choose_auto); kvp and aux need a bundle."""
+    policy (policy.choose_auto, kvp recomputing the `exact_keep` fraction); kvp and aux need a bundle."""
     if check_mode(mode) == "auto":
         if pipe.bundle is None:
             return ModeChoice("base", "no KVP bundle")
         return policy.choose_auto(pipe, prefill_rates(pipe), new_tokens=new_tokens, offset=offset, aux_lag=aux_lag,
-                                  exact_tail=exact_tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
+                                  exact_tail=exact_tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget,
+                                  exact_keep=exact_keep)
     if mode in ("kvp", "aux") and pipe.bundle is None:
         raise KVPredError(f"mode {mode!r} needs a KVP bundle (kvp: a bundle directory)", "mode", "kvp")
     return ModeChoice(mode, f"--mode {mode}")
@@ -447,7 +448,7 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     the base recomputes (None: the pipeline's). Extra kwargs go to generate_step."""
     keep = pipe.keep if keep is None else check_fraction(keep, "keep")
     exact_keep = pipe.exact_keep if exact_keep is None else check_fraction(exact_keep, "exact_keep")
-    mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail).mode
+    mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail, exact_keep=exact_keep).mode
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "aux":
         return prompt_then_decode(prompt, _need_bundle(pipe).aux, backend=pipe.backend,
@@ -617,8 +618,9 @@ def stream_generate(pipe: Pipeline, prompt: str | Sequence[int] | mx.array, *, m
     elif not isinstance(prompt, mx.array):
         prompt = mx.array(list(prompt))
     check_prompt(pipe, prompt)
+    exact_keep = pipe.exact_keep if kwargs.get("exact_keep") is None else kwargs["exact_keep"]
     choice = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail, kvp_min_tokens=kvp_min_tokens,
-                         ttft_budget=ttft_budget)
+                         ttft_budget=ttft_budget, exact_keep=exact_keep)
     tic = time.perf_counter()
     tokens = generate_tokens(pipe, prompt, mode=choice.mode, max_tokens=max_tokens, exact_tail=exact_tail, **kwargs)
     yield from stream_responses(pipe, tokens, prompt_tokens=prompt.size, max_tokens=max_tokens, mode=choice.mode,

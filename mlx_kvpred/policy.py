@@ -8,6 +8,7 @@ seconds (two prompt lengths per mode), and cached as JSON in the user cache dir 
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ import mlx.core as mx
 
 from .atomic import atomic_write
 from .bundle import bundle_id, describe_base
-from .flops import lm_head_flops, predictor_flops, span_flops
+from .flops import layers_flops, lm_head_flops, predictor_flops, span_flops
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -61,9 +62,10 @@ def base_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: in
 
 
 def kvp_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int = 0, *, exact_tail: int = 1,
-             aux_lag: int = 0) -> float:
+             aux_lag: int = 0, exact_keep: float = 0.0) -> float:
     """Modelled TTFT of kvp: the aux catches up on `aux_lag` tokens it has not seen and runs the new ones but the
-    exact tail, the predictor maps them, the base runs the tail."""
+    exact tail, the predictor maps them, the base recomputes the `exact_keep` fraction of them from the first layer
+    the aux does not share, and runs the tail."""
     tail = min(exact_tail, new_tokens)
     predicted = new_tokens - tail
     if predicted == 0:
@@ -71,17 +73,21 @@ def kvp_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int
     bundle = pipe.bundle
     aux_flops = (span_flops(bundle.aux, aux_lag + predicted, offset - aux_lag)
                  + predictor_flops(bundle.predictor, predicted))
-    return (rates.aux_fixed_s + aux_flops / (rates.aux_gflops * 1e9)
+    recomputed = math.ceil(exact_keep * predicted)
+    recompute_s = layers_flops(pipe.base.model.layers[len(bundle.aux.layers):], recomputed, offset + predicted) \
+        / (rates.base_gflops * 1e9) if recomputed else 0.0
+    return (rates.aux_fixed_s + aux_flops / (rates.aux_gflops * 1e9) + recompute_s
             + base_time(pipe, rates, tail, offset + predicted))
 
 
-def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail: int) -> int:
+def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail: int, exact_keep: float = 0.0) -> int:
     """The shortest prompt whose modelled kvp TTFT is KVP_MIN_SPEEDUP times lower than the base's (bisection:
     the speedup grows with the prompt length); the context length when no prompt gets there."""
     limit = pipe.context_length or 32768
 
     def fast_enough(n: int) -> bool:
-        return base_time(pipe, rates, n) >= KVP_MIN_SPEEDUP * kvp_time(pipe, rates, n, exact_tail=exact_tail)
+        return base_time(pipe, rates, n) >= KVP_MIN_SPEEDUP * kvp_time(pipe, rates, n, exact_tail=exact_tail,
+                                                                       exact_keep=exact_keep)
 
     if not fast_enough(limit):
         return limit
@@ -93,13 +99,15 @@ def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail:
 
 
 def choose_auto(pipe: "Pipeline", rates: PrefillRates, *, new_tokens: int, offset: int = 0, aux_lag: int = 0,
-                exact_tail: int = 1, kvp_min_tokens: int | None = None, ttft_budget: float | None = None) -> ModeChoice:
+                exact_tail: int = 1, kvp_min_tokens: int | None = None, ttft_budget: float | None = None,
+                exact_keep: float = 0.0) -> ModeChoice:
     """kvp or base for `new_tokens` after `offset` cached ones: base below `kvp_min_tokens` (default: from the
-    measured rates), when the base's modelled TTFT fits `ttft_budget` seconds, or when kvp would not be faster."""
+    measured rates), when the base's modelled TTFT fits `ttft_budget` seconds, or when kvp (recomputing the
+    `exact_keep` fraction) would not be faster."""
     if kvp_min_tokens is None:
-        kvp_min_tokens = default_kvp_min_tokens(pipe, rates, exact_tail=exact_tail)
+        kvp_min_tokens = default_kvp_min_tokens(pipe, rates, exact_tail=exact_tail, exact_keep=exact_keep)
     t_base = base_time(pipe, rates, new_tokens, offset)
-    t_kvp = kvp_time(pipe, rates, new_tokens, offset, exact_tail=exact_tail, aux_lag=aux_lag)
+    t_kvp = kvp_time(pipe, rates, new_tokens, offset, exact_tail=exact_tail, aux_lag=aux_lag, exact_keep=exact_keep)
     choice = dict(base_s=t_base, kvp_s=t_kvp, kvp_min_tokens=kvp_min_tokens)
     if new_tokens < kvp_min_tokens:
         return ModeChoice("base", f"{new_tokens} new tokens < --kvp-min-tokens {kvp_min_tokens}", **choice)

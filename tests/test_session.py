@@ -222,6 +222,10 @@ def test_auto_policy_by_modelled_cost():
     assert choose(400, ttft_budget=big.base_s).mode == "base" and choose(400, ttft_budget=big.base_s / 2).mode == "kvp"
     assert policy.kvp_time(pipe, RATES, 100, 50, exact_tail=4, aux_lag=40) > policy.kvp_time(
         pipe, RATES, 100, 50, exact_tail=4)  # the aux catching up costs time
+    # recomputing a fraction of the predicted positions (exact_keep) costs base time, so kvp starts later
+    assert policy.kvp_time(pipe, RATES, 400, exact_tail=4, exact_keep=0.25) > policy.kvp_time(pipe, RATES, 400,
+                                                                                                exact_tail=4)
+    assert policy.default_kvp_min_tokens(pipe, RATES, exact_tail=4, exact_keep=0.25) > n_min
 
 
 def test_auto_runs_the_base_below_the_threshold():
