@@ -185,20 +185,55 @@ def predict_cache_with_exact_keep(pipe: Pipeline, tokens: mx.array, exact_tail: 
     """predict_cache_with_tail, then the base recomputes the K/V of the `exact_keep` fraction of predicted positions
     that matter most to the exact tail (importance.py: the shared layers' attention from the tail), from the first
     unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at)."""
+    caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    stream = predict_span_with_exact_keep(pipe, tokens, caches, None, exact_tail=exact_tail, exact_keep=exact_keep,
+                                          prefill_step_size=prefill_step_size)
+    return caches, stream
+
+
+def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_caches: list[Any] | None,
+                                 *, exact_tail: int, exact_keep: float, skip: int = 0,
+                                 prefill_step_size: int = 2048) -> mx.array:
+    """KVP-LP: predicted K/V of tokens[skip:len - exact_tail] appended to `caches` (the aux first catching up on
+    tokens[:skip], as predict_cache does), the exact tail through the shared layers, scoring the predicted positions
+    by the attention it pays them there, and the `exact_keep` fraction of them recomputed by the base's other layers.
+    Returns the tail's residual stream entering the first unshared layer (the base continues from it)."""
     bundle = _need_bundle(pipe)
     base = pipe.base.model
     shared = len(bundle.aux.layers)
     predicted, exact = split_exact_tail(tokens, exact_tail)
-    caches = make_prompt_cache(base, max_kv_size=max_kv_size)
-    stream = _predict_into(pipe, predicted, caches, None, skip=0, tail=0, prefill_step_size=prefill_step_size,
-                           keep_stream=True)
-    tail_stream, scores = _scored_tail(pipe, exact, caches, shared, end=predicted.size)
-    head = first_predicted(pipe, 0, predicted.size)  # positions below it are the base's own already
-    kept = select_positions(scores[head:], keep=exact_keep) + head
+    start = caches[0].offset  # the position of tokens[skip]
+    stream = _predict_into(pipe, predicted, caches, aux_caches, skip=skip, tail=0,
+                           prefill_step_size=prefill_step_size, keep_stream=True)
+    end = start + predicted.size - skip
+    tail_stream, scores = _scored_tail(pipe, exact, caches, shared, end=end)
+    first = first_predicted(pipe, start, end)  # positions before it are exact already
+    kept = select_positions(scores[first:], keep=exact_keep) + first
     if kept.size:
         with mx.stream(generation_stream):
-            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept], kept, predicted.size)
-    return caches, tail_stream
+            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept - (start - skip)], kept, end)
+    return tail_stream
+
+
+def decode_from_stream(pipe: Pipeline, tail: mx.array, caches: list[Any], stream: mx.array, *, max_tokens: int = 256,
+                       sampler: Callable | None = None, logits_processors: Sequence[Callable] | None = None,
+                       prefill_step_size: int = 2048, **step_kwargs) -> Generator[tuple[int, mx.array], None, None]:
+    """KVP-LP: the base continues the exact `tail` from the first unshared layer, on `stream` (its residual stream
+    there, from predict_span_with_exact_keep), then decodes as generate_tokens does."""
+    base = pipe.base.model
+    return _merged_first_step(tail, base, lm_head_of(base), caches, backend=pipe.backend, max_tokens=max_tokens,
+                              sampler=sampler, logits_processors=logits_processors,
+                              prefill_step_size=prefill_step_size, step_kwargs=step_kwargs,
+                              first_layer=len(_need_bundle(pipe).aux.layers),
+                              stream=stream)
+
+
+def keeps_exact(pipe: Pipeline) -> bool:
+    """Whether kvp's exact_keep can run here: a KVP-LP bundle (its aux the base's first layers) and a plain LM
+    head."""
+    bundle = pipe.bundle
+    return (bundle is not None and lm_head_of(pipe.base.model) is not None
+            and shared_base_layers(bundle, pipe.base.model) == len(bundle.aux.layers) < len(pipe.base.model.layers))
 
 
 def _first_layers(pipe: Pipeline, tokens: mx.array, caches: list[Any], k: int, *,

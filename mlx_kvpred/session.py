@@ -22,8 +22,9 @@ from .atomic import atomic_write
 from .attention import backbone, kv_heads
 from .bundle import bundle_id, describe_base, fingerprints_match
 from .errors import KVPredError
-from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, first_predicted,
-                       predict_cache, prompt_then_decode, require_text, split_exact_tail, stream_responses)
+from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, decode_from_stream,
+                       first_predicted, keeps_exact, predict_cache, predict_span_with_exact_keep, prompt_then_decode,
+                       require_text, split_exact_tail, stream_responses)
 
 SESSION_FORMAT = "kvpred-mlx-session"
 SESSION_VERSION = 1
@@ -151,18 +152,29 @@ class ChatSession:
             check_prompt(self.pipe, mx.array(prompt))
             cached = self._reuse_prefix(prompt)
             new = len(prompt) - cached
+            exact_keep = self.pipe.exact_keep if keeps_exact(self.pipe) else 0.0
             choice = choose_mode(self.pipe, mode or self.mode, new_tokens=new, offset=cached,
                                  aux_lag=cached - self._aux_tokens, exact_tail=self.exact_tail,
-                                 kvp_min_tokens=self.kvp_min_tokens, ttft_budget=self.ttft_budget)
+                                 kvp_min_tokens=self.kvp_min_tokens, ttft_budget=self.ttft_budget,
+                                 exact_keep=exact_keep)
             if choice.mode in ("aux", "specprefill"):  # specprefill drops positions a later turn may need
                 raise KVPredError("a chat session runs mode kvp, base or auto", "mode")
             tic = time.perf_counter()
             end = cached + max(new - self.exact_tail, 0) if choice.mode == "kvp" else cached
-            n_predicted = self._predict(prompt, cached, end) if end > cached else 0
+            tail_stream = None  # with exact_keep: the tail's residual stream entering the first unshared layer
+            if end > cached and exact_keep > 0 and kwargs.get("kv_bits") is None:
+                n_predicted, tail_stream = self._predict(prompt, cached, end, exact_keep=exact_keep)
+            else:
+                n_predicted = self._predict(prompt, cached, end)[0] if end > cached else 0
             if not n_predicted and self.exact_until == cached:
                 self.exact_until = len(prompt)  # the base computes everything new: still exact
-            step = prompt_then_decode(mx.array(prompt[end:]), self.pipe.base.model, backend=self.pipe.backend,
-                                      prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
+            tail = mx.array(prompt[end:])
+            if tail_stream is not None:
+                step = decode_from_stream(self.pipe, tail, self.cache, tail_stream, max_tokens=max_tokens,
+                                          sampler=sampler, **kwargs)
+            else:
+                step = prompt_then_decode(tail, self.pipe.base.model, backend=self.pipe.backend,
+                                          prompt_cache=self.cache, max_tokens=max_tokens, sampler=sampler, **kwargs)
             stats = TurnStats(len(prompt), cached, new, n_predicted, choice.mode, choice.reason, 0.0)
             self.turns.append(stats)
             generated: list[int] = []
@@ -191,31 +203,42 @@ class ChatSession:
         self.predicted_spans = [(s, min(e, common)) for s, e in self.predicted_spans if s < common]
         return common
 
-    def _predict(self, prompt: list[int], start: int, end: int) -> int:
+    def _predict(self, prompt: list[int], start: int, end: int, *, exact_keep: float = 0.0
+                 ) -> tuple[int, mx.array | None]:
         """Predicted base K/V for prompt[start:end] into the session cache (positions below the pipeline's
-        exact_head get the base's own); returns how many were predicted. The aux first catches up on tokens it
-        has not seen; it also reruns the token before `start`, whose hidden state the predictor may read."""
+        exact_head get the base's own); returns how many were predicted, and with `exact_keep` (KVP-LP) the exact
+        tail's residual stream after it ran through the shared layers and the kept positions were recomputed
+        (predict_span_with_exact_keep). The aux first catches up on tokens it has not seen; it also reruns the
+        token before `start`, whose hidden state the predictor may read."""
         run_from = min(self._aux_tokens, max(start - 1, 0))
         for c in self._aux_cache:
             c.trim(c.offset - run_from)
-        predict_cache(self.pipe, mx.array(prompt[run_from:end]), cache=self.cache, aux_cache=self._aux_cache,
-                      skip=start - run_from)
+        tail_stream = None
+        if exact_keep > 0:
+            tail_stream = predict_span_with_exact_keep(
+                self.pipe, mx.array(prompt[run_from:]), self.cache, self._aux_cache, skip=start - run_from,
+                exact_tail=len(prompt) - end, exact_keep=exact_keep)
+        else:
+            predict_cache(self.pipe, mx.array(prompt[run_from:end]), cache=self.cache, aux_cache=self._aux_cache,
+                          skip=start - run_from)
         self._aux_tokens = end
         self.tokens = prompt[:end]
         first = first_predicted(self.pipe, start, end)
         if first < end:
             self.exact_until = first if self.exact_until >= start else self.exact_until
             self.predicted_spans.append((first, end))
-        return end - first
+        return end - first, tail_stream
 
     def _settle(self, tokens: list[int], prompt_tokens: int) -> None:
         """After a turn (finished or stopped): the cache holds the prompt and the generated tokens fed back to the
         model; record exactly those. Generated K/V are exact when the whole prompt was."""
         mx.eval([c.state for c in self.cache])
-        offset = self.cache[0].offset
-        if offset > len(tokens):
-            for c in self.cache:
-                c.trim(offset - len(tokens))
+        # the shortest cache: with exact_keep the tail's shared layers run before the others (a turn stopped
+        # before its first token leaves them ahead)
+        offset = min(min(c.offset for c in self.cache), len(tokens))
+        for c in self.cache:
+            if c.offset > offset:
+                c.trim(c.offset - offset)
         self.tokens = tokens[:offset]
         self.exact_until = len(self.tokens) if self.exact_until >= prompt_tokens else self.exact_until
 

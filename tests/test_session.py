@@ -248,3 +248,31 @@ def test_prefill_rates_are_measured_once_and_cached(monkeypatch):
     again = pipeline(identity=False)
     assert prefill_rates(again) == rates  # read from the cache file
     assert (policy.cache_dir() / policy.RATES_FILE).is_file()
+
+
+def test_exact_keep_in_a_session():
+    """A KVP-LP session whose pipeline recomputes every predicted position (exact_keep 1) answers each turn as a
+    fresh base would; exact_keep 0.3 runs through the same path, and the session then repairs to exact K/V."""
+    from mlx_kvpred.auxiliary import exact_aux_layers
+
+    base = tiny_model("llama")
+    base.tokenizer = TinyChatTokenizer()
+    aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1])
+    lmap = layer_pruned_map([0, 1], 4)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=[0, 1],
+                        exact_layers=exact_aux_layers([0, 1], lmap))
+    bundle.config.trained = True
+    pipe = Pipeline(base, bundle, exact_keep=1.0)
+    session = ChatSession(pipe, mode="kvp", exact_tail=4)
+    for turn, seed in enumerate((21, 22)):
+        answer = [r.token for r in session.stream(text(ids(60, seed)), max_tokens=5)]
+        assert session.turns[-1].predicted_tokens > 0 and session.turns[-1].mode == "kvp"
+        assert answer == base_answer(pipe, session.tokens[:session.turns[-1].prompt_tokens], 5), turn
+    partial = ChatSession(Pipeline(base, bundle, exact_keep=0.3), mode="kvp", exact_tail=4)
+    list(partial.stream(text(ids(60, 23)), max_tokens=3))
+    assert partial.pending_repair > 0 and all(c.offset == len(partial.tokens) for c in partial.cache)
+    partial.repair()
+    exact = make_prompt_cache(base.model)
+    backbone(base.model)(mx.array(partial.tokens)[None], cache=exact)
+    assert all(mx.allclose(c.keys[..., :c.offset, :], e.keys[..., :e.offset, :], atol=1e-4).item()
+               for c, e in zip(partial.cache, exact))

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import KVPredError
-from .common import (ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_TAIL, KVP, KVP_MIN_TOKENS, MAX_TOKENS, MODE, MODEL,
+from .common import (ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_KEEP, EXACT_TAIL, KVP, KVP_MIN_TOKENS, MAX_TOKENS, MODE, MODEL,
                      SEED, SYSTEM, TEMP, TOP_P, TTFT_BUDGET, app, check_policy_flags, load_for_generation,
                      sampler_from_flags)
 
@@ -26,6 +26,7 @@ def chat(
     allow_untrained: bool = ALLOW_UNTRAINED,
     exact_tail: Optional[int] = EXACT_TAIL,
     exact_head: Optional[int] = EXACT_HEAD,
+    exact_keep: Optional[float] = EXACT_KEEP,
     kvp_min_tokens: Optional[int] = KVP_MIN_TOKENS,
     ttft_budget: Optional[float] = TTFT_BUDGET,
     load: Optional[str] = typer.Option(None, help="Start from a saved session file (.safetensors)."),
@@ -42,7 +43,8 @@ def chat(
     tail = check_policy_flags(exact_tail, kvp_min_tokens, ttft_budget)
     if mode in ("aux", "specprefill"):
         raise KVPredError("--mode: chat runs kvp, base or auto")
-    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head)
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head,
+                               exact_keep=exact_keep)
     policy = dict(mode=mode, exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     session = (ChatSession.load(pipe, load, **policy) if load else ChatSession(pipe, system=system, **policy))
     run_repl(session, max_tokens=max_tokens, sampler=sampler, verbose=verbose, idle_repair=idle_repair)

@@ -56,7 +56,7 @@ EXACT_HEAD = typer.Option(None, help="kvp: the base computes the first N prompt 
                                      "attention sink, cached after first use; 0: predict every position).")
 EXACT_KEEP = typer.Option(None, help="kvp: the base also recomputes this fraction of the predicted positions, those "
                                      "the exact tail attends to most in the aux's layers (default 0; 0.1 costs about "
-                                     "6% of a base prefill). Not in chat sessions.")
+                                     "6% of a base prefill).")
 KEEP = typer.Option(None, help="specprefill: the fraction of the prompt before the exact tail the base prefills "
                                "(default 0.3).")
 KVP_MIN_TOKENS = typer.Option(None, help="auto: the base runs prompts (or new turn spans) shorter than this (default: "

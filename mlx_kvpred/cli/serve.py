@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import KVPredError
-from .common import ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_TAIL, KVP, MODEL, app, check_policy_flags, \
+from .common import ALLOW_UNTRAINED, DEVICE, EXACT_HEAD, EXACT_KEEP, EXACT_TAIL, KVP, MODEL, app, check_policy_flags, \
     load_for_generation
 
 
@@ -22,6 +22,7 @@ def serve(
                                           "kvp_mode field overrides it)."),
     exact_tail: Optional[int] = EXACT_TAIL,
     exact_head: Optional[int] = EXACT_HEAD,
+    exact_keep: Optional[float] = EXACT_KEEP,
     prompt_cache_size: int = typer.Option(8, help="Conversations kept in the prompt cache (LRU)."),
     prompt_cache_bytes: int = typer.Option(4 << 30, help="Byte bound of the prompt cache (LRU)."),
     api_key: Optional[list[str]] = typer.Option(None, help="Require `Authorization: Bearer KEY` on /v1 with one of "
@@ -61,7 +62,8 @@ def serve(
     options = ServerOptions(api_keys=tuple(k.strip() for k in api_key or []), shared_prompt_cache=shared_prompt_cache,
                             allowed_hosts=hosts, cors_origins=tuple(cors_origin or []),
                             max_request_bytes=max_request_bytes, shutdown_grace=shutdown_grace)
-    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head)
+    pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head,
+                               exact_keep=exact_keep)
     if host not in LOCAL_HOSTS:
         print(f"WARNING: binding {host}: anyone who can reach this machine can use the model"
               + ("" if api_key else " (no --api-key)")
