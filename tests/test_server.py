@@ -415,9 +415,10 @@ def test_soak_against_the_server(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    """A second server: two API keys, a small body limit, one CORS origin, a short shutdown grace."""
+    """A second server: two API keys, a small body limit, one CORS origin, a short shutdown grace, and kvp
+    recomputing a fifth of the predicted positions (--exact-keep)."""
     proc, url = start_server("--api-key", "key-one", "--api-key", "key-two", "--max-request-bytes", "20000",
-                             "--cors-origin", "http://app.example", "--shutdown-grace", "1",
+                             "--cors-origin", "http://app.example", "--shutdown-grace", "1", "--exact-keep", "0.2",
                              cache_dir=tmp_path_factory.mktemp("guarded-cache"))
     yield url, proc
     if proc.poll() is None:
@@ -450,6 +451,29 @@ def test_api_keys_and_per_user_prompt_cache(guarded, server):
     assert cached("key-one", user="bob") == 0 and cached("key-one", user="alice") > 50
     r = httpx.post(f"{server}/v1/chat/completions", json={**body, "user": "carol"}, timeout=120)
     assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # per user without keys too
+
+
+def test_exact_keep_server_answers_long_prompts(guarded):
+    """--exact-keep: kvp turns score their predicted span and recompute the kept positions in the session; the
+    same long question twice (a fresh user each time) gives the same greedy answer, and a follow-up turn works."""
+    import openai
+
+    url, _ = guarded
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-one", timeout=300, max_retries=0)
+    document = " ".join(f"Locker {i} has the code {1000 + 37 * i}." for i in range(40))
+    messages = [{"role": "user", "content": document + "\n\nWhat is the code of locker 12?"}]
+    answers = []
+    for user in ("exact-keep-a", "exact-keep-b"):
+        r = client.chat.completions.create(model=model_id(client), messages=messages, temperature=0, max_tokens=12,
+                                           user=user, extra_body={"kvp_mode": "kvp"})
+        assert r.usage.prompt_tokens > 300 and r.choices[0].message.content
+        answers.append(r.choices[0].message.content)
+    assert answers[0] == answers[1]
+    follow = messages + [{"role": "assistant", "content": answers[0]},
+                         {"role": "user", "content": document + "\n\nAnd the code of locker 30?"}]
+    r = client.chat.completions.create(model=model_id(client), messages=follow, temperature=0, max_tokens=12,
+                                       user="exact-keep-a", extra_body={"kvp_mode": "kvp"})
+    assert r.choices[0].message.content and r.usage.prompt_tokens_details.cached_tokens > 300
 
 
 def test_oversized_bodies_are_refused_early(guarded):
