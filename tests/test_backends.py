@@ -22,8 +22,7 @@ from mlx_kvpred.train import ridge_init
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_kvpred"
 # Where the method and what serves it live: everything in the package but the backends themselves.
 METHOD_MODULES = sorted(p for p in PACKAGE.glob("*.py"))
-BACKEND_MODULES = ("backends.linux_cpu", "backends.pure_mlx", "blas", "cpu_ops", "cpu_kernels", "decode",
-                   "rope_layout")
+BACKEND_MODULES = ("backends.linux_cpu", "backends.pure_mlx", "blas", "cpu_ops", "cpu_kernels", "decode")
 
 
 def imported_modules(path: Path) -> list[str]:
