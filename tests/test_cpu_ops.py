@@ -92,6 +92,26 @@ def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["c", "numpy"])
+def test_rows_at_their_own_positions_run_as_causal_blocks(path, monkeypatch):
+    """positions.recompute_at's mask (row i sees keys 0..its position): split into runs of consecutive positions,
+    each a causal block for the C kernel (or numpy), equal to the MLX attention with that mask, gradients too; any
+    other bool mask is not split."""
+    monkeypatch.setattr(cpu_kernels.C_KERNELS, "enabled", lambda: path == "c" and cpu_kernels.available())
+    S = 120
+    positions = mx.array([3, 4, 5, 6, 40, 41, 42, 90, 100, 101, 119], dtype=mx.int32)
+    mask = mx.arange(S)[None] <= positions[:, None]
+    assert cpu_ops._causal_runs(mask) == [(0, 4, 7), (4, 7, 43), (7, 8, 91), (8, 10, 102), (10, 11, 120)]
+    assert cpu_ops._causal_runs(mx.arange(S)[None] >= positions[:, None]) is None
+    q = mx.random.normal((1, 6, 11, 16))
+    k, v = mx.random.normal((1, 2, S, 16)), mx.random.normal((1, 2, S, 16))
+    out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, mask)
+    assert close(out, mlx_lm_sdpa(q, k, v, None, scale=0.25, mask=mask), 1e-5)
+    g1 = mx.grad(lambda a: fast_scaled_dot_product_attention(a, k, v, None, 0.25, mask).sum())(q)
+    g2 = mx.grad(lambda a: mlx_lm_sdpa(a, k, v, None, scale=0.25, mask=mask).sum())(q)
+    assert close(g1, g2, 1e-4)
+
+
+@pytest.mark.parametrize("path", ["c", "numpy"])
 @pytest.mark.parametrize("L,S", [(96, 96), (80, 112), (2, 600)])
 def test_causal_attention_outside_mlx_equals_the_mlx_blocks(L, S, path, monkeypatch):
     """Causal prefill runs in the C kernel or in numpy (blocks of 7 rows here: a ragged last one); values and the

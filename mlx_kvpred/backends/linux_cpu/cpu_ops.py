@@ -148,7 +148,26 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         return ((e @ values) / e.sum(axis=-1, keepdims=True)).reshape(B, n_q, 1, D)
     if causal and _numpy_attention_enabled():
         return _outside_mlx_attention_fn(float(scale))(queries, keys, values)
+    runs = _causal_runs(mask) if _numpy_attention_enabled() else None
+    if runs is not None:  # rows at scattered positions (positions.recompute_at): causal blocks, in C
+        attention = _outside_mlx_attention_fn(float(scale))
+        parts = [attention(queries[:, :, a:b], keys[:, :, :n], values[:, :, :n]) for a, b, n in runs]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
     return _blocked_attention(queries, keys, values, scale, mask)
+
+
+def _causal_runs(mask) -> list[tuple[int, int, int]] | None:
+    """A bool (L, S) mask whose row i sees exactly keys 0..n_i - 1 (rows at their own positions: recompute_at), as
+    runs of rows (start, stop, n) whose n grows by one a row: each run is a causal block over its first n keys.
+    None for any other mask."""
+    if not isinstance(mask, mx.array) or mask.ndim != 2 or mask.dtype != mx.bool_:
+        return None
+    m = np.asarray(mask)
+    lengths = m.sum(axis=1)
+    if lengths.min() < 1 or not (m == (np.arange(m.shape[1])[None] < lengths[:, None])).all():
+        return None
+    bounds = [0, *(np.flatnonzero(np.diff(lengths) != 1) + 1).tolist(), len(lengths)]
+    return [(a, b, int(lengths[b - 1])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _blocked_attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
