@@ -91,8 +91,9 @@ def mode_specs(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, with
                         + ([f"tail {tail}"] if len(exact_tails) > 1 else [])
                     specs.append(ModeSpec(f"kvp ({', '.join(parts)})" if parts else "kvp", "kvp", label, pipe, tail))
         for keep in keeps:
-            specs.append(ModeSpec(f"specprefill ({', '.join(([label] if len(bundles) > 1 else []) + [f'keep {keep:g}'])})",
-                                  "specprefill", label, Pipeline(base, bundle, keep=keep), exact_tails[0]))
+            parts = ([label] if len(bundles) > 1 else []) + [f"keep {keep:g}"]
+            specs.append(ModeSpec(f"specprefill ({', '.join(parts)})", "specprefill", label,
+                                  Pipeline(base, bundle, keep=keep), exact_tails[0]))
         if with_aux:
             specs.append(ModeSpec(f"aux ({label})" if len(bundles) > 1 else "aux", "aux", label, Pipeline(
                 base, bundle)))
@@ -190,7 +191,8 @@ def run_eval(base: LoadedModel, bundles: Sequence[tuple[str, Bundle]], *, tasks:
              problems: list[dict] | None = None, max_tokens: int = 256, humaneval_timeout: float = DEFAULT_TIMEOUT,
              with_aux: bool = True, ttft_repeats: int = 3, ttft_warmup: int = 1, progress: Progress | None = None,
              seed: int = 0, exact_tails: Sequence[int] = (1,), exact_heads: Sequence[int] = (DEFAULT_EXACT_HEAD,),
-             exact_keeps: Sequence[float] = (0.0,), keeps: Sequence[float] = (), docqa_cases: Sequence | None = None, needle_cases: Sequence | None = None,
+             exact_keeps: Sequence[float] = (0.0,), keeps: Sequence[float] = (),
+             docqa_cases: Sequence | None = None, needle_cases: Sequence | None = None,
              answer_tokens: int = 64, heldout_by_length: dict[int, np.ndarray] | None = None) -> dict:
     """Every task for every mode, plus TTFT cost; returns the JSON-ready result (schema SCHEMA). kvp modes run once
     per exact head and tail; docqa scores `docqa_cases` (eval_docqa.document_cases / short_cases); `heldout_by_length`

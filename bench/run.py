@@ -9,8 +9,8 @@ kernels off (numpy attention, MLX SwiGLU and RoPE; cpu_kernels), to time each si
 from __future__ import annotations
 
 import os
-import re
 import platform
+import re
 import statistics
 import time
 from contextlib import ExitStack, contextmanager

@@ -497,8 +497,8 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
                                      max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
                                      step_kwargs=step_kwargs)
     if mode != "kvp" or exact_keep > 0:
-        raise KVPredError(f"{type(pipe.base.model).__module__} models, or quantized K/V, run mode {mode} only "
-                          "without exact_keep", "mode")
+        raise KVPredError(f"mode {mode} and exact_keep need a model with a plain LM head and unquantized K/V "
+                          f"({type(pipe.base.model).__module__}, kv_bits {step_kwargs.get('kv_bits')})", "mode")
     predicted, exact = split_exact_tail(prompt, exact_tail)  # the generic path: generate_step over the tail
     cache = predict_cache(pipe, predicted, prefill_step_size=prefill_step_size, max_kv_size=max_kv_size) \
         if predicted.size else make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)

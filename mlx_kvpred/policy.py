@@ -8,8 +8,8 @@ seconds (two prompt lengths per mode), and cached as JSON in the user cache dir 
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import platform
 import sys

@@ -1,5 +1,6 @@
 """A rope module as a rotation of entry pairs: which entries pair up, and how its cos and sin are read back from
-the module itself (so plain, llama3 and yarn RoPE all work), for RoPE at scattered positions (positions.py), the compiled decode step and the C prefill RoPE."""
+the module itself (so plain, llama3 and yarn RoPE all work), for RoPE at scattered positions (positions.py), the
+compiled decode step and the C prefill RoPE."""
 
 from __future__ import annotations
 
