@@ -90,6 +90,12 @@ def specprefill_ttft_flops(base: nn.Module, config: dict, k: int, n: int, exact_
     return layers_flops(base.layers[:k], n, n) + layers_flops(base.layers[k:], m, m) + lm_head_flops(config)
 
 
+def exact_keep_flops(base: nn.Module, bundle: Bundle, predicted: int, exact_keep: float, context: int) -> int:
+    """kvp's exact keep: the `exact_keep` fraction of `predicted` positions through the base's layers after the
+    aux's, attending to `context` positions."""
+    return layers_flops(base.layers[len(bundle.aux.layers):], math.ceil(exact_keep * predicted), context)
+
+
 def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1,
                keep: float = 0.0, exact_keep: float = 0.0) -> int:
     """TTFT FLOPs of a mode for an n-token prompt: base (and stock mlx-lm or llama.cpp, the same work), kvp (the base
@@ -103,10 +109,9 @@ def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, e
     if bundle is None:
         raise ValueError(f"mode {mode} needs a bundle")
     if mode == "kvp":
-        recomputed = math.ceil(exact_keep * max(n - exact_tail, 0))
-        k = len(bundle.aux.layers)
+        predicted = max(n - exact_tail, 0)
         return (kvp_ttft_flops(base.model, base.config, bundle.aux, bundle.predictor, n, exact_tail)
-                + layers_flops(base.model.layers[k:], recomputed, max(n - exact_tail, 0)))
+                + exact_keep_flops(base.model, bundle, predicted, exact_keep, predicted))
     if mode == "aux":
         return base_ttft_flops(bundle.aux, bundle.config.aux_config or base.config, n)
     raise ValueError(f"unknown mode {mode!r}")

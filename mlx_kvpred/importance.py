@@ -9,13 +9,13 @@ positions (mode "specprefill"); kvp's `exact_keep` recomputes their K/V exactly 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention_of
+from .attention import attention_of, swapped
 
 DEFAULT_POOL = 13  # positions each score is averaged over (SpecPrefill's smoothing kernel)
 DEFAULT_CHUNK = 16  # positions kept or dropped together
@@ -42,15 +42,11 @@ class _QueryRecorder(nn.Module):
 def tap_queries(layers: Sequence[nn.Module]) -> Iterator[list[list[mx.array]]]:
     """Within: each layer's rotated queries (B, n_heads, L, head_dim), one entry per call, are recorded."""
     records: list[list[mx.array]] = [[] for _ in layers]
-    attns = [attention_of(layer) for layer in layers]
-    ropes = [attn.rope for attn in attns]
-    try:
-        for attn, rope, record in zip(attns, ropes, records):
-            attn.rope = _QueryRecorder(rope, record)
+    with ExitStack() as stack:
+        for layer, record in zip(layers, records):
+            attn = attention_of(layer)
+            stack.enter_context(swapped(attn, "rope", _QueryRecorder(attn.rope, record)))
         yield records
-    finally:
-        for attn, rope in zip(attns, ropes):
-            attn.rope = rope
 
 
 def attention_scores(layers: Sequence[nn.Module], queries: Sequence[mx.array], keys: Sequence[mx.array], *,

@@ -229,8 +229,8 @@ def decode_from_stream(pipe: Pipeline, tail: mx.array, caches: list[Any], stream
 
 
 def keeps_exact(pipe: Pipeline) -> bool:
-    """Whether kvp's exact_keep can run here: a KVP-LP bundle (its aux the base's first layers) and a plain LM
-    head."""
+    """Whether kvp takes the KVP-LP path here (the tail continuing from the aux's residual stream; exact_keep runs
+    only there): a bundle whose aux is the base's first layers, and a plain LM head."""
     bundle = pipe.bundle
     return (bundle is not None and lm_head_of(pipe.base.model) is not None
             and shared_base_layers(bundle, pipe.base.model) == len(bundle.aux.layers) < len(pipe.base.model.layers))
@@ -453,9 +453,9 @@ def prefill_logits(pipe: Pipeline, prompt: mx.array, *, mode: str, exact_tail: i
         raise KVPredError(f"prefill_logits takes mode base, kvp or specprefill, got {mode!r}", "mode")
     bundle = _need_bundle(pipe)
     predicted, exact = split_exact_tail(prompt, exact_tail)
-    shared = shared_base_layers(bundle, base)
-    if predicted.size and shared == len(bundle.aux.layers) < len(base.layers):
+    if predicted.size and keeps_exact(pipe):
         # KVP-LP: the tail's first layers are the aux's; the base continues from its residual stream
+        shared = len(bundle.aux.layers)
         if exact_keep > 0:
             cache, stream = predict_cache_with_exact_keep(pipe, prompt, exact.size, exact_keep,
                                                           max_kv_size=max_kv_size, **steps)

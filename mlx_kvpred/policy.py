@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -22,7 +21,7 @@ import mlx.core as mx
 
 from .atomic import atomic_write
 from .bundle import bundle_id, describe_base
-from .flops import layers_flops, lm_head_flops, predictor_flops, span_flops
+from .flops import exact_keep_flops, lm_head_flops, predictor_flops, span_flops
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -73,9 +72,8 @@ def kvp_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int
     bundle = pipe.bundle
     aux_flops = (span_flops(bundle.aux, aux_lag + predicted, offset - aux_lag)
                  + predictor_flops(bundle.predictor, predicted))
-    recomputed = math.ceil(exact_keep * predicted)
-    recompute_s = layers_flops(pipe.base.model.layers[len(bundle.aux.layers):], recomputed, offset + predicted) \
-        / (rates.base_gflops * 1e9) if recomputed else 0.0
+    recompute_s = exact_keep_flops(pipe.base.model, bundle, predicted, exact_keep, offset + predicted) \
+        / (rates.base_gflops * 1e9)
     return (rates.aux_fixed_s + aux_flops / (rates.aux_gflops * 1e9) + recompute_s
             + base_time(pipe, rates, tail, offset + predicted))
 
