@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
 
 from .errors import KVPredError
 
@@ -34,9 +35,13 @@ def backbone(model: nn.Module) -> nn.Module:
     raise KVPredError(f"unsupported model type {type(model).__module__}: no .model/.transformer backbone")
 
 
-# Architectures whose logits are exactly the LM head (or tied embedding) applied to the backbone's output.
+# Architectures whose logits are exactly the LM head (or tied embedding) applied to the backbone's output, and the
+# name of their tie flag (in model.args, or on the model where mlx-lm sets it there: gemma3).
 _PLAIN_HEAD_MODULES = {"mlx_lm.models.llama": "tie_word_embeddings", "mlx_lm.models.qwen2": "tie_word_embeddings",
-                       "mlx_lm.models.qwen3": "tie_word_embeddings", "mlx_lm.models.openelm": "share_input_output_layers"}
+                       "mlx_lm.models.qwen3": "tie_word_embeddings", "mlx_lm.models.openelm": "share_input_output_layers",
+                       "mlx_lm.models.gemma3_text": "tie_word_embeddings"}
+# Architectures whose backbone scales the token embedding by sqrt(hidden size) before block 0 (as a bfloat16 number).
+_SCALED_EMBEDDING_MODULES = {"mlx_lm.models.gemma3_text"}
 
 
 def lm_head_of(model: nn.Module):
@@ -45,10 +50,45 @@ def lm_head_of(model: nn.Module):
     tie = _PLAIN_HEAD_MODULES.get(type(model).__module__)
     if tie is None:
         return None
-    if getattr(model.args, tie):
+    if getattr(model.args, tie, None) or (not hasattr(model.args, tie) and getattr(model, tie)):
         inner = backbone(model)
         return (inner.embed_tokens if "embed_tokens" in inner else inner.token_embeddings).as_linear
     return model.lm_head
+
+
+def embed(model: nn.Module, tokens: mx.array) -> mx.array:
+    """The residual stream entering block 0 for `tokens` (B, L): the token embedding, scaled where the architecture
+    scales it (gemma3), as the model's own backbone computes it."""
+    inner = backbone(model)
+    h = (inner.embed_tokens if "embed_tokens" in inner else inner.token_embeddings)(tokens)
+    if type(model).__module__ in _SCALED_EMBEDDING_MODULES:
+        h = h * mx.array(inner.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+    return h
+
+
+def sliding_window(model: nn.Module, layer: nn.Module) -> int | None:
+    """The attention window of a block: the model's sliding window for its local layers (llama's layer_types,
+    gemma3's five local layers of six), None for global ones."""
+    if getattr(layer, "use_sliding", False) or getattr(attention_of(layer), "is_sliding", False):
+        return model.args.sliding_window
+    return None
+
+
+def run_blocks(model: nn.Module, h: mx.array, caches: Sequence[Any] | None = None, *, first: int = 0,
+               stop: int | None = None) -> mx.array:
+    """Blocks first..stop - 1 of `model` over `h` (B, L, d), the residual stream entering block `first`, with their
+    `caches` (one per block run, or None): the stream leaving block stop - 1 (no final norm). Each block gets the
+    mask of its attention's kind, made from the first cache of that kind, as mlx-lm's backbones make them; the
+    backbone's own call would pick masks by list index and scale `h` again as an embedding (gemma3)."""
+    layers = backbone(model).layers[first:stop]
+    caches = [None] * len(layers) if caches is None else caches
+    masks: dict[int | None, Any] = {}
+    for layer, cache in zip(layers, caches):
+        window = sliding_window(model, layer)
+        if window not in masks:
+            masks[window] = create_attention_mask(h, cache, window_size=window)
+        h = layer(h, masks[window], cache)
+    return h
 
 
 def hidden_dim(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from typing import Sequence
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .attention import attention_of
+from .attention import attention_of, sliding_window
 from .errors import KVPredError
 from .loading import LoadedModel, model_class
 
@@ -50,6 +50,11 @@ def make_layer_pruned_aux(base: nn.Module, base_config: dict, kept_layers: list[
     cfg = pruned_config(base_config, kept_layers)
     Model, Args = model_class(cfg)
     aux = Model(Args.from_dict(cfg))
+    moved = [old for new, old in enumerate(kept_layers)
+             if sliding_window(aux, aux.layers[new]) != sliding_window(base, base.layers[old])]
+    if moved:  # e.g. gemma3: layer i is global when i % 6 == 5
+        raise KVPredError(f"aux layers: base layers {moved} would change attention kind (sliding-window or global) "
+                          f"at their aux index, as {cfg.get('model_type')} picks it by index; keep layers 0..k-1")
     layer_prefix = _layers_prefix(base)
     new_index = {old: new for new, old in enumerate(kept_layers)}
     old_index = dict(enumerate(kept_layers))
@@ -77,6 +82,8 @@ def make_layer_pruned_aux(base: nn.Module, base_config: dict, kept_layers: list[
                 weights.append((f"{layer_prefix}{new_index[int(idx)]}.{rest}", value))
         else:
             weights.append((key, value))
+    if hasattr(aux, "sanitize"):  # as mlx-lm's load does: e.g. gemma3 ties its head when there is no lm_head weight
+        weights = list(aux.sanitize(dict(weights)).items())
     aux.load_weights(weights, strict=True)
     aux.eval()
     return aux, cfg

@@ -23,7 +23,7 @@ from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import policy
-from .attention import attention_of, backbone, lm_head_of, swapped, tap_kv
+from .attention import attention_of, backbone, embed, lm_head_of, run_blocks, sliding_window, tap_kv
 from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
 from .cache import write_predicted_kv
@@ -200,6 +200,7 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     Returns the tail's residual stream entering the first unshared layer (the base continues from it)."""
     bundle = _need_bundle(pipe)
     base = pipe.base.model
+    _check_full_attention(base, "exact_keep")
     shared = len(bundle.aux.layers)
     predicted, exact = split_exact_tail(tokens, exact_tail)
     start = caches[0].offset  # the position of tokens[skip]
@@ -236,19 +237,24 @@ def keeps_exact(pipe: Pipeline) -> bool:
             and shared_base_layers(bundle, pipe.base.model) == len(bundle.aux.layers) < len(pipe.base.model.layers))
 
 
+def _check_full_attention(model: nn.Module, field: str) -> None:
+    """Exact keep and specprefill attend by position over the whole prompt (positions.py): not yet windowed."""
+    if any(sliding_window(model, layer) for layer in model.layers):
+        raise KVPredError(f"exact keep and specprefill do not support sliding-window attention "
+                          f"({type(model).__module__.rsplit('.', 1)[-1]} models) yet", field)
+
+
 def _first_layers(pipe: Pipeline, tokens: mx.array, caches: list[Any], k: int, *,
                   prefill_step_size: int) -> mx.array:
     """The base's first k layers over `tokens`, their K/V into `caches[:k]`: the residual stream entering layer k."""
     base = pipe.base.model
-    inner = backbone(base)
     streams = []
     with mx.stream(generation_stream):
         for start in range(0, tokens.size, prefill_step_size):
             chunk = tokens[None, start:start + prefill_step_size]
             stream = pipe.backend.run_rows(base, caches[:k], tokens=chunk, stop_layer=k)
             if stream is None:
-                with swapped(inner, "layers", inner.layers[:k]), swapped(inner, "norm", nn.Identity()):
-                    stream = inner(chunk, cache=caches[:k])
+                stream = run_blocks(base, embed(base, chunk), caches[:k], stop=k)
             mx.eval(stream, [c.state for c in caches[:k]])
             streams.append(stream)
     return mx.concatenate(streams, axis=1) if len(streams) > 1 else streams[0]
@@ -259,11 +265,9 @@ def _scored_tail(pipe: Pipeline, tail: mx.array, caches: list[Any], k: int, *, e
     it): (its residual stream entering layer k, the importance of positions 0..end-1 by the attention it pays them
     there: importance.attention_scores)."""
     base = pipe.base.model
-    inner = backbone(base)
     layers = base.layers[:k]
-    with mx.stream(generation_stream), tap_queries(layers) as queries, \
-            swapped(inner, "layers", inner.layers[:k]), swapped(inner, "norm", nn.Identity()):
-        stream = inner(tail[None], cache=caches[:k])
+    with mx.stream(generation_stream), tap_queries(layers) as queries:
+        stream = run_blocks(base, embed(base, tail[None]), caches[:k], stop=k)
         scores = attention_scores(layers, [q[-1] for q in queries], [c.keys[:, :, :c.offset] for c in caches[:k]],
                                   end=end, exp=pipe.backend.loss_ops()[0])
         mx.eval(stream, scores, [c.state for c in caches[:k]])
@@ -280,6 +284,7 @@ def _specprefill_logits(pipe: Pipeline, prompt: mx.array, exact_tail: int, keep:
     head = lm_head_of(base)
     if head is None:
         raise KVPredError(f"mode specprefill does not support {type(base).__module__} models yet", "mode")
+    _check_full_attention(base, "mode")
     k = scorer_layers(pipe.bundle, base)
     predicted, exact = split_exact_tail(prompt, exact_tail)
     end = predicted.size
@@ -289,14 +294,12 @@ def _specprefill_logits(pipe: Pipeline, prompt: mx.array, exact_tail: int, keep:
     kept = select_positions(scores, keep=keep, always=range(min(pipe.exact_head, end)))
     shift = end - kept.size  # dropped positions: the kept ones move back by as many (positions.py)
     rows = mx.concatenate([kept, mx.arange(end, prompt.size, dtype=mx.int32)])
-    inner = backbone(base)
     with mx.stream(generation_stream):
         for layer, cache in zip(base.layers[:k], caches[:k]):
             compact_cache(cache, attention_of(layer).rope, rows, shift)
-        with rotated_at(base.layers[k:], rows - shift), swapped(inner, "layers", inner.layers[k:]):
-            hidden = inner(None, cache=caches[k:], input_embeddings=mx.concatenate([stream[:, kept], tail_stream],
-                                                                                  axis=1))
-        logits = head(hidden[:, -1, :])
+        with rotated_at(base.layers[k:], rows - shift):
+            hidden = run_blocks(base, mx.concatenate([stream[:, kept], tail_stream], axis=1), caches[k:], first=k)
+        logits = head(backbone(base).norm(hidden[:, -1, :]))
         mx.eval(logits, [c.state for c in caches])
     return caches, logits
 
@@ -318,7 +321,6 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
     predicted_end = tokens.size - tail
     offset = caches[0].offset  # the position of tokens[skip]
     head = first_predicted(pipe, offset, offset + predicted_end - skip) - offset
-    aux_backbone = backbone(bundle.aux)
     # the aux's blocks are the base's blocks 0..k-1 and their base K/V its caches': the backend may run chunks as
     # those blocks (run_rows), unless the predictor reads the aux's K/V, which only the aux's own pass records
     base_blocks = take_aux and shared == len(bundle.aux.layers) and (
@@ -328,16 +330,15 @@ def _predict_into(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_cache
         skip += head
     prev_hidden = None  # the aux hidden state before this chunk (for predictors reading the previous token)
     streams = []  # the tail's residual stream, per chunk
-    norm = aux_backbone.norm  # applied here, so the stream before it can be kept
-    with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record, \
-            swapped(aux_backbone, "norm", nn.Identity()):
+    norm = backbone(bundle.aux).norm  # applied here, so the stream before it can be kept
+    with mx.stream(generation_stream), tap_kv(bundle.aux.layers) as record:
         for start in range(0, tokens.size, prefill_step_size):
             stop = min(start + prefill_step_size, tokens.size)
             chunk = tokens[None, start:stop]
             stream = pipe.backend.run_rows(base_model, aux_caches, tokens=chunk, stop_layer=shared) if base_blocks \
                 else None
             if stream is None:
-                stream = aux_backbone(chunk, cache=aux_caches)
+                stream = run_blocks(bundle.aux, embed(bundle.aux, chunk), aux_caches)
                 keys = [calls.pop() for calls in record.keys]
                 values = [calls.pop() for calls in record.values]
             else:  # not read: the predictor reads the hidden state, the shared layers' caches are the aux's
@@ -556,9 +557,8 @@ def _prompt_logits(prompt: mx.array, model, head, cache: list[Any], *, backend: 
         if stream is not None:
             logits = backend.run_rows(model, cache[first_layer:], stream=stream, first_layer=first_layer)
             if logits is None:
-                with swapped(inner, "layers", inner.layers[first_layer:]):
-                    hidden = inner(prompt[None], cache=cache[first_layer:], input_embeddings=stream)
-                logits = head(hidden[:, -1, :])
+                hidden = run_blocks(model, stream, cache[first_layer:], first=first_layer)
+                logits = head(inner.norm(hidden[:, -1, :]))
         else:
             starts = list(range(0, prompt.size, prefill_step_size))
             for start in starts[:-1]:

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
 from .atomic import atomic_write
 from .attention import backbone, kv_heads
 from .bundle import bundle_id, describe_base, fingerprints_match
+from .cache import session_cache
 from .errors import KVPredError
 from .pipeline import (DEFAULT_EXACT_TAIL, KVPResponse, Pipeline, check_prompt, choose_mode, decode_from_stream,
                        first_predicted, keeps_exact, predict_cache, predict_span_with_exact_keep, prompt_then_decode,
@@ -69,12 +70,12 @@ class ChatSession:
         with self.lock:
             self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
             self.tokens: list[int] = []  # the tokens whose K/V the base cache holds, in order
-            self.cache: list[Any] = make_prompt_cache(self.pipe.base.model)
+            self.cache: list[Any] = session_cache(self.pipe.base.model)
             self.exact_until = 0  # the cache is the base's own (exact) K/V before this position
             self.predicted_spans: list[tuple[int, int]] = []  # [start, end) of K/V predicted, not yet repaired
             self.repaired_tokens = 0
             self.turns: list[TurnStats] = []
-            self._aux_cache = make_prompt_cache(self.pipe.bundle.aux) if self.pipe.bundle is not None else None
+            self._aux_cache = session_cache(self.pipe.bundle.aux) if self.pipe.bundle is not None else None
             self._aux_tokens = 0  # the aux cache holds self.tokens[:_aux_tokens]
 
     def set_mode(self, mode: str) -> None:

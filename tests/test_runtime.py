@@ -8,7 +8,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
-from conftest import tiny_model
+from conftest import attended, tiny_model
 from mlx_kvpred import pipeline
 from mlx_kvpred.backends import for_device
 from mlx_kvpred.backends.linux_cpu import cpu_kernels
@@ -90,8 +90,8 @@ def test_hidden_input_bundle(tiny, tmp_path, prev_token_dim):
     a = predict_cache(Pipeline(tiny, bundle), tokens, prefill_step_size=512)
     b = predict_cache(loaded, tokens, prefill_step_size=8)
     for x, y in zip(a, b):
-        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
-        assert mx.allclose(x.state[1], y.state[1], atol=1e-4).item()
+        assert mx.allclose(attended(x), attended(y), atol=1e-4).item()
+        assert mx.allclose(attended(x, 1), attended(y, 1), atol=1e-4).item()
     for lin in loaded.bundle.predictor.value_transforms[1:]:
         lin.weight = lin.weight * 0.5
     c = predict_cache(loaded, tokens)
@@ -127,8 +127,8 @@ def test_true_prerope_keys_give_true_cache(tiny):
     write_predicted_kv(model.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])
     for c, t in zip(cache, true_cache):
         assert c.offset == t.offset == 23
-        assert mx.allclose(c.state[0], t.state[0], atol=1e-5).item()
-        assert mx.allclose(c.state[1], t.state[1], atol=1e-6).item()
+        assert mx.allclose(attended(c), attended(t), atol=1e-5).item()
+        assert mx.allclose(attended(c, 1), attended(t, 1), atol=1e-6).item()
 
 
 def test_chunked_aux_prefill_matches_one_shot(tiny):
@@ -137,7 +137,7 @@ def test_chunked_aux_prefill_matches_one_shot(tiny):
     a = predict_cache(pipe, tokens, prefill_step_size=8)
     b = predict_cache(pipe, tokens, prefill_step_size=512)
     for x, y in zip(a, b):
-        assert mx.allclose(x.state[0], y.state[0], atol=1e-4).item()
+        assert mx.allclose(attended(x), attended(y), atol=1e-4).item()
 
 
 def test_base_mode_matches_mlx_lm_generate_step(tiny):

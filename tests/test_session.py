@@ -13,6 +13,7 @@ from mlx_kvpred import policy
 from mlx_kvpred.attention import backbone
 from mlx_kvpred.auxiliary import make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle
+from mlx_kvpred.cache import session_cache
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, prefill_rates, stream_generate
 from mlx_kvpred.predictor import layer_pruned_map
@@ -34,13 +35,21 @@ class TinyChatTokenizer(TinyTokenizer):
         return ids + [ASSISTANT] if add_generation_prompt else ids
 
 
-def pipeline(*, identity: bool, seed: int = 0) -> Pipeline:
-    """A 4-layer base; aux = its first 2 layers; identity predictor (kvp exact only for a full copy) or random."""
-    base = tiny_model("llama", seed=seed)
+@pytest.fixture(params=["llama", "gemma3"])
+def arch(request) -> str:
+    """The tiny model family: llama, or gemma3 (sliding-window layers with a window of 8 that every turn crosses)."""
+    return request.param
+
+
+def pipeline(*, identity: bool, seed: int = 0, arch: str = "llama") -> Pipeline:
+    """A tiny base (llama: 4 layers, gemma3: 7); aux = its first 2 layers; identity predictor (kvp exact only for a
+    full copy) or random."""
+    base = tiny_model(arch, seed=seed)
     base.tokenizer = TinyChatTokenizer()
-    kept = [0, 1, 2, 3] if identity else [0, 1]
+    n = len(base.model.layers)
+    kept = list(range(n)) if identity else [0, 1]
     aux, _ = make_layer_pruned_aux(base.model, base.config, kept)
-    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, 4), aux_layers=kept)
+    bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=layer_pruned_map(kept, n), aux_layers=kept)
     if identity:
         bundle.predictor.set_identity()
     bundle.config.trained = True
@@ -60,7 +69,7 @@ def base_answer(pipe, prompt, n):
 
 
 def base_cache(pipe, tokens):
-    cache = make_prompt_cache(pipe.base.model)
+    cache = session_cache(pipe.base.model)  # every position kept, sliding-window layers too
     backbone(pipe.base.model)(mx.array(tokens)[None], cache=cache)
     mx.eval([c.state for c in cache])
     return cache
@@ -74,10 +83,10 @@ def assert_cache_equals_base(session, atol=1e-4):
         assert mx.allclose(ours.values[..., :n, :], true.values[..., :n, :], atol=atol).item()
 
 
-def test_turns_reuse_the_cached_prefix_and_match_the_base():
+def test_turns_reuse_the_cached_prefix_and_match_the_base(arch):
     """Exact kvp (full copy, identity): turn 2 reuses turn 1's prompt and answer, processes only its new tokens,
     and both answers equal the base's on the whole conversation."""
-    pipe = pipeline(identity=True)
+    pipe = pipeline(identity=True, arch=arch)
     session = ChatSession(pipe, mode="kvp", exact_tail=4)
     doc = text(ids(60, 1))
     first = [r.token for r in session.stream(doc, max_tokens=6)]
@@ -94,10 +103,10 @@ def test_turns_reuse_the_cached_prefix_and_match_the_base():
     assert second == base_answer(pipe, prompt2, 6)
 
 
-def test_repair_gives_the_base_cache_and_later_turns_base_answers():
+def test_repair_gives_the_base_cache_and_later_turns_base_answers(arch):
     """A random predictor: turn 1 predicted (inexact), a base turn after it; repair() recomputes everything from
     the first predicted position, in chunks, to the base's own K/V, so turn 3 answers as the base does."""
-    pipe = pipeline(identity=False)
+    pipe = pipeline(identity=False, arch=arch)
     session = ChatSession(pipe, mode="kvp", exact_tail=3, repair_chunk=16)
     session.send(text(ids(50, 3)), max_tokens=5)
     session.send(text(ids(4, 4)), max_tokens=5, mode="base")
@@ -114,10 +123,10 @@ def test_repair_gives_the_base_cache_and_later_turns_base_answers():
     assert [r.token for r in session.stream(text(ids(6, 5)), max_tokens=5, mode="base")] == expected
 
 
-def test_repair_stops_between_steps_and_a_turn_waits_for_the_step():
+def test_repair_stops_between_steps_and_a_turn_waits_for_the_step(arch):
     """stop= ends a repair after the step in progress; a turn can run meanwhile from another thread and the
     repair resumes where it stopped."""
-    pipe = pipeline(identity=False)
+    pipe = pipeline(identity=False, arch=arch)
     session = ChatSession(pipe, mode="kvp", exact_tail=2, repair_chunk=8)
     session.send(text(ids(40, 6)), max_tokens=4)
     stop = threading.Event()
@@ -137,9 +146,9 @@ def test_repair_stops_between_steps_and_a_turn_waits_for_the_step():
     assert_cache_equals_base(session)
 
 
-def test_diverging_history_trims_the_cache():
+def test_diverging_history_trims_the_cache(arch):
     """A conversation that changes inside the cached prefix (an edited turn) reuses only the shared part."""
-    pipe = pipeline(identity=True)
+    pipe = pipeline(identity=True, arch=arch)
     session = ChatSession(pipe, mode="base")
     first = ids(30, 8)
     list(session.stream_tokens(first, max_tokens=4))
@@ -152,10 +161,10 @@ def test_diverging_history_trims_the_cache():
     assert_cache_equals_base(session)
 
 
-def test_stopping_an_answer_keeps_the_session_consistent():
+def test_stopping_an_answer_keeps_the_session_consistent(arch):
     """The consumer breaks off mid-answer (Ctrl-C in the REPL): the partial answer joins the conversation and the
     cache holds exactly the tokens recorded."""
-    pipe = pipeline(identity=True)
+    pipe = pipeline(identity=True, arch=arch)
     session = ChatSession(pipe, mode="base")
     for i, r in enumerate(session.stream(text(ids(10, 10)), max_tokens=50)):
         if i == 3:
@@ -167,8 +176,8 @@ def test_stopping_an_answer_keeps_the_session_consistent():
     assert_cache_equals_base(session)
 
 
-def test_save_load_round_trip_and_refusals(tmp_path):
-    pipe = pipeline(identity=False)
+def test_save_load_round_trip_and_refusals(tmp_path, arch):
+    pipe = pipeline(identity=False, arch=arch)
     session = ChatSession(pipe, mode="kvp", exact_tail=3)
     session.send(text(ids(30, 12)), max_tokens=4)
     path = tmp_path / "s.safetensors"
