@@ -82,6 +82,7 @@ def describe_base(base: LoadedModel) -> dict:
         "num_layers": len(base.model.layers),
         "vocab_size": base.config.get("vocab_size"),
         "fingerprint": embedding_fingerprint(base.model),
+        **({"license": base.config["license"]} if base.config.get("license") else {}),  # the GGUF's, for model cards
     }
 
 
@@ -133,7 +134,7 @@ def save_bundle(path: str | Path, bundle: Bundle, *, base: LoadedModel | None = 
     atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(raw, indent=1)))
 
 
-def _read_config(path: Path) -> BundleConfig:
+def read_bundle_config(path: Path) -> BundleConfig:
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise KVPredError(f"not a KVP bundle: {cfg_file} is missing")
@@ -179,11 +180,14 @@ def new_bundle(base: LoadedModel, aux: nn.Module, *, aux_kind: str, layer_map: l
 
 
 def load_bundle(path: str | Path, base: LoadedModel, *, allow_untrained: bool = False) -> Bundle:
-    """Load a bundle for `base`; refuses a mismatched base, and an untrained predictor unless allowed."""
-    path = Path(path)
+    """Load a bundle for `base` from a directory or a Hub repo id (`org/name`, hub.resolve_bundle); refuses a
+    mismatched base, and an untrained predictor unless allowed."""
+    from .hub import resolve_bundle
+
+    path = resolve_bundle(path)
     if not path.is_dir():
         raise KVPredError(f"KVP bundle not found: {path} (a directory with {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = _read_config(path)
+    cfg = read_bundle_config(path)
     check_against_base(cfg, base, str(path))
     if not cfg.trained and not allow_untrained:
         raise KVPredError(f"{path}: this predictor is untrained (closed-form/identity init only); "

@@ -188,6 +188,8 @@ def gguf_config(meta: dict, path) -> dict:
         "max_position_embeddings": int(g("context_length", 2048)),
         "head_dim": head_dim,
     }
+    if "general.license" in meta:  # model cards of bundles carry it (loading.config_fingerprint leaves it out)
+        config["license"] = str(meta["general.license"])
     if arch == "llama":
         # llama.cpp permutes q/k rows; traditional RoPE matches that layout
         return {"model_type": "llama", **config, "rope_traditional": True}

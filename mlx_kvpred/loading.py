@@ -136,6 +136,7 @@ def config_fingerprint(config: dict) -> str:
     import hashlib
 
     keys = sorted(k for k, v in config.items() if isinstance(v, (int, float, str, bool, list)) and k not in
-                  ("architectures", "transformers_version", "torch_dtype", "_name_or_path", "quantization"))
+                  ("architectures", "transformers_version", "torch_dtype", "_name_or_path", "quantization",
+                                       "license"))
     blob = json.dumps({k: config[k] for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

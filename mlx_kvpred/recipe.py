@@ -203,11 +203,13 @@ def train_recipe(out: str | Path, spec: TrainSpec | None = None, *, model: str |
                  log: Callable[[str], None] | None = None, device: str | None = None) -> TrainState:
     """Train the bundle `spec` describes (default: the shipped recipe) for `base` (or `model`, loaded on `device`,
     None: the GPU where MLX has one; model None: the default model) into `out`. `resume` continues from
-    out/checkpoint; `log` gets one-line notes."""
+    out/checkpoint where one exists (else it starts fresh, so one command both starts a run and resumes it);
+    `log` gets one-line notes."""
     spec = spec or TrainSpec()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if resume and not (Path(out) / CHECKPOINT_DIR / "state.json").is_file():
-        raise KVPredError(f"resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}", "resume")
+        log(f"resume: no checkpoint in {Path(out) / CHECKPOINT_DIR} yet; starting a fresh run")
+        resume = False
     if base is None:
         device = set_device(device or default_device())
         base = load_model(model, device=device)

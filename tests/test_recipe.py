@@ -131,8 +131,9 @@ def test_train_recipe_end_to_end(tmp_path):
     assert recorded["recipe"]["aux_layers"] == [0, 1] and recorded["config"]["true_kv_tail"] == 8
     longer = TrainSpec(**{**spec.__dict__, "train": TrainConfig(**{**spec.train.__dict__, "steps": 3})})
     assert train_recipe(tmp_path / "b", longer, base=base, resume=True, log=notes.append).step == 3
-    with pytest.raises(KVPredError, match="resume: no checkpoint"):
-        train_recipe(tmp_path / "nothing", spec, base=base, resume=True)
+    fresh = []  # --resume on a run not started yet starts it (one command starts and resumes a long run)
+    assert train_recipe(tmp_path / "fresh", spec, base=base, resume=True, log=fresh.append).step == 2
+    assert fresh[0].startswith("resume: no checkpoint") and load_bundle(tmp_path / "fresh", base).config.trained
 
 
 def test_mixed_lengths_and_chat_records(tmp_path):

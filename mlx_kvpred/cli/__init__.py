@@ -10,7 +10,7 @@ from .common import app
 
 # Each module adds its command(s) to `app`; imported in the order `--help` lists them.
 # isort: off
-from . import generate, chat, doctor, train, evaluate, bench, serve, convert  # noqa: E402, F401
+from . import generate, chat, doctor, train, evaluate, bench, serve, convert, upload  # noqa: E402, F401
 # isort: on
 
 

@@ -38,7 +38,9 @@ def read_prompt(prompt: Optional[str], text: Optional[str]) -> str:
 # Options shared by generate and chat
 MODEL = typer.Option(None, help="Base model: .gguf file, mlx-lm dir or HF repo id (default: installed "
                                 "SmolLM2-135M-Instruct GGUF).")
-KVP = typer.Option(None, help="KVP bundle dir (default: the shipped bundle for the default model).")
+KVP = typer.Option(None, help="KVP bundle: a directory or a Hugging Face Hub repo id (org/name, fetched into the Hub "
+                               "cache; HF_HUB_OFFLINE=1 reads the cache only). Default: the shipped bundle for the "
+                               "default model.")
 MODE = typer.Option("auto", help="kvp (aux prefill + predicted cache), base (plain base), aux (aux alone, generate "
                                  "only), specprefill (the base prefills only the prompt positions its question "
                                  "attends to most: SpecPrefill; generate only), auto (kvp only where it saves real "

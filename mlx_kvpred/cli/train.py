@@ -76,7 +76,8 @@ def train(
     eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens "
                                                                       "each)."),
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, help="Checkpoint (and bundle) every N steps."),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint with the same options (a fresh run where "
+                                            "there is none yet: start long runs with it)."),
     seed: int = typer.Option(TrainConfig.seed),
     device: Optional[str] = DEVICE,
 ):
