@@ -62,7 +62,7 @@ def model_card(bundle_dir: str | Path, *, repo_id: str, results: str | None = No
         "tags:", "- kvpred-mlx", "- kv-prediction", "- mlx", "---", "",
         f"# {repo_id.split('/')[-1]}", "",
         "A KV Prediction bundle ([arXiv 2410.08391](https://arxiv.org/abs/2410.08391)) for "
-        f"[kvpred-mlx](https://pypi.org/project/kvpred-mlx/): a small auxiliary model reads the prompt and learned "
+        "[kvpred-mlx](https://pypi.org/project/kvpred-mlx/): a small auxiliary model reads the prompt and learned "
         "linear maps predict the base model's KV cache from it, so the base gives its first token sooner.", "",
         "```bash", f"kvpred-mlx generate --model {base.get('reference')} --kvp {repo_id} --prompt file.txt", "```", "",
         "## Base model", "",
