@@ -33,6 +33,10 @@ NEEDLES = ("The number of the {thing} is {value}.", "Remember this: the {thing} 
 QUESTIONS = ("What is the number of the {thing}? Answer with the number.",
              "The text above gives a number for the {thing}. Which number is it?",
              "Somewhere above, the {thing} gets a number. What is that number?")
+# A pretrained model (no chat template) gets the question as text to complete, the answer's start written out.
+COMPLETIONS = ("Question: What is the number of the {thing}?\nAnswer: The number of the {thing} is",
+               "Q: Which number was the {thing} given in the text above?\nA: The {thing} was given the number",
+               "According to the text above, the number of the {thing} is")
 KINDS = ("single", "multi")
 ANSWER_TOKENS = 24
 PROSE = (".rst", ".md", ".txt")
@@ -40,7 +44,8 @@ PROSE = (".rst", ".md", ".txt")
 
 @dataclass
 class NeedleCase:
-    prompt: np.ndarray  # token ids: the chat template's user turn (document with needles, question), assistant header
+    prompt: np.ndarray  # token ids: the chat template's user turn (document with needles, question), assistant header;
+    # or, in the completion form, the document and the question to complete
     length: int  # the prompt length asked for
     kind: str  # "single" or "multi"
     value: str  # the number the answer must contain
@@ -76,14 +81,13 @@ def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], cou
                  ) -> list[NeedleCase]:
     """`count` cases per length (half single, half multi), each on its own held-out document, from a generator seeded
     by (seed, length): a length's cases do not depend on which other lengths are asked for."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise KVPredError("--tasks needle needs a model with a chat template")
+    chat = bool(getattr(tokenizer, "chat_template", None))
     prose = [f for f in files if f.endswith(PROSE)]
     cases = []
     for n in lengths:
         rng = np.random.default_rng([seed, 31, n])
         order = iter(rng.permutation(len(prose)))
-        template = len(chat_prompt_ids(tokenizer, "x"))
+        template = len(chat_prompt_ids(tokenizer, "x")) if chat else len(tokenizer.encode("x"))
         for i in range(count):
             kind = KINDS[i % 2]
             overhead = template + (3 if kind == "multi" else 1) * 17 + 18  # the needles and the question
@@ -98,8 +102,9 @@ def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], cou
             for thing, value, depth in reversed(list(zip(things, values, depths))):  # the deepest first: positions hold
                 doc = _insert(doc, NEEDLES[rng.integers(len(NEEDLES))].format(thing=thing, value=value), depth)
             target = int(rng.integers(len(things)))
-            question = QUESTIONS[rng.integers(len(QUESTIONS))].format(thing=things[target])
-            ids = np.asarray(chat_prompt_ids(tokenizer, f"{doc}\n\n{question}"), dtype=np.int32)
+            question = (QUESTIONS if chat else COMPLETIONS)[rng.integers(len(QUESTIONS))].format(thing=things[target])
+            text = f"{doc}\n\n{question}"
+            ids = np.asarray(chat_prompt_ids(tokenizer, text) if chat else tokenizer.encode(text), dtype=np.int32)
             cases.append(NeedleCase(ids, n, kind, values[target], float(depths[target]), source))
     return cases
 
@@ -149,7 +154,8 @@ def print_needle_table(result: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"needle: a 4-digit number stated once in a held-out document, asked for in the same chat turn; "
+    t = Table(title=f"needle: a 4-digit number stated once in a held-out document, asked for after it (a chat turn, or "
+                    f"a question to complete for models without a chat template); "
                     f"{result['settings']['needle_cases']} cases per length (single and multi-needle), greedy")
     for c in ("mode", "prompt", "accuracy", "± se", "single", "multi", "vs base (paired)", "of base"):
         t.add_column(c, justify="right")

@@ -66,6 +66,13 @@ def embed(model: nn.Module, tokens: mx.array) -> mx.array:
     return h
 
 
+def runs_alone(model: nn.Module) -> bool:
+    """Whether mlx-lm's own call runs `model`: gemma3's backbone reads its global mask from block
+    sliding_window_pattern - 1, so a layer-pruned aux with fewer blocks runs only inside kvp (run_blocks)."""
+    pattern = getattr(getattr(model, "args", None), "sliding_window_pattern", 1)
+    return type(model).__module__ not in _SCALED_EMBEDDING_MODULES or len(model.layers) >= pattern
+
+
 def sliding_window(model: nn.Module, layer: nn.Module) -> int | None:
     """The attention window of a block: the model's sliding window for its local layers (llama's layer_types,
     gemma3's five local layers of six), None for global ones."""

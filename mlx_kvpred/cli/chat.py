@@ -45,6 +45,9 @@ def chat(
         raise KVPredError("--mode: chat runs kvp, base or auto")
     pipe = load_for_generation(model, kvp, mode, device, allow_untrained, keep_bundle=True, exact_head=exact_head,
                                exact_keep=exact_keep)
+    if not getattr(pipe.tokenizer, "chat_template", None):
+        raise KVPredError(f"--model {pipe.model_id}: its tokenizer has no chat template (a pretrained model); "
+                          "continue text with `kvpred-mlx generate --raw` instead")
     policy = dict(mode=mode, exact_tail=tail, kvp_min_tokens=kvp_min_tokens, ttft_budget=ttft_budget)
     session = (ChatSession.load(pipe, load, **policy) if load else ChatSession(pipe, system=system, **policy))
     run_repl(session, max_tokens=max_tokens, sampler=sampler, verbose=verbose, idle_repair=idle_repair)

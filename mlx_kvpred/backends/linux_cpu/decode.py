@@ -78,9 +78,11 @@ def compiled_decode_note() -> str:
     """What decodes a token (doctor's "decode" row)."""
     if not COMPILED_DECODE.enabled():
         return COMPILED_DECODE.note()
+    others = "; other families (gemma3) decode in MLX"
     if not C_DECODE.enabled():
-        return f"{C_DECODE.note()} (llama/qwen2/qwen3 models)"
-    return f"{C_DECODE.note()} ({cpu_kernels.decode_isa()}), {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 models)"
+        return f"{C_DECODE.note()} (llama/qwen2/qwen3 models){others}"
+    return (f"{C_DECODE.note()} ({cpu_kernels.decode_isa()}), {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 "
+            f"models){others}")
 
 
 BlockWeights = dict[str, Any]
