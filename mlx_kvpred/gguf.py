@@ -412,6 +412,8 @@ def gguf_tokenizer(path: Path, meta: dict) -> TokenizerWrapper:
                 hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except Exception as e:  # transformers raises many types for vocabularies it cannot convert
             raise KVPredError(f"{path}: cannot build its SentencePiece tokenizer ({str(e).splitlines()[0]})") from e
+        if "tokenizer.chat_template" in meta:  # an instruct model's template (the pretrained 270M has none)
+            hf.chat_template = str(meta["tokenizer.chat_template"])
         with atomic_dir(saved) as tmp:
             hf.save_pretrained(str(tmp))
     tokens = meta["tokenizer.ggml.tokens"]

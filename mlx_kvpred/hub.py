@@ -35,11 +35,11 @@ def resolve_bundle(ref: str | Path) -> Path:
     try:
         path = Path(snapshot_download(repo_id=ref, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE]))
     except LocalEntryNotFoundError as e:
-        raise KVPredError(f"KVP bundle {ref}: not in the local Hugging Face cache, and the Hub cannot be reached "
-                          f"(HF_HUB_OFFLINE=1, or no network): {str(e).splitlines()[0]}", "kvp") from e
+        raise KVPredError(f"KVP bundle {ref}: no such directory, and the Hub repo is not in the local Hugging Face "
+                          "cache while the Hub cannot be reached (HF_HUB_OFFLINE=1, or no network)", "kvp") from e
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
-        raise KVPredError(f"KVP bundle {ref}: no such Hub repo, or it is private or gated "
-                          "(log in with `hf auth login`)", "kvp") from e
+        raise KVPredError(f"KVP bundle {ref}: no such directory, and no such Hub repo (or it is private or gated: "
+                          "log in with `hf auth login`)", "kvp") from e
     except (HfHubHTTPError, OSError) as e:
         raise KVPredError(f"KVP bundle {ref}: download failed ({str(e).splitlines()[0]})", "kvp") from e
     if not (path / CONFIG_FILE).is_file():

@@ -65,7 +65,7 @@ def test_bundle_from_the_local_hub_cache(tmp_path, offline_hub):
     other = tiny_model("llama", seed=1)  # same shapes, other weights
     with pytest.raises(KVPredError, match="made for different weights"):
         load_bundle("kvpred/tiny-lp2", other)
-    with pytest.raises(KVPredError, match="not in the local Hugging Face cache"):
+    with pytest.raises(KVPredError, match="not in the local Hugging Face cache"):  # nor a directory
         load_bundle("kvpred/missing", base)
 
 
