@@ -38,7 +38,8 @@ def backbone(model: nn.Module) -> nn.Module:
 # Architectures whose logits are exactly the LM head (or tied embedding) applied to the backbone's output, and the
 # name of their tie flag (in model.args, or on the model where mlx-lm sets it there: gemma3).
 _PLAIN_HEAD_MODULES = {"mlx_lm.models.llama": "tie_word_embeddings", "mlx_lm.models.qwen2": "tie_word_embeddings",
-                       "mlx_lm.models.qwen3": "tie_word_embeddings", "mlx_lm.models.openelm": "share_input_output_layers",
+                       "mlx_lm.models.qwen3": "tie_word_embeddings",
+                       "mlx_lm.models.openelm": "share_input_output_layers",
                        "mlx_lm.models.gemma3_text": "tie_word_embeddings"}
 # Architectures whose backbone scales the token embedding by sqrt(hidden size) before block 0 (as a bfloat16 number).
 _SCALED_EMBEDDING_MODULES = {"mlx_lm.models.gemma3_text"}
@@ -79,6 +80,11 @@ def sliding_window(model: nn.Module, layer: nn.Module) -> int | None:
     if getattr(layer, "use_sliding", False) or getattr(attention_of(layer), "is_sliding", False):
         return model.args.sliding_window
     return None
+
+
+def windows(model: nn.Module) -> list[int | None]:
+    """Each block's attention window (sliding_window), None for global attention."""
+    return [sliding_window(model, layer) for layer in model.layers]
 
 
 def run_blocks(model: nn.Module, h: mx.array, caches: Sequence[Any] | None = None, *, first: int = 0,

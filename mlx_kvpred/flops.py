@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention_of
+from .attention import attention_of, windows
 from .bundle import Bundle, scorer_layers
 from .loading import LoadedModel
 
@@ -39,10 +40,12 @@ def d_attn(layer: nn.Module) -> int:
     return attn.n_heads * head_dim
 
 
-def layers_flops(layers, tokens: int, context: int) -> int:
+def layers_flops(layers, tokens: int, context: int, windows: Sequence[int | None] | None = None) -> int:
     """FLOPs for `tokens` tokens through `layers`, attending to `context` positions (a span after `offset` cached
-    ones: context = offset + tokens)."""
-    return sum(tokens * (2 * linear_params(layer) + 2 * context * d_attn(layer)) for layer in layers)
+    ones: context = offset + tokens), or to their window where `windows` (per layer, attention.windows) has one."""
+    windows = windows or [None] * len(layers)
+    return sum(tokens * (2 * linear_params(layer) + 2 * min(context, w or context) * d_attn(layer))
+               for layer, w in zip(layers, windows))
 
 
 def lm_head_flops(config: dict) -> int:
@@ -52,7 +55,7 @@ def lm_head_flops(config: dict) -> int:
 
 def base_ttft_flops(base: nn.Module, config: dict, n: int) -> int:
     """Plain prefill of n prompt tokens, logits for the last one."""
-    return layers_flops(base.layers, n, n) + lm_head_flops(config)
+    return layers_flops(base.layers, n, n, windows(base)) + lm_head_flops(config)
 
 
 def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.Module, n: int,
@@ -60,8 +63,8 @@ def kvp_ttft_flops(base: nn.Module, config: dict, aux: nn.Module, predictor: nn.
     """Aux over the n - t predicted tokens (no LM head), predictor over them, base over the last t = exact_tail
     tokens attending to n, counted as base_ttft_flops counts its prefill (t = n: the base's own cost)."""
     t = min(exact_tail, n)
-    return (layers_flops(aux.layers, n - t, n - t) + predictor_flops(predictor, n - t)
-            + layers_flops(base.layers, t, n) + lm_head_flops(config))
+    return (layers_flops(aux.layers, n - t, n - t, windows(aux)) + predictor_flops(predictor, n - t)
+            + layers_flops(base.layers, t, n, windows(base)) + lm_head_flops(config))
 
 
 _span_constants: dict[int, tuple[nn.Module, int, int]] = {}
@@ -72,10 +75,14 @@ def span_flops(model: nn.Module, tokens: int, offset: int) -> int:
     model's per-token and per-context constants counted once (mode auto asks before every prompt)."""
     entry = _span_constants.get(id(model))
     if entry is None or entry[0] is not model:
-        entry = (model, layers_flops(model.layers, 1, 0), sum(2 * d_attn(layer) for layer in model.layers))
+        per_context: dict[int | None, int] = {}  # by window (None: global attention)
+        for layer, w in zip(model.layers, windows(model)):
+            per_context[w] = per_context.get(w, 0) + 2 * d_attn(layer)
+        entry = (model, layers_flops(model.layers, 1, 0), per_context)
         _span_constants[id(model)] = entry
     _, per_token, per_context = entry
-    return tokens * per_token + tokens * (offset + tokens) * per_context
+    context = offset + tokens
+    return tokens * per_token + sum(tokens * min(context, w or context) * f for w, f in per_context.items())
 
 
 def predictor_flops(predictor: nn.Module, tokens: int) -> int:
@@ -87,13 +94,16 @@ def specprefill_ttft_flops(base: nn.Module, config: dict, k: int, n: int, exact_
     scoring's attention rows, a few tail rows, left out)."""
     t = min(exact_tail, n)
     m = math.ceil(keep * (n - t)) + t
-    return layers_flops(base.layers[:k], n, n) + layers_flops(base.layers[k:], m, m) + lm_head_flops(config)
+    w = windows(base)
+    return (layers_flops(base.layers[:k], n, n, w[:k]) + layers_flops(base.layers[k:], m, m, w[k:])
+            + lm_head_flops(config))
 
 
 def exact_keep_flops(base: nn.Module, bundle: Bundle, predicted: int, exact_keep: float, context: int) -> int:
     """kvp's exact keep: the `exact_keep` fraction of `predicted` positions through the base's layers after the
     aux's, attending to `context` positions."""
-    return layers_flops(base.layers[len(bundle.aux.layers):], math.ceil(exact_keep * predicted), context)
+    k = len(bundle.aux.layers)
+    return layers_flops(base.layers[k:], math.ceil(exact_keep * predicted), context, windows(base)[k:])
 
 
 def ttft_flops(mode: str, base: LoadedModel, bundle: Bundle | None, n: int, *, exact_tail: int = 1,

@@ -105,7 +105,6 @@ def test_keep_flags_bad_input(tmp_path, args, fragment):
     (["--aux-layers-keep", "8", "--data", "{tmp}/empty"], "no .txt"),
     (["--aux-layers-keep", "8", "--data", "{tmp}/short"], "data too short"),
     (["--aux-layers-keep", "8", "--data", "{tmp}/missing"], "missing"),
-    (["--aux-layers-keep", "8", "--resume"], "--resume"),
     (["--aux-layers-keep", "8", "--init-from", "{tmp}/b"], "exactly one aux"),
     (["--init-from", "{tmp}/missing"], "not found"),
     (["--init-from", "{tmp}/b", "--layer-map", "0"], "--init-from"),

@@ -176,3 +176,19 @@ def test_needle_in_completion_form_for_a_pretrained_model():
         text = tokenizer.decode(c.prompt.tolist())
         assert text.count(c.value) == 1 and any(text.endswith(cue) for cue in cues)
         assert c.prompt[0] == 2 and abs(c.prompt.size - c.length) <= 24  # <bos>, then the text
+
+
+def test_flops_count_the_window():
+    """Sliding-window layers attend to at most the window: the FLOPs count (TTFT, auto's span cost) caps their
+    context there, and global layers' context grows with the prompt."""
+    from mlx_kvpred.flops import base_ttft_flops, d_attn, layers_flops, span_flops
+
+    base = tiny_model("gemma3")
+    model = base.model
+    n = 40
+    per_token = layers_flops(model.layers, 1, 0)
+    attention = sum(2 * min(n, WINDOW if i != 5 else n) * d_attn(layer) for i, layer in enumerate(model.layers))
+    assert span_flops(model, n, 0) == n * (per_token + attention)
+    assert base_ttft_flops(model, base.config, n) == n * (per_token + attention) + 2 * 64 * 97
+    short = sum(2 * 5 * d_attn(layer) for layer in model.layers)  # within the window: every layer sees all 5
+    assert span_flops(model, 5, 0) == 5 * (per_token + short)
