@@ -39,6 +39,7 @@ COMPLETIONS = ("Question: What is the number of the {thing}?\nAnswer: The number
                "According to the text above, the number of the {thing} is")
 KINDS = ("single", "multi")
 ANSWER_TOKENS = 24
+COMPLETION_ANSWER_TOKENS = 12  # the completion form's prompt ends where the number starts (Gemma: a token a digit)
 PROSE = (".rst", ".md", ".txt")
 
 
@@ -51,6 +52,7 @@ class NeedleCase:
     value: str  # the number the answer must contain
     depth: float  # where the asked-for needle stands in the document (0..1)
     source: str  # the haystack's first file
+    answer_tokens: int = ANSWER_TOKENS  # greedy tokens generated for the answer
 
 
 def haystack(files: Sequence[str], order: Iterator[int], tokenizer, n: int) -> tuple[str, str] | None:
@@ -105,14 +107,15 @@ def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], cou
             question = (QUESTIONS if chat else COMPLETIONS)[rng.integers(len(QUESTIONS))].format(thing=things[target])
             text = f"{doc}\n\n{question}"
             ids = np.asarray(chat_prompt_ids(tokenizer, text) if chat else tokenizer.encode(text), dtype=np.int32)
-            cases.append(NeedleCase(ids, n, kind, values[target], float(depths[target]), source))
+            cases.append(NeedleCase(ids, n, kind, values[target], float(depths[target]), source,
+                                    ANSWER_TOKENS if chat else COMPLETION_ANSWER_TOKENS))
     return cases
 
 
 def found(pipe, case: NeedleCase, mode: str, tokenizer, eos: set[int], exact_tail: int) -> tuple[bool, str]:
     """(the number is in the greedy answer, the answer)."""
     out = []
-    for token, _ in generate_tokens(pipe, mx.array(case.prompt), mode=mode, max_tokens=ANSWER_TOKENS,
+    for token, _ in generate_tokens(pipe, mx.array(case.prompt), mode=mode, max_tokens=case.answer_tokens,
                                     exact_tail=exact_tail):
         if int(token) in eos:
             break

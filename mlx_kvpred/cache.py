@@ -6,7 +6,6 @@ from typing import Any, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .attention import finish_keys, kv_heads, split_heads
