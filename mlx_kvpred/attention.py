@@ -43,6 +43,8 @@ _PLAIN_HEAD_MODULES = {"mlx_lm.models.llama": "tie_word_embeddings", "mlx_lm.mod
                        "mlx_lm.models.gemma3_text": "tie_word_embeddings"}
 # Architectures whose backbone scales the token embedding by sqrt(hidden size) before block 0 (as a bfloat16 number).
 _SCALED_EMBEDDING_MODULES = {"mlx_lm.models.gemma3_text"}
+# Architectures whose backbone reads its global mask from block sliding_window_pattern - 1 (by index).
+_INDEXED_MASK_MODULES = {"mlx_lm.models.gemma3_text"}
 
 
 def lm_head_of(model: nn.Module):
@@ -71,7 +73,7 @@ def runs_alone(model: nn.Module) -> bool:
     """Whether mlx-lm's own call runs `model`: gemma3's backbone reads its global mask from block
     sliding_window_pattern - 1, so a layer-pruned aux with fewer blocks runs only inside kvp (run_blocks)."""
     pattern = getattr(getattr(model, "args", None), "sliding_window_pattern", 1)
-    return type(model).__module__ not in _SCALED_EMBEDDING_MODULES or len(model.layers) >= pattern
+    return type(model).__module__ not in _INDEXED_MASK_MODULES or len(model.layers) >= pattern
 
 
 def sliding_window(model: nn.Module, layer: nn.Module) -> int | None:

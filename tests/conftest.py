@@ -108,3 +108,14 @@ def attended(cache, which: int = 0) -> mx.array:
         assert cache._idx == x.shape[2], "buffer not in temporal order"
         return x[..., -min(cache.offset, cache.max_size - 1):, :]
     return x
+
+
+def write_true_kv(model, tokens: mx.array, true_cache: list, cache: list) -> None:
+    """Run `model` over `tokens` (1, L) into `true_cache`, recording its pre-norm pre-RoPE K/V, and write those into
+    `cache` as predicted K/V (write_predicted_kv): placed right, the two caches attend alike."""
+    from mlx_kvpred.attention import tap_kv
+    from mlx_kvpred.cache import write_predicted_kv
+
+    with tap_kv(model.layers) as rec:
+        model(tokens, cache=true_cache)
+    write_predicted_kv(model.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])

@@ -5,11 +5,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from conftest import attended, tiny_model
-from mlx_kvpred.attention import embed, run_blocks, tap_kv
+from conftest import attended, tiny_model, write_true_kv
+from mlx_kvpred.attention import embed, run_blocks
 from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle, shared_base_layers
-from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.gguf import gemma3_270m_path
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, load_pipeline, predict_cache, prompt_then_decode
@@ -72,21 +71,15 @@ def test_rotating_layers_get_only_the_window():
     offset counts them all, and they equal the base's own; the global layer holds all."""
     base = tiny_model("gemma3").model
     tokens = mx.random.randint(0, 97, (1, 30), key=mx.random.key(4))
-    true = make_prompt_cache(base)
-    with tap_kv(base.layers) as rec:
-        base(tokens, cache=true)
-    cache = make_prompt_cache(base)
-    write_predicted_kv(base.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])
+    true, cache = make_prompt_cache(base), make_prompt_cache(base)
+    write_true_kv(base, tokens, true, cache)
     for c, t in zip(cache, true):
         assert c.offset == 30
         assert c.keys.shape[2] == WINDOW if isinstance(c, RotatingKVCache) else c.keys.shape[2] >= 30
         assert mx.allclose(attended(c), attended(t), atol=1e-5).item()
         assert mx.allclose(attended(c, 1), attended(t, 1), atol=1e-6).item()
     # short spans appended after it rotate as mlx-lm's own updates do
-    more = mx.random.randint(0, 97, (1, 3), key=mx.random.key(5))
-    with tap_kv(base.layers) as rec:
-        base(more, cache=true)
-    write_predicted_kv(base.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])
+    write_true_kv(base, mx.random.randint(0, 97, (1, 3), key=mx.random.key(5)), true, cache)
     for c, t in zip(cache, true):
         assert c.offset == 33 and mx.allclose(attended(c), attended(t), atol=1e-5).item()
 

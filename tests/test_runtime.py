@@ -8,14 +8,13 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx.utils import tree_flatten
 
-from conftest import attended, tiny_model
+from conftest import attended, tiny_model, write_true_kv
 from mlx_kvpred import pipeline
 from mlx_kvpred.backends import for_device
 from mlx_kvpred.backends.linux_cpu import cpu_kernels
-from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of, tap_kv
+from mlx_kvpred.attention import hidden_dim, kv_dims, lm_head_of
 from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
 from mlx_kvpred.bundle import load_bundle, new_bundle, save_bundle, shared_base_layers
-from mlx_kvpred.cache import write_predicted_kv
 from mlx_kvpred.backends.linux_cpu import cpu_ops, decode
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import (Pipeline, generate_tokens, load_pipeline, predict_cache, predict_cache_with_tail,
@@ -120,11 +119,8 @@ def test_true_prerope_keys_give_true_cache(tiny):
     """RoPE/norm placement: writing the base's own pre-norm pre-RoPE K/V yields the base's post-RoPE cache."""
     model = tiny.model
     tokens = mx.random.randint(0, tiny.config["vocab_size"], (1, 23), key=mx.random.key(2))
-    true_cache = make_prompt_cache(model)
-    with tap_kv(model.layers) as rec:
-        model(tokens, cache=true_cache)
-    cache = make_prompt_cache(model)
-    write_predicted_kv(model.layers, cache, [k[0] for k in rec.keys], [v[0] for v in rec.values])
+    true_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    write_true_kv(model, tokens, true_cache, cache)
     for c, t in zip(cache, true_cache):
         assert c.offset == t.offset == 23
         assert mx.allclose(attended(c), attended(t), atol=1e-5).item()
