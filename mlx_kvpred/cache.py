@@ -44,6 +44,17 @@ def skip_outside_window(cache: Any, rows: int) -> int:
     return skip
 
 
+def keep_window(cache: KVCache, window: int) -> RotatingKVCache:
+    """The RotatingKVCache of `window` that a sliding-window layer would hold after the positions `cache` holds (all
+    of them, from 0): the last `window`, written as _predict_into writes them (skip_outside_window)."""
+    rotating = RotatingKVCache(max_size=window)
+    n = cache.offset
+    skip = skip_outside_window(rotating, n)
+    if n > skip:
+        rotating.update_and_fetch(cache.keys[:, :, skip:n], cache.values[:, :, skip:n])
+    return rotating
+
+
 def session_cache(model: nn.Module) -> list[KVCache]:
     """One KVCache per block, sliding-window layers included (their masks keep the window: mlx-lm's KVCache masks
     by window where a RotatingKVCache drops): a chat session keeps every position, so it can fork, trim and repair

@@ -50,18 +50,24 @@ def tap_queries(layers: Sequence[nn.Module]) -> Iterator[list[list[mx.array]]]:
 
 
 def attention_scores(layers: Sequence[nn.Module], queries: Sequence[mx.array], keys: Sequence[mx.array], *,
-                     end: int, pool: int = DEFAULT_POOL, exp: Callable[[mx.array], mx.array] = mx.exp) -> mx.array:
+                     end: int, pool: int = DEFAULT_POOL, exp: Callable[[mx.array], mx.array] = mx.exp,
+                     windows: Sequence[int | None] | None = None) -> mx.array:
     """Importance (end,) of positions 0..end-1: `queries[i]` (1, n_heads, w, D) are layer i's rotated queries of the
     last w prompt tokens, `keys[i]` (1, n_kv, S, D) its cached keys of the whole prompt (those queries' own last).
-    Softmax over each query's causal context, averaged over `pool` neighbouring positions, max over layers and
-    heads, mean over the w queries. `exp`: the backend's (backend.loss_ops; MLX's CPU exp is scalar)."""
+    Softmax over each query's causal context (within its window where `windows` gives layer i one), averaged over
+    `pool` neighbouring positions, max over layers and heads, mean over the w queries. `exp`: the backend's
+    (backend.loss_ops; MLX's CPU exp is scalar)."""
     q = mx.stack([x[0] for x in queries])  # (layers, n_heads, w, D)
     k = mx.stack([x[0] for x in keys])  # (layers, n_kv, S, D)
     n_layers, n_q, w, d = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     scale = mx.array([attention_of(layer).scale for layer in layers], dtype=q.dtype)[:, None, None, None, None]
     scores = (q.reshape(n_layers, n_kv, n_q // n_kv, w, d) * scale) @ k[:, :, None].swapaxes(-1, -2)
-    scores = scores.astype(mx.float32) + mx.where(mx.arange(S)[None] <= mx.arange(S - w, S)[:, None], 0.0, -1e30)
+    # (layers, w, S): how far back each layer's queries see (S: all of the prompt)
+    reach = mx.array([size or S for size in (windows or [None] * n_layers)])[:, None, None]
+    distance = mx.arange(S - w, S)[:, None] - mx.arange(S)[None]
+    visible = (distance >= 0) & (distance < reach)
+    scores = scores.astype(mx.float32) + mx.where(visible, 0.0, -1e30)[:, None, None]
     e = exp(scores - scores.max(axis=-1, keepdims=True))
     probs = (e[..., :end] / e.sum(axis=-1, keepdims=True)).reshape(n_layers * n_q, w, end)
     return smooth(probs, pool).max(axis=0).mean(axis=0)

@@ -24,10 +24,10 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import policy
 from .attention import (attention_of, backbone, embed, lm_head_of, run_blocks, runs_alone, sliding_window,
-                        tap_kv)
+                        tap_kv, windows)
 from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
-from .cache import write_predicted_kv
+from .cache import keep_window, session_cache, write_predicted_kv
 from .errors import KVPredError
 from .importance import attention_scores, select_positions, tap_queries
 from .loading import LoadedModel, default_device, load_model, set_device
@@ -185,11 +185,17 @@ def predict_cache_with_exact_keep(pipe: Pipeline, tokens: mx.array, exact_tail: 
                                   ) -> tuple[list[Any], mx.array]:
     """predict_cache_with_tail, then the base recomputes the K/V of the `exact_keep` fraction of predicted positions
     that matter most to the exact tail (importance.py: the shared layers' attention from the tail), from the first
-    unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at)."""
-    caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at).
+    A sliding-window layer holds every position while they run (a recomputed row sees its own window), then only its
+    window, as make_prompt_cache's RotatingKVCache would."""
+    sizes = windows(pipe.base.model)
+    if not any(sizes):
+        caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
+    else:
+        caches = session_cache(pipe.base.model)
     stream = predict_span_with_exact_keep(pipe, tokens, caches, None, exact_tail=exact_tail, exact_keep=exact_keep,
                                           prefill_step_size=prefill_step_size)
-    return caches, stream
+    return [keep_window(c, size) if size else c for c, size in zip(caches, sizes)], stream
 
 
 def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[Any], aux_caches: list[Any] | None,
@@ -201,7 +207,10 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     Returns the tail's residual stream entering the first unshared layer (the base continues from it)."""
     bundle = _need_bundle(pipe)
     base = pipe.base.model
-    _check_full_attention(base, "exact_keep")
+    sizes = windows(base)
+    if any(size and not isinstance(c, KVCache) for c, size in zip(caches, sizes)):
+        raise KVPredError("exact keep needs every position of a sliding-window layer cached (cache.session_cache)",
+                          "exact_keep")
     shared = len(bundle.aux.layers)
     predicted, exact = split_exact_tail(tokens, exact_tail)
     start = caches[0].offset  # the position of tokens[skip]
@@ -213,7 +222,8 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     kept = select_positions(scores[first:], keep=exact_keep) + first
     if kept.size:
         with mx.stream(generation_stream):
-            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept - (start - skip)], kept, end)
+            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept - (start - skip)], kept, end,
+                         sizes[shared:])
     return tail_stream
 
 
@@ -239,10 +249,11 @@ def keeps_exact(pipe: Pipeline) -> bool:
 
 
 def _check_full_attention(model: nn.Module, field: str) -> None:
-    """Exact keep and specprefill attend by position over the whole prompt (positions.py): not yet windowed."""
+    """SpecPrefill moves the kept positions back side by side (positions.compact_cache), which would move a
+    sliding-window layer's window: not supported."""
     if any(sliding_window(model, layer) for layer in model.layers):
-        raise KVPredError(f"exact keep and specprefill do not support sliding-window attention "
-                          f"({type(model).__module__.rsplit('.', 1)[-1]} models) yet", field)
+        raise KVPredError(f"mode specprefill does not support sliding-window attention "
+                          f"({type(model).__module__.rsplit('.', 1)[-1]} models) yet; kvp's exact keep does", field)
 
 
 def _first_layers(pipe: Pipeline, tokens: mx.array, caches: list[Any], k: int, *,
@@ -270,7 +281,7 @@ def _scored_tail(pipe: Pipeline, tail: mx.array, caches: list[Any], k: int, *, e
     with mx.stream(generation_stream), tap_queries(layers) as queries:
         stream = run_blocks(base, embed(base, tail[None]), caches[:k], stop=k)
         scores = attention_scores(layers, [q[-1] for q in queries], [c.keys[:, :, :c.offset] for c in caches[:k]],
-                                  end=end, exp=pipe.backend.loss_ops()[0])
+                                  end=end, exp=pipe.backend.loss_ops()[0], windows=windows(base)[:k])
         mx.eval(stream, scores, [c.state for c in caches[:k]])
     return stream, scores
 

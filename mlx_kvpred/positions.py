@@ -69,14 +69,19 @@ class ScatteredCache:
 
 
 def recompute_at(layers: Sequence[nn.Module], caches: Sequence[Any], hidden: mx.array, positions: mx.array,
-                 end: int) -> mx.array:
+                 end: int, windows: Sequence[int | None] | None = None) -> mx.array:
     """Run `layers` over `hidden` (1, n, d), the residual stream entering them at `positions` (sorted, < end):
-    each layer's K/V of those rows replace what `caches` hold there, and a row attends to positions 0..its own of
-    the first `end`. Returns the stream after the layers."""
-    mask = mx.arange(end)[None] <= positions[:, None]  # (n, end)
+    each layer's K/V of those rows replace what `caches` (KVCaches holding every position) hold there, and a row
+    attends to positions 0..its own of the first `end`, or to the last `windows[i]` of them in a sliding-window
+    layer. Returns the stream after the layers."""
+    distance = positions[:, None] - mx.arange(end)[None]  # (n, end)
+    masks = {None: distance >= 0}
+    windows = windows or [None] * len(layers)
     with rotated_at(layers, positions):
-        for layer, cache in zip(layers, caches):
-            hidden = layer(hidden, mask, cache=ScatteredCache(cache, positions, end))
+        for layer, cache, window in zip(layers, caches, windows):
+            if window not in masks:
+                masks[window] = (distance >= 0) & (distance < window)
+            hidden = layer(hidden, masks[window], cache=ScatteredCache(cache, positions, end))
             mx.eval(hidden, cache.keys, cache.values)
     return hidden
 

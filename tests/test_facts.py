@@ -59,21 +59,23 @@ def test_select_positions_keeps_the_best_chunks_and_the_always_kept():
     assert select_positions(scores, keep=0.0, chunk=4, always=[3]).tolist() == [3]
 
 
-def test_attention_scores_are_the_tail_queries_softmax():
-    """Per layer and head: softmax of the tail queries over their causal context; smoothed, max over layers and
-    heads, mean over the queries (numpy reference)."""
+@pytest.mark.parametrize("windows", [None, [6, None]])
+def test_attention_scores_are_the_tail_queries_softmax(windows):
+    """Per layer and head: softmax of the tail queries over their causal context (the last 6 positions in a
+    sliding-window layer); smoothed, max over layers and heads, mean over the queries (numpy reference)."""
     base = tiny_model("llama")
     layers = base.model.layers[:2]
     rng = np.random.default_rng(1)
     S, w, end = 30, 4, 26
     queries = [mx.array(rng.normal(size=(1, 4, w, 16)).astype(np.float32)) for _ in layers]
     keys = [mx.array(rng.normal(size=(1, 2, S, 16)).astype(np.float32)) for _ in layers]
-    got = np.array(attention_scores(layers, queries, keys, end=end, pool=3))
+    got = np.array(attention_scores(layers, queries, keys, end=end, pool=3, windows=windows))
     per = []
-    for layer, q, k in zip(layers, queries, keys):
+    for layer, q, k, window in zip(layers, queries, keys, windows or [None, None]):
         q, k = np.array(q)[0], np.repeat(np.array(k)[0], 2, axis=0)  # (4, w, 16), kv heads shared by 2 q heads
         s = q @ k.transpose(0, 2, 1) * attention_of(layer).scale
-        s = np.where(np.arange(S)[None] <= np.arange(S - w, S)[:, None], s, -np.inf)
+        distance = np.arange(S - w, S)[:, None] - np.arange(S)[None]
+        s = np.where((distance >= 0) & (distance < (window or S)), s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         p = (p / p.sum(-1, keepdims=True))[..., :end]
         per.append(np.array(smooth(mx.array(p), 3)))

@@ -1,6 +1,8 @@
 """Gemma 3 (sliding-window layers with RotatingKVCache, q/k norms, a scaled embedding): kvp exactness on tiny random
 gemma3 models across the window boundary, and the real Gemma 3 270M GGUF (K-quants) where it is installed."""
 
+import math
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
@@ -11,7 +13,8 @@ from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
 from mlx_kvpred.bundle import new_bundle, shared_base_layers
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.gguf import gemma3_270m_path
-from mlx_kvpred.pipeline import Pipeline, generate_tokens, load_pipeline, predict_cache, prompt_then_decode
+from mlx_kvpred.pipeline import (Pipeline, generate_tokens, load_pipeline, predict_cache, predict_cache_with_tail,
+                                 prefill_logits, prompt_then_decode)
 from mlx_kvpred.predictor import layer_pruned_map
 
 WINDOW = 8  # the tiny gemma3's sliding window (conftest)
@@ -125,14 +128,55 @@ def test_spread_aux_must_keep_each_layer_kind():
         make_layer_pruned_aux(base.model, base.config, [0, 5])
 
 
-def test_exact_keep_and_specprefill_are_refused():
+def test_specprefill_is_refused():
+    """SpecPrefill moves kept positions side by side, which would move a sliding window: refused with the reason."""
     base = tiny_model("gemma3")
     pipe = lp_pipeline(base, [0, 1, 2])
     prompt = mx.random.randint(0, 97, (20,), key=mx.random.key(1))
     with pytest.raises(KVPredError, match="sliding-window"):
-        next(generate_tokens(pipe, prompt, mode="kvp", exact_tail=4, exact_keep=0.5))
-    with pytest.raises(KVPredError, match="sliding-window"):
         next(generate_tokens(pipe, prompt, mode="specprefill", exact_tail=4, keep=0.5))
+
+
+@pytest.mark.parametrize("n", [WINDOW - 1, WINDOW + 1, 3 * WINDOW + 2])
+@pytest.mark.parametrize("exact_head", [0, 1])
+@pytest.mark.parametrize("step", [2048, 7])
+def test_exact_keep_of_everything_is_the_base(n, exact_head, step):
+    """exact_keep 1 recomputes every predicted position from layer 3 on, a sliding-window layer's rows attending to
+    their own window only: the base's answer, token for token and in log-probabilities, though the predictor is
+    untrained; the one-shot cache then holds each local layer's window, as the base's does."""
+    base = tiny_model("gemma3")
+    pipe = lp_pipeline(base, [0, 1, 2], exact_head=exact_head)
+    prompt = mx.random.randint(0, 97, (n,), key=mx.random.key(n + 40))
+    want, want_lp = tokens_and_logprobs(pipe, prompt, "base", prefill_step_size=step)
+    got, got_lp = tokens_and_logprobs(pipe, prompt, "kvp", exact_tail=5, exact_keep=1.0, prefill_step_size=step)
+    assert got == want
+    for a, b in zip(want_lp, got_lp):
+        assert mx.allclose(a, b, atol=1e-4).item()
+    cache, _ = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=1.0, prefill_step_size=step)
+    true = make_prompt_cache(base.model)
+    base.model(prompt[None], cache=true)
+    for c, t in zip(cache, true):
+        assert type(c) is type(t) and c.offset == n
+        assert mx.allclose(attended(c), attended(t), atol=1e-4).item()
+
+
+def test_exact_keep_recomputes_the_global_layer_at_the_kept_positions():
+    """aux = the five local layers 0-4: the global layer 5 is the first the base recomputes, so its inputs are exact
+    and the kept positions (whole chunks, far outside the window) hold the base's own K/V there; the others keep
+    their predicted K/V."""
+    base = tiny_model("gemma3")
+    pipe = lp_pipeline(base, [0, 1, 2, 3, 4])
+    n = 70
+    prompt = mx.random.randint(0, 97, (n,), key=mx.random.key(6))
+    predicted, _ = predict_cache_with_tail(pipe, prompt, 5)
+    kept_cache, _ = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.3)
+    exact = make_prompt_cache(base.model)
+    base.model(prompt[None, :n - 5], cache=exact)
+    keys = kept_cache[5].keys[0]
+    changed = [i for i in range(n - 5) if not mx.allclose(keys[:, i], predicted[5].keys[0, :, i], atol=1e-5).item()]
+    assert changed and len(changed) <= math.ceil(0.3 * 64 / 16) * 16 and min(changed) < n - 5 - WINDOW
+    for i in changed:
+        assert mx.allclose(keys[:, i], exact[5].keys[0, :, i], atol=1e-4).item()
 
 
 GEMMA = gemma3_270m_path()

@@ -6,7 +6,6 @@ import threading
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import TinyTokenizer, tiny_model
 from mlx_kvpred import policy
@@ -259,15 +258,16 @@ def test_prefill_rates_are_measured_once_and_cached(monkeypatch):
     assert (policy.cache_dir() / policy.RATES_FILE).is_file()
 
 
-def test_exact_keep_in_a_session():
+def test_exact_keep_in_a_session(arch):
     """A KVP-LP session whose pipeline recomputes every predicted position (exact_keep 1) answers each turn as a
-    fresh base would; exact_keep 0.3 runs through the same path, and the session then repairs to exact K/V."""
+    fresh base would; exact_keep 0.3 runs through the same path, and the session then repairs to exact K/V.
+    gemma3: the recomputed rows of its sliding-window layers see their window only (60-token turns, window 8)."""
     from mlx_kvpred.auxiliary import exact_aux_layers
 
-    base = tiny_model("llama")
+    base = tiny_model(arch)
     base.tokenizer = TinyChatTokenizer()
     aux, _ = make_layer_pruned_aux(base.model, base.config, [0, 1])
-    lmap = layer_pruned_map([0, 1], 4)
+    lmap = layer_pruned_map([0, 1], len(base.model.layers))
     bundle = new_bundle(base, aux, aux_kind="layer_pruned", layer_map=lmap, aux_layers=[0, 1],
                         exact_layers=exact_aux_layers([0, 1], lmap))
     bundle.config.trained = True
@@ -281,7 +281,6 @@ def test_exact_keep_in_a_session():
     list(partial.stream(text(ids(60, 23)), max_tokens=3))
     assert partial.pending_repair > 0 and all(c.offset == len(partial.tokens) for c in partial.cache)
     partial.repair()
-    exact = make_prompt_cache(base.model)
-    backbone(base.model)(mx.array(partial.tokens)[None], cache=exact)
+    exact = base_cache(partial.pipe, partial.tokens)
     assert all(mx.allclose(c.keys[..., :c.offset, :], e.keys[..., :e.offset, :], atol=1e-4).item()
                for c, e in zip(partial.cache, exact))
