@@ -379,6 +379,44 @@ __attribute__((target("avx512f"))) static void block_product_avx512(const float 
     }
 }
 
+/* The same with AVX2 (16 registers of 8): the block's rows in two halves of 6, each 6 x 16 rows of sums in registers
+   (12), one broadcast weight value and two vectors of inputs a step; the last vectors' columns past R are not read. */
+#define HALF_ROWS 6
+__attribute__((target("avx2,fma"))) static void block_product_avx2(const float *w, long ldw, int nb, int K,
+                                                                   const float *Xt, int ldx, int R, float *Y,
+                                                                   long ldy, const char *next, long next_bytes) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int h = 0; h < nb; h += HALF_ROWS) {
+        int hb = nb - h < HALF_ROWS ? nb - h : HALF_ROWS;
+        long off[HALF_ROWS];
+        for (int i = 0; i < HALF_ROWS; i++) off[i] = (h + (i < hb ? i : 0)) * ldw; /* past hb: row h again, unstored */
+        for (int v0 = 0; v0 < R; v0 += 16) {
+            __m256 a[HALF_ROWS][2];
+            for (int i = 0; i < HALF_ROWS; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+            const float *x = Xt + v0;
+            long prefetch = v0 == 0 && h == 0 && next ? next_bytes : 0;
+            int left = R - v0;
+            __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lanes);
+            __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(left - 8), lanes);
+            for (int k = 0; k < K; k++, x += ldx) {
+                if ((long)k * 64 < prefetch) _mm_prefetch(next + (long)k * 64, _MM_HINT_T0);
+                __m256 x0, x1;
+                if (left >= 16) x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+                else x0 = _mm256_maskload_ps(x, m0), x1 = _mm256_maskload_ps(x + 8, m1);
+                for (int i = 0; i < HALF_ROWS; i++) {
+                    __m256 b = _mm256_broadcast_ss(w + off[i] + k);
+                    a[i][0] = _mm256_fmadd_ps(b, x0, a[i][0]), a[i][1] = _mm256_fmadd_ps(b, x1, a[i][1]);
+                }
+            }
+            float t[16];
+            for (int i = 0; i < hb; i++) {
+                _mm256_storeu_ps(t, a[i][0]), _mm256_storeu_ps(t + 8, a[i][1]);
+                for (int r = v0; r < R && r < v0 + 16; r++) Y[r * ldy + h + i] = t[r - v0];
+            }
+        }
+    }
+}
+
 /* Rows [r0, r0 + nb) of a quantized weight of K columns as float32 rows of K (scale * q + bias, in order). */
 __attribute__((target("avx512f,f16c"))) static void unpack_rows_avx512(const weight *W, int K, long r0, int nb,
                                                                         float *out) {
@@ -436,6 +474,7 @@ typedef void (*block_fn)(const float *, long, int, int, const float *, int, int,
 static block_fn block_kernel(void) {
 #ifdef HAVE_X86_ROWS
     if (isa == 2) return block_product_avx512;
+    if (isa == 1) return block_product_avx2;
 #endif
     return block_product_c;
 }
