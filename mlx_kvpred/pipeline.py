@@ -188,11 +188,9 @@ def predict_cache_with_exact_keep(pipe: Pipeline, tokens: mx.array, exact_tail: 
     unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at).
     A sliding-window layer holds every position while they run (a recomputed row sees its own window), then only its
     window, as make_prompt_cache's RotatingKVCache would."""
-    sizes = windows(pipe.base.model)
-    if not any(sizes):
-        caches = make_prompt_cache(pipe.base.model, max_kv_size=max_kv_size)
-    else:
-        caches = session_cache(pipe.base.model)
+    base = pipe.base.model
+    sizes = windows(base)
+    caches = session_cache(base) if any(sizes) else make_prompt_cache(base, max_kv_size=max_kv_size)
     stream = predict_span_with_exact_keep(pipe, tokens, caches, None, exact_tail=exact_tail, exact_keep=exact_keep,
                                           prefill_step_size=prefill_step_size)
     return [keep_window(c, size) if size else c for c, size in zip(caches, sizes)], stream

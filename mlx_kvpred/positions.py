@@ -2,9 +2,10 @@
 
 Two uses. kvp's exact keep (`recompute_at`): rows at scattered positions of a cache that already holds predicted K/V
 for every position; each row's exact K/V replace the predicted ones at its position and it attends to every
-position up to its own. SpecPrefill (`compact_cache`): only the kept positions are cached, side by side; RoPE only
-sees differences of positions, so each kept row is rotated at its position minus the number of dropped ones before
-the prompt's end, and the positions after it (the exact tail, decoding) follow on at the cache's offset as usual.
+position up to its own (the last W of them in a sliding-window layer of window W). SpecPrefill (`compact_cache`):
+only the kept positions are cached, side by side; RoPE only sees differences of positions, so each kept row is
+rotated at its position minus the number of dropped ones before the prompt's end, and the positions after it (the
+exact tail, decoding) follow on at the cache's offset as usual.
 """
 
 from __future__ import annotations
