@@ -53,13 +53,19 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
                   lambda: f"C kernels: {cpu_kernels.note()}")
 
 
-# On where the C decode step is: a prompt's last rows (up to C_ROWS_MAX; kvp's exact tail and aux pass) as one C
-# call, products of all rows reading each weight once. Faster than MLX's prefill up to ~256 rows here
-# (docs/performance.md).
-C_ROWS_MAX = 256
+# On where the C decode step is: a prompt's last rows (up to c_rows_max(); kvp's exact tail and aux pass) as one C
+# call, products of all rows reading each weight once. Up to how many rows that beat MLX's prefill depends on the
+# products' kernel (docs/performance.md): ~256 rows with AVX-512 (a Xeon), ~64 with AVX2 (an AMD EPYC).
+C_ROWS_MAX = {"avx512": 256, "avx2": 64}
 C_ROWS = Switch("KVPRED_C_ROWS", lambda: C_DECODE.enabled() and COMPILED_DECODE.enabled(),
-                f"prompts of up to {C_ROWS_MAX} tokens, and kvp's exact tail and aux pass, in C", "in MLX",
-                "the C decode step is off")
+                "a prompt's last rows (up to 256 with AVX-512, 64 with AVX2), and kvp's exact tail and aux pass, in C",
+                "in MLX", "the C decode step is off")
+
+
+def c_rows_max() -> int:
+    """The most rows prefill_rows_in_c takes on this CPU (C_ROWS_MAX by the decode step's instruction set; none with
+    the portable loop, which MLX's BLAS beats)."""
+    return C_ROWS_MAX.get(cpu_kernels.decode_isa(), 0) if cpu_kernels.available() else 0
 
 # On where decode_step reads quantized weights (AVX2 or AVX-512): the GGUF's own bytes for the weights keep_quantized
 # kept.
@@ -524,13 +530,13 @@ class CDecoder(CompiledDecoder):
 def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
                       stream: mx.array | None = None, first_layer: int = 0,
                       stop_layer: int | None = None) -> mx.array | None:
-    """A prompt's last rows (at most C_ROWS_MAX: `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
+    """A prompt's last rows (at most c_rows_max(): `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
     first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
     and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
     `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended. Else None and nothing
     done."""
     rows = (tokens if tokens is not None else stream).shape[1]
-    if rows > C_ROWS_MAX or not C_ROWS.enabled():
+    if not C_ROWS.enabled() or rows > c_rows_max():
         return None
     decoder = compiled_decoder(model)
     if not isinstance(decoder, CDecoder):

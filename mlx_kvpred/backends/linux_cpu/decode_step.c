@@ -438,6 +438,30 @@ __attribute__((target("avx512f,f16c"))) static void unpack_rows_avx512(const wei
             _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), bias));
         }
 }
+
+/* The same with AVX2: a group's 32 values as four vectors of 8. */
+__attribute__((target("avx2,fma,f16c"))) static void unpack_rows_avx2(const weight *W, int K, long r0, int nb,
+                                                                      float *out) {
+    int G = K / 32;
+    long row_bytes = (long)K * W->bits / 8;
+    const uint8_t *Q = (const uint8_t *)W->packed;
+    for (int i = 0; i < nb; i++)
+        for (int g = 0; g < G; g++) {
+            __m128i a, b;
+            unpack_group(Q + (r0 + i) * row_bytes + (long)g * 4 * W->bits, W->bits, &a, &b);
+            if (W->bits == 4) { /* even and odd values back in order */
+                __m128i lo = _mm_unpacklo_epi8(a, b);
+                b = _mm_unpackhi_epi8(a, b), a = lo;
+            }
+            long at = (r0 + i) * G + g;
+            __m256 scale = _mm256_set1_ps(_cvtsh_ss(W->scales[at])), bias = _mm256_set1_ps(_cvtsh_ss(W->biases[at]));
+            float *o = out + (long)i * K + g * 32;
+            __m128i parts[4] = {a, _mm_srli_si128(a, 8), b, _mm_srli_si128(b, 8)};
+            for (int v = 0; v < 4; v++)
+                _mm256_storeu_ps(o + 8 * v, _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[v])),
+                                                            bias));
+        }
+}
 #endif
 
 /* An IEEE half's value (F16C's conversion, in portable C). */
@@ -504,6 +528,7 @@ static void weight_rows_multi(const weight *W, int K, const float *Xt, int ldx, 
             int nb = hi - n0 < BLOCK_ROWS ? (int)(hi - n0) : BLOCK_ROWS;
 #ifdef HAVE_X86_ROWS
             if (isa == 2) unpack_rows_avx512(W, K, n0, nb, scratch);
+            else if (isa == 1) unpack_rows_avx2(W, K, n0, nb, scratch);
             else
 #endif
                 unpack_rows_c(W, K, n0, nb, scratch);
