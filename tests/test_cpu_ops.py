@@ -92,20 +92,30 @@ def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["c", "numpy"])
-def test_rows_at_their_own_positions_run_as_causal_blocks(path, monkeypatch):
-    """positions.recompute_at's mask (row i sees keys 0..its position): split into runs of consecutive positions,
-    each a causal block for the C kernel (or numpy), equal to the MLX attention with that mask, gradients too; any
-    other bool mask is not split."""
+def test_rows_at_their_own_positions_run_outside_mlx(path, monkeypatch):
+    """positions.recompute_at's mask (row i sees keys 0..its position): the C kernel in one call with each row's key
+    count (blocks of 3 rows here, across the gaps), or numpy per run of consecutive positions; equal to the MLX
+    attention with that mask, gradients too. Any other bool mask is not taken."""
     monkeypatch.setattr(cpu_kernels.C_KERNELS, "enabled", lambda: path == "c" and cpu_kernels.available())
+    monkeypatch.setattr(cpu_ops, "_OUTSIDE_MLX_BLOCK_ROWS", 3)
     S = 120
-    positions = mx.array([3, 4, 5, 6, 40, 41, 42, 90, 100, 101, 119], dtype=mx.int32)
+    positions = mx.array([3, 4, 5, 6, 40, 41, 42, 90, 100, 101, 116], dtype=mx.int32)
     mask = mx.arange(S)[None] <= positions[:, None]
-    assert cpu_ops._causal_runs(mask) == [(0, 4, 7), (4, 7, 43), (7, 8, 91), (8, 10, 102), (10, 11, 120)]
-    assert cpu_ops._causal_runs(mx.arange(S)[None] >= positions[:, None]) is None
+    lengths = cpu_ops._row_lengths(mask)
+    assert lengths.tolist() == (np.array(positions) + 1).tolist()
+    assert cpu_ops._causal_runs(lengths) == [(0, 4, 7), (4, 7, 43), (7, 8, 91), (8, 10, 102), (10, 11, 117)]
+    assert cpu_ops._row_lengths(mx.arange(S)[None] >= positions[:, None]) is None
+    assert cpu_ops._row_lengths(mx.arange(S)[None] <= positions[::-1, None]) is None  # falling: not rows in order
     q = mx.random.normal((1, 6, 11, 16))
     k, v = mx.random.normal((1, 2, S, 16)), mx.random.normal((1, 2, S, 16))
+    calls = []
+    for module, name in ((cpu_ops, "numpy_causal_attention"), (cpu_kernels, "causal_attention")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=original, n=name, **kw: calls.append(n) or f(*a, **kw))
     out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, mask)
     assert close(out, mlx_lm_sdpa(q, k, v, None, scale=0.25, mask=mask), 1e-5)
+    assert calls == (["causal_attention"] if path == "c" and cpu_kernels.available()
+                     else ["numpy_causal_attention"] * 5)
     g1 = mx.grad(lambda a: fast_scaled_dot_product_attention(a, k, v, None, 0.25, mask).sum())(q)
     g2 = mx.grad(lambda a: mlx_lm_sdpa(a, k, v, None, scale=0.25, mask=mask).sum())(q)
     assert close(g1, g2, 1e-4)

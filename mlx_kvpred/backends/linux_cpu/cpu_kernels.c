@@ -130,6 +130,7 @@ typedef struct {
     long q_head, q_row, k_head, k_row, v_head, v_row; /* strides in floats; batches are heads here */
     int n_q, n_kv, L, S, D, rows;
     float scale;
+    const int *lengths; /* row r sees keys [0, lengths[r]) (nondecreasing); NULL: causal, aligned to the end */
     int blocks, tasks;
     atomic_int next, done;
 } attention_job;
@@ -140,15 +141,15 @@ static void attention_task(attention_job *j, int task, float *scores, float *pv)
     int h = task % (j->tasks / j->blocks);
     int b = h / j->n_q, head = h % j->n_q, kv = b * j->n_kv + head / (j->n_q / j->n_kv);
     int start = block * j->rows, end = start + j->rows < j->L ? start + j->rows : j->L;
-    int rows = end - start, seen = j->S - j->L + end;
+    int rows = end - start, seen = j->lengths ? j->lengths[end - 1] : j->S - j->L + end;
     const float *q = j->q + h * j->q_head + start * j->q_row;
     const float *k = j->k + kv * j->k_head, *v = j->v + kv * j->v_head;
     sgemm(RowMajor, NoTrans, Trans, rows, seen, j->D, j->scale, q, (int)j->q_row, k, (int)j->k_row, 0.0f, scores,
           seen);
     float sums[rows];
-    for (int r = 0; r < rows; r++) { /* row r sees keys [0, seen - rows + r]: the rest of its scores become 0 */
+    for (int r = 0; r < rows; r++) { /* row r sees keys [0, n): the rest of its scores become 0 */
         float *row = scores + (long)r * seen;
-        int n = seen - rows + r + 1;
+        int n = j->lengths ? j->lengths[start + r] : seen - rows + r + 1;
         sums[r] = exp_shifted_sum(row, n, row_max(row, n));
         memset(row + n, 0, (size_t)(seen - n) * sizeof(float));
     }
@@ -176,13 +177,15 @@ static void attention_worker(void *arg, long lo, long hi) {
 
 /* Causal attention ("causal" aligned to the end of the keys) of q (B, n_q, L, D) against k and v (B, n_kv, S, D),
    grouped heads, rows of each array contiguous, strides given in floats (per head and per row; batches must
-   follow heads at the same stride); out is (B, n_q, L, D) contiguous. Query rows go in blocks of `rows`. 0 on
+   follow heads at the same stride); out is (B, n_q, L, D) contiguous. Query rows go in blocks of `rows`. With
+   `lengths` (L, nondecreasing, 1..S), row r sees keys [0, lengths[r]) instead: rows at scattered positions. 0 on
    success; 1 if no thread got its scratch memory (out is then not all written), 2 before kernels_init. */
 int causal_attention(const float *q, long q_head, long q_row, const float *k, long k_head, long k_row,
                      const float *v, long v_head, long v_row, float *out, int B, int n_q, int n_kv, int L, int S,
-                     int D, float scale, int rows) {
+                     int D, float scale, int rows, const int *lengths) {
     if (!sgemm) return 2;
-    attention_job j = {q, k, v, out, q_head, q_row, k_head, k_row, v_head, v_row, n_q, n_kv, L, S, D, rows, scale};
+    attention_job j = {q,   k,    v, out, q_head, q_row, k_head, k_row, v_head, v_row,
+                       n_q, n_kv, L, S,   D,      rows,  scale,  lengths};
     j.blocks = (L + rows - 1) / rows;
     j.tasks = j.blocks * B * n_q;
     atomic_init(&j.next, 0);

@@ -148,24 +148,30 @@ def fast_scaled_dot_product_attention(queries: mx.array, keys: mx.array, values:
         return ((e @ values) / e.sum(axis=-1, keepdims=True)).reshape(B, n_q, 1, D)
     if causal and _numpy_attention_enabled():
         return _outside_mlx_attention_fn(float(scale))(queries, keys, values)
-    runs = _causal_runs(mask) if _numpy_attention_enabled() else None
-    if runs is not None:  # rows at scattered positions (positions.recompute_at): causal blocks, in C
-        attention = _outside_mlx_attention_fn(float(scale))
-        parts = [attention(queries[:, :, a:b], keys[:, :, :n], values[:, :, :n]) for a, b, n in runs]
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+    lengths = _row_lengths(mask) if _numpy_attention_enabled() else None
+    if lengths is not None:  # rows at scattered positions (positions.recompute_at): one call, in C or numpy
+        n = int(lengths[-1])
+        return _outside_mlx_rows_attention_fn(float(scale))(queries, keys[:, :, :n], values[:, :, :n],
+                                                            mx.array(lengths))
     return _blocked_attention(queries, keys, values, scale, mask)
 
 
-def _causal_runs(mask) -> list[tuple[int, int, int]] | None:
-    """A bool (L, S) mask whose row i sees exactly keys 0..n_i - 1 (rows at their own positions: recompute_at), as
-    runs of rows (start, stop, n) whose n grows by one a row: each run is a causal block over its first n keys.
-    None for any other mask."""
+def _row_lengths(mask) -> np.ndarray | None:
+    """The keys row i of a bool (L, S) mask sees, where it sees exactly keys 0..n_i - 1 and n_i never falls (rows at
+    their own positions, in order: recompute_at), as int32 (L,); None for any other mask."""
     if not isinstance(mask, mx.array) or mask.ndim != 2 or mask.dtype != mx.bool_:
         return None
     m = np.asarray(mask)
-    lengths = m.sum(axis=1)
-    if lengths.min() < 1 or not (m == (np.arange(m.shape[1])[None] < lengths[:, None])).all():
+    lengths = m.sum(axis=1, dtype=np.int32)
+    if lengths.min() < 1 or (np.diff(lengths) < 0).any() or not (
+            m == (np.arange(m.shape[1])[None] < lengths[:, None])).all():
         return None
+    return lengths
+
+
+def _causal_runs(lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """Rows whose key counts `lengths` grow by one a row, as runs (start, stop, keys of the last): each a causal
+    block over its first keys."""
     bounds = [0, *(np.flatnonzero(np.diff(lengths) != 1) + 1).tolist(), len(lengths)]
     return [(a, b, int(lengths[b - 1])) for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -298,6 +304,30 @@ def _outside_mlx_attention_fn(scale: float):
     def attention_vjp(primals, cotangent, output):
         _, grads = mx.vjp(lambda q, k, v: _blocked_attention(q, k, v, scale, "causal"), list(primals), [cotangent])
         return tuple(grads)
+
+    return attention
+
+
+@lru_cache(maxsize=None)
+def _outside_mlx_rows_attention_fn(scale: float):
+    """_outside_mlx_attention_fn's for rows that see keys 0..lengths[i] - 1 (an int32 (L,) array, nondecreasing):
+    the C kernel in one call, or numpy_causal_attention per causal run."""
+
+    @mx.custom_function
+    def attention(queries: mx.array, keys: mx.array, values: mx.array, lengths: mx.array) -> mx.array:
+        q, k, v, n = (np.asarray(a) for a in (queries, keys, values, lengths))  # evaluates them
+        if cpu_kernels.C_KERNELS.enabled():
+            return mx.array(cpu_kernels.causal_attention(q, k, v, scale, rows=_OUTSIDE_MLX_BLOCK_ROWS, lengths=n))
+        return mx.array(np.concatenate([numpy_causal_attention(q[:, :, a:b], k[:, :, :seen], v[:, :, :seen], scale)
+                                        for a, b, seen in _causal_runs(n)], axis=2))
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, output):
+        queries, keys, values, lengths = primals
+        mask = mx.arange(keys.shape[2])[None] < lengths[:, None]
+        _, grads = mx.vjp(lambda q, k, v: _blocked_attention(q, k, v, scale, mask), [queries, keys, values],
+                          [cotangent])
+        return (*grads, mx.zeros_like(lengths))
 
     return attention
 
