@@ -42,6 +42,29 @@ def test_logsumexp_swiglu_match_with_gradients():
     assert close(g1, g2, 1e-5)
 
 
+def test_gelu_approx_matches_with_gradients_and_gemma_mlps_call_it():
+    """fast_gelu_approx equals mlx.nn.gelu_approx, gradients too; a prepared gemma3 MLP calls it through its own
+    globals' nn (mlx.nn itself untouched, its other names as they are), with the stock MLP's outputs; a llama MLP,
+    which reads no nn.gelu_approx, keeps mlx.nn."""
+    x = mx.random.normal((3, 7, 301)) * 4
+    assert close(cpu_ops.fast_gelu_approx(x), nn.gelu_approx(x), 1e-5)
+    g1 = mx.grad(lambda v: (cpu_ops.fast_gelu_approx(v) ** 2).sum())(x)
+    g2 = mx.grad(lambda v: (nn.gelu_approx(v) ** 2).sum())(x)
+    assert close(g1, g2, 1e-4)
+    model = tiny_model("gemma3").model
+    mlp = model.layers[0].mlp
+    h = mx.random.normal((1, 9, mlp.gate_proj.weight.shape[1]))
+    ref = mlp(h)
+    prepare_model(model)
+    fast_nn = type(mlp).__call__.__globals__["nn"]
+    assert fast_nn is not nn and fast_nn.gelu_approx is cpu_ops.fast_gelu_approx and fast_nn.Linear is nn.Linear
+    assert nn.gelu_approx is not cpu_ops.fast_gelu_approx
+    assert close(mlp(h), ref, 1e-5)
+    llama = tiny_model("llama").model
+    prepare_model(llama)
+    assert type(llama.layers[0].mlp).__call__.__globals__["nn"] is nn
+
+
 def test_prefill_sized_swiglu_runs_in_c_with_mlx_values_and_gradients(monkeypatch):
     """From _C_SWIGLU_MIN_SIZE elements fast_swiglu runs the C kernel (its values equal the MLX kernel's and
     mlx-lm's silu, gradients too); smaller inputs and C_KERNELS.off() stay in MLX."""
@@ -92,30 +115,37 @@ def test_attention_matches_mlx_fast_sdpa(mask, L, S, block, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["c", "numpy"])
-def test_rows_at_their_own_positions_run_outside_mlx(path, monkeypatch):
-    """positions.recompute_at's mask (row i sees keys 0..its position): the C kernel in one call with each row's key
-    count (blocks of 3 rows here, across the gaps), or numpy per run of consecutive positions; equal to the MLX
-    attention with that mask, gradients too. Any other bool mask is not taken."""
-    monkeypatch.setattr(cpu_kernels.C_KERNELS, "enabled", lambda: path == "c" and cpu_kernels.available())
+@pytest.mark.parametrize("window", [None, 30])
+def test_rows_at_their_own_positions_run_outside_mlx(path, window, monkeypatch):
+    """positions.recompute_at's mask (row i sees keys 0..its position, or the last `window` of them): the C kernel
+    in one call with each row's span of keys (blocks of 3 rows here, across the gaps), or without a window numpy
+    per run of consecutive positions; equal to the MLX attention with that mask, gradients too. A windowed mask
+    without the C kernels, and any other bool mask, stay in MLX."""
+    c = path == "c" and cpu_kernels.available()
+    monkeypatch.setattr(cpu_kernels.C_KERNELS, "enabled", lambda: c)
     monkeypatch.setattr(cpu_ops, "_OUTSIDE_MLX_BLOCK_ROWS", 3)
     S = 120
     positions = mx.array([3, 4, 5, 6, 40, 41, 42, 90, 100, 101, 116], dtype=mx.int32)
-    mask = mx.arange(S)[None] <= positions[:, None]
-    lengths = cpu_ops._row_lengths(mask)
-    assert lengths.tolist() == (np.array(positions) + 1).tolist()
-    assert cpu_ops._causal_runs(lengths) == [(0, 4, 7), (4, 7, 43), (7, 8, 91), (8, 10, 102), (10, 11, 117)]
-    assert cpu_ops._row_lengths(mx.arange(S)[None] >= positions[:, None]) is None
-    assert cpu_ops._row_lengths(mx.arange(S)[None] <= positions[::-1, None]) is None  # falling: not rows in order
+    distance = positions[:, None] - mx.arange(S)[None]
+    mask = (distance >= 0) & (distance < (window or S))
+    starts, ends = cpu_ops._row_spans(mask)
+    assert ends.tolist() == (np.array(positions) + 1).tolist()
+    assert starts.tolist() == np.maximum(np.array(positions) + 1 - (window or S), 0).tolist()
+    assert cpu_ops._causal_runs(ends) == [(0, 4, 7), (4, 7, 43), (7, 8, 91), (8, 10, 102), (10, 11, 117)]
+    assert cpu_ops._row_spans(mx.arange(S)[None] <= positions[::-1, None]) is None  # falling: not rows in order
+    gapped = mask & (mx.arange(S)[None] != 2)
+    assert cpu_ops._row_spans(gapped) is None
     q = mx.random.normal((1, 6, 11, 16))
     k, v = mx.random.normal((1, 2, S, 16)), mx.random.normal((1, 2, S, 16))
     calls = []
-    for module, name in ((cpu_ops, "numpy_causal_attention"), (cpu_kernels, "causal_attention")):
+    for module, name in ((cpu_ops, "numpy_causal_attention"), (cpu_kernels, "causal_attention"),
+                         (cpu_ops, "_blocked_attention")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, f=original, n=name, **kw: calls.append(n) or f(*a, **kw))
     out = fast_scaled_dot_product_attention(q, k, v, None, 0.25, mask)
     assert close(out, mlx_lm_sdpa(q, k, v, None, scale=0.25, mask=mask), 1e-5)
-    assert calls == (["causal_attention"] if path == "c" and cpu_kernels.available()
-                     else ["numpy_causal_attention"] * 5)
+    assert calls == (["causal_attention"] if c else ["numpy_causal_attention"] * 5 if window is None
+                     else ["_blocked_attention"])
     g1 = mx.grad(lambda a: fast_scaled_dot_product_attention(a, k, v, None, 0.25, mask).sum())(q)
     g2 = mx.grad(lambda a: mlx_lm_sdpa(a, k, v, None, scale=0.25, mask=mask).sum())(q)
     assert close(g1, g2, 1e-4)

@@ -130,7 +130,8 @@ typedef struct {
     long q_head, q_row, k_head, k_row, v_head, v_row; /* strides in floats; batches are heads here */
     int n_q, n_kv, L, S, D, rows;
     float scale;
-    const int *lengths; /* row r sees keys [0, lengths[r]) (nondecreasing); NULL: causal, aligned to the end */
+    const int *starts, *ends; /* row r sees keys [starts[r], ends[r]) (each nondecreasing; starts NULL: 0); ends
+                                 NULL: causal, aligned to the end of the keys */
     int blocks, tasks;
     atomic_int next, done;
 } attention_job;
@@ -141,16 +142,20 @@ static void attention_task(attention_job *j, int task, float *scores, float *pv)
     int h = task % (j->tasks / j->blocks);
     int b = h / j->n_q, head = h % j->n_q, kv = b * j->n_kv + head / (j->n_q / j->n_kv);
     int start = block * j->rows, end = start + j->rows < j->L ? start + j->rows : j->L;
-    int rows = end - start, seen = j->lengths ? j->lengths[end - 1] : j->S - j->L + end;
+    /* the block's keys [first, first + seen): from its first row's first key to its last row's last */
+    int rows = end - start, first = j->starts ? j->starts[start] : 0;
+    int seen = (j->ends ? j->ends[end - 1] : j->S - j->L + end) - first;
     const float *q = j->q + h * j->q_head + start * j->q_row;
-    const float *k = j->k + kv * j->k_head, *v = j->v + kv * j->v_head;
+    const float *k = j->k + kv * j->k_head + first * j->k_row, *v = j->v + kv * j->v_head + first * j->v_row;
     sgemm(RowMajor, NoTrans, Trans, rows, seen, j->D, j->scale, q, (int)j->q_row, k, (int)j->k_row, 0.0f, scores,
           seen);
     float sums[rows];
-    for (int r = 0; r < rows; r++) { /* row r sees keys [0, n): the rest of its scores become 0 */
+    for (int r = 0; r < rows; r++) { /* row r sees keys [a, n) of the block's: the rest of its scores become 0 */
         float *row = scores + (long)r * seen;
-        int n = j->lengths ? j->lengths[start + r] : seen - rows + r + 1;
-        sums[r] = exp_shifted_sum(row, n, row_max(row, n));
+        int a = j->starts ? j->starts[start + r] - first : 0;
+        int n = j->ends ? j->ends[start + r] - first : seen - rows + r + 1;
+        sums[r] = exp_shifted_sum(row + a, n - a, row_max(row + a, n - a));
+        memset(row, 0, (size_t)a * sizeof(float));
         memset(row + n, 0, (size_t)(seen - n) * sizeof(float));
     }
     sgemm(RowMajor, NoTrans, NoTrans, rows, j->D, seen, 1.0f, scores, seen, v, (int)j->v_row, 0.0f, pv, j->D);
@@ -178,14 +183,15 @@ static void attention_worker(void *arg, long lo, long hi) {
 /* Causal attention ("causal" aligned to the end of the keys) of q (B, n_q, L, D) against k and v (B, n_kv, S, D),
    grouped heads, rows of each array contiguous, strides given in floats (per head and per row; batches must
    follow heads at the same stride); out is (B, n_q, L, D) contiguous. Query rows go in blocks of `rows`. With
-   `lengths` (L, nondecreasing, 1..S), row r sees keys [0, lengths[r]) instead: rows at scattered positions. 0 on
-   success; 1 if no thread got its scratch memory (out is then not all written), 2 before kernels_init. */
+   `ends` (L), row r sees keys [starts[r], ends[r]) instead (starts NULL: from 0; each nondecreasing, within
+   [0, S], none empty): rows at scattered positions, in sliding windows. 0 on success; 1 if no thread got its
+   scratch memory (out is then not all written), 2 before kernels_init. */
 int causal_attention(const float *q, long q_head, long q_row, const float *k, long k_head, long k_row,
                      const float *v, long v_head, long v_row, float *out, int B, int n_q, int n_kv, int L, int S,
-                     int D, float scale, int rows, const int *lengths) {
+                     int D, float scale, int rows, const int *starts, const int *ends) {
     if (!sgemm) return 2;
     attention_job j = {q,   k,    v, out, q_head, q_row, k_head, k_row, v_head, v_row,
-                       n_q, n_kv, L, S,   D,      rows,  scale,  lengths};
+                       n_q, n_kv, L, S,   D,      rows,  scale,  starts, ends};
     j.blocks = (L + rows - 1) / rows;
     j.tasks = j.blocks * B * n_q;
     atomic_init(&j.next, 0);

@@ -84,7 +84,7 @@ def _load() -> ctypes.CDLL | None:
                 _note = f"{st.path} has no {st.prefix}cblas_sgemm"
             else:
                 f, i, l, p = ctypes.c_float, ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-                lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i, p]
+                lib.causal_attention.argtypes = [p, l, l, p, l, l, p, l, l, p, i, i, i, i, i, i, f, i, p, p]
                 lib.causal_attention.restype = i
                 lib.swiglu.argtypes = [p, p, p, l]
                 lib.rope.argtypes = [p, l, l, p, p, p, p, l, l, i, i, i]
@@ -135,25 +135,27 @@ def _rows_contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, *, rows: int = 128,
-                     lengths: np.ndarray | None = None) -> np.ndarray:
+                     spans: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Causal attention ("causal" aligned to the end of the keys): q (B, Hq, L, D), k and v (B, Hkv, S, D), grouped
-    heads, float32; blocks of `rows` query rows per task, tasks shared by `threads()` threads. `lengths` (L,):
-    row i sees keys 0..lengths[i] - 1 instead (nondecreasing, 1..S: rows at scattered positions)."""
+    heads, float32; blocks of `rows` query rows per task, tasks shared by `threads()` threads. `spans` (starts,
+    ends), each (L,) and nondecreasing: row i sees keys starts[i]..ends[i] - 1 instead (rows at scattered positions,
+    in sliding windows)."""
     lib = _require()
     B, n_q, L, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
-    if lengths is not None:
-        lengths = np.ascontiguousarray(lengths, np.int32)
-        if lengths.shape != (L,) or lengths.min() < 1 or lengths.max() > S or (np.diff(lengths) < 0).any():
-            raise ValueError(f"causal_attention: lengths must be {L} nondecreasing counts in 1..{S}")
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or n_q % n_kv or (lengths is None and S < L):
+    if spans is not None:
+        starts, ends = (np.ascontiguousarray(a, np.int32) for a in spans)
+        if (starts.shape != (L,) or ends.shape != (L,) or starts.min() < 0 or ends.max() > S
+                or (ends <= starts).any() or (np.diff(starts) < 0).any() or (np.diff(ends) < 0).any()):
+            raise ValueError(f"causal_attention: spans must be {L} nonempty key spans within 0..{S}, in order")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or n_q % n_kv or (spans is None and S < L):
         raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}")
     q, k, v = (_rows_contiguous(a) for a in (q, k, v))
     out = np.empty((B, n_q, L, D), np.float32)
     strides = [s // 4 for a in (q, k, v) for s in a.strides[1:3]]
     status = lib.causal_attention(q.ctypes.data, *strides[0:2], k.ctypes.data, *strides[2:4], v.ctypes.data,
                                   *strides[4:6], out.ctypes.data, B, n_q, n_kv, L, S, D, scale, rows,
-                                  None if lengths is None else lengths.ctypes.data)
+                                  *((None, None) if spans is None else (starts.ctypes.data, ends.ctypes.data)))
     if status != 0:
         raise MemoryError(f"causal_attention: no thread got its {rows} x {S} scratch scores")
     return out
