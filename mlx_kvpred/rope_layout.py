@@ -30,3 +30,15 @@ def rotation_layout(rope: nn.Module, head_dim: int) -> tuple[mx.array, ...]:
     sin_at = [partner[i] if f else i for i, f in enumerate(first)] + idx[dims:]
     sign = [-1.0 if f else 1.0 for f in first] + [0.0] * (head_dim - dims)
     return (mx.array(unit), mx.array(partner + idx[dims:]), mx.array(cos_at), mx.array(sin_at), mx.array(sign))
+
+
+def pair_partners(x: mx.array, rope: nn.Module) -> mx.array:
+    """x[..., perm] of rotation_layout (each rotated entry's pair partner; the entries past rope.dims as they are), by
+    slices: the gather costs 10-40x as much on a CPU."""
+    dims, half = rope.dims, rope.dims // 2
+    if rope.traditional:
+        pairs = x[..., :dims].reshape(*x.shape[:-1], half, 2)
+        swapped = mx.concatenate([pairs[..., 1:], pairs[..., :1]], axis=-1).reshape(*x.shape[:-1], dims)
+    else:
+        swapped = mx.concatenate([x[..., half:dims], x[..., :half]], axis=-1)
+    return swapped if dims == x.shape[-1] else mx.concatenate([swapped, x[..., dims:]], axis=-1)

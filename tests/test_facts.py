@@ -18,6 +18,7 @@ from mlx_kvpred.flops import ttft_flops
 from mlx_kvpred.importance import attention_scores, select_positions, smooth
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache_with_tail, prefill_logits
 from mlx_kvpred.positions import PositionedRoPE, compact_cache
+from mlx_kvpred.rope_layout import pair_partners, rotation_layout
 from mlx_kvpred.predictor import layer_pruned_map
 
 
@@ -83,10 +84,20 @@ def test_attention_scores_are_the_tail_queries_softmax(windows):
     assert np.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dims", [16, 10])
+def test_pair_partners_is_the_layouts_permutation(traditional, dims):
+    """pair_partners (slices) equals the gather by rotation_layout's partners, partial rotations included."""
+    rope = nn.RoPE(dims, traditional=traditional)
+    x = mx.random.normal((1, 2, 5, 16))
+    assert mx.array_equal(pair_partners(x, rope), x[..., rotation_layout(rope, 16)[1]]).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_positioned_rope_rotates_each_row_at_its_position(arch):
     rope = attention_of(tiny_model(arch).model.layers[0]).rope
-    x = mx.random.normal((1, 2, 5, 16), key=mx.random.key(2))
+    D = tiny_model(arch).model.args.head_dim if arch == "gemma3" else 16
+    x = mx.random.normal((1, 2, 5, D), key=mx.random.key(2))
     positions = mx.array([0, 3, 4, 9, -2], dtype=mx.int32)
     got = PositionedRoPE(rope, positions)(x, offset=123)  # the offset is ignored
     for i, p in enumerate(positions.tolist()):
