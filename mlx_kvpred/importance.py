@@ -3,7 +3,8 @@
 A small model's attention from the last prompt tokens (the question) to every earlier position, per layer and head,
 is smoothed along the positions, its maximum taken over layers and heads and its mean over the query tokens; the
 prompt is then kept in chunks, the chunks of highest mean score first. SpecPrefill's base prefills only the kept
-positions (mode "specprefill"); kvp's `exact_keep` recomputes their K/V exactly (positions.py).
+positions (mode "specprefill"); kvp's `exact_keep` recomputes their K/V exactly (positions.py), after carrying each
+score a few positions forward (carry_forward): a fact's value follows the words a question attends to.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .attention import attention_of, swapped
 
 DEFAULT_POOL = 13  # positions each score is averaged over (SpecPrefill's smoothing kernel)
 DEFAULT_CHUNK = 16  # positions kept or dropped together
+DEFAULT_FOLLOW = 8  # exact keep: positions after each one that take its score (docs/facts.md: needle recall)
 
 
 class _QueryRecorder(nn.Module):
@@ -80,6 +82,15 @@ def smooth(x: mx.array, pool: int) -> mx.array:
     padded = mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(pool // 2 + 1, pool - pool // 2 - 1)])
     csum = mx.cumsum(padded, axis=-1)
     return (csum[..., pool:] - csum[..., :-pool]) / pool
+
+
+def carry_forward(scores: mx.array, follow: int = DEFAULT_FOLLOW) -> mx.array:
+    """Each position's score raised to the highest of the `follow` positions before it, so that what follows an
+    attended position (the number after "the number of the kettle is") is kept with it."""
+    out = scores
+    for d in range(1, min(follow, scores.shape[0] - 1) + 1):
+        out = mx.maximum(out, mx.pad(scores[:-d], [(d, 0)]))
+    return out
 
 
 def select_positions(scores: mx.array, *, keep: float, chunk: int = DEFAULT_CHUNK,

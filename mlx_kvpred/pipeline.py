@@ -29,7 +29,7 @@ from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
 from .cache import keep_window, session_cache, write_predicted_kv
 from .errors import KVPredError
-from .importance import attention_scores, select_positions, tap_queries
+from .importance import attention_scores, carry_forward, select_positions, tap_queries
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, PrefillRates
 from .positions import compact_cache, recompute_at, rotated_at
@@ -184,8 +184,9 @@ def predict_cache_with_exact_keep(pipe: Pipeline, tokens: mx.array, exact_tail: 
                                   prefill_step_size: int = 2048, max_kv_size: int | None = None
                                   ) -> tuple[list[Any], mx.array]:
     """predict_cache_with_tail, then the base recomputes the K/V of the `exact_keep` fraction of predicted positions
-    that matter most to the exact tail (importance.py: the shared layers' attention from the tail), from the first
-    unshared layer on, each at its own position and attending to the predicted K/V of the rest (recompute_at).
+    that matter most to the exact tail (importance.py: the shared layers' attention from the tail, carried a few
+    positions forward), from the first unshared layer on, each at its own position and attending to the predicted
+    K/V of the rest (recompute_at).
     A sliding-window layer holds every position while they run (a recomputed row sees its own window), then only its
     window, as make_prompt_cache's RotatingKVCache would."""
     base = pipe.base.model
@@ -217,7 +218,7 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     end = start + predicted.size - skip
     tail_stream, scores = _scored_tail(pipe, exact, caches, shared, end=end)
     first = first_predicted(pipe, start, end)  # positions before it are exact already
-    kept = select_positions(scores[first:], keep=exact_keep) + first
+    kept = select_positions(carry_forward(scores[first:]), keep=exact_keep) + first
     if kept.size:
         with mx.stream(generation_stream):
             recompute_at(base.layers[shared:], caches[shared:], stream[:, kept - (start - skip)], kept, end,

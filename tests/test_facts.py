@@ -15,7 +15,7 @@ from mlx_kvpred.auxiliary import exact_aux_layers, make_layer_pruned_aux
 from mlx_kvpred.bundle import SCORER_FRACTION, new_bundle, scorer_layers
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.flops import ttft_flops
-from mlx_kvpred.importance import attention_scores, select_positions, smooth
+from mlx_kvpred.importance import attention_scores, carry_forward, select_positions, smooth
 from mlx_kvpred.pipeline import Pipeline, generate_tokens, predict_cache_with_tail, prefill_logits
 from mlx_kvpred.positions import PositionedRoPE, compact_cache
 from mlx_kvpred.rope_layout import pair_partners, rotation_layout
@@ -82,6 +82,13 @@ def test_attention_scores_are_the_tail_queries_softmax(windows):
         per.append(np.array(smooth(mx.array(p), 3)))
     want = np.max(np.concatenate(per), axis=0).mean(axis=0)
     assert np.allclose(got, want, atol=1e-5)
+
+
+def test_carry_forward_gives_the_positions_after_a_score_its_value():
+    scores = mx.array([0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0, 3.0])
+    assert carry_forward(scores, 2).tolist() == [0.0, 5.0, 5.0, 5.0, 0.0, 1.0, 1.0, 3.0]
+    assert carry_forward(scores, 0).tolist() == scores.tolist()
+    assert carry_forward(mx.array([2.0]), 8).tolist() == [2.0]
 
 
 @pytest.mark.parametrize("traditional", [False, True])

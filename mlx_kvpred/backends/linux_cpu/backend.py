@@ -13,9 +13,9 @@ from ...switch import Switch
 from .. import gemm_row
 from . import blas, cpu_kernels, cpu_ops, decode
 
-# "0": models keep mlx-lm's own attention, SwiGLU and RoPE code
+# "0": models keep mlx-lm's own attention, SwiGLU, GELU and RoPE code
 FAST_CPU_OPS = Switch("KVPRED_FAST_CPU_OPS", lambda: True,
-                      "on: attention, SwiGLU and RoPE of the models kvpred-mlx loads", "off", "")
+                      "on: attention, SwiGLU, GELU and RoPE of the models kvpred-mlx loads", "off", "")
 
 
 class LinuxCPUBackend:
