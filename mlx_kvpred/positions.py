@@ -33,7 +33,7 @@ class PositionedRoPE(nn.Module):
     def __call__(self, x: mx.array, offset=0, **kwargs) -> mx.array:
         D = x.shape[-1]
         if D not in self._tables:
-            unit, partner, cos_at, sin_at, sign = rotation_layout(self.rope, D)
+            unit, _, cos_at, sin_at, sign = rotation_layout(self.rope, D)
             # one row per batch entry, each at its own offset (a per-batch offset is what mx.fast.rope takes)
             r = self.rope(mx.broadcast_to(unit, (self.positions.size, 1, 1, D)), offset=self.positions)[:, 0, 0]
             self._tables[D] = (r[:, cos_at], r[:, sin_at] * sign)

@@ -190,8 +190,8 @@ int causal_attention(const float *q, long q_head, long q_row, const float *k, lo
                      const float *v, long v_head, long v_row, float *out, int B, int n_q, int n_kv, int L, int S,
                      int D, float scale, int rows, const int *starts, const int *ends) {
     if (!sgemm) return 2;
-    attention_job j = {q,   k,    v, out, q_head, q_row, k_head, k_row, v_head, v_row,
-                       n_q, n_kv, L, S,   D,      rows,  scale,  starts, ends};
+    attention_job j = {q, k, v, out, q_head, q_row, k_head, k_row, v_head, v_row,
+                       n_q, n_kv, L, S, D, rows, scale, starts, ends};
     j.blocks = (L + rows - 1) / rows;
     j.tasks = j.blocks * B * n_q;
     atomic_init(&j.next, 0);
