@@ -102,8 +102,9 @@ def test_pair_partners_is_the_layouts_permutation(traditional, dims):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_positioned_rope_rotates_each_row_at_its_position(arch):
-    rope = attention_of(tiny_model(arch).model.layers[0]).rope
-    D = tiny_model(arch).model.args.head_dim if arch == "gemma3" else 16
+    model = tiny_model(arch).model
+    rope = attention_of(model.layers[0]).rope
+    D = model.args.head_dim if arch == "gemma3" else 16
     x = mx.random.normal((1, 2, 5, D), key=mx.random.key(2))
     positions = mx.array([0, 3, 4, 9, -2], dtype=mx.int32)
     got = PositionedRoPE(rope, positions)(x, offset=123)  # the offset is ignored

@@ -118,13 +118,18 @@ def _fast_swiglu_vjp(primals, cotangent, output):
 
 
 _GELU_SCALE = 0.7978845608028654  # sqrt(2 / pi)
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_z(x: mx.array) -> mx.array:
+    """gelu_approx's tanh argument: sqrt(2 / pi) (x + 0.044715 x^3)."""
+    return _GELU_SCALE * (x + _GELU_CUBIC * (x * x * x))
 
 
 @mx.compile
 def _gelu_approx_kernel(x: mx.array) -> mx.array:
-    # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2 z)), z = sqrt(2 / pi) (x + 0.044715 x^3): MLX's tanh is scalar on x86
-    z = _GELU_SCALE * (x + 0.044715 * (x * x * x))
-    return x / (1.0 + _exp2_of(mx.clip(-2.0 * z, -87.0, 88.0) * _LOG2E))
+    # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2 z)): MLX's tanh is scalar on x86
+    return x / (1.0 + _exp2_of(mx.clip(-2.0 * _gelu_z(x), -87.0, 88.0) * _LOG2E))
 
 
 @mx.custom_function
@@ -136,8 +141,8 @@ def fast_gelu_approx(x: mx.array) -> mx.array:
 @fast_gelu_approx.vjp
 def _fast_gelu_approx_vjp(primals, cotangent, output):
     x = primals  # one input: the array itself
-    s = 1.0 / (1.0 + fast_exp(-2.0 * _GELU_SCALE * (x + 0.044715 * (x * x * x))))
-    return (cotangent * (s + 2.0 * x * s * (1.0 - s) * _GELU_SCALE * (1.0 + 3 * 0.044715 * x * x)),)
+    s = 1.0 / (1.0 + fast_exp(-2.0 * _gelu_z(x)))
+    return (cotangent * (s + 2.0 * x * s * (1.0 - s) * _GELU_SCALE * (1.0 + 3 * _GELU_CUBIC * x * x)),)
 
 
 class _FastNN(types.ModuleType):
