@@ -22,6 +22,7 @@ import numpy as np
 from mlx_kvpred.data import read_text
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.pipeline import chat_prompt_ids, generate_tokens
+from mlx_kvpred.selfdata import insert_sentence
 
 from .metrics import cell, paired_difference, standard_error
 
@@ -71,14 +72,6 @@ def haystack(files: Sequence[str], order: Iterator[int], tokenizer, n: int) -> t
     return None
 
 
-def _insert(doc: str, sentence: str, depth: float) -> str:
-    """`sentence` put into `doc` at the first sentence or line end after `depth` of its characters."""
-    at = int(len(doc) * depth)
-    end = re.compile(r"[.!?]\s|\n").search(doc, at)
-    cut = end.end() if end else len(doc)
-    return f"{doc[:cut].rstrip()} {sentence} {doc[cut:].lstrip()}".strip()
-
-
 def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], count: int, seed: int = 0
                  ) -> list[NeedleCase]:
     """`count` cases per length (half single, half multi), each on its own held-out document, from a generator seeded
@@ -102,7 +95,7 @@ def needle_cases(files: Sequence[str], tokenizer, *, lengths: Sequence[int], cou
             values = [str(v) for v in rng.choice(np.arange(1000, 10000), size=len(things), replace=False)]
             depths = sorted(rng.uniform(0.05, 0.95, size=len(things)))
             for thing, value, depth in reversed(list(zip(things, values, depths))):  # the deepest first: positions hold
-                doc = _insert(doc, NEEDLES[rng.integers(len(NEEDLES))].format(thing=thing, value=value), depth)
+                doc = insert_sentence(doc, NEEDLES[rng.integers(len(NEEDLES))].format(thing=thing, value=value), depth)
             target = int(rng.integers(len(things)))
             question = (QUESTIONS if chat else COMPLETIONS)[rng.integers(len(QUESTIONS))].format(thing=things[target])
             text = f"{doc}\n\n{question}"

@@ -1,7 +1,9 @@
 """Training text the base model writes itself, sampled in batches:
 - chat answers to varied short prompts (`generate_chat_data`);
 - document chats (`generate_document_chats`): a training-split file cut to N tokens, a question about it, and the
-  base's answer, as one chat turn: the long chat prompts KV prediction is used on.
+  base's answer, as one chat turn: the long chat prompts KV prediction is used on;
+- fact chats (`generate_fact_chats`): a training-split file with facts stated once in it, a question about one and
+  the answer that states it (written from the fact, not by the base), to train retrieval from a predicted cache.
 
 Its own chat-formatted answers are the text the runtime sees in `generate` (chat template on), and they match
 the base's own distribution, which file text on a fresh machine (code, docs) does not. Shards of
@@ -189,6 +191,97 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
         lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "source": f, "doc_tokens": n})
                  for (f, _), p, r in zip(docs, prompts, result.texts)]
         atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        if progress:
+            progress(len(docs))
+    return shards
+
+
+# Facts for training fact chats: (statement, question, answer) about a person. `eval --tasks needle` asks for other
+# things in other words (bench/eval_needle.py), so its score stays a test on facts no training chat stated.
+FACT_NAMES = ("Alice", "Omar", "Mei", "Lars", "Priya", "Diego", "Hannah", "Kofi", "Yuki", "Ivan", "Sofia", "Tomas",
+              "Amara", "Felix", "Leila", "Ravi", "Greta", "Jonas", "Nadia", "Pablo")
+FACTS = (  # (statement, question, answer, the value an answer must hold)
+    ("{name}'s room number is {n4}.", "What is {name}'s room number?", "{name}'s room number is {n4}.", "{n4}"),
+    ("{name} was born in {year}.", "In which year was {name} born?", "{name} was born in {year}.", "{year}"),
+    ("The meeting with {name} starts at {time}.", "When does the meeting with {name} start?",
+     "The meeting with {name} starts at {time}.", "{time}"),
+    ("{name} moved to {city} last spring.", "Which city did {name} move to?", "{name} moved to {city}.", "{city}"),
+    ("{name} paid {n3} dollars for the ticket.", "How much did {name} pay for the ticket?",
+     "{name} paid {n3} dollars for the ticket.", "{n3}"),
+    ("Note: {name}'s account id is {n5}.", "What is {name}'s account id?", "{name}'s account id is {n5}.", "{n5}"),
+    ("{name}'s password is {word}{n2}.", "What is {name}'s password?", "{name}'s password is {word}{n2}.",
+     "{word}{n2}"),
+    ("{name} drives a car with the plate {plate}.", "Which plate does {name}'s car have?",
+     "{name}'s car has the plate {plate}.", "{plate}"),
+)
+FACT_CITIES = ("Lisbon", "Osaka", "Nairobi", "Quito", "Tallinn", "Perth", "Dakar", "Hanoi", "Bergen", "Cusco")
+FACT_WORDS = ("maple", "falcon", "cobalt", "pepper", "harbor", "velvet", "quartz", "lantern", "meadow", "cipher")
+FACT_LENGTHS = (256, 512, 1024)  # document tokens, one length per shard in turn
+
+
+def _fact_values(rng: np.random.Generator) -> dict[str, str]:
+    letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
+    return {"n2": str(rng.integers(10, 100)), "n3": str(rng.integers(100, 1000)), "n4": str(rng.integers(1000, 10000)),
+            "n5": str(rng.integers(10000, 100000)), "year": str(rng.integers(1900, 2021)),
+            "time": f"{rng.integers(1, 13)}:{rng.integers(0, 60):02d}", "city": str(rng.choice(FACT_CITIES)),
+            "word": str(rng.choice(FACT_WORDS)),
+            "plate": "".join(rng.choice(list(letters), 3)) + "-" + str(rng.integers(100, 1000))}
+
+
+def insert_sentence(doc: str, sentence: str, depth: float) -> str:
+    """`sentence` put into `doc` at the first sentence or line end after `depth` of its characters."""
+    at = int(len(doc) * depth)
+    end = re.compile(r"[.!?]\s|\n").search(doc, at)
+    cut = end.end() if end else len(doc)
+    return f"{doc[:cut].rstrip()} {sentence} {doc[cut:].lstrip()}".strip()
+
+
+def fact_chat(doc: str, rng: np.random.Generator, tokenizer) -> tuple[str, str]:
+    """(training text, the answer's value): 1-3 facts about different people put into `doc` at depths 0.05-0.95,
+    a question about one of them and the answer that states it, as a chat turn (or, for a tokenizer without a chat
+    template, as "Question: ... Answer: ..." text)."""
+    n = int(rng.integers(1, 4))
+    names = rng.choice(FACT_NAMES, size=n, replace=False)
+    kinds = rng.choice(len(FACTS), size=n, replace=False)
+    depths = sorted(rng.uniform(0.05, 0.95, size=n))
+    values = [_fact_values(rng) for _ in range(n)]
+    for name, k, depth, v in reversed(list(zip(names, kinds, depths, values))):  # the deepest first
+        doc = insert_sentence(doc, FACTS[k][0].format(name=name, **v), depth)
+    t = int(rng.integers(n))
+    question, answer, value = (part.format(name=names[t], **values[t]) for part in FACTS[kinds[t]][1:])
+    if getattr(tokenizer, "chat_template", None):
+        return chat_text(tokenizer, f"{doc}\n\n{question}", answer), value
+    return f"{doc}\n\nQuestion: {question}\nAnswer: {answer}", value
+
+
+def generate_fact_chats(tokenizer, out: str | Path, *, files: Sequence[str], count: int = 256,
+                        lengths: Sequence[int] = FACT_LENGTHS, seed: int = 0,
+                        progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write `count` fact chats as .jsonl shards under `out` (resumable, as generate_chat_data): a document of N
+    tokens from `files` (use training-split files) with facts stated once in it, a question about one and its
+    answer. The base writes nothing here: training distills its logits on these texts, answer included."""
+    if count < 1 or not lengths or min(lengths) < 16:
+        raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KVPredError(f"out {out} exists and is not a directory", "out")
+    order = iter(np.random.default_rng(seed).permutation(len(files)))
+    shards = []
+    for s in range(0, count, SHARD_SIZE):
+        k = s // SHARD_SIZE
+        n, size = lengths[k % len(lengths)], min(SHARD_SIZE, count - s)
+        path = out / f"facts-{k:05d}-{n}.jsonl"
+        shards.append(path)
+        docs = list(islice(document_texts(files, order, tokenizer, n), size))  # drawn even when the shard exists
+        if not docs:
+            raise KVPredError(f"data: no more files with {n} tokens for fact chats", "data")
+        if not path.is_file():
+            rng = np.random.default_rng([seed, 7, k])
+            lines = []
+            for f, doc in docs:
+                text, value = fact_chat(doc, rng, tokenizer)
+                lines.append(json.dumps({"text": text, "answer": value, "source": f, "doc_tokens": n}))
+            atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
         if progress:
             progress(len(docs))
     return shards

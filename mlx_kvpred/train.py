@@ -50,6 +50,8 @@ class TrainConfig:
     ce_weight: float = 0.0  # base CE on the data's next tokens (the paper's loss)
     true_kv_tail: int | None = None  # the last N positions attend with their own K/V, as the last prompt token
     # and generated tokens do at inference; None: seq_len // 4; 0: all predicted (CoreNet's objective)
+    tail_kl_weight: float = 1.0  # the KL of the true-K/V tail's positions (where inference reads logits: the end of
+    # the question and the answer) weighs this many times the rest's
     true_kv_head: int = 0  # the first N positions attend with their own K/V, as the base's exact head does at
     # inference (the attention sink, position 0, is what a per-token map predicts worst)
     l1_weight: float | None = None  # K/V L1 summed over layers; None -> 1 / n_base_layers (the paper's best)
@@ -74,6 +76,8 @@ class TrainConfig:
         if not 0 <= self.true_kv_tail < self.seq_len:
             raise KVPredError(f"true_kv_tail must be in 0..{self.seq_len - 1} (below seq_len), "
                               f"got {self.true_kv_tail}", "true_kv_tail", "seq_len")
+        if self.tail_kl_weight <= 0:
+            raise KVPredError(f"tail_kl_weight must be > 0, got {self.tail_kl_weight}", "tail_kl_weight")
         if not 0 <= self.true_kv_head < self.seq_len - self.true_kv_tail:
             raise KVPredError(f"true_kv_head must be in 0..{self.seq_len - self.true_kv_tail - 1} (with "
                               f"true_kv_tail, below seq_len), got {self.true_kv_head}", "true_kv_head", "true_kv_tail",
@@ -248,7 +252,13 @@ def distill_loss(predictor: nn.Module, base: nn.Module, tokens: mx.array, aux_k,
     exp, logsumexp = for_device().loss_ops()
     logp = logits - logsumexp(logits, axis=-1, keepdims=True)
     t_logp = teacher_logits - logsumexp(teacher_logits, axis=-1, keepdims=True)
-    parts["kl"] = (exp(t_logp) * (t_logp - logp)).sum(-1).mean()
+    kl = (exp(t_logp) * (t_logp - logp)).sum(-1)  # (B, T)
+    if cfg.tail_kl_weight != 1 and cfg.true_kv_tail:
+        n = kl.shape[1]
+        weight = mx.concatenate([mx.ones(n - cfg.true_kv_tail), mx.full((cfg.true_kv_tail,), cfg.tail_kl_weight)])
+        parts["kl"] = (kl * weight).sum(-1).mean() / weight.sum()
+    else:
+        parts["kl"] = kl.mean()
     parts["l1"] = sum(mx.abs(a[:, h:] - b[:, h:]).mean() for a, b in zip(pk, true_k)) + sum(
         mx.abs(a[:, h:] - b[:, h:]).mean() for a, b in zip(pv, true_v))
     loss = cfg.kl_weight * parts["kl"] + l1_weight * parts["l1"]

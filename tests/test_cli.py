@@ -226,6 +226,25 @@ def test_chat_data_documents(tmp_path):
         assert row["source"] and "<|im_start|>user\n" in user and answer.strip()
 
 
+@needs_model
+def test_chat_data_facts(tmp_path):
+    """--facts: training-split documents with facts stated in them, a question and the answer stating the value,
+    in chat form (no sampling); with --documents too, a one-line error naming both flags."""
+    import json
+
+    out = tmp_path / "facts"
+    r = cli("chat-data", "--facts", "--out", str(out), "--count", "2", "--doc-lengths", "64")
+    assert r.returncode == 0, r.stderr
+    (shard,) = sorted(out.glob("*.jsonl"))
+    rows = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert len(rows) == 2 and all(row["doc_tokens"] == 64 for row in rows)
+    for row in rows:
+        user, answer = row["text"].split("<|im_start|>assistant\n")
+        assert row["answer"] in answer and row["answer"] in user and "<|im_start|>user\n" in user
+    r = cli("chat-data", "--facts", "--documents", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--documents" in r.stderr and "--facts" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_doctor_names_the_cpu_paths_and_why_they_are_off(monkeypatch):
     """doctor shows where prefill attention and decoding run, and which switch turned a speed-up off (the Linux CPU
     backend's rows; the MLX backend has none of these parts)."""

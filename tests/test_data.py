@@ -39,3 +39,57 @@ def test_split_is_by_file_and_deterministic(tmp_path):
     assert sorted(split.train_files + split.heldout_files) == sorted(files)
     assert not set(split.train_files) & set(split.heldout_files)
     assert 5 <= len(split.heldout_files) <= 40 and split_files(files).heldout_files == split.heldout_files
+
+
+class CharTokenizer:
+    """A tokenizer of characters (encode, decode), with or without a chat template."""
+
+    def __init__(self, chat: bool):
+        self.chat_template = "<chat>" if chat else None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+
+
+def test_fact_chats_state_each_fact_once_and_answer_the_question(tmp_path):
+    """A fact chat: 1-3 facts about different people in a training document, a question about one of them, and
+    the answer holding that fact's value; shards are seeded and resume without rewriting."""
+    import json
+
+    from mlx_kvpred.selfdata import FACT_NAMES, fact_chat, generate_fact_chats
+
+    doc = ". ".join(f"Sentence {i} of a plain document" for i in range(60)) + "."
+    for chat in (True, False):
+        counts = set()
+        for seed in range(30):
+            text, value = fact_chat(doc, np.random.default_rng(seed), CharTokenizer(chat))
+            prompt, answer = (text.split("</user><assistant>") if chat else text.split("\nAnswer: "))
+            named = [n for n in FACT_NAMES if n in prompt]
+            counts.add(len(named))
+            assert all(prompt.count(n) == 2 if n in answer else prompt.count(n) == 1 for n in named), text
+            assert value in answer and prompt.count(value) >= 1
+            asked = next(n for n in named if n in answer)
+            stated = next(s for s in prompt.split(". ") if asked in s)  # the fact's sentence, in the document
+            assert value in stated and (prompt.startswith("<user>Sentence 0") if chat else
+                                        prompt.startswith("Sentence 0"))
+        assert counts == {1, 2, 3}
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(doc.replace("plain", f"plain{i}"))
+    out = tmp_path / "facts"
+    shards = generate_fact_chats(CharTokenizer(True), out, files=[str(f) for f in files], count=3, lengths=[200])
+    rows = [json.loads(line) for line in shards[0].read_text().splitlines()]
+    assert len(rows) == 3 and all(r["doc_tokens"] == 200 and r["answer"] in r["text"].split("<assistant>")[1]
+                                  for r in rows)
+    assert len({r["source"] for r in rows}) == 3  # one document per file
+    stamp = shards[0].stat().st_mtime_ns
+    assert generate_fact_chats(CharTokenizer(True), out, files=[str(f) for f in files], count=3,
+                               lengths=[200]) == shards and shards[0].stat().st_mtime_ns == stamp

@@ -375,3 +375,26 @@ def test_ridge_fits_the_previous_token_projection():
 
     none, low, full = kv_error(0), kv_error(8), kv_error(64)
     assert full < low < 0.95 * none, (none, low, full)
+
+
+def test_tail_kl_weight_weighs_the_true_kv_tail_positions():
+    """tail_kl_weight w: the KL is the mean over positions with the true-K/V tail's counted w times (1: the plain
+    mean); the tail's positions are the ones whose logits inference reads."""
+    base = tiny_model("llama", num_hidden_layers=4)
+    bundle = new_bundle(base, make_layer_pruned_aux(base.model, base.config, [0, 2])[0], aux_kind="layer_pruned",
+                        layer_map=layer_pruned_map([0, 2], 4), aux_layers=[0, 2])
+    tokens = mx.array(np.random.default_rng(2).integers(0, 97, (1, 20)).astype(np.int32))
+    ridge_init(bundle, base.model, np.array(tokens))
+    tl, tk, tv = base_targets(base.model, tokens)
+    ak, av, ah, _ = aux_kv(bundle.aux, tokens)
+    tail = 5
+    student = student_logits(bundle.predictor, base.model, tokens, ak, av, ah, true_kv_tail=tail)[0]
+    p, q = (np.array(mx.softmax(x.astype(mx.float32), axis=-1)[0], dtype=np.float64) for x in (tl, student))
+    per_position = (p * (np.log(p) - np.log(q))).sum(-1)
+    for w in (1.0, 4.0):
+        cfg = TrainConfig(seq_len=20, true_kv_tail=tail, tail_kl_weight=w)
+        kl = distill_loss(bundle.predictor, base.model, tokens, ak, av, ah, tl, tk, tv, cfg=cfg, l1_weight=0.0)[1]["kl"]
+        weights = np.r_[np.ones(20 - tail), np.full(tail, w)]
+        assert np.isclose(kl.item(), (per_position * weights).sum() / weights.sum(), rtol=1e-3, atol=1e-6)
+    with pytest.raises(KVPredError, match="tail_kl_weight"):
+        TrainConfig(tail_kl_weight=0)

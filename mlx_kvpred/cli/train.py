@@ -46,6 +46,10 @@ def train(
                                                           "prompt token and generated tokens do at inference "
                                                           "(default: a quarter of --seq-len; 0: all predicted, "
                                                           "CoreNet's)."),
+    tail_kl_weight: float = typer.Option(TrainConfig.tail_kl_weight, help="KL weight of the --true-kv-tail "
+                                                                          "positions against the rest's (the tail "
+                                                                          "is where inference reads logits: e.g. a "
+                                                                          "fact chat's question and answer)."),
     true_kv_head: int = typer.Option(TrainConfig.true_kv_head, help="The first N positions of each training "
                                                                     "sequence attend with their own K/V, as with "
                                                                     "--exact-head N at inference."),
@@ -69,7 +73,7 @@ def train(
                                                           "tokens of the same text (with --long-sequences)."),
     long_sequences: int = typer.Option(TrainSpec.long_sequences, help="How many --long-seq-len windows (one per "
                                                                       "file)."),
-    chat_data: Optional[list[str]] = typer.Option(None, help=".jsonl shards (chat-data --documents) whose records "
+    chat_data: Optional[list[str]] = typer.Option(None, help=".jsonl shards (chat-data --documents or --facts) whose records "
                                                              "train whole: long chat prompts with the base's "
                                                              "answers; repeatable."),
     eval_every: int = typer.Option(TrainConfig.eval_every, help="Held-out eval every N steps."),
@@ -87,7 +91,8 @@ def train(
     from ..recipe import train_recipe
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, kl_weight=kl_weight,
-                      ce_weight=ce_weight, true_kv_tail=true_kv_tail, true_kv_head=true_kv_head,
+                      ce_weight=ce_weight, true_kv_tail=true_kv_tail, tail_kl_weight=tail_kl_weight,
+                      true_kv_head=true_kv_head,
                       l1_weight=l1_weight,
                       ridge_sequences=ridge_sequences, aux_lora_rank=aux_lora_rank,
                       aux_lora_scale=TrainConfig.aux_lora_scale if aux_lora_scale is None else aux_lora_scale,
@@ -153,15 +158,20 @@ def chat_data(
     top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
     documents: bool = typer.Option(False, help="Document chats instead: a training-split file cut to N tokens, a "
                                                "question about it, the base's answer (long chat prompts)."),
-    doc_lengths: str = typer.Option(",".join(map(str, DOCUMENT_LENGTHS)),
-                                    help="--documents: document lengths in tokens, one per shard in turn."),
-    data: Optional[list[str]] = typer.Option(None, help="--documents: text sources; their training split is used "
+    facts: bool = typer.Option(False, help="Fact chats instead: a training-split file cut to N tokens with 1-3 "
+                                           "facts stated once in it, a question about one and the answer stating "
+                                           "it (written from the fact; no sampling, fast). Trains retrieval."),
+    doc_lengths: Optional[str] = typer.Option(None, help="--documents / --facts: document lengths in tokens, one "
+                                                         "per shard in turn (default 256,512,1024,2048 / "
+                                                         "256,512,1024)."),
+    data: Optional[list[str]] = typer.Option(None, help="--documents / --facts: text sources; their training split is used "
                                                          "(default: the default training sources)."),
     seed: int = typer.Option(0),
     device: Optional[str] = DEVICE,
 ):
     """Training text the base writes itself: its chat answers to varied prompts, or (--documents) to questions
-    about documents. Resumes at the next shard."""
+    about documents; or (--facts) documents with facts in them, questions and their answers. Resumes at the next
+    shard."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -173,19 +183,28 @@ def chat_data(
 
     from ..data import collect_files, default_sources, split_files
     from ..loading import default_device, load_model, set_device
-    from ..selfdata import generate_chat_data, generate_document_chats
+    from ..selfdata import FACT_LENGTHS, generate_chat_data, generate_document_chats, generate_fact_chats
 
     max_tokens = max_tokens if max_tokens is not None else 64 if documents else 256
     if count < 1 or max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise KVPredError("--count and --max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    lengths = parse_int_list(doc_lengths, "--doc-lengths")
-    files = split_files(collect_files(list(data) if data else default_sources())).train_files if documents else None
+    if documents and facts:
+        raise KVPredError("--documents and --facts: give one", "--documents", "--facts")
+    default_lengths = FACT_LENGTHS if facts else DOCUMENT_LENGTHS
+    lengths = parse_int_list(doc_lengths, "--doc-lengths") if doc_lengths else list(default_lengths)
+    files = (split_files(collect_files(list(data) if data else default_sources())).train_files
+             if documents or facts else None)
     base = load_model(model, device=set_device(device or default_device()))
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)
         common = dict(count=count, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       progress=lambda n: progress.advance(task, n))
-        shards = (generate_document_chats(base, out, files=files, lengths=lengths, **common) if documents
-                  else generate_chat_data(base, out, **common))
+        if facts:
+            shards = generate_fact_chats(base.tokenizer, out, files=files, count=count, lengths=lengths, seed=seed,
+                                         progress=common["progress"])
+        elif documents:
+            shards = generate_document_chats(base, out, files=files, lengths=lengths, **common)
+        else:
+            shards = generate_chat_data(base, out, **common)
     print(f"wrote {count} conversations in {len(shards)} shards under {out}", file=sys.stderr)
