@@ -77,7 +77,11 @@ def model_card(bundle_dir: str | Path, *, repo_id: str, results: str | None = No
         f"- trained: {'yes' if cfg.trained else 'no (closed-form init only)'}",
     ]
     if training.get("command"):
-        lines += ["", "## Recipe", "", "```bash", training["command"], "```"]
+        lines += ["", "## Recipe", ""]
+        init = training.get("init_from") or {}
+        if init.get("command"):  # a fine-tune: first the bundle it started from
+            lines += ["Fine-tuned from a bundle made with:", "", "```bash", init["command"], "```", "", "then:", ""]
+        lines += ["```bash", training["command"], "```"]
         if training.get("steps_done") is not None:
             lines += ["", f"{training['steps_done']} steps in {training.get('seconds', 0):.0f} s."]
     evals = training.get("evals") or []

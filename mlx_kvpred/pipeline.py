@@ -36,7 +36,7 @@ from .positions import compact_cache, recompute_at, rotated_at
 from .predictor import KVPredictor
 
 MODES = ("auto", "kvp", "base", "aux", "specprefill")
-DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp12"  # for the default model
+DEFAULT_BUNDLE_DIR = Path(__file__).parent / "bundles" / "smollm2-135m-instruct-lp12-facts"  # for the default model
 # Prompt tokens the base computes itself in kvp mode, in stream_generate and the CLI (generate_tokens' default, 1,
 # is the paper's condition): a chat question and the assistant header (measured: docs/training.md).
 DEFAULT_EXACT_TAIL = 32

@@ -196,8 +196,8 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
     return shards
 
 
-# Facts for training fact chats: (statement, question, answer) about a person. `eval --tasks needle` asks for other
-# things in other words (bench/eval_needle.py), so its score stays a test on facts no training chat stated.
+# Facts for training fact chats, each about a person. `eval --tasks needle` asks for other things in other words
+# (bench/eval_needle.py), so its score stays a test on facts no training chat stated.
 FACT_NAMES = ("Alice", "Omar", "Mei", "Lars", "Priya", "Diego", "Hannah", "Kofi", "Yuki", "Ivan", "Sofia", "Tomas",
               "Amara", "Felix", "Leila", "Ravi", "Greta", "Jonas", "Nadia", "Pablo")
 FACTS = (  # (statement, question, answer, the value an answer must hold)
@@ -220,6 +220,7 @@ FACT_LENGTHS = (256, 512, 1024)  # document tokens, one length per shard in turn
 
 
 def _fact_values(rng: np.random.Generator) -> dict[str, str]:
+    """A seeded value for every placeholder FACTS use."""
     letters = "ABCDEFGHJKLMNPRSTUVWXYZ"
     return {"n2": str(rng.integers(10, 100)), "n3": str(rng.integers(100, 1000)), "n4": str(rng.integers(1000, 10000)),
             "n5": str(rng.integers(10000, 100000)), "year": str(rng.integers(1900, 2021)),

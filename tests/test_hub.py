@@ -80,8 +80,10 @@ def test_hub_repo_without_a_bundle_config_is_refused(tmp_path, offline_hub):
 def test_model_card_names_base_recipe_and_license(tmp_path):
     card = model_card(DEFAULT_BUNDLE_DIR, repo_id="kvpred/smollm2-lp12", results="| mode | TTFT |\n|---|---|\n")
     assert "`SmolLM2-135M-Instruct.Q4_1.gguf`" in card and "`a719a06d35dd2a49`" in card
-    assert "--kvp kvpred/smollm2-lp12" in card and "kvpred-mlx train --aux-layers 0,1,2" in card
-    assert "| 1000 | 0.889 | 1.000 |" in card and "## Measured" in card and "Gemma" not in card
+    assert "--kvp kvpred/smollm2-lp12" in card and "--init-from mlx_kvpred/bundles/smollm2-135m-instruct-lp12" in card
+    # the shipped bundle is a fine-tune: the card also gives the command of the bundle it started from
+    assert card.index("kvpred-mlx train --aux-layers 0,1,2") < card.index("kvpred-mlx train --init-from")
+    assert "| 400 | 0.820 | 0.750 |" in card and "## Measured" in card and "Gemma" not in card
     gemma = tmp_path / "gemma"
     shutil.copytree(DEFAULT_BUNDLE_DIR, gemma)
     cfg = (gemma / CONFIG_FILE).read_text().replace('"reference": "SmolLM2', '"license": "gemma", "reference": "SmolLM2')

@@ -73,9 +73,9 @@ def train(
                                                           "tokens of the same text (with --long-sequences)."),
     long_sequences: int = typer.Option(TrainSpec.long_sequences, help="How many --long-seq-len windows (one per "
                                                                       "file)."),
-    chat_data: Optional[list[str]] = typer.Option(None, help=".jsonl shards (chat-data --documents or --facts) whose records "
-                                                             "train whole: long chat prompts with the base's "
-                                                             "answers; repeatable."),
+    chat_data: Optional[list[str]] = typer.Option(None, help=".jsonl shards (chat-data --documents or --facts) "
+                                                             "whose records train whole: long chat prompts with "
+                                                             "their answers; repeatable."),
     eval_every: int = typer.Option(TrainConfig.eval_every, help="Held-out eval every N steps."),
     eval_sequences: int = typer.Option(TrainSpec.eval_sequences, help="Held-out sequences per eval (256+64 tokens "
                                                                       "each)."),
@@ -164,8 +164,8 @@ def chat_data(
     doc_lengths: Optional[str] = typer.Option(None, help="--documents / --facts: document lengths in tokens, one "
                                                          "per shard in turn (default 256,512,1024,2048 / "
                                                          "256,512,1024)."),
-    data: Optional[list[str]] = typer.Option(None, help="--documents / --facts: text sources; their training split is used "
-                                                         "(default: the default training sources)."),
+    data: Optional[list[str]] = typer.Option(None, help="--documents / --facts: text sources; their training split "
+                                                         "is used (default: the default training sources)."),
     seed: int = typer.Option(0),
     device: Optional[str] = DEVICE,
 ):
