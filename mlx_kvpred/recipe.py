@@ -1,5 +1,6 @@
-"""The training recipe as data. `TrainSpec`'s defaults are the shipped bundle's recipe, so
-`train_recipe("runs/lp8")` reproduces it; `kvpred-mlx train` maps its flags onto a TrainSpec.
+"""The training recipe as data. `TrainSpec`'s defaults are the shipped bundle's first stage, so
+`train_recipe("runs/lp12")` reproduces it (the shipped bundle is that one fine-tuned on fact chats: `init_from` and
+`chat_data`, docs/training.md); `kvpred-mlx train` maps its flags onto a TrainSpec.
 
 - `TrainSpec`: which aux (base layers, a smaller model, or a bundle to fine-tune), what the predictor reads,
   the training text, and the optimisation (`TrainConfig`). Constructing one checks every option that does not
@@ -35,7 +36,8 @@ MAX_RECORD_TOKENS = 2304  # --chat-data records longer than this keep their last
 
 @dataclass
 class TrainSpec:
-    """What to train. Every default is the shipped bundle's; None fields are resolved as their comments say."""
+    """What to train. Every default is the shipped bundle's first stage; None fields are resolved as their comments
+    say."""
 
     # The aux: at most one of these; none given means the base layers SHIPPED_AUX_LAYERS (KVP-LP)
     aux_layers: list[int] | None = None  # KVP-LP: the base layers the aux keeps

@@ -24,21 +24,26 @@ class CharTokenizer:
 
 
 def test_defaults_are_the_shipped_bundle():
-    """The spec's defaults, resolved, are what the shipped bundle records it was trained with."""
+    """The spec's defaults, resolved, are what the shipped bundle records its first stage was trained with (it was
+    then fine-tuned on fact chats from the bundle that stage made, which ships too)."""
     shipped = json.loads((DEFAULT_BUNDLE_DIR / "kvp_config.json").read_text())
     base = tiny_model("llama", num_hidden_layers=len(SHIPPED_AUX_LAYERS) + 2)
     spec = TrainSpec()
     bundle, cfg = build_bundle(spec, base)
-    recorded = shipped["training"]["config"]
+    first = shipped["training"]["init_from"]
+    assert (DEFAULT_BUNDLE_DIR.parents[2] / first["bundle"] / "kvp_config.json").is_file()
+    assert "--chat-data" in shipped["training"]["command"] and shipped["training"]["config"]["tail_kl_weight"] == 4
+    recorded = first["config"]
     newer = set(asdict(cfg)) - set(recorded)  # options added after the bundle was trained: their default is what it
-    assert newer <= {"true_kv_head"} and all(getattr(cfg, k) == 0 for k in newer)  # was trained with
+    neutral = {"true_kv_head": 0, "tail_kl_weight": 1.0}  # was trained with
+    assert newer <= set(neutral) and all(getattr(cfg, k) == neutral[k] for k in newer)
     assert {k: v for k, v in asdict(cfg).items() if k in recorded} == recorded
     assert bundle.config.aux_layers == list(SHIPPED_AUX_LAYERS) == shipped["aux_layers"]
     assert bundle.config.predictor_input == shipped["predictor_input"] == "hidden"
     assert bundle.config.prev_token_dim == shipped["prev_token_dim"]
     assert bundle.config.exact_layers == shipped["exact_layers"] and bundle.config.aux_lora is None
-    assert spec.per_file == shipped["training"]["data"]["sequences_per_file"] == 1
-    assert spec.max_train_sequences == shipped["training"]["data"]["train_sequences"]
+    assert spec.per_file == first["data"]["sequences_per_file"] == 1
+    assert spec.max_train_sequences == first["data"]["train_sequences"]
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
