@@ -145,6 +145,23 @@ def document_texts(files: Sequence[str], order: Iterable[int], tokenizer, n: int
             yield files[i], tokenizer.decode(ids[:n]).strip()
 
 
+def document_shards(out: Path, prefix: str, *, files: Sequence[str], tokenizer, count: int, lengths: Sequence[int],
+                    seed: int) -> Iterator[tuple[int, int, Path, list[tuple[str, str]]]]:
+    """(shard index, document tokens, shard path, its (file, document) pairs) for `count` documents in shards of
+    SHARD_SIZE, one length of `lengths` per shard in turn, from `files` in a seeded order. Each shard's documents are
+    drawn even when its file exists, so a resumed run picks the same ones for later shards."""
+    if out.exists() and not out.is_dir():
+        raise KVPredError(f"out {out} exists and is not a directory", "out")
+    order = iter(np.random.default_rng(seed).permutation(len(files)))
+    for s in range(0, count, SHARD_SIZE):
+        k = s // SHARD_SIZE
+        n, size = lengths[k % len(lengths)], min(SHARD_SIZE, count - s)
+        docs = list(islice(document_texts(files, order, tokenizer, n), size))
+        if not docs:
+            raise KVPredError(f"data: no more files with {n} tokens for shard {k} ({prefix})", "data")
+        yield k, n, out / f"{prefix}-{k:05d}-{n}.jsonl", docs
+
+
 def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequence[str], count: int = 128,
                             lengths: Sequence[int] = DOCUMENT_LENGTHS, max_tokens: int = 64,
                             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
@@ -164,28 +181,18 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
     if count < 1 or max_tokens < 1 or not lengths or min(lengths) < 16:
         raise KVPredError("count and max_tokens must be >= 1 and doc_lengths >= 16 tokens each", "count",
                           "max_tokens", "doc_lengths")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KVPredError(f"out {out} exists and is not a directory", "out")
-    order = iter(np.random.default_rng(seed).permutation(len(files)))
     sampler = make_sampler(temp=temperature, top_p=top_p)
     shards = []
-    for s in range(0, count, SHARD_SIZE):
-        k = s // SHARD_SIZE
-        n, size = lengths[k % len(lengths)], min(SHARD_SIZE, count - s)
-        path = out / f"docchat-{k:05d}-{n}.jsonl"
+    for k, n, path, docs in document_shards(Path(out), "docchat", files=files, tokenizer=tok, count=count,
+                                            lengths=lengths, seed=seed):
         shards.append(path)
         rng = np.random.default_rng([seed, k])
-        # the shard's documents: always drawn, so a resumed run picks the same ones for later shards
-        docs = list(islice(document_texts(files, order, tok, n), size))
-        if not docs:
-            raise KVPredError(f"data: no more files with {n} tokens for document chats", "data")
         if path.is_file():
             if progress:
                 progress(len(docs))
             continue
         prompts = [f"{doc}\n\n{document_question(doc, rng, DOCUMENT_QUESTIONS)}" for _, doc in docs]
-        mx.random.seed(seed * 100003 + s)
+        mx.random.seed(seed * 100003 + k * SHARD_SIZE)  # each shard reproducible on its own
         ids = [chat_prompt_ids(tok, p) for p in prompts]
         result = batch_generate(base.model, tok, ids, max_tokens=max_tokens, sampler=sampler)
         lines = [json.dumps({"text": chat_text(tok, p, r.strip()), "source": f, "doc_tokens": n})
@@ -263,19 +270,10 @@ def generate_fact_chats(tokenizer, out: str | Path, *, files: Sequence[str], cou
     answer. The base writes nothing here: training distills its logits on these texts, answer included."""
     if count < 1 or not lengths or min(lengths) < 16:
         raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KVPredError(f"out {out} exists and is not a directory", "out")
-    order = iter(np.random.default_rng(seed).permutation(len(files)))
     shards = []
-    for s in range(0, count, SHARD_SIZE):
-        k = s // SHARD_SIZE
-        n, size = lengths[k % len(lengths)], min(SHARD_SIZE, count - s)
-        path = out / f"facts-{k:05d}-{n}.jsonl"
+    for k, n, path, docs in document_shards(Path(out), "facts", files=files, tokenizer=tokenizer, count=count,
+                                            lengths=lengths, seed=seed):
         shards.append(path)
-        docs = list(islice(document_texts(files, order, tokenizer, n), size))  # drawn even when the shard exists
-        if not docs:
-            raise KVPredError(f"data: no more files with {n} tokens for fact chats", "data")
         if not path.is_file():
             rng = np.random.default_rng([seed, 7, k])
             lines = []
