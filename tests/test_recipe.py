@@ -34,8 +34,8 @@ def test_defaults_are_the_shipped_bundle():
     assert (DEFAULT_BUNDLE_DIR.parents[2] / first["bundle"] / "kvp_config.json").is_file()
     assert "--chat-data" in shipped["training"]["command"] and shipped["training"]["config"]["tail_kl_weight"] == 4
     recorded = first["config"]
-    newer = set(asdict(cfg)) - set(recorded)  # options added after the bundle was trained: their default is what it
-    neutral = {"true_kv_head": 0, "tail_kl_weight": 1.0}  # was trained with
+    newer = set(asdict(cfg)) - set(recorded)  # options added since: their defaults are what it was trained with
+    neutral = {"true_kv_head": 0, "tail_kl_weight": 1.0}
     assert newer <= set(neutral) and all(getattr(cfg, k) == neutral[k] for k in newer)
     assert {k: v for k, v in asdict(cfg).items() if k in recorded} == recorded
     assert bundle.config.aux_layers == list(SHIPPED_AUX_LAYERS) == shipped["aux_layers"]
