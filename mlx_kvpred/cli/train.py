@@ -198,11 +198,15 @@ def chat_data(
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
         common = dict(count=count, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      progress=lambda n: progress.advance(task, n))
-        if facts:
+                      progress=advance)
+        if facts:  # no sampling: the base's tokenizer only
             shards = generate_fact_chats(base.tokenizer, out, files=files, count=count, lengths=lengths, seed=seed,
-                                         progress=common["progress"])
+                                         progress=advance)
         elif documents:
             shards = generate_document_chats(base, out, files=files, lengths=lengths, **common)
         else:
