@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import KVPredError
-from .gguf_quants import GGML_TYPES, MLX_NATIVE, dequantize
+from .gguf_quants import GGML_TYPES, MLX_NATIVE, dequantize, q8_0_affine
 
 if TYPE_CHECKING:  # importing mlx_lm.tokenizer_utils pulls in transformers (seconds): only when used
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -292,7 +292,8 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32,
     header = read_gguf_header(path)
     if header.metadata.get("general.architecture") == "llama" and set(header.types.values()) <= MLX_NATIVE:
         return _load_packed(path, header.types, dtype=dtype, keep_quantized=keep_quantized)
-    model, config = _load_dequantized(path, header, dtype=mx.bfloat16 if dtype is None else dtype)
+    model, config = _load_dequantized(path, header, dtype=mx.bfloat16 if dtype is None else dtype,
+                                      keep_quantized=keep_quantized)
     return model, gguf_tokenizer(path, header.metadata), config
 
 
@@ -338,8 +339,11 @@ def _load_packed(path: Path, types: dict[str, str], *, dtype: mx.Dtype | None,
     return model, build_tokenizer(meta, path), config
 
 
-def _load_dequantized(path: Path, header: GGUFHeader, *, dtype: mx.Dtype) -> tuple[nn.Module, dict]:
-    """The model of any file read_gguf_header accepts, every tensor dequantized in numpy (gguf_quants) to `dtype`."""
+def _load_dequantized(path: Path, header: GGUFHeader, *, dtype: mx.Dtype,
+                      keep_quantized: Callable[[nn.Module, dict], None] | None = None) -> tuple[nn.Module, dict]:
+    """The model of any file read_gguf_header accepts, every tensor dequantized in numpy (gguf_quants) to `dtype`;
+    with float32 and `keep_quantized`, a Q8_0 LM head (or tied embedding) is also kept in its 8-bit form for the
+    backend's decode step (a 262k vocabulary's head is most of what a token reads)."""
     from mlx_lm.models import gemma3_text, llama
 
     meta = header.metadata
@@ -361,6 +365,12 @@ def _load_dequantized(path: Path, header: GGUFHeader, *, dtype: mx.Dtype) -> tup
     model = module.Model(module.ModelArgs.from_dict(config))
     weights = model.sanitize(weights)  # gemma3: no lm_head tensor ties the head to the embedding
     _load_weights(model, list(weights.items()), path, arch)
+    head = "output" if "output.weight" in header.tensors else "token_embd"
+    kind, shape, offset = header.tensors.get(f"{head}.weight", (None, None, None))
+    if keep_quantized is not None and dtype == mx.float32 and kind == "Q8_0":
+        affine = q8_0_affine(data[offset:offset + int(np.prod(shape)) // 32 * 34], shape)
+        if affine is not None:
+            keep_quantized(model, {f"{_mlx_name(head, path, arch)}.weight": (*map(mx.array, affine), 8)})
     return model, config
 
 

@@ -109,3 +109,16 @@ def dequantize(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray
         _, block, nbytes = next(t for t in GGML_TYPES.values() if t[0] == kind)
         out = _DEQUANTIZE[kind](raw.reshape(-1, nbytes))
     return out.reshape(shape)
+
+
+def q8_0_affine(raw: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A Q8_0 tensor of numpy `shape` (rows, K) in MLX's 8-bit affine form, as mx.load makes it of a llama file:
+    values q + 128 packed four to a uint32 from the low byte up, and per group of 32 a float16 scale d and bias
+    -128 d. Exact: scale * (q + 128) + bias = d q. None where a bias would not fit a float16 (|d| > 511)."""
+    rows, k = shape
+    b = np.asarray(raw, dtype=np.uint8).reshape(-1, 34)
+    scales = b[:, 0:2].copy().view(np.float16).reshape(rows, k // 32)
+    if np.abs(scales.astype(np.float32)).max(initial=0.0) > 511:
+        return None
+    values = np.ascontiguousarray(b[:, 2:34] ^ 0x80)  # int8 q -> uint8 q + 128
+    return values.reshape(rows, k).view(np.uint32), scales, (scales.astype(np.float32) * -128).astype(np.float16)

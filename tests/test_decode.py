@@ -11,8 +11,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
 from mlx_kvpred.backends.linux_cpu import blas, cpu_kernels, decode
-from mlx_kvpred.backends.linux_cpu.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder, compiled_decoder,
-                               keep_quantized, prefill_rows_in_c, set_compiled_decode)
+from mlx_kvpred.backends.linux_cpu.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder,
+                                                  QuantizedHead, compiled_decoder, keep_quantized, prefill_rows_in_c,
+                                                  set_compiled_decode)
 from mlx_kvpred.loading import default_model_path
 
 VARIANTS = {
@@ -393,6 +394,36 @@ def test_c_step_leaves_what_it_cannot_read_to_the_compiled_step(c_steps):
     y = mx.array([[3]])
     assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=0.1).item()  # bf16 rounding
     assert c_steps == []
+
+
+@pytest.mark.skipif(not cpu_kernels.quantized_decode(), reason="no AVX2 or AVX-512: float32 weights only")
+def test_gemma3_head_in_c_equals_the_model(monkeypatch):
+    """gemma3's blocks stay MLX's; its tied head's 8-bit form (kept as for a Q8_0 GGUF) is read in C, with the
+    model's logits, across the sliding window; without a kept form, or with the quantized step off, the model runs."""
+    model = tiny_model("gemma3").model
+    assert compiled_decoder(model) is model  # nothing kept: nothing to gain
+    model = quantized_like_gguf(tiny_model("gemma3").model, 8)
+    decoder = compiled_decoder(model)
+    assert isinstance(decoder, QuantizedHead) and compiled_decoder(model) is decoder
+    rows = []
+    monkeypatch.setattr(cpu_kernels, "weight_times_row", lambda w, x, out, f=cpu_kernels.weight_times_row:
+                        rows.append(x.shape) or f(w, x, out))
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+    prompt = mx.array([[5, 9, 2, 7, 1, 3]])  # a window of 8: the steps below cross it
+    mx.eval(decoder(prompt, cache=ours), model(prompt, cache=theirs))
+    for i in range(8):
+        y = mx.array([[(7 * i) % 97]])
+        a, b = decoder(y, cache=ours), model(y, cache=theirs)
+        assert a.shape == b.shape == (1, 1, 97)
+        assert mx.allclose(a, b, atol=1e-4).item(), (i, mx.abs(a - b).max().item())
+    assert rows == [(64,)] * 8  # one C call a step; the prompt ran as the model
+    with QUANTIZED_DECODE.off():
+        y = mx.array([[3]])
+        assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    model.update(tree_map(lambda p: p * 0.5, model.parameters()))  # the kept bytes no longer describe the head
+    y = mx.array([[4]])
+    assert mx.allclose(decoder(y, cache=ours), model(y, cache=theirs), atol=1e-4).item()
+    assert len(rows) == 8 and model._kvpred_quantized == {}  # nor kept: the old weights are not held on to
 
 
 def test_the_step_runs_fewer_primitives():

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_kvpred.errors import KVPredError
 from mlx_kvpred.gguf import _mlx_name, default_gguf_path, gemma3_270m_path, load_gguf, read_gguf_header
-from mlx_kvpred.gguf_quants import GGML_TYPES, dequantize
+from mlx_kvpred.gguf_quants import GGML_TYPES, dequantize, q8_0_affine
 
 GGUF = default_gguf_path()
 needs_model = pytest.mark.skipif(GGUF is None,
@@ -350,6 +350,47 @@ def test_dequantize_equals_the_gguf_package_on_the_gemma_file():
         np.testing.assert_array_equal(ours, gguf_ref.quants.dequantize(np.asarray(t.data), t.tensor_type)
                                       .reshape(shape))
     assert seen == {"F32", "Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+
+
+def test_q8_0_in_mlx_affine_form_is_exact():
+    """A Q8_0 tensor's 8-bit affine form (what the C decode step reads for gemma3's head) dequantizes to the same
+    float32 values, as mx.load's form of a llama file's Q8_0 does; scales too large for a float16 bias: not kept."""
+    rng = np.random.default_rng(1)
+    raw = random_blocks("Q8_0", 64, rng)  # 8 rows of 256
+    packed, scales, biases = q8_0_affine(raw.reshape(-1), (8, 256))
+    assert packed.shape == (8, 64) and packed.dtype == np.uint32 and scales.shape == biases.shape == (8, 8)
+    values = mx.dequantize(mx.array(packed), mx.array(scales).astype(mx.float32), mx.array(biases).astype(mx.float32),
+                           group_size=32, bits=8)
+    np.testing.assert_array_equal(np.array(values), dequantize(raw.reshape(-1), "Q8_0", (8, 256)))
+    raw[0, 0:2] = np.array([600.0], np.float16).view(np.uint8)
+    assert q8_0_affine(raw.reshape(-1), (8, 256)) is None
+
+
+@needs_gemma
+def test_gemma_head_kept_in_8_bits_for_decode():
+    """Loaded for the Linux backend, the real file's Q8_0 tied embedding is kept in its 8-bit form (nothing else:
+    the C step runs llama-family blocks only), and a decode step through it gives the model's logits."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_kvpred.backends import get
+    from mlx_kvpred.backends.linux_cpu import cpu_kernels
+    from mlx_kvpred.backends.linux_cpu.decode import QuantizedHead, compiled_decoder
+    from mlx_kvpred.loading import load_model
+
+    if not cpu_kernels.quantized_decode():
+        pytest.skip("no AVX2 or AVX-512: the C step reads float32 weights")
+    loaded = load_model(GEMMA, backend=get("linux_cpu"))
+    model = loaded.model
+    (weight, packed, scales, biases, bits), = model._kvpred_quantized.values()
+    assert weight is model.model.embed_tokens.weight and packed.shape == (262144, 160) and bits == 8
+    decoder = compiled_decoder(model)
+    assert isinstance(decoder, QuantizedHead)
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+    prompt = mx.array([loaded.tokenizer.encode("The capital of France is")])
+    mx.eval(model(prompt, cache=ours), model(prompt, cache=theirs))
+    y = mx.array([[12366]])
+    a, b = decoder(y, cache=ours), model(y, cache=theirs)
+    assert mx.abs(a - b).max().item() < 1e-3 and mx.argmax(a).item() == mx.argmax(b).item()
 
 
 @needs_gemma

@@ -95,6 +95,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, targets]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
+                lib.weight_times_row.argtypes, lib.weight_times_row.restype = [ctypes.POINTER(Weight), i, l, p, p], i
                 lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i
                 _lib = lib
     return _lib
@@ -237,6 +238,13 @@ def predict_kv_rows(predictor: StackedPredictor, stream: np.ndarray, prev: np.nd
     contiguous, which the caller guarantees (cpu_ops.predict_kv_in_c)."""
     _check_step(_require().predict_kv_rows(ctypes.byref(predictor), stream.ctypes.data,
                                            None if prev is None else prev.ctypes.data, stream.shape[0], targets))
+
+
+def weight_times_row(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
+    """out (n,) = W x on all cores (decode_step.c's weight_times_row): `weight` (n, K) float32 or quantized, x (K,)
+    float32 and contiguous, K a multiple of 32; the caller keeps the weight's arrays alive (decode.QuantizedHead)."""
+    _check_step(_require().weight_times_row(ctypes.byref(weight), x.shape[0], out.shape[0], x.ctypes.data,
+                                            out.ctypes.data))
 
 
 def _check_step(status: int) -> None:

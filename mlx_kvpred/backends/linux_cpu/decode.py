@@ -17,11 +17,14 @@ KVPRED_C_DECODE=0 keeps the compiled MLX step).
 `CDecoder.run_rows` runs several positions the same way (decode_rows: products of all rows reading each weight
 once), which `prefill_rows_in_c` uses for a prompt's last rows, kvp's exact tail and (stopping at a block, the residual
 stream out) kvp's aux pass where the aux is the base's first blocks (C_ROWS).
+`QuantizedHead` is for a family whose blocks the C step does not run (gemma3): the blocks by the model's own code,
+the LM head's row in C on the GGUF's 8-bit values (a 262k vocabulary's head is most of what a token reads).
 """
 
 from __future__ import annotations
 
 import ctypes
+import inspect
 import weakref
 from functools import partial
 from typing import Any, Sequence
@@ -84,9 +87,10 @@ def compiled_decode_note() -> str:
     """What decodes a token (doctor's "decode" row)."""
     if not COMPILED_DECODE.enabled():
         return COMPILED_DECODE.note()
-    others = "; other families (gemma3) decode in MLX"
     if not C_DECODE.enabled():
-        return f"{C_DECODE.note()} (llama/qwen2/qwen3 models){others}"
+        return f"{C_DECODE.note()} (llama/qwen2/qwen3 models); other families (gemma3) decode in MLX"
+    others = ("; other families (gemma3): blocks in MLX, an 8-bit (Q8_0) LM head in C" if QUANTIZED_DECODE.enabled()
+              else "; other families (gemma3) decode in MLX")
     return (f"{C_DECODE.note()} ({cpu_kernels.decode_isa()}), {QUANTIZED_DECODE.note()} (llama/qwen2/qwen3 "
             f"models){others}")
 
@@ -300,8 +304,7 @@ class CDecoder(CompiledDecoder):
         self.table_blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block b: RoPE tables of b * TABLE_ROWS..
 
     def _head_weight(self) -> mx.array:
-        return self.inner.embed_tokens.weight if self.head == getattr(self.inner.embed_tokens, "as_linear", None) \
-            else self.model.lm_head.weight
+        return _head_module(self.model).weight
 
     def _set_weight(self, into: cpu_kernels.Weight, w: mx.array) -> None:
         """Point `into` at w, or at its quantized form where keep_quantized kept one and QUANTIZED_DECODE is on."""
@@ -572,12 +575,72 @@ def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: m
     return C.reshape(rows, -1), (sin * rotated * scale).reshape(rows, -1)
 
 
-def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder:
-    """The C decoder of `model` where C_DECODE is on, else its compiled one (each made once, kept on the model), or
-    the model itself where the step is off (set_compiled_decode) or the architecture is not a supported one."""
-    if not compiled_decode_enabled() or not supports(model):
+class QuantizedHead:
+    """Called like the model by mlx-lm's generate_step, for a family whose blocks the C step does not run (gemma3):
+    one token's blocks by the model's own code, then its LM head's row in C on the GGUF's 8-bit values
+    (keep_quantized; a weight read at 9 bits a value instead of 32: 262k x 640 is 671 MB of float32). Anything
+    else (several tokens, a head without a kept 8-bit form, e.g. after a model.update) runs the model itself."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = backbone(model)
+        self.weight = cpu_kernels.Weight()
+        self.pointed_at: mx.array | None = None  # the float32 head weight whose 8-bit form self.weight reads
+
+    def __getattr__(self, name: str):  # generate_step and make_prompt_cache read model attributes (layers, ...)
+        return getattr(self.model, name)
+
+    def _point_at_head(self) -> bool:
+        """Point self.weight at the head's kept 8-bit form (again if the head changed); False: there is none."""
+        head = _head_module(self.model)
+        w = None if head is None else head.weight
+        if self.pointed_at is w and QUANTIZED_DECODE.enabled():
+            return True
+        self.pointed_at = None
+        _drop_replaced_quantized(self.model)  # after a model.update: the old weights are not held on to
+        quantized = _quantized_of(self.model, w) if QUANTIZED_DECODE.enabled() and w is not None else None
+        if quantized is None or quantized[3] != 8 or w.shape[1] % 32 or "bias" in head:
+            return False
+        packed, scales, biases, _ = quantized
+        self.weight.packed, self.weight.bits = _address(packed, np.uint32), 8
+        self.weight.scales, self.weight.biases = _address(scales, np.float16), _address(biases, np.float16)
+        self.weight.w, self.pointed_at = None, w
+        return True
+
+    def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
+        if inputs.shape != (1, 1) or input_embeddings is not None or kwargs or not self._point_at_head():
+            return self.model(inputs, cache=cache, input_embeddings=input_embeddings, **kwargs)
+        row = np.array(self.inner(inputs, cache=cache)[0, -1].astype(mx.float32))
+        logits = np.empty(self.pointed_at.shape[0], dtype=np.float32)
+        cpu_kernels.weight_times_row(self.weight, row, logits)
+        return mx.array(logits)[None, None]
+
+
+def _head_module(model: nn.Module) -> nn.Module | None:
+    """The module whose weight is the model's LM head: its lm_head, or the tied embedding (None: not a plain head)."""
+    head = lm_head_of(model)
+    return head.__self__ if inspect.ismethod(head) else head  # a tied embedding's as_linear, or the head module
+
+
+def has_quantized_head(model: nn.Module) -> bool:
+    """The model's LM head (or tied embedding) has an 8-bit form kept (keep_quantized) that QuantizedHead reads."""
+    module = _head_module(model)
+    kept = None if module is None else _quantized_of(model, module.weight)
+    return kept is not None and kept[3] == 8
+
+
+def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder | QuantizedHead:
+    """The C decoder of `model` where C_DECODE is on, else its compiled one (each made once, kept on the model); for
+    another family, QuantizedHead where its head's 8-bit form was kept; else the model itself (the step off:
+    set_compiled_decode, or nothing to gain)."""
+    if not compiled_decode_enabled():
         return model
-    kind = CDecoder if C_DECODE.enabled() else CompiledDecoder
+    if not supports(model):
+        if not (C_DECODE.enabled() and QUANTIZED_DECODE.enabled() and has_quantized_head(model)):
+            return model
+        kind = QuantizedHead
+    else:
+        kind = CDecoder if C_DECODE.enabled() else CompiledDecoder
     decoder = model.__dict__.get(f"_kvpred_{kind.__name__}")
     if decoder is None:
         decoder = kind(model)

@@ -1250,3 +1250,36 @@ int predict_kv_rows(const kv_predictor *p, const float *stream, const float *pre
     free(scratch);
     return 0;
 }
+
+/* One row's product with a weight the step does not otherwise read: the LM head of a model whose blocks run in MLX
+   (gemma3's tied 262k x 640 embedding, kept as the GGUF's 8-bit values), its rows split over all cores. */
+typedef struct {
+    const weight *W;
+    int K, threads;
+    long n;
+    product_input in;
+    float *y;
+} rows_job;
+
+static void rows_thread(void *job, int t, float *scratch) {
+    (void)scratch;
+    const rows_job *j = job;
+    long lo = j->n * t / j->threads / 4 * 4, hi = t == j->threads - 1 ? j->n : j->n * (t + 1) / j->threads / 4 * 4;
+    weight_rows(j->W, j->K, &j->in, NULL, j->y, lo, hi);
+}
+
+static void rows_ready(void *job, int n) { ((rows_job *)job)->threads = n; }
+
+/* y (n) = W x, W (n, K) float32 or quantized (K a multiple of 32), on all cores. 0 on success, 1 if scratch memory
+   was not had, 2 for a quantized W where decode_quantized_supported() is 0. */
+int weight_times_row(const weight *W, int K, long n, const float *x, float *y) {
+    decode_isa(-1);
+    if (!W->w && !quantized_supported()) return 2;
+    float *paired = aligned_alloc(64, sizeof(float) * ((K + K / 32 + 15) / 16 * 16));
+    if (!paired) return 1;
+    rows_job j = {W, K, max_threads(), n, {x, paired, paired + K}, y};
+    prepare_input(&j.in, K);
+    run_team(rows_thread, rows_ready, &j, j.threads, paired, 0);
+    free(paired);
+    return 0;
+}
