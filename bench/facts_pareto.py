@@ -63,12 +63,15 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["length"] for r in rows})
+    # one colour per method and option (kvp, kvp with each exact keep, specprefill per keep), the base black
+    names = sorted({r["name"] for r in rows if r["mode"] != "base"})
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.2), squeeze=False)
     for ax, n in zip(axes[0], lengths):
         here = [r for r in rows if r["length"] == n and r["ttft_s"] is not None]
         for r in here:
             ax.errorbar([r["ttft_s"]], [r["accuracy"]], yerr=[r["se"]], fmt="o", capsize=3,
-                        color=COLORS.get(r["mode"], "tab:green"), label=r["name"])
+                        color=COLORS["base"] if r["mode"] == "base" else colors[r["name"]], label=r["name"])
         pts = [(r["ttft_s"], r["accuracy"]) for r in here]
         front = pareto_front(pts)
         if len(front) > 1:
