@@ -351,10 +351,14 @@ def _load_dequantized(path: Path, header: GGUFHeader, *, dtype: mx.Dtype,
     arch = meta["general.architecture"]
     data = np.memmap(path, dtype=np.uint8, mode="r")
     sizes = {name: (block, nbytes) for name, block, nbytes in GGML_TYPES.values()}
+
+    def raw(kind: str, shape: tuple[int, ...], offset: int) -> np.ndarray:  # a tensor's bytes in the file
+        block, nbytes = sizes[kind]
+        return data[offset:offset + int(np.prod(shape)) // block * nbytes]
+
     weights = {}
     for name, (kind, shape, offset) in header.tensors.items():
-        block, nbytes = sizes[kind]
-        values = dequantize(data[offset:offset + int(np.prod(shape)) // block * nbytes], kind, shape)
+        values = dequantize(raw(kind, shape, offset), kind, shape)
         if arch == "gemma3" and name.endswith("norm.weight"):
             values = values - 1  # Gemma norms scale by 1 + w; llama.cpp's converter stores 1 + w
         weights[f"{_mlx_name(name.removesuffix('.weight'), path, arch)}.weight"] = mx.array(values).astype(dtype)
@@ -368,7 +372,7 @@ def _load_dequantized(path: Path, header: GGUFHeader, *, dtype: mx.Dtype,
     head = "output" if "output.weight" in header.tensors else "token_embd"
     kind, shape, offset = header.tensors.get(f"{head}.weight", (None, None, None))
     if keep_quantized is not None and dtype == mx.float32 and kind == "Q8_0":
-        affine = q8_0_affine(data[offset:offset + int(np.prod(shape)) // 32 * 34], shape)
+        affine = q8_0_affine(raw(kind, shape, offset), shape)
         if affine is not None:
             keep_quantized(model, {f"{_mlx_name(head, path, arch)}.weight": (*map(mx.array, affine), 8)})
     return model, config

@@ -248,6 +248,22 @@ def _quantized_of(model: nn.Module, w: mx.array) -> QuantizedWeight | None:
     return kept[1:] if kept is not None and kept[0] is w else None
 
 
+def _point_at_quantized(into: cpu_kernels.Weight, model: nn.Module, w: mx.array) -> bool:
+    """Point `into` at w's quantized form where keep_quantized kept one (4 or 8 bits, rows of whole groups of 32)
+    and QUANTIZED_DECODE is on; False where not (none kept, or not laid out as GGUF files load)."""
+    quantized = _quantized_of(model, w) if QUANTIZED_DECODE.enabled() else None
+    if quantized is None or quantized[3] not in (4, 8) or w.shape[1] % 32:
+        return False
+    packed, scales, biases, bits = quantized
+    try:
+        into.packed, into.bits = _address(packed, np.uint32), bits
+        into.scales, into.biases = _address(scales, np.float16), _address(biases, np.float16)
+    except ValueError:
+        return False
+    into.w = None
+    return True
+
+
 def _drop_replaced_quantized(model: nn.Module) -> None:
     """Forget the quantized forms of weights the model no longer has (and so the old float32 arrays)."""
     kept = model.__dict__.get("_kvpred_quantized")
@@ -308,17 +324,8 @@ class CDecoder(CompiledDecoder):
 
     def _set_weight(self, into: cpu_kernels.Weight, w: mx.array) -> None:
         """Point `into` at w, or at its quantized form where keep_quantized kept one and QUANTIZED_DECODE is on."""
-        quantized = _quantized_of(self.model, w) if QUANTIZED_DECODE.enabled() else None
-        if quantized is not None and quantized[3] in (4, 8) and w.shape[1] % 32 == 0:
-            packed, scales, biases, bits = quantized
-            try:
-                into.packed, into.bits = _address(packed, np.uint32), bits
-                into.scales, into.biases = _address(scales, np.float16), _address(biases, np.float16)
-                into.w = None
-                return
-            except ValueError:  # not as GGUF files load: the float32 weight, which is the same numbers
-                pass
-        into.w, into.packed, into.scales, into.biases, into.bits = _address(w), None, None, None, 32
+        if not _point_at_quantized(into, self.model, w):  # the float32 weight, which is the same numbers
+            into.w, into.packed, into.scales, into.biases, into.bits = _address(w), None, None, None, 32
 
     def _set_weights(self) -> bool:
         """Point the C step at the model's arrays (again if any changed since); False if the C step cannot read
@@ -577,9 +584,9 @@ def _rope_tables(unit: mx.array, offset: mx.array, *, rope: nn.Module, cos_at: m
 
 class QuantizedHead:
     """Called like the model by mlx-lm's generate_step, for a family whose blocks the C step does not run (gemma3):
-    one token's blocks by the model's own code, then its LM head's row in C on the GGUF's 8-bit values
-    (keep_quantized; a weight read at 9 bits a value instead of 32: 262k x 640 is 671 MB of float32). Anything
-    else (several tokens, a head without a kept 8-bit form, e.g. after a model.update) runs the model itself."""
+    one token's blocks by the model's own code, then its LM head's row in C on the GGUF's quantized values
+    (keep_quantized; gemma3's Q8_0 head read at 9 bits a value instead of 32: 262k x 640 is 671 MB of float32).
+    Anything else (several tokens, a head without a kept form, e.g. after a model.update) runs the model itself."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -598,13 +605,9 @@ class QuantizedHead:
             return True
         self.pointed_at = None
         _drop_replaced_quantized(self.model)  # after a model.update: the old weights are not held on to
-        quantized = _quantized_of(self.model, w) if QUANTIZED_DECODE.enabled() and w is not None else None
-        if quantized is None or quantized[3] != 8 or w.shape[1] % 32 or "bias" in head:
+        if w is None or "bias" in head or not _point_at_quantized(self.weight, self.model, w):
             return False
-        packed, scales, biases, _ = quantized
-        self.weight.packed, self.weight.bits = _address(packed, np.uint32), 8
-        self.weight.scales, self.weight.biases = _address(scales, np.float16), _address(biases, np.float16)
-        self.weight.w, self.pointed_at = None, w
+        self.pointed_at = w
         return True
 
     def __call__(self, inputs: mx.array, cache: Sequence[Any] | None = None, input_embeddings=None, **kwargs):
@@ -623,10 +626,9 @@ def _head_module(model: nn.Module) -> nn.Module | None:
 
 
 def has_quantized_head(model: nn.Module) -> bool:
-    """The model's LM head (or tied embedding) has an 8-bit form kept (keep_quantized) that QuantizedHead reads."""
+    """The model's LM head (or tied embedding) has a quantized form kept (keep_quantized) for QuantizedHead."""
     module = _head_module(model)
-    kept = None if module is None else _quantized_of(model, module.weight)
-    return kept is not None and kept[3] == 8
+    return module is not None and _quantized_of(model, module.weight) is not None
 
 
 def compiled_decoder(model: nn.Module) -> nn.Module | CompiledDecoder | QuantizedHead:
