@@ -221,8 +221,11 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     kept = select_positions(carry_forward(scores[first:]), keep=exact_keep) + first
     if kept.size:
         with mx.stream(generation_stream):
-            recompute_at(base.layers[shared:], caches[shared:], stream[:, kept - (start - skip)], kept, end,
-                         sizes[shared:])
+            rows = stream[:, kept - (start - skip)]
+            # the backend's rows at scattered positions take no sliding windows
+            if any(sizes[shared:]) or pipe.backend.run_rows(base, caches[shared:], stream=rows, first_layer=shared,
+                                                            positions=kept) is None:
+                recompute_at(base.layers[shared:], caches[shared:], rows, kept, end, sizes[shared:])
     return tail_stream
 
 
@@ -277,9 +280,14 @@ def _scored_tail(pipe: Pipeline, tail: mx.array, caches: list[Any], k: int, *, e
     there: importance.attention_scores)."""
     base = pipe.base.model
     layers = base.layers[:k]
-    with mx.stream(generation_stream), tap_queries(layers) as queries:
-        stream = run_blocks(base, embed(base, tail[None]), caches[:k], stop=k)
-        scores = attention_scores(layers, [q[-1] for q in queries], [c.keys[:, :, :c.offset] for c in caches[:k]],
+    with mx.stream(generation_stream):
+        queries: list[mx.array] = []
+        stream = pipe.backend.run_rows(base, caches[:k], tokens=tail[None], stop_layer=k, queries=queries)
+        if stream is None:
+            with tap_queries(layers) as taps:
+                stream = run_blocks(base, embed(base, tail[None]), caches[:k], stop=k)
+            queries = [q[-1] for q in taps]
+        scores = attention_scores(layers, queries, [c.keys[:, :, :c.offset] for c in caches[:k]],
                                   end=end, exp=pipe.backend.loss_ops()[0], windows=windows(base)[:k])
         mx.eval(stream, scores, [c.state for c in caches[:k]])
     return stream, scores

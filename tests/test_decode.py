@@ -10,11 +10,16 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import tiny_model
+from test_facts import lp_pipeline
+from mlx_kvpred import backends
 from mlx_kvpred.backends.linux_cpu import blas, cpu_kernels, decode
 from mlx_kvpred.backends.linux_cpu.decode import (C_DECODE, C_ROWS, QUANTIZED_DECODE, CDecoder, CompiledDecoder,
                                                   QuantizedHead, compiled_decoder, keep_quantized, prefill_rows_in_c,
                                                   set_compiled_decode)
+from mlx_kvpred.importance import tap_queries
 from mlx_kvpred.loading import default_model_path
+from mlx_kvpred.pipeline import prefill_logits
+from mlx_kvpred.positions import recompute_at
 
 VARIANTS = {
     "llama": {},
@@ -302,6 +307,69 @@ def test_rows_through_the_first_blocks_return_their_stream(name):
                 assert mx.allclose(mine, its, atol=1e-4).item()
         assert ours[2].offset == past  # later blocks untouched
     assert decoder.run_rows(ours[:2], tokens=tokens, stop_layer=3) is None  # caches of other blocks than run
+
+
+@pytest.mark.parametrize("isa", isas("portable"), indirect=True)
+@pytest.mark.parametrize("name", ["llama", "qwen3", "llama-heads-64-group-3", "llama-heads-24", "llama-odd-widths"])
+def test_rows_at_scattered_positions_equal_recompute_at(name, isa, monkeypatch):
+    """kvp's exact keep in C (run_rows with positions): rows at scattered positions of caches holding every position
+    replace the K/V there and attend to the positions up to their own, as positions.recompute_at does in MLX; in one
+    call and in several (4 rows a call: the later rows read the K/V the earlier calls wrote), the first and the
+    last cached positions among them."""
+    model = variant(name).model
+    decoder = CDecoder(model)
+    dim = model.model.embed_tokens.weight.shape[1]
+    for per_call, positions in ((256, [3, 4, 5, 17, 30, 39]), (4, [0, 1, 2, 9, 10, 20, 21, 22, 39])):
+        monkeypatch.setattr(decode, "C_ROWS_MAX", {isa: per_call for isa in decode.C_ROWS_MAX})
+        ours, theirs = prefilled_caches(model, 40)
+        at = mx.array(positions, dtype=mx.int32)
+        x = mx.random.normal((1, len(positions), dim), key=mx.random.key(len(positions)))
+        got = decoder.run_rows(ours[1:], stream=x, first_layer=1, positions=at)
+        want = recompute_at(model.layers[1:], theirs[1:], x, at, 40)
+        assert got is not None and mx.allclose(got, want, atol=1e-4).item(), mx.abs(got - want).max().item()
+        for mine, its in zip(ours, theirs):
+            assert mine.offset == its.offset == 40
+            for a, b in zip(mine.state[:2], its.state[:2]):
+                assert mx.allclose(a[..., :40, :], b[..., :40, :], atol=1e-4).item()
+    unsorted = mx.array([5, 3], dtype=mx.int32)
+    assert decoder.run_rows(ours[1:], stream=x[:, :2], first_layer=1, positions=unsorted) is None
+    assert decoder.run_rows(ours[1:], stream=x[:, :1], first_layer=1, positions=at[:1]) is None  # one row: MLX's
+
+
+@needs_c
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_rows_give_each_blocks_queries(name):
+    """The exact tail's queries for its importance scores (run_rows with `queries`): each block's rotated queries,
+    as the blocks' own rope modules give them (importance.tap_queries)."""
+    model = variant(name).model
+    ours, theirs = prefilled_caches(model, 21)
+    tokens = mx.random.randint(0, 97, (1, 6), key=mx.random.key(9))
+    queries = []
+    CDecoder(model).run_rows(ours[:2], tokens=tokens, stop_layer=2, queries=queries)
+    with tap_queries(model.layers[:2]) as taps:
+        x = model.model.embed_tokens(tokens)
+        for layer, c in zip(model.layers[:2], theirs[:2]):
+            x = layer(x, mask="causal", cache=c)
+    assert len(queries) == 2
+    for got, want in zip(queries, taps):
+        assert got.shape == want[-1].shape and mx.allclose(got, want[-1], atol=1e-5).item()
+
+
+@needs_c
+def test_exact_keep_recomputes_in_c():
+    """The pipeline's exact keep runs its recompute and the tail's scores through the C rows where they are on, to
+    the same first token and log-probabilities as in MLX."""
+    pipe = lp_pipeline(tiny_model("llama", num_hidden_layers=6), backend=backends.get("linux_cpu"))
+    prompt = mx.random.randint(0, 97, (60,), key=mx.random.key(3))
+    calls = []
+    rows = cpu_kernels.decode_rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "decode_rows", lambda *a, **k: calls.append(k) or rows(*a, **k))
+        _, in_c = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
+    assert any(k.get("positions") is not None for k in calls) and any(k.get("queries_out") is not None for k in calls)
+    with C_ROWS.off():
+        _, in_mlx = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
+    assert mx.allclose(in_c, in_mlx, atol=1e-4).item()
 
 
 @needs_c

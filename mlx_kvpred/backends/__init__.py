@@ -36,10 +36,15 @@ class Backend(Protocol):
         another library's module-level functions. Idempotent; a model prepared by another backend is taken over."""
 
     def run_rows(self, model: Any, caches: Sequence[Any], *, tokens: Any = None, stream: Any = None,
-                 first_layer: int = 0, stop_layer: int | None = None) -> Any:
+                 first_layer: int = 0, stop_layer: int | None = None, positions: Any = None,
+                 queries: list | None = None) -> Any:
         """A prompt's last rows (`tokens` (1, R) or the residual `stream` (1, R, dim) entering block `first_layer`)
         through blocks first_layer..stop_layer - 1 with `caches` extended: the last row's logits (1, vocab), or with
-        an earlier `stop_layer` the stream leaving it (1, R, dim). None: not done, nothing changed."""
+        an earlier `stop_layer` the stream leaving it (1, R, dim); each block's rotated queries (1, n_q, R, D)
+        appended to `queries` if given. With `positions` (R sorted positions below the caches' offset, caches that
+        hold every position): the rows are at those positions, their K/V replace the cached ones there and each
+        attends to the positions up to its own (positions.recompute_at); returns the stream leaving the blocks.
+        None: not done, nothing changed."""
 
     def append_kv(self, layers: Sequence[Any], caches: Sequence[Any], keys: Sequence[Any],
                   values: Sequence[Any]) -> list[bool]:

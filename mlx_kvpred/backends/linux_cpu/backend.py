@@ -28,10 +28,10 @@ class LinuxCPUBackend:
             cpu_ops.restore_model(model)
 
     def run_rows(self, model: nn.Module, caches: Sequence[Any], *, tokens: mx.array | None = None,
-                 stream: mx.array | None = None, first_layer: int = 0,
-                 stop_layer: int | None = None) -> mx.array | None:
+                 stream: mx.array | None = None, first_layer: int = 0, stop_layer: int | None = None,
+                 positions: mx.array | None = None, queries: list | None = None) -> mx.array | None:
         return decode.prefill_rows_in_c(model, caches, tokens=tokens, stream=stream, first_layer=first_layer,
-                                        stop_layer=stop_layer)
+                                        stop_layer=stop_layer, positions=positions, queries=queries)
 
     def append_kv(self, layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
                   values: Sequence[mx.array]) -> list[bool]:

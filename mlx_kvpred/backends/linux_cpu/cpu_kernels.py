@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
                 lib.swiglu.restype = lib.rope.restype = None
                 model, targets = ctypes.POINTER(StepModel), ctypes.POINTER(KVTarget)
                 lib.decode_step.argtypes = [model, p, i, p, p, p, targets, l, p]
-                lib.decode_rows.argtypes = [model, p, i, i, p, p, p, targets, l, p, p]
+                lib.decode_rows.argtypes = [model, p, i, i, p, p, p, p, targets, l, p, p, p]
                 lib.predict_kv_rows.argtypes = [ctypes.POINTER(StackedPredictor), p, p, i, targets]
                 lib.decode_step.restype = lib.decode_rows.restype = lib.decode_quantized_supported.restype = i
                 lib.predict_kv_rows.restype = i
@@ -218,16 +218,23 @@ def decode_step(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin
 
 def decode_rows(model: StepModel, x: np.ndarray, past: int, cos: np.ndarray, sin: np.ndarray, partner: np.ndarray,
                 kv_out: ctypes.Array, kv_at: int, logits: np.ndarray | None,
-                stream_out: np.ndarray | None = None) -> None:
+                stream_out: np.ndarray | None = None, *, positions: np.ndarray | None = None,
+                queries_out: np.ndarray | None = None) -> None:
     """decode_step over R positions past .. past + R - 1 at once: x (R, dim) their residual streams entering the
     model's first layer, cos and sin (R, (n_q + n_kv) head_dim); writes the new keys and values into `kv_out` (2
     n_layers KVTargets: each layer's keys, then its values; buffers kept alive by the caller) from row kv_at on,
-    the last row's logits (vocab,) unless `logits` is None, and the residual streams leaving the model's last layer
-    (R, dim) into `stream_out` if given. Products of several rows read each weight once for all of them."""
-    _check_step(_require().decode_rows(ctypes.byref(model), x.ctypes.data, x.shape[0], past, cos.ctypes.data,
+    the last row's logits (vocab,) unless `logits` is None, the residual streams leaving the model's last layer
+    (R, dim) into `stream_out` and each layer's rotated queries (n_layers, R, n_q head_dim; the tables' scale in
+    them) into `queries_out` if given. Products of several rows read each weight once for all of them.
+    `positions` (R >= 2 sorted int32, each < past): the rows are at those positions of caches holding all `past`
+    (kv_out pointing at the layers' own buffers); their K/V replace what is there and each attends to positions up
+    to its own."""
+    _check_step(_require().decode_rows(ctypes.byref(model), x.ctypes.data, x.shape[0], past,
+                                       None if positions is None else positions.ctypes.data, cos.ctypes.data,
                                        sin.ctypes.data, partner.ctypes.data, kv_out, kv_at,
                                        None if logits is None else logits.ctypes.data,
-                                       None if stream_out is None else stream_out.ctypes.data))
+                                       None if stream_out is None else stream_out.ctypes.data,
+                                       None if queries_out is None else queries_out.ctypes.data))
 
 
 def predict_kv_rows(predictor: StackedPredictor, stream: np.ndarray, prev: np.ndarray | None,

@@ -61,7 +61,8 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
 # products' kernel (docs/performance.md): ~256 rows with AVX-512 (a Xeon), ~64 with AVX2 (an AMD EPYC).
 C_ROWS_MAX = {"avx512": 256, "avx2": 64}
 C_ROWS = Switch("KVPRED_C_ROWS", lambda: C_DECODE.enabled() and COMPILED_DECODE.enabled(),
-                "a prompt's last rows (up to 256 with AVX-512, 64 with AVX2), and kvp's exact tail and aux pass, in C",
+                "a prompt's last rows (up to 256 with AVX-512, 64 with AVX2), kvp's exact tail and aux pass, and "
+                "exact keep's recomputed rows, in C",
                 "in MLX", "the C decode step is off")
 
 
@@ -472,13 +473,15 @@ class CDecoder(CompiledDecoder):
         return made
 
     def run_rows(self, cache: Sequence[Any], *, tokens: mx.array | None = None, stream: mx.array | None = None,
-                 first_layer: int = 0, stop_layer: int | None = None) -> mx.array | None:
+                 first_layer: int = 0, stop_layer: int | None = None, positions: mx.array | None = None,
+                 queries: list | None = None) -> mx.array | None:
         """Several positions through blocks first_layer..stop_layer - 1 (default: to the last) in one C call
         (decode_rows): `tokens` (1, R), or `stream` (1, R, dim) their residual stream entering block first_layer;
         `cache` those blocks' caches, which get the R new keys and values. Returns the last position's logits
         (1, vocab) when the blocks run to the model's last, else the residual stream leaving block stop_layer - 1
         (1, R, dim); None (nothing done) where the C step cannot run it (see __call__): the caller then runs the
-        model."""
+        model. `queries`: each block's rotated queries (1, n_q, R, head_dim) are appended to it. `positions` (R
+        sorted positions below the caches' offset): see _run_rows_at."""
         if (tokens is None) == (stream is None) or not self._takes(cache, first_layer, stop_layer):
             return None
         if tokens is not None:
@@ -494,6 +497,8 @@ class CDecoder(CompiledDecoder):
         model.n_layers = n_layers
         model.layers = ctypes.cast(ctypes.byref(self.c_layers, first_layer * ctypes.sizeof(cpu_kernels.StepLayer)),
                                    ctypes.POINTER(cpu_kernels.StepLayer))
+        if positions is not None:
+            return self._run_rows_at(model, cache, x, positions, first_layer)
         cos, sin = self._tables(past, rows)
         grown = self._grown_caches(cache, rows)
         if grown:  # written straight into the caches' new buffers
@@ -503,8 +508,14 @@ class CDecoder(CompiledDecoder):
             kv_out = self._targets([new_kv[kind, i][None] for i in range(n_layers) for kind in (0, 1)])
         to_end = first_layer + n_layers == len(self.c_layers)
         stream_out = None if to_end else np.empty((rows, self.c_model.dim), np.float32)
+        n_q, D = self.c_model.n_q, self.head_dim
+        queries_out = None if queries is None else np.empty((n_layers, rows, n_q * D), np.float32)
         cpu_kernels.decode_rows(model, x, past, cos, sin, self.partner, kv_out, past if grown else 0,
-                                self.logits_out if to_end else None, stream_out)
+                                self.logits_out if to_end else None, stream_out, queries_out=queries_out)
+        if queries is not None:  # the tables fold the attention's scale into the queries: taken out again
+            scale = self.inner.layers[0].self_attn.scale
+            q = mx.array(queries_out).reshape(n_layers, rows, n_q, D).transpose(0, 2, 1, 3) / scale
+            queries.extend(q[i][None] for i in range(n_layers))
         if grown:
             for c, (buffers, views) in zip(cache, grown):
                 take_cache_buffers(c, buffers, rows)
@@ -513,6 +524,38 @@ class CDecoder(CompiledDecoder):
             _append(cache, mx.array(new_kv[0])[None], mx.array(new_kv[1])[None])
         out = mx.array(self.logits_out)[None] if to_end else mx.array(stream_out)[None]
         mx.eval(out, [(c.keys, c.values) for c in cache])
+        return out
+
+    def _run_rows_at(self, model: cpu_kernels.StepModel, cache: Sequence[Any], x: np.ndarray, positions: mx.array,
+                     first_layer: int) -> mx.array | None:
+        """kvp's exact keep in C: rows `x` (R, dim) at `positions` (sorted, below the caches' offset, which hold every
+        position) through `model`'s blocks; each row's K/V replace the cached ones at its position, and it attends
+        to every position up to its own. The caches first get fresh copies of their buffers, which the C step
+        writes in place. Up to c_rows_max() rows a call: the rows of a later call are at later positions and
+        attend to the earlier ones' K/V, written already. Returns the streams leaving the last block (1, R, dim);
+        None (nothing done) for fewer than 2 rows or positions not sorted below the offset."""
+        at = np.ascontiguousarray(np.array(positions), np.int32)
+        end, rows = cache[0].offset, x.shape[0]
+        if at.shape != (rows,) or rows < 2 or at[0] < 0 or at[-1] >= end or np.any(np.diff(at) <= 0):
+            return None
+        grown = grown_cache_buffers(cache, [(self.n_kv, self.head_dim, c.keys.shape[2], None) for c in cache])
+        if len(grown) != len(cache):
+            return None
+        for i, c in enumerate(cache):
+            take_cache_buffers(c, grown[i][0], 0)
+            self._register(c, grown[i][1])
+        if not self._set_caches(cache, first_layer):
+            return None
+        kv_out = self._targets([view for i in range(len(cache)) for view in grown[i][1]])
+        cos, sin = (t[at] for t in self._tables(0, end))
+        stream_out = np.empty((rows, self.c_model.dim), np.float32)
+        calls = -(-rows // max(c_rows_max(), 4))  # of equal rows: at least 2 each
+        bounds = [rows * i // calls for i in range(calls + 1)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            cpu_kernels.decode_rows(model, x[lo:hi], end, cos[lo:hi], sin[lo:hi], self.partner, kv_out, 0, None,
+                                    stream_out[lo:hi], positions=at[lo:hi])
+        out = mx.array(stream_out)[None]
+        mx.eval(out)
         return out
 
     def _grown_caches(self, cache: Sequence[Any], rows: int) -> list[tuple[list[mx.array], list[np.ndarray]]] | None:
@@ -538,20 +581,22 @@ class CDecoder(CompiledDecoder):
 
 
 def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
-                      stream: mx.array | None = None, first_layer: int = 0,
-                      stop_layer: int | None = None) -> mx.array | None:
+                      stream: mx.array | None = None, first_layer: int = 0, stop_layer: int | None = None,
+                      positions: mx.array | None = None, queries: list | None = None) -> mx.array | None:
     """A prompt's last rows (at most c_rows_max(): `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
     first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
     and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
-    `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended. Else None and nothing
-    done."""
+    `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended, each block's queries
+    appended to `queries` if given. With `positions`, any number of rows at those positions of caches holding
+    every position, replacing their K/V there (CDecoder._run_rows_at). Else None and nothing done."""
     rows = (tokens if tokens is not None else stream).shape[1]
-    if not C_ROWS.enabled() or rows > c_rows_max():
+    if not C_ROWS.enabled() or rows > c_rows_max() and positions is None or not c_rows_max():
         return None
     decoder = compiled_decoder(model)
     if not isinstance(decoder, CDecoder):
         return None
-    return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer, stop_layer=stop_layer)
+    return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer, stop_layer=stop_layer,
+                            positions=positions, queries=queries)
 
 
 def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:

@@ -624,9 +624,11 @@ typedef struct {
     const float *x_in, *cos, *sin;
     const int *partner;
     int past, threads, rows, ldx; /* rows: positions past .. past + rows - 1; ldx: their transposed inputs' width */
+    const int *positions;    /* or, where not NULL, row r at positions[r] (sorted, < past) of a cache holding all */
     const kv_target *kv_out; /* layer l's new keys at kv_out[2 l], its values at kv_out[2 l + 1], ... */
-    long kv_at;              /* ... from row kv_at of each target on */
+    long kv_at;              /* ... from row kv_at of each target on (with positions: at their positions) */
     float *logits, *stream_out; /* NULL for none */
+    float *queries_out;         /* NULL, or each layer's rotated queries (n_layers, rows, n_q * head_dim) */
     float *qkv, *o, *gate_up, *down; /* products shared by the threads, (rows, width) */
     float *attn_rows;                /* several rows: the attention's output (rows, n_q * head_dim) */
     long ld_qkv, ld_dim, ld_gate_up, ld_attn; /* several rows: the shared buffers' row strides (row_stride) */
@@ -956,6 +958,52 @@ static void attention_rows(step_job *j, const step_layer *L, const float *qk, lo
     }
 }
 
+/* attention_rows for rows at scattered positions (j->positions) of a cache that holds every position, these rows'
+   new keys and values written in already: query row r sees cached keys [0, positions[r]]. */
+static void attention_rows_at(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
+                              const row_scratch *a) {
+    const step_model *m = j->m;
+    int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
+    int nq = (int)(hi - lo) * group, ldq = (nq + 15) / 16 * 16;
+    if (nq == 0) return;
+    long keys = j->positions[hi - 1] + 1L, ls = row_stride(keys);
+    float *Qt = a->qt, *S = a->scores, *OT = a->ot, *sums = a->sums;
+    for (int g = 0; g < m->n_kv; g++) {
+        for (long r = lo; r < hi; r++)
+            for (int i = 0; i < group; i++) {
+                const float *q = qk + r * n_qk + (g * group + i) * D;
+                int c = (int)(r - lo) * group + i;
+                for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
+            }
+        rows_times_columns(L->keys + g * L->k_head, L->k_row, keys, D, Qt, ldq, nq, S, ls);
+        for (int c = 0; c < nq; c++) {
+            float *p = S + c * ls;
+            long n = j->positions[lo + c / group] + 1L;
+            sums[c] = exp_shifted_sum(p, (int)n, row_max(p, (int)n));
+            memset(p + n, 0, sizeof(float) * (keys - n));
+        }
+        rows_times_columns(S, ls, nq, (int)keys, L->values + g * L->v_head, (int)L->v_row, D, OT, ldq);
+        for (int c = 0; c < nq; c++) {
+            float *o = j->attn_rows + (lo + c / group) * j->ld_attn + (g * group + c % group) * D;
+            for (int d = 0; d < D; d++) o[d] = OT[(long)d * ldq + c] / sums[c];
+        }
+    }
+}
+
+/* The first of thread t's T shares of rows at `positions`: row r costs about positions[r] + 1 keys, and each share
+   takes about a T-th of the total. */
+static long attention_split_at(const int *positions, int R, int t, int T) {
+    if (t <= 0) return 0;
+    if (t >= T) return R;
+    double total = 0.0, acc = 0.0;
+    for (int r = 0; r < R; r++) total += positions[r] + 1.0;
+    for (int r = 0; r < R; r++) {
+        if (acc >= total * t / T) return r;
+        acc += positions[r] + 1.0;
+    }
+    return R;
+}
+
 /* The first of thread t's T shares of R query rows after `past` cached positions. attention_rows costs a
    share of rows [lo, hi) about (hi - lo) (past + hi) (all its rows against the keys up to its last), so shares are
    made of about equal such costs: the largest cost c for which the threads, from the last one down, each take as
@@ -991,7 +1039,9 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
     carve_rows_scratch(m, j->past + R, R, ldx, scratch, &sc);
     float *x = sc.x, *xt = sc.xt, *qk = sc.qk, *normed = sc.normed, *row = sc.row, *unpacked = sc.unpacked;
     float *rows = sc.rows, *paired = sc.paired;
-    long lo = attention_split(j->past, R, t, T), hi = attention_split(j->past, R, t + 1, T);
+    const int *at = j->positions;
+    long lo = at ? attention_split_at(at, R, t, T) : attention_split(j->past, R, t, T);
+    long hi = at ? attention_split_at(at, R, t + 1, T) : attention_split(j->past, R, t + 1, T);
     memcpy(x, j->x_in, sizeof(float) * R * dim);
     for (int l = 0; l < m->n_layers; l++) {
         const step_layer *L = &m->layers[l];
@@ -1012,16 +1062,25 @@ static void step_thread_rows(step_job *j, int t, float *scratch) {
             }
             rope_row(in, cos, sin, j->partner, out, n_qk);
         }
+        if (t == 0 && j->queries_out)
+            for (int r = 0; r < R; r++)
+                memcpy(j->queries_out + ((long)l * R + r) * n_q * D, qk + (long)r * n_qk, sizeof(float) * n_q * D);
         if (t == 0)
             for (int g = 0; g < n_kv; g++) {
-                float *k_out = j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride + j->kv_at * D;
-                float *v_out = j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride + j->kv_at * D;
+                float *k_out = j->kv_out[2 * l].out + g * j->kv_out[2 * l].head_stride;
+                float *v_out = j->kv_out[2 * l + 1].out + g * j->kv_out[2 * l + 1].head_stride;
                 for (int r = 0; r < R; r++) {
-                    memcpy(k_out + (long)r * D, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
-                    memcpy(v_out + (long)r * D, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
+                    long row = at ? at[r] : j->kv_at + r;
+                    memcpy(k_out + row * D, qk + (long)r * n_qk + (n_q + g) * D, sizeof(float) * D);
+                    memcpy(v_out + row * D, j->qkv + r * j->ld_qkv + n_qk + g * D, sizeof(float) * D);
                 }
             }
-        attention_rows(j, L, qk, lo, hi, &sc);
+        if (at) { /* the rows' new keys and values are in the cache the attention reads */
+            barrier_wait(&j->barrier);
+            attention_rows_at(j, L, qk, lo, hi, &sc);
+        } else {
+            attention_rows(j, L, qk, lo, hi, &sc);
+        }
         barrier_wait(&j->barrier);
         transpose_into(j->attn_rows, j->ld_attn, R, n_q * D, xt, ldx);
         product o = {&L->o, L->o_bias, j->o, dim, j->ld_dim};
@@ -1125,11 +1184,16 @@ static long carve_shared(step_job *j, float *base) {
    folded into q's), partner the rotation's partner of each entry (mlx_kvpred.rope_layout). Writes the new keys and
    values into kv_out (2 n_layers targets: each layer's keys, then its values) from row kv_at on (e.g. a cache's
    buffers from position `past`), the last row's logits (vocab) where `logits` is not NULL, and the residual
-   streams leaving the last layer ((rows, dim)) where `stream_out` is not NULL. 0 on success, 1 if scratch memory
-   was not had, 2 for quantized weights where decode_quantized_supported() is 0 (nothing written either way). One
-   row is a decode step: attention split by key range, one-row products. */
-int decode_rows(const step_model *m, const float *x_in, int rows, int past, const float *cos, const float *sin,
-                const int *partner, const kv_target *kv_out, long kv_at, float *logits, float *stream_out) {
+   streams leaving the last layer ((rows, dim)) where `stream_out` is not NULL, and each layer's rotated queries
+   ((n_layers, rows, n_q * head_dim), q's tables' scale in them) where `queries_out` is not NULL.
+   With `positions` (rows > 1; sorted, each < past): row r is at positions[r] of layers whose caches (the layers'
+   keys and values, which kv_out must point at too) hold all `past` positions; its keys and values replace what
+   they hold there (kv_at unread), and it attends to positions 0 .. positions[r] (kvp's exact keep).
+   0 on success, 1 if scratch memory was not had, 2 for quantized weights where decode_quantized_supported() is 0
+   (nothing written either way). One row is a decode step: attention split by key range, one-row products. */
+int decode_rows(const step_model *m, const float *x_in, int rows, int past, const int *positions, const float *cos,
+                const float *sin, const int *partner, const kv_target *kv_out, long kv_at, float *logits,
+                float *stream_out, float *queries_out) {
     decode_isa(-1);
     int quantized = logits && !m->head.w;
     for (int l = 0; l < m->n_layers; l++) {
@@ -1137,12 +1201,13 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
         quantized |= !L->q.w || !L->k.w || !L->v.w || !L->o.w || !L->gate.w || !L->up.w || !L->down.w;
     }
     if (quantized && !quantized_supported()) return 2;
-    if (rows < 1) return 1;
+    if (rows < 1 || (positions && rows < 2)) return 1;
     int threads = max_threads(), ldx = rows == 1 ? 1 : (rows + 15) / 16 * 16;
     row_scratch counted;
     long own = rows > 1 ? carve_rows_scratch(m, past + (long)rows, rows, ldx, NULL, &counted) : scratch_floats(m, past + 1L);
     own = (own + 15) / 16 * 16;
-    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, kv_out, kv_at, logits, stream_out};
+    step_job j = {m, x_in, cos, sin, partner, past, threads, rows, ldx, positions, kv_out, kv_at, logits, stream_out,
+                  queries_out};
     long shared = carve_shared(&j, NULL);
     float *buffer = aligned_alloc(64, sizeof(float) * (shared + threads * own)), *scratch = buffer + shared;
     if (!buffer) return 1;
@@ -1161,7 +1226,7 @@ int decode_rows(const step_model *m, const float *x_in, int rows, int past, cons
 /* One decode step: decode_rows of one row (x_in the token's embedding, tables of one row). */
 int decode_step(const step_model *m, const float *x_in, int past, const float *cos, const float *sin,
                 const int *partner, const kv_target *kv_out, long kv_at, float *logits) {
-    return decode_rows(m, x_in, 1, past, cos, sin, partner, kv_out, kv_at, logits, NULL);
+    return decode_rows(m, x_in, 1, past, NULL, cos, sin, partner, kv_out, kv_at, logits, NULL, NULL);
 }
 
 /* KV prediction of several rows (predictor.py, input "hidden": every learned transform stacked in one weight),
