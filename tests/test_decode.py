@@ -319,18 +319,20 @@ def test_rows_at_scattered_positions_equal_recompute_at(name, isa, monkeypatch):
     model = variant(name).model
     decoder = CDecoder(model)
     dim = model.model.embed_tokens.weight.shape[1]
-    for per_call, positions in ((256, [3, 4, 5, 17, 30, 39]), (4, [0, 1, 2, 9, 10, 20, 21, 22, 39])):
+    many = sorted(np.random.default_rng(0).choice(100, 75, replace=False).tolist())  # several 32-row passes
+    for n, per_call, positions in ((40, 256, [3, 4, 5, 17, 30, 39]), (40, 4, [0, 1, 2, 9, 10, 20, 21, 22, 39]),
+                                   (100, 256, many)):
         monkeypatch.setattr(decode, "C_ROWS_MAX", {isa: per_call for isa in decode.C_ROWS_MAX})
-        ours, theirs = prefilled_caches(model, 40)
+        ours, theirs = prefilled_caches(model, n)
         at = mx.array(positions, dtype=mx.int32)
         x = mx.random.normal((1, len(positions), dim), key=mx.random.key(len(positions)))
         got = decoder.run_rows(ours[1:], stream=x, first_layer=1, positions=at)
-        want = recompute_at(model.layers[1:], theirs[1:], x, at, 40)
+        want = recompute_at(model.layers[1:], theirs[1:], x, at, n)
         assert got is not None and mx.allclose(got, want, atol=1e-4).item(), mx.abs(got - want).max().item()
         for mine, its in zip(ours, theirs):
-            assert mine.offset == its.offset == 40
+            assert mine.offset == its.offset == n
             for a, b in zip(mine.state[:2], its.state[:2]):
-                assert mx.allclose(a[..., :40, :], b[..., :40, :], atol=1e-4).item()
+                assert mx.allclose(a[..., :n, :], b[..., :n, :], atol=1e-4).item()
     unsorted = mx.array([5, 3], dtype=mx.int32)
     assert decoder.run_rows(ours[1:], stream=x[:, :2], first_layer=1, positions=unsorted) is None
     assert decoder.run_rows(ours[1:], stream=x[:, :1], first_layer=1, positions=at[:1]) is None  # one row: MLX's

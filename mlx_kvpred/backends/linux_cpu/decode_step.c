@@ -958,10 +958,9 @@ static void attention_rows(step_job *j, const step_layer *L, const float *qk, lo
     }
 }
 
-/* attention_rows for rows at scattered positions (j->positions) of a cache that holds every position, these rows'
-   new keys and values written in already: query row r sees cached keys [0, positions[r]]. */
-static void attention_rows_at(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
-                              const row_scratch *a) {
+/* One pass of attention_rows_at: query rows [lo, hi) against the keys up to positions[hi - 1]. */
+static void attention_rows_at_pass(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
+                                   const row_scratch *a) {
     const step_model *m = j->m;
     int D = m->head_dim, group = m->n_q / m->n_kv, n_qk = (m->n_q + m->n_kv) * D;
     int nq = (int)(hi - lo) * group, ldq = (nq + 15) / 16 * 16;
@@ -988,6 +987,17 @@ static void attention_rows_at(step_job *j, const step_layer *L, const float *qk,
             for (int d = 0; d < D; d++) o[d] = OT[(long)d * ldq + c] / sums[c];
         }
     }
+}
+
+#define ROWS_AT_BLOCK 32 /* attention_rows_at's query rows a pass: each pass reads the keys up to its last row's */
+
+/* attention_rows for rows at scattered positions (j->positions) of a cache that holds every position, these rows'
+   new keys and values written in already: query row r sees cached keys [0, positions[r]]. Rows [lo, hi) go in
+   passes of ROWS_AT_BLOCK, so that rows at early positions do not read the keys of the late ones. */
+static void attention_rows_at(step_job *j, const step_layer *L, const float *qk, long lo, long hi,
+                              const row_scratch *a) {
+    for (long b = lo; b < hi; b += ROWS_AT_BLOCK)
+        attention_rows_at_pass(j, L, qk, b, hi - b < ROWS_AT_BLOCK ? hi : b + ROWS_AT_BLOCK, a);
 }
 
 /* The first of thread t's T shares of rows at `positions`: row r costs about positions[r] + 1 keys, and each share
