@@ -29,7 +29,7 @@ from .backends import Backend, for_device
 from .bundle import Bundle, load_bundle, scorer_layers, shared_base_layers
 from .cache import keep_window, session_cache, write_predicted_kv
 from .errors import KVPredError
-from .importance import attention_scores, carry_forward, select_positions, tap_queries
+from .importance import DEFAULT_POOL, attention_scores, carry_forward, select_positions, tap_queries
 from .loading import LoadedModel, default_device, load_model, set_device
 from .policy import ModeChoice, PrefillRates
 from .positions import compact_cache, recompute_at, rotated_at
@@ -287,8 +287,10 @@ def _scored_tail(pipe: Pipeline, tail: mx.array, caches: list[Any], k: int, *, e
             with tap_queries(layers) as taps:
                 stream = run_blocks(base, embed(base, tail[None]), caches[:k], stop=k)
             queries = [q[-1] for q in taps]
-        scores = attention_scores(layers, queries, [c.keys[:, :, :c.offset] for c in caches[:k]],
-                                  end=end, exp=pipe.backend.loss_ops()[0], windows=windows(base)[:k])
+        keys, sizes = [c.keys[:, :, :c.offset] for c in caches[:k]], windows(base)[:k]
+        scores = pipe.backend.attention_scores(layers, queries, keys, end=end, pool=DEFAULT_POOL, windows=sizes)
+        if scores is None:
+            scores = attention_scores(layers, queries, keys, end=end, exp=pipe.backend.loss_ops()[0], windows=sizes)
         mx.eval(stream, scores, [c.state for c in caches[:k]])
     return stream, scores
 

@@ -407,6 +407,33 @@ def test_predicted_kv_in_c_equals_predict_fused_then_write(kind):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the C kernels are not built")
+@pytest.mark.parametrize("n_q, n_kv, head_dim, w, S, window", [(9, 3, 64, 32, 300, None), (4, 1, 16, 5, 40, 7),
+                                                               (4, 2, 256, 8, 120, 100), (2, 2, 24, 1, 9, None)])
+def test_attention_scores_in_c_equal_importances(n_q, n_kv, head_dim, w, S, window):
+    """kvp's exact keep and SpecPrefill score positions in one C call (tail_importance) as importance.attention_scores
+    does in MLX: grouped heads, keys read in place from a cache's larger buffer, sliding-window layers among global
+    ones, a single query, and where the scored span stops before the queries' own positions."""
+    from mlx_kvpred.importance import attention_scores
+
+    layers = [nn.Module() for _ in range(3)]
+    for i, layer in enumerate(layers):
+        layer.self_attn = nn.Module()
+        layer.self_attn.scale = head_dim ** -0.5 * (1 + i / 4)
+    queries = [mx.random.normal((1, n_q, w, head_dim), key=mx.random.key(i)) * 2 for i in range(3)]
+    buffers = [mx.random.normal((1, n_kv, S + 20, head_dim), key=mx.random.key(10 + i)) for i in range(3)]
+    keys = [b[:, :, :S] for b in buffers]
+    windows = [None, window, None]
+    for end in (S - w, S - w - 3):
+        want = attention_scores(layers, queries, keys, end=end, windows=windows)
+        got = cpu_ops.attention_scores_in_c(layers, queries, keys, end=end, pool=13, windows=windows)
+        assert got.shape == (end,) and close(got, want, 1e-6), mx.abs(got - want).max().item()
+    with cpu_kernels.C_KERNELS.off():
+        assert cpu_ops.attention_scores_in_c(layers, queries, keys, end=S - w, pool=13) is None
+    halves = [q.astype(mx.float16) for q in queries]
+    assert cpu_ops.attention_scores_in_c(layers, halves, keys, end=S - w, pool=13) is None
+
+
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory() is True
 

@@ -359,17 +359,19 @@ def test_rows_give_each_blocks_queries(name):
 
 @needs_c
 def test_exact_keep_recomputes_in_c():
-    """The pipeline's exact keep runs its recompute and the tail's scores through the C rows where they are on, to
-    the same first token and log-probabilities as in MLX."""
+    """The pipeline's exact keep runs its recompute, the tail's queries and their scores in C where that is on, to
+    the same logits as in MLX."""
     pipe = lp_pipeline(tiny_model("llama", num_hidden_layers=6), backend=backends.get("linux_cpu"))
     prompt = mx.random.randint(0, 97, (60,), key=mx.random.key(3))
-    calls = []
-    rows = cpu_kernels.decode_rows
+    calls, scored = [], []
+    rows, scores = cpu_kernels.decode_rows, cpu_kernels.tail_importance
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_kernels, "decode_rows", lambda *a, **k: calls.append(k) or rows(*a, **k))
+        mp.setattr(cpu_kernels, "tail_importance", lambda *a, **k: scored.append(k) or scores(*a, **k))
         _, in_c = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
     assert any(k.get("positions") is not None for k in calls) and any(k.get("queries_out") is not None for k in calls)
-    with C_ROWS.off():
+    assert scored
+    with C_ROWS.off(), cpu_kernels.C_KERNELS.off():
         _, in_mlx = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
     assert mx.allclose(in_c, in_mlx, atol=1e-4).item()
 

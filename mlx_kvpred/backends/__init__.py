@@ -46,6 +46,11 @@ class Backend(Protocol):
         attends to the positions up to its own (positions.recompute_at); returns the stream leaving the blocks.
         None: not done, nothing changed."""
 
+    def attention_scores(self, layers: Sequence[Any], queries: Sequence[Any], keys: Sequence[Any], *, end: int,
+                         pool: int, windows: Sequence[int | None] | None = None) -> Any:
+        """importance.attention_scores (the same arguments, `exp` aside): the importance (end,) of a prompt's
+        positions by the attention its last rows pay them. None: not done."""
+
     def append_kv(self, layers: Sequence[Any], caches: Sequence[Any], keys: Sequence[Any],
                   values: Sequence[Any]) -> list[bool]:
         """Append pre-norm pre-RoPE keys and values (1, L, n_kv * D) to base `layers`' caches as the base would have

@@ -25,6 +25,9 @@ class MLXBackend:
     def run_rows(self, model: nn.Module, caches: Sequence[Any], **_) -> None:
         return None
 
+    def attention_scores(self, *args, **kwargs) -> None:
+        return None
+
     def append_kv(self, layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
                   values: Sequence[mx.array]) -> list[bool]:
         return [False] * len(layers)

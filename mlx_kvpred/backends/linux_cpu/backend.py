@@ -33,6 +33,10 @@ class LinuxCPUBackend:
         return decode.prefill_rows_in_c(model, caches, tokens=tokens, stream=stream, first_layer=first_layer,
                                         stop_layer=stop_layer, positions=positions, queries=queries)
 
+    def attention_scores(self, layers: Sequence[nn.Module], queries: Sequence[mx.array], keys: Sequence[mx.array],
+                         *, end: int, pool: int, windows: Sequence[int | None] | None = None) -> mx.array | None:
+        return cpu_ops.attention_scores_in_c(layers, queries, keys, end=end, pool=pool, windows=windows)
+
     def append_kv(self, layers: Sequence[nn.Module], caches: Sequence[Any], keys: Sequence[mx.array],
                   values: Sequence[mx.array]) -> list[bool]:
         return cpu_ops.append_kv_in_c(layers, caches, keys, values)

@@ -48,6 +48,13 @@ class StackedPredictor(ctypes.Structure):
                 + [("eps", ctypes.c_float)] + [(name, _P) for name in ("norm", "prev_proj", "weight", "bias")])
 
 
+class ImportanceLayer(ctypes.Structure):
+    """decode_step.c's importance_layer: a layer's queries (n_q, w, head_dim), its keys (head g's position s at
+    keys + g k_head + s k_row floats), the attention's scale and window (0: none)."""
+    _fields_ = [("q", _P), ("keys", _P), ("k_head", ctypes.c_long), ("k_row", ctypes.c_long),
+                ("scale", ctypes.c_float), ("window", ctypes.c_long)]
+
+
 class KVTarget(ctypes.Structure):
     """decode_step.c's kv_target: where new keys or values go (head h's row r at out + h * head_stride + r *
     head_dim) and, for predict_kv_rows' keys, their RoPE tables (None for values and for decode_rows)."""
@@ -97,6 +104,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.predict_kv_rows.restype = i
                 lib.weight_times_row.argtypes, lib.weight_times_row.restype = [ctypes.POINTER(Weight), i, l, p, p], i
                 lib.decode_isa.argtypes, lib.decode_isa.restype = [i], i
+                lib.tail_importance.argtypes = [ctypes.POINTER(ImportanceLayer), i, i, i, i, i, l, l, i, p]
+                lib.tail_importance.restype = i
                 _lib = lib
     return _lib
 
@@ -252,6 +261,25 @@ def weight_times_row(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
     float32 and contiguous, K a multiple of 32; the caller keeps the weight's arrays alive (decode.QuantizedHead)."""
     _check_step(_require().weight_times_row(ctypes.byref(weight), x.shape[0], out.shape[0], x.ctypes.data,
                                             out.ctypes.data))
+
+
+def tail_importance(queries: list[np.ndarray], keys: list[np.ndarray], scales: list[float], windows: list[int],
+                    *, end: int, pool: int) -> np.ndarray:
+    """importance.attention_scores in one C call on all cores (decode_step.c's tail_importance): queries[i] (n_q, w,
+    head_dim) layer i's rotated queries of the last w positions, keys[i] (n_kv, S, head_dim) its keys (any strides
+    between heads and positions, head_dim floats contiguous), float32; windows[i] 0 for none. Returns (end,)."""
+    n_q, w, D = queries[0].shape
+    n_kv, S = keys[0].shape[:2]
+    layers = (ImportanceLayer * len(queries))()
+    for layer, q, k, scale, window in zip(layers, queries, keys, scales, windows):
+        if q.shape != (n_q, w, D) or k.shape != (n_kv, S, D) or not q.flags.c_contiguous or k.strides[2] != 4 \
+                or q.dtype != np.float32 or k.dtype != np.float32:
+            raise ValueError(f"tail_importance: queries {q.shape} {q.dtype}, keys {k.shape} {k.strides} {k.dtype}")
+        layer.q, layer.keys, layer.k_head, layer.k_row = q.ctypes.data, k.ctypes.data, k.strides[0] // 4, k.strides[1] // 4
+        layer.scale, layer.window = scale, window
+    out = np.empty(end, np.float32)
+    _check_step(_require().tail_importance(layers, len(queries), n_q, n_kv, D, w, S, end, pool, out.ctypes.data))
+    return out
 
 
 def _check_step(status: int) -> None:

@@ -507,6 +507,25 @@ def take_cache_buffers(cache: KVCache, buffers: list[mx.array], L: int) -> None:
     cache.offset += L
 
 
+def attention_scores_in_c(layers: Sequence[nn.Module], queries: Sequence[mx.array], keys: Sequence[mx.array], *,
+                          end: int, pool: int, windows: Sequence[int | None] | None = None) -> mx.array | None:
+    """importance.attention_scores (its arguments, `exp` aside) in one C call (cpu_kernels.tail_importance): the
+    products, softmax, smoothing and maxima over ~3.5M scores of a 1024-token prompt in ~5 ms where MLX's ops take
+    ~35. None where not done: the C kernels off, or arrays not float32 (1, heads, positions, head_dim) with each
+    position's head_dim floats contiguous."""
+    if not cpu_kernels.C_KERNELS.enabled():
+        return None
+    try:
+        qs = [np.ascontiguousarray(np.array(q[0], copy=False)) for q in queries]
+        ks = [np.array(k[0], copy=False) for k in keys]
+        scales = [attention_of(layer).scale for layer in layers]
+        out = cpu_kernels.tail_importance(qs, ks, scales, [w or 0 for w in (windows or [None] * len(layers))],
+                                          end=end, pool=pool)
+    except (ValueError, TypeError):
+        return None
+    return mx.array(out)
+
+
 PREDICT_ROWS_MAX = 256  # predict_kv_in_c's positions at most: each thread's transposed inputs stay in L2
 
 

@@ -1364,3 +1364,109 @@ int weight_times_row(const weight *W, int K, long n, const float *x, float *y) {
     free(paired);
     return 0;
 }
+
+/* The importance of prompt positions by the attention the last w positions pay them in each layer (kvp's exact
+   keep and SpecPrefill: importance.attention_scores, which is the reference): per layer and query head, each
+   query's softmax over the keys it sees, averaged over `pool` neighbouring positions (zeros past the ends), the
+   maximum over layers and heads, then the mean over the w queries. */
+typedef struct {
+    const float *q;    /* (n_q, w, head_dim): the rotated queries of the last w of S positions */
+    const float *keys; /* head g's key of position s at keys + g * k_head + s * k_row */
+    long k_head, k_row;
+    float scale;
+    long window; /* positions a query sees, its own included (0: all before it) */
+} importance_layer;
+
+typedef struct {
+    const importance_layer *layers;
+    int n_layers, n_q, n_kv, head_dim, w, pool, threads;
+    long S, end;
+} importance_job;
+
+/* Thread t's scratch: its running maximum M (w, end), the queries transposed, the scores, a padded row and
+   its sums. */
+static long importance_scratch(const importance_job *j, float *base, float **M, float **Qt, float **scores,
+                               float **padded) {
+    int nq = j->n_q / j->n_kv * j->w, ldq = (nq + 15) / 16 * 16;
+    long at = 0;
+    *M = carve(base, &at, (long)j->w * j->end), *Qt = carve(base, &at, (long)j->head_dim * ldq);
+    *scores = carve(base, &at, ldq * row_stride(j->S)), *padded = carve(base, &at, 2 * (j->end + j->pool + 16));
+    return at;
+}
+
+/* M[i] = max(M[i], the mean of padded[i .. i + pool - 1]) for i < end; sums (end) is scratch. */
+VECTOR_CLONES static void smoothed_max(const float *padded, int pool, long end, float *sums, float *M) {
+    memcpy(sums, padded, sizeof(float) * end);
+    for (int k = 1; k < pool; k++) {
+#pragma omp simd
+        for (long i = 0; i < end; i++) sums[i] += padded[i + k];
+    }
+    float inv = 1.0f / pool;
+#pragma omp simd
+    for (long i = 0; i < end; i++) M[i] = sums[i] * inv > M[i] ? sums[i] * inv : M[i];
+}
+
+VECTOR_CLONES static void scaled_copy(const float *x, float scale, long n, float *out) {
+#pragma omp simd
+    for (long i = 0; i < n; i++) out[i] = x[i] * scale;
+}
+
+static void importance_thread(void *job, int t, float *scratch) {
+    const importance_job *j = job;
+    int D = j->head_dim, group = j->n_q / j->n_kv, w = j->w, nq = group * w, ldq = (nq + 15) / 16 * 16;
+    int half = j->pool / 2;
+    long S = j->S, end = j->end, ls = row_stride(S);
+    float *M, *Qt, *Sc, *padded;
+    importance_scratch(j, scratch, &M, &Qt, &Sc, &padded);
+    memset(M, 0, sizeof(float) * w * end);
+    for (int item = t; item < j->n_layers * j->n_kv; item += j->threads) {
+        const importance_layer *L = &j->layers[item / j->n_kv];
+        int g = item % j->n_kv;
+        for (int i = 0; i < group; i++) /* column i * w + r: head g * group + i, query r */
+            for (int r = 0; r < w; r++) {
+                const float *q = L->q + ((long)(g * group + i) * w + r) * D;
+                for (int d = 0; d < D; d++) Qt[(long)d * ldq + i * w + r] = q[d] * L->scale;
+            }
+        rows_times_columns(L->keys + g * L->k_head, L->k_row, S, D, Qt, ldq, nq, Sc, ls);
+        for (int c = 0; c < nq; c++) {
+            long own = S - w + c % w, lo = L->window && own + 1 > L->window ? own + 1 - L->window : 0;
+            float *p = Sc + c * ls + lo;
+            float sum = exp_shifted_sum(p, (int)(own + 1 - lo), row_max(p, (int)(own + 1 - lo)));
+            long stop = own + 1 < end ? own + 1 : end; /* positions [lo, stop) have a probability below end */
+            memset(padded, 0, sizeof(float) * (end + j->pool));
+            if (stop > lo) scaled_copy(p, 1.0f / sum, stop - lo, padded + half + lo);
+            smoothed_max(padded, j->pool, end, padded + end + j->pool + 16, M + (long)(c % w) * end);
+        }
+    }
+}
+
+static void importance_ready(void *job, int n) { ((importance_job *)job)->threads = n; }
+
+/* out (end) = the importance of positions [0, end) of S (the w queries are the last w positions), from
+   n_layers layers of n_q query heads over n_kv key heads of head_dim. 0 on success, 1 if scratch memory was not
+   had. */
+int tail_importance(const importance_layer *layers, int n_layers, int n_q, int n_kv, int head_dim, int w, long S,
+                    long end, int pool, float *out) {
+    decode_isa(-1);
+    if (n_layers < 1 || w < 1 || end < 1 || end > S || w > S || pool < 1 || n_q % n_kv) return 1;
+    importance_job j = {layers, n_layers, n_q, n_kv, head_dim, w, pool, max_threads(), S, end};
+    float *M, *Qt, *Sc, *padded;
+    long own = (importance_scratch(&j, NULL, &M, &Qt, &Sc, &padded) + 15) / 16 * 16;
+    float *scratch = aligned_alloc(64, sizeof(float) * j.threads * own);
+    if (!scratch) return 1;
+    run_team(importance_thread, importance_ready, &j, j.threads, scratch, own);
+    for (long s = 0; s < end; s++) { /* the maximum over the threads' shares, the mean over the queries */
+        float total = 0.0f;
+        for (int r = 0; r < j.w; r++) {
+            float m = 0.0f;
+            for (int t = 0; t < j.threads; t++) {
+                float v = scratch[t * own + (long)r * end + s];
+                m = v > m ? v : m;
+            }
+            total += m;
+        }
+        out[s] = total / j.w;
+    }
+    free(scratch);
+    return 0;
+}
