@@ -417,6 +417,12 @@ def gguf_tokenizer(path: Path, meta: dict) -> TokenizerWrapper:
                                       else str(value).encode()))
     saved = cache_dir() / "gguf-tokenizers" / digest.hexdigest()[:24]
     if not (saved / "tokenizer.json").is_file():
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:  # transformers' GGUF reader imports it
+            raise KVPredError(f"{path}: its SentencePiece tokenizer is built once by transformers' GGUF conversion, "
+                              f"which needs PyTorch: pip install 'kvpred-mlx[torch]' (the result is then cached "
+                              f"under {saved.parent})")
         from transformers import AutoTokenizer
 
         from .loading import quiet_transformers

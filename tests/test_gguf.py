@@ -196,6 +196,23 @@ def test_tiny_tied_embeddings_and_tokenizer(tmp_path):
     assert tok.eos_token_ids == {2}
 
 
+def test_sentencepiece_tokenizer_without_torch_says_what_to_install(tmp_path, monkeypatch):
+    """transformers' GGUF conversion imports PyTorch: without it, an uncached SentencePiece tokenizer (gemma3's) is
+    refused with the install that fixes it, not transformers' import error."""
+    import importlib.util
+
+    from mlx_kvpred.gguf import gguf_tokenizer
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    monkeypatch.setenv("KVPRED_MLX_CACHE_DIR", str(tmp_path / "cache"))
+    metadata = {"tokenizer.ggml.model": "llama", "general.architecture": "gemma3",
+                "tokenizer.ggml.tokens": ["<pad>", "<eos>"]}
+    with pytest.raises(KVPredError, match=r"gemma\.gguf: .*needs PyTorch: pip install 'kvpred-mlx\[torch\]'") as e:
+        gguf_tokenizer(tmp_path / "gemma.gguf", metadata)
+    assert "\n" not in str(e.value) and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     ({"general.architecture": "qwen2"}, "'qwen2' is not supported"),
     ({"tokenizer.ggml.model": "llama"}, "tokenizer 'llama' is not supported"),
