@@ -921,6 +921,16 @@ static long carve_rows_scratch(const step_model *m, long keys, int R, int ldx, f
     return at;
 }
 
+/* Qt (D, ldq): column (r - lo) * group + i is row r's query of head g * group + i (rows of n_qk floats in qk). */
+static void group_queries(const float *qk, int n_qk, int g, int group, int D, long lo, long hi, float *Qt, int ldq) {
+    for (long r = lo; r < hi; r++)
+        for (int i = 0; i < group; i++) {
+            const float *q = qk + r * n_qk + (g * group + i) * D;
+            int c = (int)(r - lo) * group + i;
+            for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
+        }
+}
+
 /* Several rows: thread t's query rows [lo, hi) of one layer (row r: position past + r) over the cache's `past` keys
    and the new rows 0..r (keys RoPE'd in qk, rows of n_qk; values in j->qkv), written into j->attn_rows. Per kv head,
    the scores of all the thread's query vectors (its rows times the group's heads) against the keys read in place, 12
@@ -934,12 +944,7 @@ static void attention_rows(step_job *j, const step_layer *L, const float *qk, lo
     long past = j->past, keys = past + hi, ls = row_stride(keys);
     float *Qt = a->qt, *S = a->scores, *OT = a->ot, *OT2 = OT + (long)D * ldq, *sums = a->sums;
     for (int g = 0; g < m->n_kv; g++) {
-        for (long r = lo; r < hi; r++)
-            for (int i = 0; i < group; i++) {
-                const float *q = qk + r * n_qk + (g * group + i) * D;
-                int c = (int)(r - lo) * group + i;
-                for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
-            }
+        group_queries(qk, n_qk, g, group, D, lo, hi, Qt, ldq);
         if (past > 0) rows_times_columns(L->keys + g * L->k_head, L->k_row, past, D, Qt, ldq, nq, S, ls);
         rows_times_columns(qk + m->n_q * D + g * D, n_qk, hi, D, Qt, ldq, nq, S + past, ls);
         for (int c = 0; c < nq; c++) { /* row lo + c / group sees keys [0, past + row] */
@@ -968,12 +973,7 @@ static void attention_rows_at_pass(step_job *j, const step_layer *L, const float
     long keys = j->positions[hi - 1] + 1L, ls = row_stride(keys);
     float *Qt = a->qt, *S = a->scores, *OT = a->ot, *sums = a->sums;
     for (int g = 0; g < m->n_kv; g++) {
-        for (long r = lo; r < hi; r++)
-            for (int i = 0; i < group; i++) {
-                const float *q = qk + r * n_qk + (g * group + i) * D;
-                int c = (int)(r - lo) * group + i;
-                for (int d = 0; d < D; d++) Qt[(long)d * ldq + c] = q[d];
-            }
+        group_queries(qk, n_qk, g, group, D, lo, hi, Qt, ldq);
         rows_times_columns(L->keys + g * L->k_head, L->k_row, keys, D, Qt, ldq, nq, S, ls);
         for (int c = 0; c < nq; c++) {
             float *p = S + c * ls;
