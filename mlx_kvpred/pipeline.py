@@ -318,9 +318,12 @@ def _specprefill_logits(pipe: Pipeline, prompt: mx.array, exact_tail: int, keep:
     with mx.stream(generation_stream):
         for layer, cache in zip(base.layers[:k], caches[:k]):
             compact_cache(cache, attention_of(layer).rope, rows, shift)
-        with rotated_at(base.layers[k:], rows - shift):
-            hidden = run_blocks(base, mx.concatenate([stream[:, kept], tail_stream], axis=1), caches[k:], first=k)
-        logits = head(backbone(base).norm(hidden[:, -1, :]))
+        kept_stream = mx.concatenate([stream[:, kept], tail_stream], axis=1)
+        logits = pipe.backend.run_rows(base, caches[k:], stream=kept_stream, first_layer=k, rotate_at=rows - shift)
+        if logits is None:
+            with rotated_at(base.layers[k:], rows - shift):
+                hidden = run_blocks(base, kept_stream, caches[k:], first=k)
+            logits = head(backbone(base).norm(hidden[:, -1, :]))
         mx.eval(logits, [c.state for c in caches])
     return caches, logits
 

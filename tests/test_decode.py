@@ -377,6 +377,26 @@ def test_exact_keep_recomputes_in_c():
 
 
 @needs_c
+def test_specprefill_runs_its_kept_rows_in_c():
+    """SpecPrefill's kept rows, side by side in the cache but rotated at their positions moved back (below 0 for the
+    first ones), go through the later layers as one C call, to the logits and caches MLX gives."""
+    pipe = lp_pipeline(tiny_model("llama", num_hidden_layers=6), backend=backends.get("linux_cpu"))
+    prompt = mx.random.randint(0, 97, (60,), key=mx.random.key(5))
+    calls = []
+    rows = cpu_kernels.decode_rows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "decode_rows", lambda *a, **k: calls.append(a) or rows(*a, **k))
+        in_c, logits_c = prefill_logits(pipe, prompt, mode="specprefill", exact_tail=5, keep=0.3)
+    assert [a[8] is not None for a in calls] == [False, False, True]  # shared layers: prompt, tail; then the rest
+    with C_ROWS.off(), cpu_kernels.C_KERNELS.off():
+        in_mlx, logits_mlx = prefill_logits(pipe, prompt, mode="specprefill", exact_tail=5, keep=0.3)
+    assert mx.allclose(logits_c, logits_mlx, atol=1e-4).item()
+    for a, b in zip(in_c, in_mlx):
+        assert a.offset == b.offset and mx.allclose(a.keys[..., :a.offset, :], b.keys[..., :b.offset, :],
+                                                    atol=1e-4).item()
+
+
+@needs_c
 def test_rope_tables_from_blocks(monkeypatch):
     """CDecoder's RoPE tables come from blocks of TABLE_ROWS positions made once: spans inside one block, across
     blocks and after the oldest blocks were dropped equal tables made for the span itself."""
@@ -387,7 +407,7 @@ def test_rope_tables_from_blocks(monkeypatch):
         units = mx.broadcast_to(decoder.unit, decoder.unit.shape[:2] + (rows, decoder.head_dim))
         return [np.array(t[:, :decoder.partner.size]) for t in decoder.tables(units, mx.array(start))]
 
-    for start, rows in ((0, 1), (5, 40), (250, 20), (300, 1), (700, 300), (3, 7)):
+    for start, rows in ((0, 1), (5, 40), (250, 20), (300, 1), (700, 300), (3, 7), (-300, 310)):
         for ours, theirs in zip(decoder._tables(start, rows), made_for(start, rows)):
             assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-6), (start, rows)
     assert len(decoder.table_blocks) == 2

@@ -36,7 +36,7 @@ class Backend(Protocol):
         another library's module-level functions. Idempotent; a model prepared by another backend is taken over."""
 
     def run_rows(self, model: Any, caches: Sequence[Any], *, tokens: Any = None, stream: Any = None,
-                 first_layer: int = 0, stop_layer: int | None = None, positions: Any = None,
+                 first_layer: int = 0, stop_layer: int | None = None, positions: Any = None, rotate_at: Any = None,
                  queries: list | None = None) -> Any:
         """A prompt's last rows (`tokens` (1, R) or the residual `stream` (1, R, dim) entering block `first_layer`)
         through blocks first_layer..stop_layer - 1 with `caches` extended: the last row's logits (1, vocab), or with
@@ -44,7 +44,8 @@ class Backend(Protocol):
         appended to `queries` if given. With `positions` (R sorted positions below the caches' offset, caches that
         hold every position): the rows are at those positions, their K/V replace the cached ones there and each
         attends to the positions up to its own (positions.recompute_at); returns the stream leaving the blocks.
-        None: not done, nothing changed."""
+        With `rotate_at` (R positions): the rows are appended as usual but RoPE rotates them there (SpecPrefill's
+        kept rows, positions.rotated_at). None: not done, nothing changed."""
 
     def attention_scores(self, layers: Sequence[Any], queries: Sequence[Any], keys: Sequence[Any], *, end: int,
                          pool: int, windows: Sequence[int | None] | None = None) -> Any:

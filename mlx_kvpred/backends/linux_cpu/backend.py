@@ -29,9 +29,11 @@ class LinuxCPUBackend:
 
     def run_rows(self, model: nn.Module, caches: Sequence[Any], *, tokens: mx.array | None = None,
                  stream: mx.array | None = None, first_layer: int = 0, stop_layer: int | None = None,
-                 positions: mx.array | None = None, queries: list | None = None) -> mx.array | None:
+                 positions: mx.array | None = None, rotate_at: mx.array | None = None,
+                 queries: list | None = None) -> mx.array | None:
         return decode.prefill_rows_in_c(model, caches, tokens=tokens, stream=stream, first_layer=first_layer,
-                                        stop_layer=stop_layer, positions=positions, queries=queries)
+                                        stop_layer=stop_layer, positions=positions, rotate_at=rotate_at,
+                                        queries=queries)
 
     def attention_scores(self, layers: Sequence[nn.Module], queries: Sequence[mx.array], keys: Sequence[mx.array],
                          *, end: int, pool: int, windows: Sequence[int | None] | None = None) -> mx.array | None:

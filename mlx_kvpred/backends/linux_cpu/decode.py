@@ -452,8 +452,8 @@ class CDecoder(CompiledDecoder):
         self.owned[c] = [weakref.ref(c.keys), weakref.ref(c.values), c.offset, self._targets(views)]
 
     def _tables(self, start: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1, from blocks of
-        TABLE_ROWS positions made once."""
+        """RoPE's C and S tables (rows, (n_q + n_kv) head_dim) at positions start .. start + rows - 1 (any integers),
+        from blocks of TABLE_ROWS positions made once."""
         first, last = start // TABLE_ROWS, (start + rows - 1) // TABLE_ROWS
         blocks = [self._table_block(b) for b in range(first, last + 1)]
         at = start - first * TABLE_ROWS
@@ -474,14 +474,15 @@ class CDecoder(CompiledDecoder):
 
     def run_rows(self, cache: Sequence[Any], *, tokens: mx.array | None = None, stream: mx.array | None = None,
                  first_layer: int = 0, stop_layer: int | None = None, positions: mx.array | None = None,
-                 queries: list | None = None) -> mx.array | None:
+                 rotate_at: mx.array | None = None, queries: list | None = None) -> mx.array | None:
         """Several positions through blocks first_layer..stop_layer - 1 (default: to the last) in one C call
         (decode_rows): `tokens` (1, R), or `stream` (1, R, dim) their residual stream entering block first_layer;
         `cache` those blocks' caches, which get the R new keys and values. Returns the last position's logits
         (1, vocab) when the blocks run to the model's last, else the residual stream leaving block stop_layer - 1
         (1, R, dim); None (nothing done) where the C step cannot run it (see __call__): the caller then runs the
         model. `queries`: each block's rotated queries (1, n_q, R, head_dim) are appended to it. `positions` (R
-        sorted positions below the caches' offset): see _run_rows_at."""
+        sorted positions below the caches' offset): see _run_rows_at. `rotate_at` (R positions): RoPE rotates the
+        rows there instead of at their cache positions (SpecPrefill's kept rows, side by side in the cache)."""
         if (tokens is None) == (stream is None) or not self._takes(cache, first_layer, stop_layer):
             return None
         if tokens is not None:
@@ -499,7 +500,14 @@ class CDecoder(CompiledDecoder):
                                    ctypes.POINTER(cpu_kernels.StepLayer))
         if positions is not None:
             return self._run_rows_at(model, cache, x, positions, first_layer)
-        cos, sin = self._tables(past, rows)
+        if rotate_at is None:
+            cos, sin = self._tables(past, rows)
+        else:
+            at = np.array(rotate_at, dtype=np.int64)  # below 0 too: SpecPrefill moves its kept rows back
+            if at.shape != (rows,):
+                return None
+            first = int(at.min())
+            cos, sin = (t[at - first] for t in self._tables(first, int(at.max()) - first + 1))
         grown = self._grown_caches(cache, rows)
         if grown:  # written straight into the caches' new buffers
             kv_out = self._targets([view for _, views in grown for view in views])
@@ -582,12 +590,14 @@ class CDecoder(CompiledDecoder):
 
 def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.array | None = None,
                       stream: mx.array | None = None, first_layer: int = 0, stop_layer: int | None = None,
-                      positions: mx.array | None = None, queries: list | None = None) -> mx.array | None:
+                      positions: mx.array | None = None, rotate_at: mx.array | None = None,
+                      queries: list | None = None) -> mx.array | None:
     """A prompt's last rows (at most c_rows_max(): `tokens` (1, R) or the residual `stream` (1, R, dim) entering block
     first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
     and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
     `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended, each block's queries
-    appended to `queries` if given. With `positions`, any number of rows at those positions of caches holding
+    appended to `queries` if given, rotated at `rotate_at` if given. With `positions`, any number of rows at those
+    positions of caches holding
     every position, replacing their K/V there (CDecoder._run_rows_at). Else None and nothing done."""
     rows = (tokens if tokens is not None else stream).shape[1]
     if not C_ROWS.enabled() or rows > c_rows_max() and positions is None or not c_rows_max():
@@ -596,7 +606,7 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
     if not isinstance(decoder, CDecoder):
         return None
     return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer, stop_layer=stop_layer,
-                            positions=positions, queries=queries)
+                            positions=positions, rotate_at=rotate_at, queries=queries)
 
 
 def _append(cache: Sequence[Any], new_k: mx.array, new_v: mx.array) -> None:
