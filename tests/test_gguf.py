@@ -196,6 +196,26 @@ def test_tiny_tied_embeddings_and_tokenizer(tmp_path):
     assert tok.eos_token_ids == {2}
 
 
+def test_tokenizer_alone_reads_no_weights(tmp_path, monkeypatch):
+    """loading.load_tokenizer of a GGUF (chat-data --facts) is load_gguf's tokenizer from the metadata alone."""
+    from mlx_kvpred import gguf
+    from mlx_kvpred.loading import load_tokenizer
+
+    tiny_gguf(tmp_path / "tiny.gguf", tied=True, **{"tokenizer.ggml.add_bos_token": True})
+    _, tok, _ = load_gguf(tmp_path / "tiny.gguf")
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights read")
+
+    monkeypatch.setattr(gguf, "_load_packed", no_weights)
+    monkeypatch.setattr(gguf, "_load_dequantized", no_weights)
+    alone = load_tokenizer(tmp_path / "tiny.gguf")
+    text = "<|im_start|>ab a<|im_end|>"
+    assert alone.encode(text) == tok.encode(text) and alone.eos_token_ids == tok.eos_token_ids
+    with pytest.raises(KVPredError, match="model file not found"):
+        load_tokenizer(tmp_path / "none.gguf")
+
+
 def test_sentencepiece_tokenizer_without_torch_says_what_to_install(tmp_path, monkeypatch):
     """transformers' GGUF conversion imports PyTorch: without it, an uncached SentencePiece tokenizer (gemma3's) is
     refused with the install that fixes it, not transformers' import error."""

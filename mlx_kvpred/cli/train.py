@@ -182,7 +182,7 @@ def chat_data(
     )
 
     from ..data import collect_files, default_sources, split_files
-    from ..loading import default_device, load_model, set_device
+    from ..loading import default_device, load_model, load_tokenizer, set_device
     from ..selfdata import FACT_LENGTHS, generate_chat_data, generate_document_chats, generate_fact_chats
 
     max_tokens = max_tokens if max_tokens is not None else 64 if documents else 256
@@ -194,7 +194,10 @@ def chat_data(
     lengths = parse_int_list(doc_lengths, "--doc-lengths") if doc_lengths else list(default_lengths)
     files = (split_files(collect_files(list(data) if data else default_sources())).train_files
              if documents or facts else None)
-    base = load_model(model, device=set_device(device or default_device()))
+    device = set_device(device or default_device())
+    # fact chats sample nothing: their tokenizer only, not the weights
+    tokenizer = load_tokenizer(model, device=device) if facts else None
+    base = None if facts else load_model(model, device=device)
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)
@@ -204,8 +207,8 @@ def chat_data(
 
         common = dict(count=count, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       progress=advance)
-        if facts:  # no sampling: the base's tokenizer only
-            shards = generate_fact_chats(base.tokenizer, out, files=files, count=count, lengths=lengths, seed=seed,
+        if facts:
+            shards = generate_fact_chats(tokenizer, out, files=files, count=count, lengths=lengths, seed=seed,
                                          progress=advance)
         elif documents:
             shards = generate_document_chats(base, out, files=files, lengths=lengths, **common)
