@@ -596,9 +596,9 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
     first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
     and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
     `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended, each block's queries
-    appended to `queries` if given, rotated at `rotate_at` if given. With `positions`, any number of rows at those
-    positions of caches holding
-    every position, replacing their K/V there (CDecoder._run_rows_at). Else None and nothing done."""
+    appended to `queries` if given, the rows rotated at `rotate_at` if given. With `positions`, any number of rows
+    at those positions of caches holding every position, replacing their K/V there (CDecoder._run_rows_at). Else
+    None and nothing done."""
     rows = (tokens if tokens is not None else stream).shape[1]
     if not C_ROWS.enabled() or rows > c_rows_max() and positions is None or not c_rows_max():
         return None
