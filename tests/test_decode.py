@@ -357,8 +357,8 @@ def test_rows_give_each_blocks_queries(name):
         assert got.shape == want[-1].shape and mx.allclose(got, want[-1], atol=1e-5).item()
 
 
-@needs_c
-def test_exact_keep_recomputes_in_c():
+@pytest.mark.parametrize("isa", isas("avx2"), indirect=True)
+def test_exact_keep_recomputes_in_c(isa):
     """The pipeline's exact keep runs its recompute, the tail's queries and their scores in C where that is on, to
     the same logits as in MLX."""
     pipe = lp_pipeline(tiny_model("llama", num_hidden_layers=6), backend=backends.get("linux_cpu"))
@@ -369,8 +369,9 @@ def test_exact_keep_recomputes_in_c():
         mp.setattr(cpu_kernels, "decode_rows", lambda *a, **k: calls.append(k) or rows(*a, **k))
         mp.setattr(cpu_kernels, "tail_importance", lambda *a, **k: scored.append(k) or scores(*a, **k))
         _, in_c = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
-    assert any(k.get("positions") is not None for k in calls) and any(k.get("queries_out") is not None for k in calls)
-    assert scored
+    recomputed_in_c = any(k.get("positions") is not None for k in calls)
+    assert recomputed_in_c == (cpu_kernels.decode_isa() in decode.C_ROWS_AT_ISAS)  # else MLX's (AVX2: faster)
+    assert any(k.get("queries_out") is not None for k in calls) and scored
     with C_ROWS.off(), cpu_kernels.C_KERNELS.off():
         _, in_mlx = prefill_logits(pipe, prompt, mode="kvp", exact_tail=5, exact_keep=0.5)
     assert mx.allclose(in_c, in_mlx, atol=1e-4).item()

@@ -60,9 +60,12 @@ C_DECODE = Switch("KVPRED_C_DECODE", cpu_kernels.available, "in C on all cores",
 # call, products of all rows reading each weight once. Up to how many rows that beat MLX's prefill depends on the
 # products' kernel (docs/performance.md): ~256 rows with AVX-512 (a Xeon), ~64 with AVX2 (an AMD EPYC).
 C_ROWS_MAX = {"avx512": 256, "avx2": 64}
+# Exact keep's recomputed rows (prefill_rows_in_c with positions) go to C where that beat MLX's layer calls: with
+# AVX-512, not with AVX2's kernels (1024 tokens, keep 0.1: 890 against 1014 ms, and 1130 against 1037; performance.md).
+C_ROWS_AT_ISAS = ("avx512",)
 C_ROWS = Switch("KVPRED_C_ROWS", lambda: C_DECODE.enabled() and COMPILED_DECODE.enabled(),
                 "a prompt's last rows (up to 256 with AVX-512, 64 with AVX2), kvp's exact tail and aux pass, and "
-                "exact keep's recomputed rows, in C",
+                "exact keep's recomputed rows (AVX-512), in C",
                 "in MLX", "the C decode step is off")
 
 
@@ -596,11 +599,14 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
     first_layer) through blocks first_layer..stop_layer - 1 (default: to the last) as one C call where C_ROWS is on
     and the model has a C decoder (CDecoder.run_rows): the last row's logits (1, vocab), or with an earlier
     `stop_layer` the residual stream leaving its block (1, R, dim); the caches extended, each block's queries
-    appended to `queries` if given, the rows rotated at `rotate_at` if given. With `positions`, any number of rows
-    at those positions of caches holding every position, replacing their K/V there (CDecoder._run_rows_at). Else
-    None and nothing done."""
+    appended to `queries` if given, the rows rotated at `rotate_at` if given. With `positions` (on the instruction
+    sets of C_ROWS_AT_ISAS), any number of rows at those positions of caches holding every position, replacing their
+    K/V there (CDecoder._run_rows_at). Else None and nothing done."""
     rows = (tokens if tokens is not None else stream).shape[1]
-    if not C_ROWS.enabled() or rows > c_rows_max() and positions is None or not c_rows_max():
+    if not C_ROWS.enabled() or not c_rows_max():
+        return None
+    if rows > c_rows_max() and positions is None or positions is not None and (
+            cpu_kernels.decode_isa() not in C_ROWS_AT_ISAS):
         return None
     decoder = compiled_decoder(model)
     if not isinstance(decoder, CDecoder):
