@@ -162,6 +162,12 @@ def document_shards(out: Path, prefix: str, *, files: Sequence[str], tokenizer, 
         yield k, n, out / f"{prefix}-{k:05d}-{n}.jsonl", docs
 
 
+def check_documents(count: int, lengths: Sequence[int]) -> None:
+    """The document chat writers' shared arguments: at least one chat, documents of at least 16 tokens."""
+    if count < 1 or not lengths or min(lengths) < 16:
+        raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
+
+
 def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequence[str], count: int = 128,
                             lengths: Sequence[int] = DOCUMENT_LENGTHS, max_tokens: int = 64,
                             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
@@ -178,9 +184,9 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
     tok = base.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
-    if count < 1 or max_tokens < 1 or not lengths or min(lengths) < 16:
-        raise KVPredError("count and max_tokens must be >= 1 and doc_lengths >= 16 tokens each", "count",
-                          "max_tokens", "doc_lengths")
+    if max_tokens < 1:
+        raise KVPredError("max_tokens must be >= 1", "max_tokens")
+    check_documents(count, lengths)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     shards = []
     for k, n, path, docs in document_shards(Path(out), "docchat", files=files, tokenizer=tok, count=count,
@@ -268,8 +274,7 @@ def generate_fact_chats(tokenizer, out: str | Path, *, files: Sequence[str], cou
     """Write `count` fact chats as .jsonl shards under `out` (resumable, as generate_chat_data): a document of N
     tokens from `files` (use training-split files) with facts stated once in it, a question about one and its
     answer. The base writes nothing here: training distills its logits on these texts, answer included."""
-    if count < 1 or not lengths or min(lengths) < 16:
-        raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
+    check_documents(count, lengths)
     shards = []
     for k, n, path, docs in document_shards(Path(out), "facts", files=files, tokenizer=tokenizer, count=count,
                                             lengths=lengths, seed=seed):
