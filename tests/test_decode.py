@@ -377,8 +377,8 @@ def test_exact_keep_recomputes_in_c(isa):
     assert mx.allclose(in_c, in_mlx, atol=1e-4).item()
 
 
-@needs_c
-def test_specprefill_runs_its_kept_rows_in_c():
+@pytest.mark.parametrize("isa", isas("avx2"), indirect=True)
+def test_specprefill_runs_its_kept_rows_in_c(isa):
     """SpecPrefill's kept rows, side by side in the cache but rotated at their positions moved back (below 0 for the
     first ones), go through the later layers as one C call, to the logits and caches MLX gives."""
     pipe = lp_pipeline(tiny_model("llama", num_hidden_layers=6), backend=backends.get("linux_cpu"))

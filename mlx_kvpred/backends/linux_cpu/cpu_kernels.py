@@ -275,8 +275,8 @@ def tail_importance(queries: list[np.ndarray], keys: list[np.ndarray], scales: l
         if q.shape != (n_q, w, D) or k.shape != (n_kv, S, D) or not q.flags.c_contiguous or k.strides[2] != 4 \
                 or q.dtype != np.float32 or k.dtype != np.float32:
             raise ValueError(f"tail_importance: queries {q.shape} {q.dtype}, keys {k.shape} {k.strides} {k.dtype}")
-        layer.q, layer.keys, layer.k_head, layer.k_row = q.ctypes.data, k.ctypes.data, k.strides[0] // 4, k.strides[1] // 4
-        layer.scale, layer.window = scale, window
+        layer.q, layer.keys, layer.scale, layer.window = q.ctypes.data, k.ctypes.data, scale, window
+        layer.k_head, layer.k_row = k.strides[0] // 4, k.strides[1] // 4
     out = np.empty(end, np.float32)
     _check_step(_require().tail_importance(layers, len(queries), n_q, n_kv, D, w, S, end, pool, out.ctypes.data))
     return out
