@@ -248,6 +248,21 @@ def test_auto_runs_the_base_below_the_threshold():
     assert kvp[-1].mode == "kvp" and [r.token for r in kvp] != [r.token for r in auto]
 
 
+def test_prefill_rates_time_plain_kvp_whatever_the_pipeline_recomputes():
+    """The probe times kvp without an exact keep, which kvp_time models on top: a pipeline made with exact_keep
+    (`--exact-keep`) would otherwise count its recompute twice, and cache those rates for every later run."""
+    pipe = pipeline(identity=False)
+    pipe.exact_keep = 0.5
+    calls = []
+
+    def generation(p, prompt, **kw):
+        calls.append(kw)
+        return generate_tokens(p, prompt, **kw)
+
+    policy.measure_prefill_rates(pipe, generation=generation, repeats=1)
+    assert calls and all(kw["exact_keep"] == 0.0 and kw["max_tokens"] == 1 for kw in calls)
+
+
 def test_prefill_rates_are_measured_once_and_cached(monkeypatch):
     pipe = pipeline(identity=False)
     rates = prefill_rates(pipe)
