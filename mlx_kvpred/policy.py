@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 # base's. Below it kvp saves too little time to be worth its approximate cache.
 KVP_MIN_SPEEDUP = 1.5
 PROBE_LENGTHS = (16, 192)
+PROBE_KEEP = 0.1  # the exact keep the probe times (at the longer length, exact tail 32) for keep_fixed_s
+PROBE_TAIL = 32
 RATES_FILE = "prefill-rates.json"
 
 
@@ -41,6 +43,7 @@ class PrefillRates:
     base_gflops: float
     aux_fixed_s: float  # aux prefill + predictor + writing the predicted cache
     aux_gflops: float
+    keep_fixed_s: float  # exact keep beyond its recompute's FLOPs: the tail's scoring pass, the recompute's calls
 
 
 @dataclass
@@ -75,7 +78,7 @@ def kvp_time(pipe: "Pipeline", rates: PrefillRates, new_tokens: int, offset: int
     recompute_s = exact_keep_flops(pipe.base.model, bundle, predicted, exact_keep, offset + predicted) \
         / (rates.base_gflops * 1e9)
     return (rates.aux_fixed_s + aux_flops / (rates.aux_gflops * 1e9) + recompute_s
-            + base_time(pipe, rates, tail, offset + predicted))
+            + (rates.keep_fixed_s if exact_keep > 0 else 0.0) + base_time(pipe, rates, tail, offset + predicted))
 
 
 def default_kvp_min_tokens(pipe: "Pipeline", rates: PrefillRates, *, exact_tail: int, exact_keep: float = 0.0) -> int:
@@ -141,30 +144,41 @@ def measure_prefill_rates(pipe: "Pipeline", *, generation: Callable, lengths: tu
                           repeats: int = 3) -> PrefillRates:
     """Time base and kvp (exact tail 1, no exact keep: kvp_time adds its recompute) to the first token at two
     prompt lengths (best of `repeats`, after a warm-up) and fit fixed + FLOPs / rate to each; the kvp fit subtracts
-    the modelled base last-token step. The runs alternate between the modes, so a moment when the machine is busy
-    slows both rather than one."""
+    the modelled base last-token step. Where the bundle takes an exact keep (pipeline.keeps_exact), kvp with and
+    without PROBE_KEEP at the longer length (exact tail PROBE_TAIL) give its fixed cost beyond the recompute's
+    FLOPs. The runs alternate between the modes, so a moment when the machine is busy slows both rather than one."""
+    from .pipeline import keeps_exact
+
     vocab = pipe.base.config["vocab_size"]
     prompts = [mx.random.randint(0, vocab, (n,), key=mx.random.key(n)) for n in lengths]
 
-    def best_ttfts(prompt: mx.array, repeats: int) -> dict[str, float]:
-        best = {"base": float("inf"), "kvp": float("inf")}
+    def best_ttfts(prompt: mx.array, repeats: int, runs: dict[str, dict]) -> dict[str, float]:
+        best = {name: float("inf") for name in runs}
         for _ in range(repeats):
-            for mode in best:
+            for name, options in runs.items():
                 tic = time.perf_counter()
-                next(iter(generation(pipe, prompt, mode=mode, max_tokens=1, exact_tail=1, exact_keep=0.0)))
-                best[mode] = min(best[mode], time.perf_counter() - tic)
+                next(iter(generation(pipe, prompt, max_tokens=1, **options)))
+                best[name] = min(best[name], time.perf_counter() - tic)
         return best
 
-    best_ttfts(prompts[0][:4], 1)  # warm-up: first-call allocations
-    times = [best_ttfts(p, repeats) for p in prompts]
+    plain = {mode: dict(mode=mode, exact_tail=1, exact_keep=0.0) for mode in ("base", "kvp")}
+    best_ttfts(prompts[0][:4], 1, plain)  # warm-up: first-call allocations
+    times = [best_ttfts(p, repeats, plain) for p in prompts]
     base_flops = [span_flops(pipe.base.model, n, 0) + lm_head_flops(pipe.base.config) for n in lengths]
     base_fixed, base_gflops = _fit(base_flops, [t["base"] for t in times])
-    base_rates = PrefillRates(base_fixed, base_gflops, 0.0, 1.0)
+    base_rates = PrefillRates(base_fixed, base_gflops, 0.0, 1.0, 0.0)
     aux_flops = [span_flops(pipe.bundle.aux, n - 1, 0) + predictor_flops(pipe.bundle.predictor, n - 1)
                  for n in lengths]
     aux_s = [t["kvp"] - base_time(pipe, base_rates, 1, n - 1) for t, n in zip(times, lengths)]
     aux_fixed, aux_gflops = _fit(aux_flops, aux_s)
-    return PrefillRates(base_fixed, base_gflops, aux_fixed, aux_gflops)
+    keep_fixed = 0.0
+    if keeps_exact(pipe):
+        n = lengths[1]
+        kept = best_ttfts(prompts[1], repeats, {"kvp": dict(mode="kvp", exact_tail=PROBE_TAIL, exact_keep=0.0),
+                                                "keep": dict(mode="kvp", exact_tail=PROBE_TAIL, exact_keep=PROBE_KEEP)})
+        recompute = exact_keep_flops(pipe.base.model, pipe.bundle, n - PROBE_TAIL, PROBE_KEEP, n - PROBE_TAIL)
+        keep_fixed = max(0.0, kept["keep"] - kept["kvp"] - recompute / (base_gflops * 1e9))
+    return PrefillRates(base_fixed, base_gflops, aux_fixed, aux_gflops, keep_fixed)
 
 
 def _fit(flops: list[int], seconds: list[float]) -> tuple[float, float]:

@@ -213,7 +213,7 @@ def test_save_load_round_trip_and_refusals(tmp_path, arch):
         ChatSession.load(pipe, tmp_path / "none.safetensors")
 
 
-RATES = policy.PrefillRates(base_fixed_s=0.01, base_gflops=1.0, aux_fixed_s=0.01, aux_gflops=1.0)
+RATES = policy.PrefillRates(base_fixed_s=0.01, base_gflops=1.0, aux_fixed_s=0.01, aux_gflops=1.0, keep_fixed_s=0.05)
 
 
 def test_auto_policy_by_modelled_cost():
@@ -249,8 +249,9 @@ def test_auto_runs_the_base_below_the_threshold():
 
 
 def test_prefill_rates_time_plain_kvp_whatever_the_pipeline_recomputes():
-    """The probe times kvp without an exact keep, which kvp_time models on top: a pipeline made with exact_keep
-    (`--exact-keep`) would otherwise count its recompute twice, and cache those rates for every later run."""
+    """The probe times kvp without an exact keep, which kvp_time models on top (its recompute's FLOPs and, for a
+    KVP-LP bundle, the fixed cost timed at PROBE_KEEP): a pipeline made with exact_keep (`--exact-keep`) would
+    otherwise count its recompute twice, and cache those rates for every later run."""
     pipe = pipeline(identity=False)
     pipe.exact_keep = 0.5
     calls = []
@@ -259,8 +260,15 @@ def test_prefill_rates_time_plain_kvp_whatever_the_pipeline_recomputes():
         calls.append(kw)
         return generate_tokens(p, prompt, **kw)
 
-    policy.measure_prefill_rates(pipe, generation=generation, repeats=1)
+    rates = policy.measure_prefill_rates(pipe, generation=generation, repeats=1)
     assert calls and all(kw["exact_keep"] == 0.0 and kw["max_tokens"] == 1 for kw in calls)
+    assert rates.keep_fixed_s == 0.0  # this bundle's aux is not the base's first layers: no exact keep to time
+    from test_facts import lp_pipeline  # a KVP-LP bundle: exact keep's fixed cost is timed too, at PROBE_KEEP
+
+    calls.clear()
+    rates = policy.measure_prefill_rates(lp_pipeline(tiny_model("llama", num_hidden_layers=6), exact_keep=0.5),
+                                         generation=generation, repeats=1)
+    assert {kw["exact_keep"] for kw in calls} == {0.0, policy.PROBE_KEEP} and rates.keep_fixed_s >= 0.0
 
 
 def test_prefill_rates_are_measured_once_and_cached(monkeypatch):
