@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 # The default --kvp-min-tokens: the shortest prompt whose modelled kvp TTFT is this many times lower than the
 # base's. Below it kvp saves too little time to be worth its approximate cache.
 KVP_MIN_SPEEDUP = 1.5
-PROBE_LENGTHS = (16, 192)
+# The probe's prompt lengths: the longer one past the C rows' 256, so that its rates hold for long prompts (16 and
+# 192 modelled kvp 2.34-2.42x at 1024 tokens where bench measured 2.17x; 16 and 512: 2.20-2.22x; a 6 s probe)
+PROBE_LENGTHS = (16, 512)
 PROBE_KEEP = 0.1  # the exact keep the probe times (at the longer length, exact tail 32) for keep_fixed_s
 PROBE_TAIL = 32
 RATES_FILE = "prefill-rates.json"
