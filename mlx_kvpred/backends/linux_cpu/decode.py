@@ -464,6 +464,11 @@ class CDecoder(CompiledDecoder):
             return blocks[0][0][at:at + rows], blocks[0][1][at:at + rows]
         return tuple(np.concatenate([b[i] for b in blocks])[at:at + rows] for i in range(2))
 
+    def _tables_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """_tables' C and S at each of `positions` (integers in any order), from the span they cover."""
+        first = int(positions.min())
+        return tuple(t[positions - first] for t in self._tables(first, int(positions.max()) - first + 1))
+
     def _table_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """The tables of positions b * TABLE_ROWS .. (b + 1) * TABLE_ROWS - 1, made on first use."""
         made = self.table_blocks.get(b)
@@ -509,8 +514,7 @@ class CDecoder(CompiledDecoder):
             at = np.array(rotate_at, dtype=np.int64)  # below 0 too: SpecPrefill moves its kept rows back
             if at.shape != (rows,):
                 return None
-            first = int(at.min())
-            cos, sin = (t[at - first] for t in self._tables(first, int(at.max()) - first + 1))
+            cos, sin = self._tables_at(at)
         grown = self._grown_caches(cache, rows)
         if grown:  # written straight into the caches' new buffers
             kv_out = self._targets([view for _, views in grown for view in views])
@@ -558,7 +562,7 @@ class CDecoder(CompiledDecoder):
         if not self._set_caches(cache, first_layer):
             return None
         kv_out = self._targets([view for i in range(len(cache)) for view in grown[i][1]])
-        cos, sin = (t[at] for t in self._tables(0, end))
+        cos, sin = self._tables_at(at)
         stream_out = np.empty((rows, self.c_model.dim), np.float32)
         calls = -(-rows // max(c_rows_max(), 4))  # of equal rows: at least 2 each
         bounds = [rows * i // calls for i in range(calls + 1)]
@@ -605,8 +609,9 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
     rows = (tokens if tokens is not None else stream).shape[1]
     if not C_ROWS.enabled() or not c_rows_max():
         return None
-    if rows > c_rows_max() and positions is None or positions is not None and (
-            cpu_kernels.decode_isa() not in C_ROWS_AT_ISAS):
+    if positions is None and rows > c_rows_max():  # rows at positions go as several calls (_run_rows_at)
+        return None
+    if positions is not None and cpu_kernels.decode_isa() not in C_ROWS_AT_ISAS:
         return None
     decoder = compiled_decoder(model)
     if not isinstance(decoder, CDecoder):
