@@ -222,9 +222,7 @@ def predict_span_with_exact_keep(pipe: Pipeline, tokens: mx.array, caches: list[
     if kept.size:
         with mx.stream(generation_stream):
             rows = stream[:, kept - (start - skip)]
-            # the backend's rows at scattered positions take no sliding windows
-            if any(sizes[shared:]) or pipe.backend.run_rows(base, caches[shared:], stream=rows, first_layer=shared,
-                                                            positions=kept) is None:
+            if pipe.backend.run_rows(base, caches[shared:], stream=rows, first_layer=shared, positions=kept) is None:
                 recompute_at(base.layers[shared:], caches[shared:], rows, kept, end, sizes[shared:])
     return tail_stream
 

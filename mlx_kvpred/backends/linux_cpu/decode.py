@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from . import cpu_kernels
-from ...attention import backbone, lm_head_of
+from ...attention import backbone, lm_head_of, windows
 from .cpu_ops import _exp_shifted, _swiglu_kernel, grown_cache_buffers, take_cache_buffers
 from ...rope_layout import rope_key, rotation_layout
 from ...switch import Switch
@@ -614,7 +614,7 @@ def prefill_rows_in_c(model: nn.Module, cache: Sequence[Any], *, tokens: mx.arra
     if positions is not None and cpu_kernels.decode_isa() not in C_ROWS_AT_ISAS:
         return None
     decoder = compiled_decoder(model)
-    if not isinstance(decoder, CDecoder):
+    if not isinstance(decoder, CDecoder) or any(windows(model)):  # the C step attends to every cached position
         return None
     return decoder.run_rows(cache, tokens=tokens, stream=stream, first_layer=first_layer, stop_layer=stop_layer,
                             positions=positions, rotate_at=rotate_at, queries=queries)
