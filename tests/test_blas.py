@@ -106,7 +106,7 @@ def test_a_blas_that_knows_the_cpu():
     if chosen["source"] == "system":
         assert not blas.core_check(chosen["core"])[1]  # its kernels fit this CPU
     if blas.cpu_isa() in ("avx2", "avx512"):
-        generic = loaded({"OPENBLAS_CORETYPE": "Prescott"})  # read by the system OpenBLAS, not by PyPI's
+        generic = loaded({"OPENBLAS_CORETYPE": "Prescott"})  # both read it: the system one, generic, is passed over
         assert generic["source"] == "pypi" and generic["prefix"] == "scipy_" and "scipy_openblas" in generic["path"]
         assert generic["forwarded"] >= 1 and generic["err"] < 1e-3 and generic["kernels"] and generic["core"]
     forced = loaded({"KVPRED_BLAS": pypi[0]})

@@ -285,6 +285,9 @@ def test_doctor_names_the_blas_kernels_and_the_fix_for_generic_ones(monkeypatch)
         assert "-> OpenBLAS runs its Prescott kernels on a CPU with AVX" in r.stdout and "OPENBLAS_CORETYPE=" in r.stdout
     assert blas.core_check("Prescott", "avx512")[1] and not blas.core_check("SkylakeX", "avx512")[1]
     assert blas.core_check("Haswell", "avx512")[1] and not blas.core_check("Haswell", "avx2")[1]
+    newest = blas.core_check("Haswell", "avx512", newest=True)[1]  # PyPI's OpenBLAS loaded: installing it won't help
+    assert "OPENBLAS_CORETYPE=SkylakeX" in newest and "pip install" not in newest
+    assert "pip install scipy-openblas32" in blas.core_check("Prescott", "avx512", newest=False)[1]
 
 
 def test_library_errors_name_fields_and_the_cli_shows_flags():

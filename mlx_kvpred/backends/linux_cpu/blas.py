@@ -272,10 +272,11 @@ def cpu_isa(cpuinfo: str | None = None) -> str:
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "avx" if "avx" in flags else "sse3"
 
 
-def core_check(core: str | None = None, isa: str | None = None) -> tuple[str, str]:
+def core_check(core: str | None = None, isa: str | None = None, *, newest: bool | None = None) -> tuple[str, str]:
     """(the kernel set the loaded OpenBLAS picked, and the fix where it is below what this CPU can run, else "").
     An OpenBLAS older than the CPU falls back to generic kernels (e.g. Debian 12's 0.3.21 picks "Prescott" on
-    some AVX-512 Xeons: its GEMM then runs ~4x slower)."""
+    some AVX-512 Xeons: its GEMM then runs ~4x slower; PyPI's 0.3.34 picks "Haswell" on AVX-512 Zen 5, ~1.8x).
+    `newest`: the loaded library is PyPI's scipy-openblas32 already (default: as loaded), so only the env var helps."""
     core = core if core is not None else _core_name
     if not core:
         return "", ""
@@ -283,5 +284,8 @@ def core_check(core: str | None = None, isa: str | None = None) -> tuple[str, st
     core_isa = _CORE_ISA.get(core.lower())
     if core_isa is None or _ISA_ORDER.index(core_isa) >= _ISA_ORDER.index(isa):
         return core, ""
-    return core, (f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: pip install scipy-openblas32 (a "
-                  f"newer OpenBLAS, used when installed), or set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}")
+    if newest is None:
+        newest = _status is not None and _status.prefix == PYPI_PREFIX
+    setting = f"set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}"
+    fix = setting if newest else f"pip install scipy-openblas32 (a newer OpenBLAS, used when installed), or {setting}"
+    return core, f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: {fix}"
