@@ -241,6 +241,7 @@ def test_chat_data_facts(tmp_path):
     for row in rows:
         user, answer = row["text"].split("<|im_start|>assistant\n")
         assert row["answer"] in answer and row["answer"] in user and "<|im_start|>user\n" in user
+    assert "chat data 2/2 (" in r.stderr  # no terminal: progress as log lines
     r = cli("chat-data", "--facts", "--documents", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--documents" in r.stderr and "--facts" in r.stderr and "Traceback" not in r.stderr
 
@@ -288,6 +289,20 @@ def test_doctor_names_the_blas_kernels_and_the_fix_for_generic_ones(monkeypatch)
     newest = blas.core_check("Haswell", "avx512", newest=True)[1]  # PyPI's OpenBLAS loaded: installing it won't help
     assert "OPENBLAS_CORETYPE=SkylakeX" in newest and "pip install" not in newest
     assert "pip install scipy-openblas32" in blas.core_check("Prescott", "avx512", newest=False)[1]
+
+
+def test_progress_in_a_log_file(capsys):
+    """Without a terminal a long command still shows progress: a line at each tenth of the steps, none past the end."""
+    from mlx_kvpred.cli.common import log_progress
+
+    advance = log_progress("eval: docqa", 25)
+    for _ in range(27):
+        advance(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and lines[0].startswith("eval: docqa 3/25 (0:0") and lines[-1].startswith("eval: docqa 25/25")
+    advance = log_progress("chat data", 3)
+    advance(16)  # a shard of 16 where 3 were asked
+    assert capsys.readouterr().err.splitlines() == ["chat data 3/3 (0:00)"]
 
 
 def test_library_errors_name_fields_and_the_cli_shows_flags():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -13,6 +14,23 @@ from ..errors import KVPredError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="KV Prediction on MLX: a small aux model prefills the prompt, learned linear maps predict "
                        "the base model's KV cache, the base generates. Faster time to first token.")
+
+
+def log_progress(description: str, total: int, *, parts: int = 10) -> Callable[[int], None]:
+    """advance(n) for a log file, where a bar shows nothing: a line at each tenth of `total`, with the time taken."""
+    start, done, shown = time.monotonic(), 0, 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, shown
+        done += n
+        part = min(done, total) * parts // max(total, 1)
+        if part > shown:
+            shown = part
+            elapsed = int(time.monotonic() - start)
+            print(f"{description} {min(done, total)}/{total} ({elapsed // 60}:{elapsed % 60:02d})", file=sys.stderr,
+                  flush=True)
+
+    return advance
 
 
 def read_prompt(prompt: Optional[str], text: Optional[str]) -> str:

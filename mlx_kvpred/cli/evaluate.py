@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional
 
 import typer
 
 from ..errors import KVPredError
-from .common import app, parse_fraction_list, parse_int_list
+from .common import app, log_progress, parse_fraction_list, parse_int_list
 
 
 @app.command("eval")
@@ -126,6 +127,7 @@ def phase_progress():
             task = progress.add_task(description, total=total)
             if not progress.console.is_terminal:
                 print(f"eval: {description} ({total} steps)", file=sys.stderr, flush=True)
+                return partial(log_progress(f"eval: {description}", total), 1)
             return lambda: progress.advance(task)
 
         yield track

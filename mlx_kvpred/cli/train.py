@@ -12,7 +12,7 @@ from ..errors import KVPredError
 from ..recipe import TrainSpec
 from ..selfdata import DOCUMENT_LENGTHS
 from ..train import TrainConfig
-from .common import DEVICE, app, parse_int_list
+from .common import DEVICE, app, log_progress, parse_int_list
 
 
 @app.command()
@@ -201,9 +201,12 @@ def chat_data(
     columns = [TextColumn("chat data"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("", total=count)
+        logged = None if progress.console.is_terminal else log_progress("chat data", count)
 
         def advance(n: int) -> None:
             progress.advance(task, n)
+            if logged:
+                logged(n)
 
         common = dict(count=count, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                       progress=advance)
