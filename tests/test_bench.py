@@ -66,7 +66,7 @@ def test_smoke_run_and_json_schema():
 def test_keep_modes_in_one_run():
     """kvp@F and specprefill@F rows in one interleaved run, their FLOPs from their own fractions; and the facts
     Pareto reads them beside an eval's needle rows."""
-    from mlx_kvpred.bench.facts_pareto import bench_mode, facts_table
+    from mlx_kvpred.bench.facts_pareto import bench_mode, docqa_table, facts_table
     from mlx_kvpred.bench.run import mode_options, pipeline_mode
 
     assert mode_options("kvp@0.1") == {"exact_keep": 0.1} and mode_options("specprefill@1") == {"keep": 1.0}
@@ -92,6 +92,15 @@ def test_keep_modes_in_one_run():
     table = facts_table(result, evals)
     assert [r["ttft_s"] for r in table] == [
         next(r["ttft_median"] for r in result["rows"] if r["mode"] == m) for m in ("kvp@0.5", "specprefill@0.25")]
+    docqa = {"48": {"agreement": 0.8, "agreement_se": 0.02}, "short": {"agreement": 1.0, "agreement_se": 0.0}}
+    evals = [{"modes": [{"name": "base", "mode": "base", "docqa": {"48": {"repeat4": 0.1}}},
+                        {"name": "kvp (a)", "mode": "kvp", "bundle": "a", "exact_keep": 0.5, "docqa": docqa},
+                        {"name": "kvp (b)", "mode": "kvp", "bundle": "b", "exact_keep": 0.0, "docqa": docqa},
+                        {"name": "aux (a)", "mode": "aux", "bundle": "a"}]}]
+    rows = docqa_table(result, evals, bundle="a")  # the base is the reference; other bundles and "short" left out
+    assert [(r["name"], r["length"], r["accuracy"]) for r in rows] == [("base", 48, 1.0), ("kvp (a)", 48, 0.8)]
+    assert rows[1]["ttft_s"] == next(r["ttft_median"] for r in result["rows"] if r["mode"] == "kvp@0.5")
+    assert len(docqa_table(result, evals)) == 3
 
 
 @pytest.mark.skipif(not blas.load_fast_blas().gemv_forward, reason="the gemv_forward shim is not loaded")
