@@ -283,12 +283,14 @@ def test_doctor_names_the_blas_kernels_and_the_fix_for_generic_ones(monkeypatch)
     r = cli("doctor")
     assert "core Prescott)" in r.stdout, r.stdout
     if blas.cpu_isa() in ("avx2", "avx512"):
-        assert "-> OpenBLAS runs its Prescott kernels on a CPU with AVX" in r.stdout and "OPENBLAS_CORETYPE=" in r.stdout
+        assert "-> OPENBLAS_CORETYPE=Prescott in the environment holds OpenBLAS to its Prescott kernels" in r.stdout
     assert blas.core_check("Prescott", "avx512")[1] and not blas.core_check("SkylakeX", "avx512")[1]
     assert blas.core_check("Haswell", "avx512")[1] and not blas.core_check("Haswell", "avx2")[1]
-    newest = blas.core_check("Haswell", "avx512", newest=True)[1]  # PyPI's OpenBLAS loaded: installing it won't help
+    newest = blas.core_check("Haswell", "avx512", newest=True, env_core="")[1]  # PyPI's loaded: installing won't help
     assert "OPENBLAS_CORETYPE=SkylakeX" in newest and "pip install" not in newest
-    assert "pip install scipy-openblas32" in blas.core_check("Prescott", "avx512", newest=False)[1]
+    assert "pip install scipy-openblas32" in blas.core_check("Prescott", "avx512", newest=False, env_core="")[1]
+    held = blas.core_check("Haswell", "avx512", env_core="Haswell")[1]  # the environment holds it down: say so
+    assert "OPENBLAS_CORETYPE=Haswell in the environment" in held and "unset it" in held
 
 
 def test_progress_in_a_log_file(capsys):

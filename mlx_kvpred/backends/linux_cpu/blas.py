@@ -272,11 +272,13 @@ def cpu_isa(cpuinfo: str | None = None) -> str:
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "avx" if "avx" in flags else "sse3"
 
 
-def core_check(core: str | None = None, isa: str | None = None, *, newest: bool | None = None) -> tuple[str, str]:
+def core_check(core: str | None = None, isa: str | None = None, *, newest: bool | None = None,
+               env_core: str | None = None) -> tuple[str, str]:
     """(the kernel set the loaded OpenBLAS picked, and the fix where it is below what this CPU can run, else "").
     An OpenBLAS older than the CPU falls back to generic kernels (e.g. Debian 12's 0.3.21 picks "Prescott" on
-    some AVX-512 Xeons: its GEMM then runs ~4x slower; PyPI's 0.3.34 picks "Haswell" on AVX-512 Zen 5, ~1.8x).
-    `newest`: the loaded library is PyPI's scipy-openblas32 already (default: as loaded), so only the env var helps."""
+    some AVX-512 Xeons: its GEMM then runs ~4x slower). `newest`: the loaded library is PyPI's scipy-openblas32
+    already (default: as loaded). `env_core`: OPENBLAS_CORETYPE (default: as set), which every OpenBLAS obeys: a
+    machine's environment can hold it below the CPU (one here set Haswell on an AVX-512 EPYC: 129 GFLOP/s, 180 unset)."""
     core = core if core is not None else _core_name
     if not core:
         return "", ""
@@ -284,6 +286,10 @@ def core_check(core: str | None = None, isa: str | None = None, *, newest: bool 
     core_isa = _CORE_ISA.get(core.lower())
     if core_isa is None or _ISA_ORDER.index(core_isa) >= _ISA_ORDER.index(isa):
         return core, ""
+    env_core = os.environ.get("OPENBLAS_CORETYPE", "") if env_core is None else env_core
+    if env_core.lower() == core.lower():
+        return core, (f"OPENBLAS_CORETYPE={env_core} in the environment holds OpenBLAS to its {core} kernels on a CPU "
+                      f"with {isa.upper()}: unset it (or set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]})")
     if newest is None:
         newest = _status is not None and _status.prefix == PYPI_PREFIX
     setting = f"set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}"
