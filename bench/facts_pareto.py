@@ -49,8 +49,9 @@ def docqa_table(bench: dict, evals: Sequence[dict], *, bundle: str | None = None
     out = []
     for result in evals:
         for row in result["modes"]:
-            if row["mode"] not in ("base", "kvp", "specprefill") or bundle and row["mode"] != "base" \
-                    and row.get("bundle") != bundle:
+            if row["mode"] not in ("base", "kvp", "specprefill"):
+                continue  # the aux alone is not scored on docqa
+            if bundle and row["mode"] != "base" and row.get("bundle") != bundle:
                 continue
             for length, m in row.get("docqa", {}).items():
                 if length == "short":

@@ -278,7 +278,7 @@ def core_check(core: str | None = None, isa: str | None = None, *, newest: bool 
     An OpenBLAS older than the CPU falls back to generic kernels (e.g. Debian 12's 0.3.21 picks "Prescott" on
     some AVX-512 Xeons: its GEMM then runs ~4x slower). `newest`: the loaded library is PyPI's scipy-openblas32
     already (default: as loaded). `env_core`: OPENBLAS_CORETYPE (default: as set), which every OpenBLAS obeys: a
-    machine's environment can hold it below the CPU (one here set Haswell on an AVX-512 EPYC: 129 GFLOP/s, 180 unset)."""
+    machine's environment can hold it below the CPU (docs/performance.md)."""
     core = core if core is not None else _core_name
     if not core:
         return "", ""
