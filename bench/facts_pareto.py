@@ -65,25 +65,27 @@ def docqa_table(bench: dict, evals: Sequence[dict], *, bundle: str | None = None
     return out
 
 
-def print_markdown(rows: list[dict]) -> None:
-    print("| prompt | mode | TTFT (s) | speedup | needle accuracy | of base | kvp - base (paired) | docqa agreement |")
-    print("|---|---|---|---|---|---|---|---|")
+def print_markdown(rows: list[dict], *, task: str = "needle") -> None:
+    """The needle table (with each row's docqa agreement where the same eval ran it), or with task "docqa" the docqa
+    one; by length, slowest first."""
+    needle = task == "needle"
+    extra = (["needle accuracy", "of base", "kvp - base (paired)", "docqa agreement"] if needle
+             else ["docqa answer agreement", "vs first kvp (paired)"])
+    header = ["prompt", "mode", "TTFT (s)", "speedup", *extra]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in sorted(rows, key=lambda r: (r["length"], -(r["ttft_s"] or 0))):
-        vs = r["vs_base"]
-        paired = f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else ""
-        print(f"| {r['length']} | {r['name']} | {_num(r['ttft_s'], '.2f')} | {_num(r['speedup'], '.2f')}x | "
-              f"{r['accuracy']:.3f} ± {r['se']:.3f} | {_num(r['of_base'], '.2f')} | {paired} | "
-              f"{_num(r['docqa_agreement'], '.3f')} |")
+        cells = [str(r["length"]), r["name"], _num(r["ttft_s"], ".2f"), f"{_num(r['speedup'], '.2f')}x",
+                 f"{r['accuracy']:.3f} ± {r['se']:.3f}"]
+        if needle:
+            cells += [_num(r["of_base"], ".2f"), _paired(r["vs_base"]), _num(r["docqa_agreement"], ".3f")]
+        else:
+            cells.append(_paired(r["vs_first_kvp"]))
+        print("| " + " | ".join(cells) + " |")
 
 
-def print_docqa_markdown(rows: list[dict]) -> None:
-    print("| prompt | mode | TTFT (s) | speedup | docqa answer agreement | vs first kvp (paired) |")
-    print("|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["length"], -(r["ttft_s"] or 0))):
-        vs = r["vs_first_kvp"]
-        paired = f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else ""
-        print(f"| {r['length']} | {r['name']} | {_num(r['ttft_s'], '.2f')} | {_num(r['speedup'], '.2f')}x | "
-              f"{r['accuracy']:.3f} ± {r['se']:.3f} | {paired} |")
+def _paired(vs: dict | None) -> str:
+    return f"{vs['diff']:+.3f} ± {vs['se']:.3f}" if vs and vs["se"] is not None else ""
 
 
 def _num(x, spec: str) -> str:
@@ -145,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     docqa_rows = docqa_table(bench, [load(p) for p in args.docqa], bundle=args.bundle)
     if docqa_rows:
         print()
-        print_docqa_markdown(docqa_rows)
+        print_markdown(docqa_rows, task="docqa")
     if args.plot:
         plot(rows, args.plot, docqa_rows)
 
