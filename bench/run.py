@@ -203,11 +203,13 @@ def environment(pipe: Pipeline) -> dict:
     from mlx_kvpred.backends.linux_cpu import blas
 
     st = blas.load_fast_blas()
+    core, core_fix = blas.core_check()
     dtypes = sorted({str(v.dtype) for _, v in tree_flatten(pipe.base.model.parameters())})
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     return {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "kvpred_mlx": mlx_kvpred.__version__,
-            "blas": st.path or st.source, "gemv_forward": st.gemv_forward, "device": pipe.device, "dtypes": dtypes,
+            "blas": st.path or st.source, "blas_core": core, "blas_core_fix": core_fix, "gemv_forward": st.gemv_forward,
+            "device": pipe.device, "dtypes": dtypes,
             "threads": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "model": pipe.base.source,
             "bundle": str(pipe.bundle.path) if pipe.bundle and pipe.bundle.path else None,
             "bundle_trained": bool(pipe.bundle and pipe.bundle.config.trained)}

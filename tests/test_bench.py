@@ -45,7 +45,8 @@ def test_smoke_run_and_json_schema():
     result = run_bench(tiny_pipeline(), lengths=[16, 32], modes=["base", "kvp", "aux", "mlx-lm"], repeats=1,
                        warmup=0, gen_tokens=3)
     json.dumps(result)  # serializable
-    assert {"mlx", "mlx_lm", "kvpred_mlx", "blas", "device", "dtypes", "threads"} <= result["environment"].keys()
+    assert {"mlx", "mlx_lm", "kvpred_mlx", "blas", "blas_core", "blas_core_fix", "device", "dtypes",
+            "threads"} <= result["environment"].keys()
     rows = result["rows"]
     assert len(rows) == 8
     for r in rows:

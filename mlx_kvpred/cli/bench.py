@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -118,6 +119,9 @@ def bench(
                            progress=lambda: progress.advance(task))
     result["environment"]["bundle_label"] = label
     print_table(result, title=f"kvpred-mlx bench - {pipe.device}, bundle: {label}, median of {repeats}")
+    core_fix = result["environment"]["blas_core_fix"]  # e.g. OPENBLAS_CORETYPE held below the CPU (docs/performance.md)
+    if core_fix:
+        print(f"bench: these times ran on BLAS kernels below this CPU's. {core_fix}", file=sys.stderr)
     if json_out:
         write_json(result, json_out)
     if plot_out:
