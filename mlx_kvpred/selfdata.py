@@ -149,7 +149,10 @@ def document_shards(out: Path, prefix: str, *, files: Sequence[str], tokenizer, 
                     seed: int) -> Iterator[tuple[int, int, Path, list[tuple[str, str]]]]:
     """(shard index, document tokens, shard path, its (file, document) pairs) for `count` documents in shards of
     SHARD_SIZE, one length of `lengths` per shard in turn, from `files` in a seeded order. Each shard's documents are
-    drawn even when its file exists, so a resumed run picks the same ones for later shards."""
+    drawn even when its file exists, so a resumed run picks the same ones for later shards. At least one chat,
+    documents of at least 16 tokens."""
+    if count < 1 or not lengths or min(lengths) < 16:
+        raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
     if out.exists() and not out.is_dir():
         raise KVPredError(f"out {out} exists and is not a directory", "out")
     order = iter(np.random.default_rng(seed).permutation(len(files)))
@@ -160,12 +163,6 @@ def document_shards(out: Path, prefix: str, *, files: Sequence[str], tokenizer, 
         if not docs:
             raise KVPredError(f"data: no more files with {n} tokens for shard {k} ({prefix})", "data")
         yield k, n, out / f"{prefix}-{k:05d}-{n}.jsonl", docs
-
-
-def check_documents(count: int, lengths: Sequence[int]) -> None:
-    """The document chat writers' shared arguments: at least one chat, documents of at least 16 tokens."""
-    if count < 1 or not lengths or min(lengths) < 16:
-        raise KVPredError("count must be >= 1 and doc_lengths >= 16 tokens each", "count", "doc_lengths")
 
 
 def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequence[str], count: int = 128,
@@ -186,7 +183,6 @@ def generate_document_chats(base: LoadedModel, out: str | Path, *, files: Sequen
         raise KVPredError(f"{base.source}: the model has no chat template, so it cannot write chat data")
     if max_tokens < 1:
         raise KVPredError("max_tokens must be >= 1", "max_tokens")
-    check_documents(count, lengths)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     shards = []
     for k, n, path, docs in document_shards(Path(out), "docchat", files=files, tokenizer=tok, count=count,
@@ -274,7 +270,6 @@ def generate_fact_chats(tokenizer, out: str | Path, *, files: Sequence[str], cou
     """Write `count` fact chats as .jsonl shards under `out` (resumable, as generate_chat_data): a document of N
     tokens from `files` (use training-split files) with facts stated once in it, a question about one and its
     answer. The base writes nothing here: training distills its logits on these texts, answer included."""
-    check_documents(count, lengths)
     shards = []
     for k, n, path, docs in document_shards(Path(out), "facts", files=files, tokenizer=tokenizer, count=count,
                                             lengths=lengths, seed=seed):
