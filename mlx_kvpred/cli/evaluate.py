@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from functools import partial
 from typing import Optional
 
 import typer
@@ -127,7 +126,7 @@ def phase_progress():
             task = progress.add_task(description, total=total)
             if not progress.console.is_terminal:
                 print(f"eval: {description} ({total} steps)", file=sys.stderr, flush=True)
-                return partial(log_progress(f"eval: {description}", total), 1)
+                return log_progress(f"eval: {description}", total)  # advance() takes one step
             return lambda: progress.advance(task)
 
         yield track
