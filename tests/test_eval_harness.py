@@ -285,6 +285,7 @@ def test_eval_docqa_cli_real_model(tmp_path):
             "--exact-tail", "16", "--no-aux", "--ttft-repeats", "1", "--prompt-len", "48",
             "--json", str(tmp_path / "d.json"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "eval: docqa (21 steps)" in r.stderr and "eval: docqa 21/21 (" in r.stderr  # no terminal: log lines
     result = json.loads((tmp_path / "d.json").read_text())
     modes = {m["name"]: m for m in result["modes"]}
     assert list(modes) == ["base", "kvp"] and modes["kvp"]["exact_tail"] == 16
