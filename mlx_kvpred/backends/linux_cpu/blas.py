@@ -286,12 +286,12 @@ def core_check(core: str | None = None, isa: str | None = None, *, newest: bool 
     core_isa = _CORE_ISA.get(core.lower())
     if core_isa is None or _ISA_ORDER.index(core_isa) >= _ISA_ORDER.index(isa):
         return core, ""
+    setting = f"set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}"
     env_core = os.environ.get("OPENBLAS_CORETYPE", "") if env_core is None else env_core
     if env_core.lower() == core.lower():
         return core, (f"OPENBLAS_CORETYPE={env_core} in the environment holds OpenBLAS to its {core} kernels on a CPU "
-                      f"with {isa.upper()}: unset it (or set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]})")
+                      f"with {isa.upper()}: unset it (or {setting})")
     if newest is None:
         newest = _status is not None and _status.prefix == PYPI_PREFIX
-    setting = f"set OPENBLAS_CORETYPE={_CORE_FOR_ISA[isa]}"
     fix = setting if newest else f"pip install scipy-openblas32 (a newer OpenBLAS, used when installed), or {setting}"
     return core, f"OpenBLAS runs its {core} kernels on a CPU with {isa.upper()}: {fix}"
