@@ -301,7 +301,8 @@ def test_progress_in_a_log_file(capsys):
     for _ in range(27):
         advance(1)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 10 and lines[0].startswith("eval: docqa 3/25 (0:0") and lines[-1].startswith("eval: docqa 25/25")
+    assert len(lines) == 10 and lines[0].startswith("eval: docqa 3/25 (0:0")
+    assert lines[-1].startswith("eval: docqa 25/25")
     advance = log_progress("chat data", 3)
     advance(16)  # a shard of 16 where 3 were asked
     assert capsys.readouterr().err.splitlines() == ["chat data 3/3 (0:00)"]
